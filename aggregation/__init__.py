@@ -1,0 +1,1 @@
+"""Merges a round's node updates into the next global model, on the submit host."""

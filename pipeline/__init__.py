@@ -1,0 +1,1 @@
+"""Planner, Python API, CLI, local runner and embedded FTP mirrors."""
