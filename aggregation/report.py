@@ -1,0 +1,92 @@
+"""The FINAL node: gathers every finished round's metrics into report.json and accuracy.png."""
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+from node_payload.run_config import read_run_config
+from node_payload.run_layout import PLOT_FILE, REPORT_FILE, round_metrics_path
+
+
+def collect(run_dir: Path, rounds: int) -> list[dict[str, Any]]:
+    """Round metrics in order, stopping at the first round that did not finish."""
+    finished = []
+    for r in range(rounds):
+        path = round_metrics_path(run_dir, r)
+        if not path.is_file():
+            break
+        finished.append(json.loads(path.read_text()))
+    return finished
+
+
+def build_report(config: dict[str, Any], rounds: list[dict[str, Any]], dag_status: int) -> dict:
+    planned = config["run"]["rounds"]
+    complete = dag_status == 0 and len(rounds) == planned
+    return {
+        "run": config["run"]["name"],
+        "status": "completed" if complete else "failed",
+        "dag_status": dag_status,
+        "rounds_planned": planned,
+        "rounds_completed": len(rounds),
+        "nodes": config["run"]["nodes"],
+        "final_accuracy": rounds[-1]["accuracy"] if rounds else None,
+        "initial_accuracy": rounds[0].get("initial_accuracy") if rounds else None,
+        "seconds": sum(r["seconds"] for r in rounds),
+        "bytes_downloaded": sum(r["bytes_downloaded"] for r in rounds),
+        "rounds": rounds,
+    }
+
+
+def plot(report: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rounds = report["rounds"]
+    xs = [r["round"] + 1 for r in rounds]
+    elapsed, total = [], 0.0
+    for r in rounds:
+        total += r["seconds"]
+        elapsed.append(total)
+    fig, (by_round, by_time) = plt.subplots(1, 2, figsize=(9, 3.6), constrained_layout=True)
+    for axis, x, label in ((by_round, xs, "round"), (by_time, elapsed, "wall time (s)")):
+        axis.plot(x, [r["accuracy"] for r in rounds], marker="o")
+        axis.set_xlabel(label)
+        axis.set_ylabel("held-out accuracy")
+        axis.set_ylim(0, 1)
+        axis.grid(alpha=0.3)
+    fig.suptitle(f"{report['run']}: {report['nodes']} nodes, {report['status']}")
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def write_report(run_dir: Path, config: dict[str, Any], dag_status: int) -> dict:
+    report = build_report(config, collect(run_dir, config["run"]["rounds"]), dag_status)
+    tmp = run_dir / (REPORT_FILE + ".tmp")
+    tmp.write_text(json.dumps(report, indent=1) + "\n")
+    os.replace(tmp, run_dir / REPORT_FILE)
+    if report["rounds"]:
+        plot(report, run_dir / PLOT_FILE)
+    return report
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="dagtrain-report")
+    parser.add_argument("--config", type=Path, required=True)
+    parser.add_argument("--dag-status", type=int, default=0)
+    args = parser.parse_args(argv)
+    run_dir = args.config.resolve().parent
+    report = write_report(run_dir, read_run_config(args.config), args.dag_status)
+    print(
+        f"dagtrain report: {report['status']}, {report['rounds_completed']}/"
+        f"{report['rounds_planned']} rounds, final accuracy {report['final_accuracy']}"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,23 @@
+"""Turning decoded fragments into training batches, identically on nodes and in evaluation."""
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+
+def to_tensor(images: np.ndarray, image_size: int) -> torch.Tensor:
+    """uint8 NHWC fragments -> float NCHW in [-1, 1], resized when the tile differs from the model."""
+    x = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float()
+    x = x.div_(127.5).sub_(1.0)
+    if x.shape[-1] != image_size or x.shape[-2] != image_size:
+        x = F.interpolate(x, size=(image_size, image_size), mode="bilinear", antialias=True)
+    return x
+
+
+def augment(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """Random right-angle rotations and flips: microscopy fragments have no fixed orientation."""
+    quarter_turns = int(torch.randint(4, (1,), generator=generator))
+    x = torch.rot90(x, quarter_turns, dims=(2, 3))
+    if bool(torch.randint(2, (1,), generator=generator)):
+        x = torch.flip(x, dims=(3,))
+    return x

@@ -1,0 +1,46 @@
+"""`python -m node_payload`: the node job's command line and its exit codes."""
+
+import argparse
+import sys
+from pathlib import Path
+
+from node_payload.errors import EXIT_FATAL, EXIT_OK, EXIT_RETRYABLE, UserError
+from node_payload.fetch import DataUnreachable
+from node_payload.node_job import NodeTask, run_node
+from node_payload.tensor_io import BadTensorFile
+
+
+def parse_args(argv: list[str] | None) -> NodeTask:
+    parser = argparse.ArgumentParser(
+        prog="dagtrain-node", description="Train the global model on this node's local data."
+    )
+    parser.add_argument("--config", type=Path, required=True, help="the run's config.toml")
+    parser.add_argument("--model", type=Path, required=True, help="this round's global model")
+    parser.add_argument("--round", type=int, required=True, dest="round_")
+    parser.add_argument("--node", type=int, required=True)
+    parser.add_argument("--seed", type=int, required=True)
+    parser.add_argument("--attempt", type=int, default=0, help="DAGMan's $(RETRY)")
+    parser.add_argument("--out", type=Path, default=Path.cwd())
+    args = parser.parse_args(argv)
+    return NodeTask(
+        args.config, args.model, args.round_, args.node, args.seed, args.attempt, args.out
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    task = parse_args(argv)
+    where = f"round {task.round_} node {task.node}"
+    try:
+        metrics = run_node(task)
+    except DataUnreachable as exc:
+        print(f"dagtrain node ({where}): data unreachable, retry later: {exc}", file=sys.stderr)
+        return EXIT_RETRYABLE
+    except (UserError, BadTensorFile) as exc:
+        print(f"dagtrain node ({where}): fatal: {exc}", file=sys.stderr)
+        return EXIT_FATAL
+    print(
+        f"dagtrain node ({where}): {metrics['train_samples']} fragments, "
+        f"{metrics['local_steps']} steps, local test accuracy {metrics['local_test_accuracy']:.3f}, "
+        f"{metrics['bytes_downloaded']} bytes in {metrics['seconds']:.1f} s"
+    )
+    return EXIT_OK

@@ -1,0 +1,101 @@
+"""One node job: fetch a local dataset, train the global model copy, write the update."""
+
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from node_payload.fetch import FetchStats
+from node_payload.local_data import load_fragments, planned_manifest
+from node_payload.model_file import load_model
+from node_payload.run_config import read_run_config
+from node_payload.sampling import local_sets
+from node_payload.tensor_io import save_tensors, update_metadata
+from node_payload.threads import job_threads
+from node_payload.train import evaluate, round_lr, steps_for, train_local, update_tensors
+
+UPDATE_FILE = "update.safetensors"
+METRICS_FILE = "metrics.json"
+
+
+@dataclass(frozen=True)
+class NodeTask:
+    config_path: Path
+    model_path: Path
+    round_: int
+    node: int
+    seed: int
+    attempt: int
+    out_dir: Path
+
+
+def run_node(task: NodeTask) -> dict[str, Any]:
+    """Everything a node does; raises DataUnreachable (retry) or UserError (fatal)."""
+    started_at = time.time()
+    config = read_run_config(task.config_path)
+    threads = job_threads()
+    torch.set_num_threads(threads)
+    data, train_cfg = config["data"], config["train"]
+    mirrors = data["mirrors"]
+    first = (task.node + task.attempt) % len(mirrors)
+    stats = FetchStats()
+
+    manifest = planned_manifest(mirrors, first, data["manifest_sha256"], stats)
+    train_ids, test_ids = local_sets(manifest, task.seed, data["local_train"], data["local_test"])
+    image_size = config["model"]["image_size"]
+    train = load_fragments(manifest, train_ids, mirrors, first, image_size, stats)
+    test = load_fragments(manifest, test_ids, mirrors, first, image_size, stats)
+    fetched_at = time.time()
+
+    model, model_meta = load_model(task.model_path)
+    base_version = int(model_meta["version"])
+    global_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    lr = round_lr(train_cfg["lr"], train_cfg["lr_schedule"], task.round_, config["run"]["rounds"])
+    result = train_local(
+        model,
+        train.x,
+        train.y,
+        steps=steps_for(
+            train_cfg["local_steps"], train_cfg["local_epochs"], len(train.y), train_cfg["batch_size"]
+        ),
+        batch_size=train_cfg["batch_size"],
+        lr=lr,
+        momentum=train_cfg["momentum"],
+        weight_decay=train_cfg["weight_decay"],
+        augment=train_cfg["augment"],
+        seed=task.seed,
+    )
+    test_loss, test_accuracy = evaluate(model, test.x, test.y)
+
+    task.out_dir.mkdir(parents=True, exist_ok=True)
+    save_tensors(
+        task.out_dir / UPDATE_FILE,
+        update_tensors(global_state, model.state_dict()),
+        update_metadata(task.round_, task.node, len(train.y), base_version),
+    )
+    metrics = {
+        "round": task.round_,
+        "node": task.node,
+        "seed": task.seed,
+        "attempt": task.attempt,
+        "train_samples": len(train.y),
+        "test_samples": len(test.y),
+        "local_steps": result.steps,
+        "lr": lr,
+        "local_loss": result.loss,
+        "local_accuracy": result.accuracy,
+        "local_test_loss": test_loss,
+        "local_test_accuracy": test_accuracy,
+        "bytes_downloaded": stats.bytes_downloaded,
+        "mirror_failovers": stats.failovers,
+        "per_mirror_bytes": stats.per_mirror_bytes,
+        "threads": threads,
+        "started_at": started_at,
+        "fetch_seconds": fetched_at - started_at,
+        "seconds": time.time() - started_at,
+    }
+    (task.out_dir / METRICS_FILE).write_text(json.dumps(metrics, indent=1) + "\n")
+    return metrics

@@ -1,0 +1,47 @@
+"""Names and paths inside a run directory, in one place for the planner, runner and reports."""
+
+from pathlib import Path
+
+DAG_FILE = "dagtrain.dag"
+STATUS_FILE = "dagtrain.dag.status"
+CONFIG_FILE = "config.toml"
+HELDOUT_FILE = "data/heldout.json"
+REPORT_FILE = "report.json"
+PLOT_FILE = "accuracy.png"
+MISSING_MARK = "MISSING"
+
+
+def round_tag(round_: int) -> str:
+    return f"r{round_:03d}"
+
+
+def node_tag(node: int) -> str:
+    return f"n{node:03d}"
+
+
+def node_name(round_: int, node: int) -> str:
+    return f"train_{round_tag(round_)}_{node_tag(node)}"
+
+
+def aggregate_name(round_: int) -> str:
+    return f"aggregate_{round_tag(round_)}"
+
+
+def round_dir(run_dir: Path, round_: int) -> Path:
+    return run_dir / "rounds" / round_tag(round_)
+
+
+def node_dir(run_dir: Path, round_: int, node: int) -> Path:
+    return round_dir(run_dir, round_) / node_tag(node)
+
+
+def model_path(run_dir: Path, version: int) -> Path:
+    return run_dir / "models" / f"global_{round_tag(version)}.safetensors"
+
+
+def server_state_path(run_dir: Path, version: int) -> Path:
+    return run_dir / "models" / f"server_{round_tag(version)}.safetensors"
+
+
+def round_metrics_path(run_dir: Path, round_: int) -> Path:
+    return round_dir(run_dir, round_) / "round.json"

@@ -1,0 +1,240 @@
+"""The run configuration: one TOML file, validated key by key before anything is written.
+
+Every key has a type, a default and a rule; an unknown key or a value that breaks a rule is a
+UserError naming the table, the key, the value and what is allowed. The resolved config (every
+key filled in) is what the run directory stores and what every job reads.
+"""
+
+import math
+import tomllib
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from node_payload.errors import UserError
+
+Rule = Callable[[Any], bool]
+
+
+@dataclass(frozen=True)
+class Key:
+    """One config key: its type, default, rule, and the words that tell the user what is allowed."""
+
+    kind: type | tuple[type, ...]
+    default: Any
+    allowed: str
+    rule: Rule = lambda _value: True
+
+
+def _positive(v: float) -> bool:
+    return v > 0
+
+
+def _between(lo: float, hi: float, lo_open: bool = False, hi_open: bool = False) -> Rule:
+    def rule(v: float) -> bool:
+        above = v > lo if lo_open else v >= lo
+        below = v < hi if hi_open else v <= hi
+        return above and below and math.isfinite(v)
+
+    return rule
+
+
+def _is_size(v: str) -> bool:
+    number = v.rstrip("KMGTBkmgtb ")
+    return number.replace(".", "", 1).isdigit()
+
+
+def _ftp_urls(v: list) -> bool:
+    return all(isinstance(u, str) and u.startswith("ftp://") for u in v)
+
+
+SCHEMA: dict[str, dict[str, Key]] = {
+    "run": {
+        "name": Key(str, "dagtrain", "a short name without spaces", lambda v: v and " " not in v),
+        "mode": Key(str, "sync", '"sync"', lambda v: v == "sync"),
+        "nodes": Key(int, 4, "an integer from 1 to 100000", _between(1, 100_000)),
+        "rounds": Key(int, 6, "an integer from 1 to 100000", _between(1, 100_000)),
+        "quorum": Key(float, 1.0, "a number in (0, 1]", _between(0, 1, lo_open=True)),
+        "node_deadline_s": Key(int, 3600, "a positive number of seconds", _positive),
+        "retries": Key(int, 2, "an integer from 0 to 20", _between(0, 20)),
+        "seed": Key(int, 0, "a non-negative integer", lambda v: v >= 0),
+    },
+    "data": {
+        "source": Key(str, "", "a directory with one sub-folder of images per class"),
+        "dataset": Key(str, "", "the directory of the prepared dataset (default: SOURCE.prepared)"),
+        "tile": Key(int, 64, "an integer from 8 to 4096", _between(8, 4096)),
+        "overlap": Key(float, 0.5, "a number from 0 to 0.9", _between(0, 0.9)),
+        "holdout": Key(float, 0.25, "a number in (0, 0.9]", _between(0, 0.9, lo_open=True)),
+        "local_train": Key(int, 384, "a positive number of fragments", _positive),
+        "local_test": Key(int, 96, "a positive number of fragments", _positive),
+        "heldout_test": Key(int, 600, "a positive number of fragments", _positive),
+        "mirrors": Key(list, [], "a list of ftp:// URLs (empty: embedded mirrors)", _ftp_urls),
+        "embedded_mirrors": Key(int, 2, "an integer from 1 to 16", _between(1, 16)),
+        "embedded": Key(bool, False, "set by the planner: true when dagtrain serves the mirrors"),
+        "manifest_sha256": Key(str, "", "filled in by the planner"),
+    },
+    "model": {
+        "arch": Key(str, "smallcnn", '"smallcnn" or a torchvision classifier name'),
+        "in_channels": Key(int, 0, "1 or 3 (0: from the dataset)", lambda v: v in (0, 1, 3)),
+        "image_size": Key(int, 0, "an integer from 8 to 1024 (0: the tile size)", _between(0, 1024)),
+    },
+    "train": {
+        "local_steps": Key(int, 0, "a positive integer (or set local_epochs)", lambda v: v >= 0),
+        "local_epochs": Key(float, 0.0, "a positive number (or set local_steps)", lambda v: v >= 0),
+        "batch_size": Key(int, 32, "an integer from 1 to 4096", _between(1, 4096)),
+        "lr": Key(float, 0.05, "a positive number", _positive),
+        "lr_schedule": Key(
+            str, "cosine", '"constant" or "cosine" (over rounds)', lambda v: v in {"constant", "cosine"}
+        ),
+        "momentum": Key(float, 0.9, "a number in [0, 1)", _between(0, 1, hi_open=True)),
+        "weight_decay": Key(float, 5e-4, "a non-negative number", lambda v: v >= 0),
+        "augment": Key(bool, True, "true or false"),
+    },
+    "server": {
+        "optimizer": Key(str, "sgd", '"sgd"', lambda v: v == "sgd"),
+        "lr": Key(float, 1.0, "a positive number", _positive),
+        "momentum": Key(float, 0.0, "a number in [0, 1)", _between(0, 1, hi_open=True)),
+        "nesterov": Key(bool, False, "true or false"),
+        "max_update_norm": Key(float, 1000.0, "a positive number", _positive),
+    },
+    "resources": {
+        "request_cpus": Key(int, 1, "an integer from 1 to 256", _between(1, 256)),
+        "request_memory": Key(str, "2GB", 'a size such as "2GB" or "1500MB"', _is_size),
+        "request_disk": Key(str, "1GB", 'a size such as "1GB"', _is_size),
+        "request_gpus": Key(int, 0, "an integer from 0 to 16", _between(0, 16)),
+    },
+    "execution": {
+        "python": Key(str, "", "an absolute path to a Python with torch on the execute nodes"),
+    },
+}
+
+
+@dataclass
+class Config:
+    """A validated config: table -> key -> value, plus where it came from (for messages)."""
+
+    values: dict[str, dict[str, Any]]
+    origin: str = "<config>"
+    base_dir: Path = field(default_factory=Path.cwd)
+
+    def __getitem__(self, table: str) -> dict[str, Any]:
+        return self.values[table]
+
+    def path(self, table: str, key: str) -> Path:
+        """A path key, relative paths taken from the config file's folder."""
+        return (self.base_dir / self.values[table][key]).resolve()
+
+
+def _check_value(origin: str, table: str, name: str, key: Key, value: Any) -> Any:
+    where = f"{origin}: [{table}] {name} = {value!r}"
+    kinds = key.kind if isinstance(key.kind, tuple) else (key.kind,)
+    if float in kinds and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
+    if isinstance(value, bool) and bool not in kinds:
+        raise UserError(f"{where} is not allowed; expected {key.allowed}")
+    if not isinstance(value, kinds):
+        raise UserError(f"{where} has the wrong type; expected {key.allowed}")
+    if not key.rule(value):
+        raise UserError(f"{where} is not allowed; expected {key.allowed}")
+    return value
+
+
+def from_dict(raw: dict[str, Any], origin: str = "<config>", base_dir: Path | None = None) -> Config:
+    """Validate a parsed TOML document and fill in every default."""
+    values: dict[str, dict[str, Any]] = {}
+    for table in raw:
+        if table not in SCHEMA:
+            raise UserError(
+                f"{origin}: unknown table [{table}]; allowed tables: {', '.join(SCHEMA)}"
+            )
+        if not isinstance(raw[table], dict):
+            raise UserError(f"{origin}: {table} must be a table ([{table}])")
+    for table, keys in SCHEMA.items():
+        given = raw.get(table, {})
+        for name in given:
+            if name not in keys:
+                raise UserError(
+                    f"{origin}: unknown key [{table}] {name}; allowed keys in [{table}]: "
+                    f"{', '.join(keys)}"
+                )
+        values[table] = {
+            name: _check_value(origin, table, name, key, given[name])
+            if name in given
+            else _copy_default(key.default)
+            for name, key in keys.items()
+        }
+    config = Config(values, origin, (base_dir or Path.cwd()).resolve())
+    _check_relations(config)
+    return config
+
+
+def _copy_default(value: Any) -> Any:
+    return list(value) if isinstance(value, list) else value
+
+
+def _check_relations(config: Config) -> None:
+    """Rules that involve two keys; single-key rules live in SCHEMA."""
+    origin = config.origin
+    train = config["train"]
+    if train["local_steps"] and train["local_epochs"]:
+        raise UserError(
+            f"{origin}: [train] sets both local_steps and local_epochs; set only one of them"
+        )
+    if not train["local_steps"] and not train["local_epochs"]:
+        train["local_steps"] = 40
+    data = config["data"]
+    if not data["source"] and not data["dataset"]:
+        raise UserError(
+            f"{origin}: [data] needs source (a folder of class folders of images) or dataset "
+            "(a prepared dataset folder)"
+        )
+    python = config["execution"]["python"]
+    if python and not python.startswith("/"):
+        raise UserError(
+            f"{origin}: [execution] python = {python!r} must be an absolute path on the "
+            "execute nodes"
+        )
+
+
+def load(path: Path) -> Config:
+    """Read and validate a TOML config file."""
+    try:
+        raw = tomllib.loads(path.read_text())
+    except FileNotFoundError:
+        raise UserError(f"{path}: config file not found") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise UserError(f"{path}: not valid TOML: {exc}") from None
+    return from_dict(raw, str(path), path.parent)
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float):
+        return repr(value)
+    if isinstance(value, str):
+        escaped = value.replace("\\", "\\\\").replace('"', '\\"')
+        return f'"{escaped}"'
+    if isinstance(value, list):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    raise TypeError(f"cannot write {value!r} as TOML")
+
+
+def to_toml(config: Config) -> str:
+    """The resolved config as TOML, in schema order so runs diff cleanly."""
+    lines = ["# Resolved dagtrain config: every key filled in. Jobs read this file.", ""]
+    for table, keys in SCHEMA.items():
+        lines.append(f"[{table}]")
+        lines.extend(f"{name} = {_toml_value(config[table][name])}" for name in keys)
+        lines.append("")
+    return "\n".join(lines)
+
+
+def reference_table() -> str:
+    """Markdown table of every key, generated so the README and the code cannot drift."""
+    rows = ["| key | default | allowed |", "|---|---|---|"]
+    for table, keys in SCHEMA.items():
+        for name, key in keys.items():
+            rows.append(f"| `[{table}] {name}` | `{_toml_value(key.default)}` | {key.allowed} |")
+    return "\n".join(rows)

@@ -1,0 +1,215 @@
+"""The planner: a validated config becomes a Plan, and a Plan becomes a run directory.
+
+`make_plan` resolves everything that must be decided once (dataset, mirrors, seeds, held-out
+set, interpreter) and `write` renders the DAG and submit files from dagman_templates/ into a new
+run directory, atomically: a failed write leaves nothing behind and never touches an existing run.
+"""
+
+import json
+import os
+import shutil
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from node_payload.errors import EXIT_FATAL, UserError
+from node_payload.manifest import Manifest
+from node_payload.model_file import save_model
+from node_payload.models import build_model
+from node_payload.sampling import check_capacity, heldout_set, node_seed
+from pipeline import config as config_mod
+from pipeline.config import Config
+from pipeline.dataset_prepare import prepare
+from pipeline.mirror_check import check_mirrors
+from pipeline.mirrors import free_ports
+from pipeline.payload_zip import write_payload
+from pipeline.render import render
+from node_payload.run_layout import (
+    DAG_FILE,
+    HELDOUT_FILE,
+    aggregate_name,
+    model_path,
+    node_dir,
+    node_name,
+    round_tag,
+    node_tag,
+)
+
+STATUS_INTERVAL_S = 10
+
+
+@dataclass
+class Plan:
+    """Everything a run needs, decided once; `write` turns it into files."""
+
+    config: Config
+    manifest: Manifest
+    dataset_dir: Path
+    heldout: list[int]
+
+    @property
+    def nodes(self) -> int:
+        return self.config["run"]["nodes"]
+
+    @property
+    def rounds(self) -> int:
+        return self.config["run"]["rounds"]
+
+    def seed(self, round_: int, node: int) -> int:
+        return node_seed(self.config["run"]["seed"], round_, node)
+
+
+def _dataset(config: Config) -> tuple[Path, Manifest]:
+    data = config["data"]
+    if data["dataset"]:
+        dataset_dir = config.path("data", "dataset")
+    else:
+        source = config.path("data", "source")
+        dataset_dir = source.with_name(source.name + ".prepared")
+    if data["source"]:
+        data["source"] = str(config.path("data", "source"))
+        manifest = prepare(
+            Path(data["source"]),
+            dataset_dir,
+            tile=data["tile"],
+            overlap=data["overlap"],
+            holdout=data["holdout"],
+            seed=config["run"]["seed"],
+        )
+    else:
+        manifest = Manifest.load(dataset_dir / "manifest.json")
+    data["dataset"] = str(dataset_dir)
+    return dataset_dir, manifest
+
+
+def _resolve_model(config: Config, manifest: Manifest) -> None:
+    model = config["model"]
+    channels = 1 if manifest.mode == "L" else 3
+    if model["in_channels"] and model["in_channels"] != channels:
+        raise UserError(
+            f"{config.origin}: [model] in_channels = {model['in_channels']} but the dataset's "
+            f"images are {manifest.mode} ({channels} channel(s)); set in_channels = {channels}"
+        )
+    model["in_channels"] = channels
+    model["image_size"] = model["image_size"] or manifest.tile
+
+
+def make_plan(config: Config) -> Plan:
+    """Resolve a validated config into a plan; prepares the dataset when it is not yet prepared."""
+    dataset_dir, manifest = _dataset(config)
+    data = config["data"]
+    data["manifest_sha256"] = manifest.digest()
+    _resolve_model(config, manifest)
+    check_capacity(manifest, data["local_train"], data["local_test"])
+    if data["mirrors"]:
+        check_mirrors(data["mirrors"], manifest.digest())
+    else:
+        data["mirrors"] = [f"ftp://127.0.0.1:{p}" for p in free_ports(data["embedded_mirrors"])]
+        data["embedded"] = True
+    config["execution"]["python"] = config["execution"]["python"] or sys.executable
+    heldout = heldout_set(manifest, data["heldout_test"], config["run"]["seed"])
+    return Plan(config, manifest, dataset_dir, heldout)
+
+
+def _dag_rounds(plan: Plan) -> list[dict]:
+    return [
+        {
+            "index": r,
+            "tag": round_tag(r),
+            "aggregate": aggregate_name(r),
+            "jobs": [
+                {"name": node_name(r, n), "index": n, "tag": node_tag(n), "seed": plan.seed(r, n)}
+                for n in range(plan.nodes)
+            ],
+        }
+        for r in range(plan.rounds)
+    ]
+
+
+def _render_files(plan: Plan) -> dict[str, str]:
+    config = plan.config
+    resources = config["resources"]
+    python = config["execution"]["python"]
+    return {
+        DAG_FILE: render(
+            "dagtrain.dag.j2",
+            name=config["run"]["name"],
+            nodes=plan.nodes,
+            rounds=_dag_rounds(plan),
+            retries=config["run"]["retries"],
+            fatal_exit=EXIT_FATAL,
+            status_interval_s=STATUS_INTERVAL_S,
+        ),
+        "submit/node.sub": render(
+            "node.sub.j2",
+            python=python,
+            deadline_s=config["run"]["node_deadline_s"],
+            **resources,
+        ),
+        "submit/aggregate.sub": render("aggregate.sub.j2", python=python),
+        "submit/report.sub": render("report.sub.j2", python=python),
+        "scripts/node_post.sh": render("node_post.sh.j2", fatal_exit=EXIT_FATAL),
+        "config.toml": config_mod.to_toml(config),
+        HELDOUT_FILE: json.dumps(
+            {"manifest_sha256": plan.manifest.digest(), "fragments": plan.heldout}
+        )
+        + "\n",
+    }
+
+
+def _initial_model(plan: Plan, run_dir: Path) -> None:
+    model_cfg = plan.config["model"]
+    classes = len(plan.manifest.classes)
+    model = build_model(
+        model_cfg["arch"], classes, model_cfg["in_channels"], seed=plan.config["run"]["seed"]
+    )
+    save_model(
+        model_path(run_dir, 0),
+        model,
+        version=0,
+        arch=model_cfg["arch"],
+        num_classes=classes,
+        in_channels=model_cfg["in_channels"],
+    )
+
+
+def _check_target(run_dir: Path) -> None:
+    if run_dir.exists() and (not run_dir.is_dir() or any(run_dir.iterdir())):
+        raise UserError(
+            f"{run_dir}: already exists and is not empty; a run directory is never overwritten. "
+            "Choose another --out, or delete it if you no longer need that run"
+        )
+
+
+def write(plan: Plan, run_dir: Path) -> Path:
+    """Write the run directory atomically: everything appears at once, or nothing does."""
+    run_dir = run_dir.resolve()
+    _check_target(run_dir)
+    run_dir.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{run_dir.name}.", dir=run_dir.parent))
+    try:
+        for relative, text in _render_files(plan).items():
+            target = staging / relative
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_text(text)
+        (staging / "scripts/node_post.sh").chmod(0o755)
+        (staging / "payload").mkdir()
+        write_payload(staging / "payload")
+        (staging / "models").mkdir()
+        _initial_model(plan, staging)
+        for r in range(plan.rounds):
+            for n in range(plan.nodes):
+                node_dir(staging, r, n).mkdir(parents=True)
+        if run_dir.exists():
+            run_dir.rmdir()
+        os.rename(staging, run_dir)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return run_dir
+
+
+def plan_from_file(config_path: Path, run_dir: Path) -> Path:
+    """`dagtrain plan CONFIG --out RUN_DIR`."""
+    return write(make_plan(config_mod.load(config_path)), run_dir)
