@@ -1,0 +1,100 @@
+"""Streaming, sample-weighted average of a round's updates.
+
+Updates are read one file and one tensor at a time, so aggregating N nodes needs memory for the
+running sums only (O(model)), never for N models. A fixed node order makes the result
+bit-identical between runs.
+"""
+
+import math
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from aggregation.validate import validate_update
+from node_payload import tensor_io
+
+
+class WeightedMean:
+    """Running sums in float64 for floating tensors; a running max for integer tensors.
+
+    Integer tensors are counters (BatchNorm num_batches_tracked): averaging them is meaningless,
+    the max keeps them monotonic across rounds.
+    """
+
+    def __init__(self, reference: Mapping[str, torch.Tensor]) -> None:
+        self._dtypes = {name: tensor.dtype for name, tensor in reference.items()}
+        self._sums = {
+            name: torch.zeros(tensor.shape, dtype=torch.float64)
+            for name, tensor in reference.items()
+            if tensor.is_floating_point()
+        }
+        self._maxima: dict[str, torch.Tensor] = {}
+        self.total_weight = 0
+
+    def add(self, tensors: Iterable[tuple[str, torch.Tensor]], weight: int) -> None:
+        """Consume (name, tensor) pairs lazily so only one tensor is materialised at a time."""
+        for name, tensor in tensors:
+            if name in self._sums:
+                self._sums[name] += tensor.to(torch.float64) * weight
+            elif name in self._maxima:
+                self._maxima[name] = torch.maximum(self._maxima[name], tensor)
+            else:
+                self._maxima[name] = tensor.clone()
+        self.total_weight += weight
+
+    def mean(self) -> dict[str, torch.Tensor]:
+        """The weighted mean (floating) and max (integer), in the reference dtypes and order."""
+        if self.total_weight <= 0:
+            raise ValueError("no weighted updates were added")
+        return {
+            name: (self._sums[name] / self.total_weight).to(dtype)
+            if name in self._sums
+            else self._maxima[name]
+            for name, dtype in self._dtypes.items()
+        }
+
+
+@dataclass
+class MergeResult:
+    """mean_update has the layout of an update file: floating = mean(global - local), integer =
+    max(local); it is empty when no update was accepted."""
+
+    mean_update: dict[str, torch.Tensor]
+    accepted: list[int] = field(default_factory=list)
+    rejected: dict[int, str] = field(default_factory=dict)
+    norms: dict[int, float] = field(default_factory=dict)  # nodes whose norm was computed
+    samples: int = 0
+
+
+def merge_updates(
+    global_state: Mapping[str, torch.Tensor],
+    updates: Iterable[tuple[int, Path]],
+    bound: float,
+    round_: int,
+) -> MergeResult:
+    """Validate each (node, path) in node order and average the accepted ones by sample count."""
+    mean = WeightedMean(global_state)
+    result = MergeResult(mean_update={})
+    for node, path in updates:
+        check = validate_update(path, global_state, round_, node, bound)
+        if check.ok:
+            mean.add(_stream(path, global_state), check.samples)
+            result.accepted.append(node)
+            result.samples += check.samples
+        else:
+            result.rejected[node] = check.reason
+        if not math.isnan(check.norm):
+            result.norms[node] = check.norm
+    if result.accepted:
+        result.mean_update = mean.mean()
+    return result
+
+
+def _stream(
+    path: Path, global_state: Mapping[str, torch.Tensor]
+) -> Iterator[tuple[str, torch.Tensor]]:
+    with tensor_io.open_lazy(path) as update:
+        for name in global_state:
+            yield name, update.get(name)

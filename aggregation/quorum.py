@@ -1,0 +1,46 @@
+"""How many valid updates a round needs before the global model may move."""
+
+import math
+from fractions import Fraction
+
+from node_payload.errors import UserError
+
+
+def required_updates(nodes: int, quorum: float) -> int:
+    """ceil(quorum * nodes) on the decimal the user wrote: in binary 0.2 * 5 is just above 1."""
+    if nodes < 1:
+        raise UserError(f"a round needs at least one node, got nodes = {nodes}")
+    if not 0 < quorum <= 1:
+        raise UserError(f"quorum = {quorum} must be a fraction of the nodes in (0, 1]")
+    return math.ceil(Fraction(repr(float(quorum))) * nodes)
+
+
+class QuorumNotMet(Exception):
+    """Too few valid updates: the aggregation fails so DAGMan stops and writes a rescue DAG."""
+
+    def __init__(
+        self,
+        round_: int,
+        valid: int,
+        required: int,
+        missing: list[int],
+        rejected: dict[int, str],
+    ) -> None:
+        self.round = round_
+        self.valid = valid
+        self.required = required
+        self.missing = missing
+        self.rejected = rejected
+        lines = [
+            f"round {round_}: only {valid} valid updates, the quorum needs {required}",
+            f"missing nodes: {_nodes(missing)}",
+            f"rejected nodes: {_nodes(sorted(rejected))}",
+            *(f"  node {node}: {reason}" for node, reason in sorted(rejected.items())),
+            f"Fix the cause (see rounds/r{round_:03d}/n*/job.err and the reasons above), then run "
+            "condor_submit_dag again: the rescue DAG resumes at this round.",
+        ]
+        super().__init__("\n".join(lines))
+
+
+def _nodes(nodes: list[int]) -> str:
+    return ", ".join(map(str, nodes)) if nodes else "none"

@@ -1,0 +1,122 @@
+"""safetensors files for models, updates and optimizer state.
+
+Tensors cross machine boundaries (execute node -> submit host), so they are only ever read as
+safetensors: a pickle or torch.save file could run arbitrary code when loaded and is refused.
+"""
+
+import os
+import secrets
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+
+MODEL_FORMAT = "dagtrain-model/1"
+UPDATE_FORMAT = "dagtrain-update/1"
+
+_PICKLE_PROTOCOLS = frozenset(range(2, 6))
+
+
+class BadTensorFile(ValueError):
+    """The file exists but is not a readable safetensors file."""
+
+
+class LazyTensors:
+    """An open safetensors file that hands out one tensor at a time, to keep memory O(tensor)."""
+
+    def __init__(self, handle: Any, metadata: dict[str, str]) -> None:
+        self._handle = handle
+        self.metadata = metadata
+        self.names: list[str] = list(handle.keys())
+
+    def get(self, name: str) -> torch.Tensor:
+        return self._handle.get_tensor(name)
+
+
+def save_tensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
+    """Write atomically: readers (DAGMan retries, a resumed run) see the old file or the new one."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
+    try:
+        save_file({k: v.contiguous() for k, v in tensors.items()}, tmp, metadata=metadata)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    _fsync_dir(path.parent)
+
+
+def _fsync_dir(directory: Path) -> None:
+    """Make the rename itself durable, so a crash cannot resurrect the previous file."""
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _not_safetensors(path: Path, cause: Exception) -> BadTensorFile:
+    with open(path, "rb") as f:
+        head = f.read(2)
+    pickled = len(head) == 2 and head[0] == 0x80 and head[1] in _PICKLE_PROTOCOLS
+    if pickled or head == b"PK":
+        return BadTensorFile(
+            f"{path} is a pickle / torch.save file, not a safetensors file; pickles are refused "
+            "because loading them can execute arbitrary code (write it with safetensors instead)"
+        )
+    return BadTensorFile(f"{path} is not a safetensors file (truncated or corrupt?): {cause}")
+
+
+@contextmanager
+def open_lazy(path: Path) -> Iterator[LazyTensors]:
+    """Open for streaming; raises BadTensorFile for anything that is not valid safetensors."""
+    path = Path(path)
+    try:
+        handle = safe_open(str(path), framework="pt")
+    except SafetensorError as err:
+        raise _not_safetensors(path, err) from None
+    with handle:
+        yield LazyTensors(handle, dict(handle.metadata() or {}))
+
+
+def load_tensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Load every tensor and the metadata of a file."""
+    with open_lazy(path) as f:
+        return {name: f.get(name) for name in f.names}, f.metadata
+
+
+def read_metadata(path: Path) -> dict[str, str]:
+    """Metadata only; the tensor data is memory-mapped and never read."""
+    with open_lazy(path) as f:
+        return f.metadata
+
+
+def model_metadata(
+    version: int, arch: str, num_classes: int, in_channels: int, image_size: int
+) -> dict[str, str]:
+    """Metadata of global_rRRR.safetensors: enough to rebuild the network without the config."""
+    return {
+        "format": MODEL_FORMAT,
+        "version": str(version),
+        "arch": arch,
+        "num_classes": str(num_classes),
+        "in_channels": str(in_channels),
+        "image_size": str(image_size),
+    }
+
+
+def update_metadata(round_: int, node: int, samples: int, base_version: int) -> dict[str, str]:
+    """Metadata of update.safetensors: the aggregator weights by samples and checks the rest."""
+    return {
+        "format": UPDATE_FORMAT,
+        "round": str(round_),
+        "node": str(node),
+        "samples": str(samples),
+        "base_version": str(base_version),
+    }

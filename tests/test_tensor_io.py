@@ -1,0 +1,126 @@
+import pickle
+
+import pytest
+import torch
+
+from node_payload import tensor_io
+from node_payload.tensor_io import BadTensorFile
+
+
+def _tensors() -> dict[str, torch.Tensor]:
+    torch.manual_seed(0)
+    return {
+        "fc.weight": torch.randn(6, 4),
+        "fc.bias": torch.randn(6),
+        "bn.num_batches_tracked": torch.tensor(7, dtype=torch.int64),
+        "half": torch.randn(3, dtype=torch.bfloat16),
+    }
+
+
+def test_round_trip_keeps_values_dtypes_and_metadata(tmp_path):
+    path = tmp_path / "model.safetensors"
+    meta = tensor_io.model_metadata(3, "smallcnn", 6, 3, 64)
+    tensor_io.save_tensors(path, _tensors(), meta)
+    tensors, metadata = tensor_io.load_tensors(path)
+    assert metadata == meta
+    assert tensors.keys() == _tensors().keys()
+    for name, tensor in _tensors().items():
+        assert tensors[name].dtype == tensor.dtype
+        assert torch.equal(tensors[name], tensor)
+    assert tensor_io.read_metadata(path) == meta
+
+
+def test_non_contiguous_tensor_is_saved(tmp_path):
+    path = tmp_path / "t.safetensors"
+    transposed = torch.arange(6.0).reshape(2, 3).t()
+    tensor_io.save_tensors(path, {"t": transposed}, {})
+    assert torch.equal(tensor_io.load_tensors(path)[0]["t"], transposed)
+
+
+def test_save_replaces_atomically_and_leaves_no_temporary(tmp_path):
+    path = tmp_path / "model.safetensors"
+    tensor_io.save_tensors(path, {"a": torch.zeros(2)}, {"version": "0"})
+    tensor_io.save_tensors(path, {"a": torch.ones(2)}, {"version": "1"})
+    assert tensor_io.read_metadata(path) == {"version": "1"}
+    assert [p.name for p in tmp_path.iterdir()] == [path.name]
+
+
+def test_failed_save_keeps_the_old_file(tmp_path):
+    path = tmp_path / "model.safetensors"
+    tensor_io.save_tensors(path, {"a": torch.zeros(2)}, {"version": "0"})
+    shared = torch.zeros(4)
+    with pytest.raises(RuntimeError):  # safetensors refuses tensors sharing memory
+        tensor_io.save_tensors(path, {"a": shared, "b": shared}, {"version": "1"})
+    assert tensor_io.read_metadata(path) == {"version": "0"}
+    assert [p.name for p in tmp_path.iterdir()] == [path.name]
+
+
+def test_open_lazy_streams_by_name(tmp_path):
+    path = tmp_path / "u.safetensors"
+    meta = tensor_io.update_metadata(2, 5, 480, 2)
+    tensor_io.save_tensors(path, _tensors(), meta)
+    with tensor_io.open_lazy(path) as f:
+        assert sorted(f.names) == sorted(_tensors())
+        assert f.metadata == meta
+        assert torch.equal(f.get("fc.bias"), _tensors()["fc.bias"])
+
+
+def test_metadata_helpers_follow_the_contract():
+    assert tensor_io.update_metadata(3, 2, 480, 3) == {
+        "format": "dagtrain-update/1",
+        "round": "3",
+        "node": "2",
+        "samples": "480",
+        "base_version": "3",
+    }
+    assert tensor_io.model_metadata(3, "resnet18", 6, 1, 64) == {
+        "format": "dagtrain-model/1",
+        "version": "3",
+        "arch": "resnet18",
+        "num_classes": "6",
+        "in_channels": "1",
+        "image_size": "64",
+    }
+
+
+def _torch_save(path):
+    torch.save(_tensors(), path)
+
+
+def _pickle_dumps(path):
+    path.write_bytes(pickle.dumps({"fc.weight": [1.0, 2.0]}))
+
+
+def _legacy_torch_save(path):
+    torch.save(_tensors(), path, _use_new_zipfile_serialization=False)
+
+
+@pytest.mark.parametrize("write", [_torch_save, _pickle_dumps, _legacy_torch_save])
+def test_pickles_are_refused_with_a_reason(tmp_path, write):
+    path = tmp_path / "update.safetensors"
+    write(path)
+    for reader in (tensor_io.load_tensors, tensor_io.read_metadata):
+        with pytest.raises(BadTensorFile) as err:
+            reader(path)
+        message = str(err.value)
+        assert str(path) in message
+        assert "not a safetensors file" in message
+        assert "pickle" in message and "execute" in message
+
+
+@pytest.mark.parametrize("keep", [0, 5, 20, -3])
+def test_truncated_files_are_refused(tmp_path, keep):
+    good = tmp_path / "good.safetensors"
+    tensor_io.save_tensors(good, _tensors(), {})
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes(good.read_bytes()[:keep])
+    with pytest.raises(BadTensorFile, match="not a safetensors file") as err:
+        tensor_io.read_metadata(bad)
+    assert str(bad) in str(err.value)
+    assert "pickle" not in str(err.value)
+
+
+def test_bad_tensor_file_is_a_value_error_and_missing_file_is_not(tmp_path):
+    assert issubclass(BadTensorFile, ValueError)
+    with pytest.raises(FileNotFoundError):
+        tensor_io.load_tensors(tmp_path / "absent.safetensors")
