@@ -51,7 +51,7 @@ def validate_update(
     except tensor_io.BadTensorFile as err:
         return Validation(False, str(err))
     except OSError as err:
-        return Validation(False, f"cannot read {path}: {err.strerror or err}")
+        return Validation(False, f"cannot read the update: {err}")
     norm = math.sqrt(squares)
     if norm > bound:
         return Validation(False, f"update norm {norm:.4g} exceeds the bound {bound:.4g}", norm)
