@@ -6,26 +6,12 @@ from torch import nn
 
 from node_payload.errors import UserError
 from node_payload.models import build_model
-from node_payload.tensor_io import load_tensors, save_tensors
-
-MODEL_FORMAT = "dagtrain-model/1"
+from node_payload.tensor_io import MODEL_FORMAT, load_tensors, save_tensors
 
 
-def save_model(
-    path: Path, model: nn.Module, *, version: int, arch: str, num_classes: int, in_channels: int
-) -> None:
+def save_model(path: Path, model: nn.Module, metadata: dict[str, str]) -> None:
     state = {name: t.detach().contiguous() for name, t in model.state_dict().items()}
-    save_tensors(
-        path,
-        state,
-        {
-            "format": MODEL_FORMAT,
-            "version": str(version),
-            "arch": arch,
-            "num_classes": str(num_classes),
-            "in_channels": str(in_channels),
-        },
-    )
+    save_tensors(path, state, metadata)
 
 
 def load_model(path: Path) -> tuple[nn.Module, dict[str, str]]:

@@ -63,7 +63,9 @@ def available_archs() -> list[str]:
     return [SMALL_CNN, *torchvision.models.list_models(module=torchvision.models)]
 
 
-def build_model(arch: str, num_classes: int, in_channels: int, seed: int | None = None) -> nn.Module:
+def build_model(
+    arch: str, num_classes: int, in_channels: int, seed: int | None = None
+) -> nn.Module:
     """Build an untrained network; with a seed the initial weights are reproducible."""
     if seed is not None:
         torch.manual_seed(seed)

@@ -59,7 +59,10 @@ def run_node(task: NodeTask) -> dict[str, Any]:
         train.x,
         train.y,
         steps=steps_for(
-            train_cfg["local_steps"], train_cfg["local_epochs"], len(train.y), train_cfg["batch_size"]
+            train_cfg["local_steps"],
+            train_cfg["local_epochs"],
+            len(train.y),
+            train_cfg["batch_size"],
         ),
         batch_size=train_cfg["batch_size"],
         lr=lr,

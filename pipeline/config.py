@@ -77,7 +77,9 @@ SCHEMA: dict[str, dict[str, Key]] = {
     "model": {
         "arch": Key(str, "smallcnn", '"smallcnn" or a torchvision classifier name'),
         "in_channels": Key(int, 0, "1 or 3 (0: from the dataset)", lambda v: v in (0, 1, 3)),
-        "image_size": Key(int, 0, "an integer from 8 to 1024 (0: the tile size)", _between(0, 1024)),
+        "image_size": Key(
+            int, 0, "an integer from 8 to 1024 (0: the tile size)", _between(0, 1024)
+        ),
     },
     "train": {
         "local_steps": Key(int, 0, "a positive integer (or set local_epochs)", lambda v: v >= 0),
@@ -85,7 +87,10 @@ SCHEMA: dict[str, dict[str, Key]] = {
         "batch_size": Key(int, 32, "an integer from 1 to 4096", _between(1, 4096)),
         "lr": Key(float, 0.05, "a positive number", _positive),
         "lr_schedule": Key(
-            str, "cosine", '"constant" or "cosine" (over rounds)', lambda v: v in {"constant", "cosine"}
+            str,
+            "cosine",
+            '"constant" or "cosine" (over rounds)',
+            lambda v: v in {"constant", "cosine"},
         ),
         "momentum": Key(float, 0.9, "a number in [0, 1)", _between(0, 1, hi_open=True)),
         "weight_decay": Key(float, 5e-4, "a non-negative number", lambda v: v >= 0),
@@ -140,7 +145,9 @@ def _check_value(origin: str, table: str, name: str, key: Key, value: Any) -> An
     return value
 
 
-def from_dict(raw: dict[str, Any], origin: str = "<config>", base_dir: Path | None = None) -> Config:
+def from_dict(
+    raw: dict[str, Any], origin: str = "<config>", base_dir: Path | None = None
+) -> Config:
     """Validate a parsed TOML document and fill in every default."""
     values: dict[str, dict[str, Any]] = {}
     for table in raw:

@@ -13,18 +13,11 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from aggregation.server_optimizer import ServerOptimizer
 from node_payload.errors import EXIT_FATAL, UserError
 from node_payload.manifest import Manifest
 from node_payload.model_file import save_model
 from node_payload.models import build_model
-from node_payload.sampling import check_capacity, heldout_set, node_seed
-from pipeline import config as config_mod
-from pipeline.config import Config
-from pipeline.dataset_prepare import prepare
-from pipeline.mirror_check import check_mirrors
-from pipeline.mirrors import free_ports
-from pipeline.payload_zip import write_payload
-from pipeline.render import render
 from node_payload.run_layout import (
     DAG_FILE,
     HELDOUT_FILE,
@@ -32,9 +25,19 @@ from node_payload.run_layout import (
     model_path,
     node_dir,
     node_name,
-    round_tag,
     node_tag,
+    round_tag,
+    server_state_path,
 )
+from node_payload.sampling import check_capacity, heldout_set, node_seed
+from node_payload.tensor_io import model_metadata, save_tensors
+from pipeline import config as config_mod
+from pipeline.config import Config
+from pipeline.dataset_prepare import prepare
+from pipeline.mirror_check import check_mirrors
+from pipeline.mirrors import free_ports
+from pipeline.payload_zip import write_payload
+from pipeline.render import render
 
 STATUS_INTERVAL_S = 10
 
@@ -164,14 +167,15 @@ def _initial_model(plan: Plan, run_dir: Path) -> None:
     model = build_model(
         model_cfg["arch"], classes, model_cfg["in_channels"], seed=plan.config["run"]["seed"]
     )
-    save_model(
-        model_path(run_dir, 0),
-        model,
-        version=0,
-        arch=model_cfg["arch"],
-        num_classes=classes,
-        in_channels=model_cfg["in_channels"],
+    metadata = model_metadata(
+        0, model_cfg["arch"], classes, model_cfg["in_channels"], model_cfg["image_size"]
     )
+    save_model(model_path(run_dir, 0), model, metadata)
+    server = plan.config["server"]
+    optimizer = ServerOptimizer(
+        server["optimizer"], server["lr"], server["momentum"], server["nesterov"]
+    )
+    save_tensors(server_state_path(run_dir, 0), *optimizer.state_dict())
 
 
 def _check_target(run_dir: Path) -> None:

@@ -1,0 +1,5 @@
+import sys
+
+from aggregation.cli import main
+
+sys.exit(main())

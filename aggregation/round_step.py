@@ -1,0 +1,119 @@
+"""One synchronous round's aggregation: validate, check the quorum, step, save, evaluate.
+
+Idempotent: a round whose next model and metrics already exist is left alone, and the next
+model is written atomically after the server state, so a kill at any point loses nothing and
+a rerun (DAGMan rescue, local runner resume) produces the same bytes.
+"""
+
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from aggregation.heldout import heldout_tensors
+from aggregation.merge import merge_updates
+from aggregation.quorum import QuorumNotMet, required_updates
+from aggregation.server_optimizer import ServerOptimizer
+from node_payload.errors import UserError
+from node_payload.model_file import load_model, save_model
+from node_payload.run_layout import (
+    MISSING_MARK,
+    model_path,
+    node_dir,
+    round_metrics_path,
+    server_state_path,
+)
+from node_payload.tensor_io import load_tensors, save_tensors
+from node_payload.threads import job_threads
+from node_payload.train import evaluate
+
+UPDATE_FILE = "update.safetensors"
+
+
+def _node_metrics(run_dir: Path, round_: int, nodes: list[int]) -> list[dict[str, Any]]:
+    found = []
+    for node in nodes:
+        path = node_dir(run_dir, round_, node) / "metrics.json"
+        if path.is_file():
+            found.append(json.loads(path.read_text()))
+    return found
+
+
+def _optimizer(config: dict[str, Any], run_dir: Path, round_: int) -> ServerOptimizer:
+    server = config["server"]
+    optimizer = ServerOptimizer(
+        server["optimizer"], server["lr"], server["momentum"], server["nesterov"]
+    )
+    state = server_state_path(run_dir, round_)
+    try:
+        optimizer.load_state_dict(*load_tensors(state))
+    except (FileNotFoundError, ValueError) as exc:
+        raise UserError(f"{state}: cannot resume the server optimizer: {exc}") from None
+    return optimizer
+
+
+def _write_json(path: Path, value: dict[str, Any]) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(value, indent=1) + "\n")
+    os.replace(tmp, path)
+
+
+def aggregate_round(run_dir: Path, config: dict[str, Any], round_: int) -> dict[str, Any]:
+    """Returns the round's metrics; raises QuorumNotMet when too few valid updates arrived."""
+    metrics_path = round_metrics_path(run_dir, round_)
+    next_model = model_path(run_dir, round_ + 1)
+    if metrics_path.is_file() and next_model.is_file():
+        return json.loads(metrics_path.read_text())
+    torch.set_num_threads(job_threads())
+    nodes = config["run"]["nodes"]
+    model, metadata = load_model(model_path(run_dir, round_))
+    global_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+    present = [(n, node_dir(run_dir, round_, n) / UPDATE_FILE) for n in range(nodes)]
+    updates = [(n, path) for n, path in present if path.is_file()]
+    missing = [n for n, path in present if not path.is_file()]
+    merged = merge_updates(global_state, updates, config["server"]["max_update_norm"], round_)
+    for node, reason in sorted(merged.rejected.items()):
+        print(f"round {round_} node {node}: rejected: {reason}", flush=True)
+    for node in missing:
+        why = node_dir(run_dir, round_, node) / MISSING_MARK
+        print(
+            f"round {round_} node {node}: missing"
+            + (f" ({why.read_text().strip()})" if why.is_file() else ""),
+            flush=True,
+        )
+    required = required_updates(nodes, config["run"]["quorum"])
+    if len(merged.accepted) < required:
+        raise QuorumNotMet(round_, len(merged.accepted), required, missing, merged.rejected)
+
+    optimizer = _optimizer(config, run_dir, round_)
+    param_names = {name for name, _ in model.named_parameters()}
+    model.load_state_dict(optimizer.step(global_state, merged.mean_update, param_names))
+    save_tensors(server_state_path(run_dir, round_ + 1), *optimizer.state_dict())
+    save_model(next_model, model, {**metadata, "version": str(round_ + 1)})
+
+    x, y = heldout_tensors(run_dir, config, round_ % len(config["data"]["mirrors"]))
+    loss, accuracy = evaluate(model, x, y)
+    node_metrics = _node_metrics(run_dir, round_, merged.accepted)
+    started = min((m["started_at"] for m in node_metrics), default=time.time())
+    round_metrics = {
+        "round": round_,
+        "accuracy": accuracy,
+        "loss": loss,
+        "heldout_samples": len(y),
+        "nodes_used": len(merged.accepted),
+        "nodes_missing": missing,
+        "nodes_rejected": merged.rejected,
+        "quorum_required": required,
+        "train_samples": merged.samples,
+        "local_test_accuracy": sum(m["local_test_accuracy"] for m in node_metrics)
+        / max(len(node_metrics), 1),
+        "bytes_downloaded": sum(m["bytes_downloaded"] for m in node_metrics),
+        "mirror_failovers": sum(m["mirror_failovers"] for m in node_metrics),
+        "seconds": time.time() - started,
+    }
+    _write_json(metrics_path, round_metrics)
+    return round_metrics

@@ -1,0 +1,47 @@
+"""`dagtrain run`: the run directory's own DAG, executed by the local runner on this machine."""
+
+import json
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+
+from node_payload.errors import UserError
+from node_payload.run_config import read_run_config
+from node_payload.run_layout import CONFIG_FILE, DAG_FILE, REPORT_FILE
+from pipeline.local_runner import run_dag
+from pipeline.mirrors import serve
+from pipeline.progress import RunProgress
+
+
+def _mirror_ports(mirrors: list[str]) -> list[int]:
+    return [int(url.rsplit(":", 1)[1].split("/")[0]) for url in mirrors]
+
+
+def run_local(run_dir: Path, slots: int = 2, show_progress: bool = True) -> dict[str, Any]:
+    """Run (or resume) a planned run; returns report.json written by the DAG's FINAL node."""
+    if not (run_dir / DAG_FILE).is_file() or not (run_dir / CONFIG_FILE).is_file():
+        raise UserError(f"{run_dir}: not a run directory (no {DAG_FILE}); plan one first")
+    config = read_run_config(run_dir / CONFIG_FILE)
+    console = Console(stderr=True, quiet=not show_progress)
+    data = config["data"]
+    mirrors = (
+        serve(Path(data["dataset"]), _mirror_ports(data["mirrors"]))
+        if data.get("embedded")
+        else None
+    )
+    try:
+        with RunProgress(run_dir, config["run"]["rounds"], config["run"]["nodes"], console) as p:
+            run_dag(run_dir / DAG_FILE, slots=slots, on_event=p.on_event)
+    finally:
+        if mirrors is not None:
+            mirrors.close()
+    report_path = run_dir / REPORT_FILE
+    if not report_path.is_file():
+        raise UserError(f"{run_dir}: the run ended without {REPORT_FILE}; see report.err")
+    report = json.loads(report_path.read_text())
+    console.print(
+        f"[bold]{report['status']}[/]: {report['rounds_completed']}/{report['rounds_planned']} "
+        f"rounds, final held-out accuracy {report['final_accuracy']}; report: {report_path}"
+    )
+    return report

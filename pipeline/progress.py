@@ -1,0 +1,71 @@
+"""Live progress of a DAG run: rounds, node states and the latest held-out accuracy."""
+
+import json
+import re
+from collections import Counter
+from pathlib import Path
+
+from rich.console import Console
+from rich.live import Live
+from rich.table import Table
+
+from node_payload.run_layout import round_metrics_path
+
+_NODE = re.compile(r"^(train|aggregate)_r(\d+)")
+
+
+class RunProgress:
+    """Consumes the local runner's node events and renders one live table."""
+
+    def __init__(self, run_dir: Path, rounds: int, nodes: int, console: Console) -> None:
+        self.run_dir = run_dir
+        self.rounds = rounds
+        self.nodes = nodes
+        self.state: dict[str, str] = {}
+        self.retries = 0
+        self.accuracy: list[float] = []
+        self.live = Live(self._table(), console=console, refresh_per_second=4, transient=False)
+
+    def __enter__(self) -> "RunProgress":
+        self.live.__enter__()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.live.update(self._table())
+        self.live.__exit__(*exc)
+
+    def on_event(self, event: object) -> None:
+        node, kind = getattr(event, "node", ""), getattr(event, "kind", "")
+        if kind == "retry":
+            self.retries += 1
+        self.state[node] = kind
+        match = _NODE.match(node)
+        if match and match.group(1) == "aggregate" and kind == "done":
+            metrics = round_metrics_path(self.run_dir, int(match.group(2)))
+            if metrics.is_file():
+                self.accuracy.append(json.loads(metrics.read_text())["accuracy"])
+        self.live.update(self._table())
+
+    def _current_round(self) -> int:
+        rounds = [int(m.group(2)) for n in self.state if (m := _NODE.match(n))]
+        return max(rounds, default=0)
+
+    def _table(self) -> Table:
+        current = self._current_round()
+        counts = Counter(
+            kind
+            for node, kind in self.state.items()
+            if (m := _NODE.match(node)) and m.group(1) == "train" and int(m.group(2)) == current
+        )
+        table = Table(title="dagtrain run", expand=False)
+        for column in ("round", "nodes done", "running", "failed", "retries", "accuracy"):
+            table.add_column(column, justify="right")
+        table.add_row(
+            f"{current + 1}/{self.rounds}",
+            f"{counts['done']}/{self.nodes}",
+            str(counts["running"] + counts["submitted"]),
+            str(counts["failed"] + counts["removed"]),
+            str(self.retries),
+            " ".join(f"{a:.3f}" for a in self.accuracy[-6:]) or "-",
+        )
+        return table
