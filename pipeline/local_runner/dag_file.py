@@ -1,0 +1,307 @@
+"""Parse a DAGMan input file into a graph, rejecting what the local runner cannot honour.
+
+Only the subset of the DAG language that dagtrain generates (plus the usual companions) is
+accepted; anything else is an error naming file and line, because silently skipping a command
+would make a local run differ from a pool run.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from node_payload.errors import UserError
+
+KEYWORDS = {
+    "JOB", "FINAL", "VARS", "PARENT", "CHILD", "RETRY", "SCRIPT", "PRE_SKIP", "CATEGORY",
+    "MAXJOBS", "NODE_STATUS_FILE", "ABORT-DAG-ON", "PRIORITY", "CONFIG", "DOT", "DONE",
+    "SUBDAG", "SPLICE", "INCLUDE", "SUBMIT-DESCRIPTION", "JOBSTATE_LOG", "SET_JOB_ATTR", "ENV",
+    "SAVE_POINT_FILE", "CONNECT", "PIN_IN", "PIN_OUT", "REJECT", "PROVISIONER", "SERVICE",
+    "ALL_NODES", "MAXPRE", "MAXPOST", "MAXHOLD", "EXTERNAL", "UNLESS-EXIT", "DEFER", "DEBUG",
+    "PRE", "POST", "HOLD", "DIR", "NOOP", "RETURN",
+}  # fmt: skip
+# DAGMan configuration knobs that only tune how DAGMan talks to a schedd (submit pacing, log
+# scanning); a local runner has neither, so they have no effect to reproduce.
+INERT_CONFIG = {
+    "DAGMAN_USER_LOG_SCAN_INTERVAL", "DAGMAN_MAX_SUBMITS_PER_INTERVAL", "DAGMAN_SUBMIT_DELAY",
+    "DAGMAN_LOG_ON_NFS_IS_ERROR", "DAGMAN_PENDING_REPORT_INTERVAL", "DAGMAN_VERBOSITY",
+    "DAGMAN_DEBUG", "DAGMAN_AGGRESSIVE_SUBMIT", "DAGMAN_SUPPRESS_NOTIFICATION",
+}  # fmt: skip
+_VAR = re.compile(r'\s*((?:[+]|[Mm][Yy]\.)?[A-Za-z0-9_]+)\s*=\s*"((?:[^"\\]|\\.)*)"')
+
+
+@dataclass
+class Script:
+    """A PRE or POST script; arguments keep their $MACRO tokens until run time."""
+
+    executable: str
+    args: list[str]
+    defer_status: int | None = None
+    defer_time: float = 0.0
+
+
+@dataclass
+class Node:
+    name: str
+    submit_file: Path
+    directory: Path  # where DAGMan would run condor_submit for this node
+    final: bool = False
+    done: bool = False
+    vars: dict[str, str] = field(default_factory=dict)
+    retries: int = 0
+    unless_exit: int | None = None
+    pre: Script | None = None
+    post: Script | None = None
+    pre_skip: int | None = None
+    category: str | None = None
+    priority: int = 0
+    abort_on: tuple[int, int | None] | None = None  # (status, DAG return value)
+    parents: set[str] = field(default_factory=set)
+    children: set[str] = field(default_factory=set)
+    order: int = 0
+
+
+@dataclass
+class Dag:
+    path: Path
+    nodes: dict[str, Node]
+    final: str | None = None
+    maxjobs: dict[str, int] = field(default_factory=dict)
+    status_file: Path | None = None
+    status_min_update: float = 60.0
+    max_jobs_submitted: int | None = None
+
+    @property
+    def directory(self) -> Path:
+        return self.path.parent
+
+
+class _Parser:
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.dag = Dag(path=path, nodes={})
+        self.lineno = 0
+        self.deferred: list[tuple[int, list[str], str]] = []
+
+    def fail(self, message: str) -> UserError:
+        return UserError(f"{self.path}:{self.lineno}: {message}")
+
+    def parse(self, text: str) -> Dag:
+        for self.lineno, raw in enumerate(text.splitlines(), start=1):
+            line = raw.strip()
+            if not line or line.startswith("#"):
+                continue
+            words = line.split()
+            keyword = words[0].upper()
+            handler = getattr(self, "cmd_" + keyword.replace("-", "_"), None)
+            if keyword in {"JOB", "FINAL", "DOT", "CONFIG", "MAXJOBS", "NODE_STATUS_FILE"}:
+                handler(words, line)
+            elif handler is not None:
+                self.deferred.append((self.lineno, words, line))  # nodes may be declared later
+            elif keyword in KEYWORDS:
+                raise self.fail(f"DAG command {keyword} is not supported by the local runner")
+            else:
+                raise self.fail(f"unknown DAG command {words[0]!r}")
+        for lineno, words, line in self.deferred:
+            self.lineno = lineno
+            getattr(self, "cmd_" + words[0].upper().replace("-", "_"))(words, line)
+        self.check_cycles()
+        return self.dag
+
+    def node(self, name: str, *, final_ok: bool = True) -> Node:
+        if name.upper() == "ALL_NODES":
+            raise self.fail("ALL_NODES is not supported by the local runner; name each node")
+        node = self.dag.nodes.get(name)
+        if node is None:
+            raise self.fail(f"unknown node {name!r} (declare it with JOB first)")
+        if node.final and not final_ok:
+            raise self.fail(
+                f"FINAL node {name!r} cannot be used with PARENT/CHILD, RETRY, ABORT-DAG-ON, "
+                "PRIORITY, CATEGORY or DONE"
+            )
+        return node
+
+    def int_arg(self, word: str, what: str) -> int:
+        try:
+            return int(word)
+        except ValueError:
+            raise self.fail(f"{what} must be an integer, got {word!r}") from None
+
+    def cmd_JOB(self, words: list[str], line: str, final: bool = False) -> None:
+        if len(words) < 3:
+            raise self.fail(f"expected '{words[0]} name submitfile [DIR d] [DONE]'")
+        name, submit = words[1], words[2]
+        if name.upper() in KEYWORDS:
+            raise self.fail(f"node name {name!r} is a DAG keyword; rename the node")
+        if name in self.dag.nodes:
+            raise self.fail(f"duplicate node name {name!r}")
+        directory, done, rest = self.dag.directory, False, words[3:]
+        while rest:
+            option = rest.pop(0).upper()
+            if option == "DIR" and rest:
+                directory = self.dag.directory / rest.pop(0)
+            elif option == "DONE" and not final:
+                done = True
+            else:
+                raise self.fail(f"unsupported {words[0]} option {option!r}")
+        if final:
+            if self.dag.final is not None:
+                raise self.fail("only one FINAL node is allowed")
+            self.dag.final = name
+        self.dag.nodes[name] = Node(
+            name=name, submit_file=directory / submit, directory=directory, final=final,
+            done=done, order=len(self.dag.nodes),
+        )  # fmt: skip
+
+    def cmd_FINAL(self, words: list[str], line: str) -> None:
+        self.cmd_JOB(words, line, final=True)
+
+    def cmd_DOT(self, words: list[str], line: str) -> None:
+        """DOT only asks DAGMan to draw the graph; nothing to run."""
+
+    def cmd_CONFIG(self, words: list[str], line: str) -> None:
+        if len(words) != 2:
+            raise self.fail("expected 'CONFIG file'")
+        config = self.dag.directory / words[1]
+        if not config.is_file():
+            raise self.fail(f"CONFIG file {config} does not exist")
+        for number, raw in enumerate(config.read_text().splitlines(), start=1):
+            text = raw.strip()
+            if not text or text.startswith("#"):
+                continue
+            key, sep, value = text.partition("=")
+            key = key.strip().upper()
+            if sep and key == "DAGMAN_MAX_JOBS_SUBMITTED":
+                self.dag.max_jobs_submitted = int(value.strip()) or None
+            elif not (sep and key in INERT_CONFIG):
+                raise UserError(
+                    f"{config}:{number}: DAGMan setting {text!r} is not supported by the local "
+                    f"runner (allowed: DAGMAN_MAX_JOBS_SUBMITTED, {', '.join(sorted(INERT_CONFIG))})"
+                )
+
+    def cmd_MAXJOBS(self, words: list[str], line: str) -> None:
+        if len(words) != 3:
+            raise self.fail("expected 'MAXJOBS category n'")
+        self.dag.maxjobs[words[1]] = self.int_arg(words[2], "MAXJOBS limit")
+
+    def cmd_NODE_STATUS_FILE(self, words: list[str], line: str) -> None:
+        if len(words) not in (2, 3, 4) or (len(words) == 4 and words[3].upper() != "ALWAYS-UPDATE"):
+            raise self.fail("expected 'NODE_STATUS_FILE file [min_update] [ALWAYS-UPDATE]'")
+        self.dag.status_file = self.dag.directory / words[1]
+        if len(words) >= 3:
+            self.dag.status_min_update = float(self.int_arg(words[2], "minimum update time"))
+
+    def cmd_DONE(self, words: list[str], line: str) -> None:
+        if len(words) != 2:
+            raise self.fail("expected 'DONE node'")
+        self.node(words[1], final_ok=False).done = True
+
+    def cmd_VARS(self, words: list[str], line: str) -> None:
+        if len(words) < 3:
+            raise self.fail('expected VARS node name="value" ...')
+        node = self.node(words[1])
+        rest = line.split(None, 2)[2]
+        if rest.split()[0].upper() in ("PREPEND", "APPEND"):
+            raise self.fail("VARS PREPEND/APPEND is not supported by the local runner")
+        while rest.strip():
+            match = _VAR.match(rest)
+            if match is None:
+                raise self.fail(f'malformed VARS value near {rest.strip()!r}; use name="value"')
+            key, value = match.group(1), re.sub(r"\\([\\\"])", r"\1", match.group(2))
+            if key.lower().startswith("queue"):
+                raise self.fail(f"VARS name {key!r} may not begin with 'queue'")
+            if key.startswith("+"):
+                key = "MY." + key[1:]
+            node.vars[key] = value.replace("$(JOB)", node.name)
+            rest = rest[match.end() :]
+
+    def cmd_PARENT(self, words: list[str], line: str) -> None:
+        upper = [w.upper() for w in words]
+        if "CHILD" not in upper:
+            raise self.fail("PARENT without CHILD")
+        split = upper.index("CHILD")
+        parents, children = words[1:split], words[split + 1 :]
+        if not parents or not children:
+            raise self.fail("expected 'PARENT p... CHILD c...'")
+        for p in parents:
+            for c in children:
+                self.node(p, final_ok=False).children.add(c)
+                self.node(c, final_ok=False).parents.add(p)
+
+    def cmd_RETRY(self, words: list[str], line: str) -> None:
+        if len(words) not in (3, 5) or (len(words) == 5 and words[3].upper() != "UNLESS-EXIT"):
+            raise self.fail("expected 'RETRY node n [UNLESS-EXIT code]'")
+        node = self.node(words[1], final_ok=False)
+        node.retries = self.int_arg(words[2], "retry count")
+        if len(words) == 5:
+            node.unless_exit = self.int_arg(words[4], "UNLESS-EXIT code")
+
+    def cmd_SCRIPT(self, words: list[str], line: str) -> None:
+        rest = words[1:]
+        defer_status, defer_time = None, 0.0
+        if rest and rest[0].upper() == "DEFER":
+            if len(rest) < 3:
+                raise self.fail("expected 'SCRIPT DEFER status time PRE|POST ...'")
+            defer_status = self.int_arg(rest[1], "DEFER status")
+            defer_time = float(self.int_arg(rest[2], "DEFER time"))
+            rest = rest[3:]
+        if len(rest) < 3 or rest[0].upper() not in ("PRE", "POST"):
+            if rest and rest[0].upper() in ("HOLD", "DEBUG"):
+                raise self.fail(f"SCRIPT {rest[0].upper()} is not supported by the local runner")
+            raise self.fail("expected 'SCRIPT [DEFER status time] PRE|POST node exe [args]'")
+        node = self.node(rest[1])
+        script = Script(rest[2], rest[3:], defer_status, defer_time)
+        if rest[0].upper() == "PRE":
+            node.pre = script
+        else:
+            node.post = script
+
+    def cmd_PRE_SKIP(self, words: list[str], line: str) -> None:
+        if len(words) != 3:
+            raise self.fail("expected 'PRE_SKIP node exit-code'")
+        self.node(words[1]).pre_skip = self.int_arg(words[2], "PRE_SKIP exit code")
+
+    def cmd_CATEGORY(self, words: list[str], line: str) -> None:
+        if len(words) != 3:
+            raise self.fail("expected 'CATEGORY node category'")
+        self.node(words[1], final_ok=False).category = words[2]
+
+    def cmd_PRIORITY(self, words: list[str], line: str) -> None:
+        if len(words) != 3:
+            raise self.fail("expected 'PRIORITY node value'")
+        self.node(words[1], final_ok=False).priority = self.int_arg(words[2], "priority")
+
+    def cmd_ABORT_DAG_ON(self, words: list[str], line: str) -> None:
+        if len(words) not in (3, 5) or (len(words) == 5 and words[3].upper() != "RETURN"):
+            raise self.fail("expected 'ABORT-DAG-ON node status [RETURN value]'")
+        node = self.node(words[1], final_ok=False)
+        value = self.int_arg(words[4], "RETURN value") if len(words) == 5 else None
+        node.abort_on = (self.int_arg(words[2], "abort status"), value)
+
+    def check_cycles(self) -> None:
+        state: dict[str, int] = {}
+        for start in self.dag.nodes:
+            stack = [(start, iter(sorted(self.dag.nodes[start].children)))]
+            if state.get(start):
+                continue
+            state[start] = 1
+            while stack:
+                name, children = stack[-1]
+                child = next(children, None)
+                if child is None:
+                    state[name] = 2
+                    stack.pop()
+                elif state.get(child) == 1:
+                    raise UserError(f"{self.path}: cycle in PARENT/CHILD through node {child!r}")
+                elif not state.get(child):
+                    state[child] = 1
+                    stack.append((child, iter(sorted(self.dag.nodes[child].children))))
+
+
+def parse_dag(path: Path) -> Dag:
+    """Read and validate a DAG file; node references may precede their JOB line, as in DAGMan."""
+    path = path.resolve()
+    if not path.is_file():
+        raise UserError(f"DAG file {path} does not exist")
+    return _Parser(path).parse(path.read_text())

@@ -1,0 +1,214 @@
+"""Run one node job the way a schedd + starter would: sandbox, job ad, policy, user log.
+
+The job ad is kept live (JobStatus, EnteredCurrentStatus, HoldReasonCode, ...) and
+periodic_remove is evaluated against it with classad2 about once a second, so deadline
+expressions written for the pool behave the same here.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import threading
+import time
+from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext, suppress
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO
+
+import classad2
+
+from .event_log import UserLog
+from .sandbox import command_path, should_transfer_output, stage_in, stage_out
+from .submit_description import JobSpec
+
+# DAGMan reports a job removed from the queue by anything other than DAGMan itself (here:
+# periodic_remove) with $RETURN -1002 (HTCondor manual, DAGMan "Scripts", $RETURN macro).
+REMOVED_RETURN = -1002
+IDLE, RUNNING, HELD = 1, 2, 5
+HOLD_TRANSFER_OUTPUT, HOLD_TRANSFER_INPUT, HOLD_DURATION = 12, 13, 46
+POLICY_INTERVAL = 1.0
+KILL_GRACE = 2.0
+_UNIVERSE = {"vanilla": 5, "local": 12}
+_BASE_PATH = "/usr/local/bin:/usr/bin:/bin"
+
+
+@dataclass
+class JobResult:
+    return_value: int  # what DAGMan passes to a POST script as $RETURN
+    removed: bool = False
+    reason: str = ""
+
+
+class JobProcess:
+    """One job cluster (one proc); `run()` blocks until it leaves the queue."""
+
+    def __init__(
+        self,
+        spec: JobSpec,
+        cluster: int,
+        node: str,
+        scratch_root: Path,
+        cancel: threading.Event,
+        on_running: Callable[[], None],
+    ) -> None:
+        self.spec = spec
+        self.cluster = cluster
+        self.cancel = cancel
+        self.on_running = on_running
+        self.log = UserLog(spec.log, cluster, node)
+        self.sandbox = scratch_root / f"{node}.{cluster}" if spec.sandboxed else None
+        self.ad_file = scratch_root / f"{node}.{cluster}.job.ad"
+        self.ad = self._initial_ad()
+
+    def _initial_ad(self) -> classad2.ClassAd:
+        now = int(time.time())
+        spec = self.spec
+        ad = classad2.ClassAd()
+        for name, value in spec.attributes.items():
+            ad[name] = classad2.ExprTree(value)
+        fields = {
+            "ClusterId": self.cluster, "ProcId": 0, "JobStatus": IDLE, "QDate": now,
+            "EnteredCurrentStatus": now, "JobUniverse": _UNIVERSE[spec.universe],
+            "Cmd": str(spec.executable), "Iwd": str(spec.initialdir), "NumJobStarts": 0,
+            "RequestCpus": spec.request_cpus, "RequestMemory": spec.request_memory_mb,
+            "RequestDisk": spec.request_disk_kb, "HoldReasonCode": 0, "HoldReasonSubCode": 0,
+        }  # fmt: skip
+        for name, value in fields.items():
+            ad[name] = value
+        if spec.allowed_job_duration is not None:
+            ad["AllowedJobDuration"] = spec.allowed_job_duration
+        ad["CurrentTime"] = classad2.ExprTree("time()")
+        return ad
+
+    def _set_status(self, status: int) -> None:
+        self.ad["JobStatus"] = status
+        self.ad["EnteredCurrentStatus"] = int(time.time())
+
+    def _periodic_remove(self) -> bool:
+        if self.spec.periodic_remove is None:
+            return False
+        return classad2.ExprTree(self.spec.periodic_remove).eval(self.ad) is True
+
+    def _removed(self, reason: str) -> JobResult:
+        self.log.aborted(reason)
+        return JobResult(REMOVED_RETURN, removed=True, reason=reason)
+
+    def _hold(self, code: int, subcode: int, reason: str) -> JobResult:
+        """Hold, then let periodic_remove decide; nothing would ever release the job, so a
+        hold that policy does not remove is removed anyway instead of stalling the DAG."""
+        self.log.held(reason, code, subcode)
+        self._set_status(HELD)
+        self.ad["HoldReasonCode"] = code
+        self.ad["HoldReasonSubCode"] = subcode
+        self.ad["HoldReason"] = reason
+        if self._periodic_remove():
+            return self._removed(f"periodic_remove evaluated to TRUE while held: {reason}")
+        return self._removed(f"held and never released (local runner removes it): {reason}")
+
+    def _environment(self, cwd: Path) -> dict[str, str]:
+        env = {"PATH": _BASE_PATH, **self.spec.environment}
+        env.update(
+            OMP_NUM_THREADS=str(self.spec.request_cpus),
+            _CONDOR_SCRATCH_DIR=str(cwd),
+            _CONDOR_JOB_AD=str(self.ad_file),
+            TMPDIR=str(cwd),
+        )
+        return env
+
+    def run(self) -> JobResult:
+        self.log.submitted()
+        try:
+            inputs = stage_in(self.spec, self.sandbox) if self.sandbox is not None else {}
+        except FileNotFoundError as exc:
+            return self._hold(HOLD_TRANSFER_INPUT, 2, f"Transfer input files failure: {exc}")
+        try:
+            return self._execute(inputs)
+        finally:
+            if self.sandbox is not None:
+                shutil.rmtree(self.sandbox, ignore_errors=True)
+            self.ad_file.unlink(missing_ok=True)
+
+    def _execute(self, inputs: dict[str, float]) -> JobResult:
+        spec = self.spec
+        cwd = self.sandbox if self.sandbox is not None else spec.initialdir
+        out = self.sandbox / "_condor_stdout" if self.sandbox else spec.output
+        err = self.sandbox / "_condor_stderr" if self.sandbox else spec.error
+        self._set_status(RUNNING)
+        self.ad["JobCurrentStartDate"] = int(time.time())
+        self.ad["NumJobStarts"] = 1
+        self.ad_file.write_text(str(self.ad))
+        with _open_or_null(out) as stdout, _open_or_null(err) as stderr:
+            proc = subprocess.Popen(
+                [command_path(spec, self.sandbox), *spec.arguments],
+                cwd=cwd, env=self._environment(cwd), stdin=subprocess.DEVNULL,
+                stdout=stdout, stderr=stderr, start_new_session=True,
+            )  # fmt: skip
+        self.log.executing()
+        self.on_running()
+        stopped = self._watch(proc)
+        if self.sandbox is not None:
+            _copy_stream(self.sandbox / "_condor_stdout", spec.output)
+            _copy_stream(self.sandbox / "_condor_stderr", spec.error)
+        if stopped is not None:
+            return stopped
+        code = proc.returncode if proc.returncode >= 0 else None
+        sig = -proc.returncode if proc.returncode < 0 else None
+        if self.sandbox is not None and should_transfer_output(spec, code):
+            missing = stage_out(spec, self.sandbox, inputs)
+            if missing:
+                reason = f"Transfer output files failure: {', '.join(missing)} not found"
+                return self._hold(HOLD_TRANSFER_OUTPUT, 2, reason)
+        self.log.terminated(code, sig)
+        return JobResult(code if code is not None else -(sig or 0))
+
+    def _watch(self, proc: subprocess.Popen[bytes]) -> JobResult | None:
+        """Wait for exit while enforcing policy; a result here means the job did not exit."""
+        next_check = time.monotonic() + POLICY_INTERVAL
+        started = time.time()
+        while proc.poll() is None:
+            if self.cancel.wait(0.1):
+                _kill_group(proc)
+                return self._removed("removed: the local runner was interrupted")
+            if time.monotonic() < next_check:
+                continue
+            next_check += POLICY_INTERVAL
+            limit = self.spec.allowed_job_duration
+            if limit is not None and time.time() - started > limit:
+                _kill_group(proc)
+                return self._hold(
+                    HOLD_DURATION, 0, f"The job exceeded allowed job duration of {limit}s"
+                )
+            if self._periodic_remove():
+                _kill_group(proc)
+                expr = self.spec.periodic_remove
+                return self._removed(f"The job attribute PeriodicRemove expression '{expr}' "
+                                     "evaluated to TRUE")  # fmt: skip
+        return None
+
+
+def _open_or_null(path: Path | None) -> AbstractContextManager[IO[bytes] | int]:
+    if path is None:
+        return nullcontext(subprocess.DEVNULL)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return path.open("wb")
+
+
+def _copy_stream(src: Path, dst: Path | None) -> None:
+    if dst is not None and src.exists():
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(src, dst)
+
+
+def _kill_group(proc: subprocess.Popen[bytes]) -> None:
+    """SIGTERM the job's process group, SIGKILL after a grace period, like a starter."""
+    with suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGTERM)
+    with suppress(subprocess.TimeoutExpired):
+        proc.wait(timeout=KILL_GRACE)
+    with suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGKILL)  # also whatever the job left behind in its group
+    proc.wait()

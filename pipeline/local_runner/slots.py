@@ -1,0 +1,51 @@
+"""Job slots: at most `slots` jobs at once, MAXJOBS per category, higher PRIORITY first.
+
+Only jobs hold slots; PRE/POST scripts run outside them, as they run on the access point.
+"""
+
+from __future__ import annotations
+
+import threading
+
+from .dag_file import Node
+
+
+class SlotPool:
+    def __init__(self, slots: int, maxjobs: dict[str, int], cancel: threading.Event) -> None:
+        self.slots = slots
+        self.maxjobs = maxjobs
+        self.cancel = cancel
+        self.running: dict[str | None, int] = {}
+        self.waiting: list[Node] = []
+        self.cond = threading.Condition()
+
+    def _fits(self, node: Node) -> bool:
+        if sum(self.running.values()) >= self.slots:
+            return False
+        limit = self.maxjobs.get(node.category or "")
+        return limit is None or self.running.get(node.category, 0) < limit
+
+    def _my_turn(self, node: Node) -> bool:
+        """The best-ranked waiting node that fits gets the slot (priority, then DAG order)."""
+        fitting = [n for n in self.waiting if self._fits(n)]
+        return bool(fitting) and min(fitting, key=lambda n: (-n.priority, n.order)) is node
+
+    def acquire(self, node: Node) -> bool:
+        """Block until this node may start its job; False if the DAG is being stopped."""
+        with self.cond:
+            self.waiting.append(node)
+            while not self._my_turn(node):
+                if self.cancel.is_set():
+                    self.waiting.remove(node)
+                    self.cond.notify_all()
+                    return False
+                self.cond.wait(0.2)
+            self.waiting.remove(node)
+            self.running[node.category] = self.running.get(node.category, 0) + 1
+            self.cond.notify_all()
+            return True
+
+    def release(self, node: Node) -> None:
+        with self.cond:
+            self.running[node.category] -= 1
+            self.cond.notify_all()
