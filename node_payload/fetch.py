@@ -1,0 +1,330 @@
+"""Fetch dataset bytes from FTP mirrors: coalesced byte ranges, sha256 checks, mirror failover.
+
+Runs on execute nodes that only have Python and torch, hence plain ftplib. A node needs a few
+hundred small fragments scattered over large shards, so neighbouring fragments are read with one
+`REST` + `RETR` that stops after the needed bytes, over one control connection per mirror.
+Any fault of a mirror (refused, silent, dropped, truncated or wrong bytes) moves the affected
+reads to the next mirror; only when every mirror failed a read does the node give up with
+DataUnreachable, which the node turns into a retryable exit code.
+"""
+
+import hashlib
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from ftplib import FTP, all_errors, error_perm, error_temp
+from urllib.parse import unquote, urlsplit
+
+from node_payload.errors import UserError
+from node_payload.manifest import Fragment
+
+log = logging.getLogger(__name__)
+
+MAX_GAP = 64 * 1024  # reading a gap this small is cheaper than another REST + RETR round trip
+MAX_SPAN = 8 * 1024 * 1024  # bounds the memory of one read and the bytes wasted when it fails
+PASSES = 2  # every mirror gets a second chance, after a pause, before a read is given up
+BACKOFF_S = 0.2  # pause before a pass; short, DAGMan retries the whole node for longer outages
+_EARLY_CLOSE = ("426", "451")  # replies of a server whose transfer the client closed on purpose
+
+
+@dataclass
+class FetchStats:
+    """What a node downloaded, reported in its metrics to spot slow or faulty mirrors."""
+
+    bytes_downloaded: int = 0
+    failovers: int = 0
+    per_mirror_bytes: dict[str, int] = field(default_factory=dict)
+    seconds: float = 0.0
+
+
+class DataUnreachable(Exception):
+    """Every mirror failed for some item: the node should exit with a retryable code."""
+
+
+class _BadData(Exception):
+    """The mirror answered, but with the wrong bytes; its session stays usable."""
+
+
+def redact(url: str) -> str:
+    """The URL without its password, for log lines, error messages and stats keys."""
+    parts = urlsplit(url)
+    userinfo, at, hostport = parts.netloc.rpartition("@")
+    netloc = f"{userinfo.partition(':')[0]}@{hostport}" if at else hostport
+    return parts._replace(netloc=netloc).geturl()
+
+
+@dataclass(frozen=True)
+class Mirror:
+    """A parsed mirror URL `ftp://[user[:password]@]host[:port][/path]`; path = dataset root."""
+
+    host: str
+    port: int
+    user: str
+    password: str
+    root: str
+    label: str
+
+    @classmethod
+    def parse(cls, url: str) -> "Mirror":
+        label = redact(url)
+        try:
+            parts = urlsplit(url)
+            port = parts.port or 21
+        except ValueError as exc:
+            raise UserError(f"mirror {label}: not a valid URL ({exc})") from None
+        if parts.scheme != "ftp" or not parts.hostname:
+            raise UserError(f"mirror {label}: expected ftp://[user[:password]@]host[:port][/path]")
+        return cls(
+            host=parts.hostname,
+            port=port,
+            user=unquote(parts.username or ""),
+            password=unquote(parts.password or ""),
+            root=unquote(parts.path.strip("/")),  # RFC 1738: relative to the login directory
+            label=label,
+        )
+
+    def remote(self, path: str) -> str:
+        return f"{self.root}/{path}" if self.root else path
+
+
+class _Session:
+    """One logged-in control connection, reused for every read on its mirror."""
+
+    def __init__(self, mirror: Mirror, stats: FetchStats, timeout_s: float) -> None:
+        self.mirror = mirror
+        self._stats = stats
+        self._ftp = FTP(timeout=timeout_s)
+        try:
+            self._ftp.connect(mirror.host, mirror.port)
+            if mirror.user:
+                self._ftp.login(mirror.user, mirror.password)
+            else:
+                self._ftp.login()
+            self._ftp.voidcmd("TYPE I")
+        except BaseException:
+            self._ftp.close()
+            raise
+
+    def size(self, path: str) -> int:
+        size = self._ftp.size(self.mirror.remote(path))
+        if size is None:
+            raise _BadData(f"no size for {path}")
+        return size
+
+    def read(self, path: str, offset: int, length: int) -> bytearray:
+        """Exactly `length` bytes from `offset`; closes the transfer early rather than read on."""
+        buf = bytearray(length)
+        view = memoryview(buf)
+        got = 0
+        try:
+            with self._ftp.transfercmd(f"RETR {self.mirror.remote(path)}", offset or None) as conn:
+                while got < length:
+                    n = conn.recv_into(view[got:])
+                    if n == 0:
+                        break
+                    got += n
+        finally:
+            self._count(got)
+        try:
+            self._ftp.voidresp()
+        except error_temp as exc:
+            if got < length or not str(exc).startswith(_EARLY_CLOSE):
+                raise
+        if got < length:
+            raise _BadData(f"{path}: got {got} of {length} bytes from offset {offset}")
+        return buf
+
+    def _count(self, n: int) -> None:
+        self._stats.bytes_downloaded += n
+        per_mirror = self._stats.per_mirror_bytes
+        per_mirror[self.mirror.label] = per_mirror.get(self.mirror.label, 0) + n
+
+    def close(self) -> None:
+        self._ftp.close()
+
+
+@dataclass
+class _Task:
+    """One read to get done on some mirror; `run` raises on any fault of that mirror."""
+
+    what: str
+    start: int  # index of the first mirror to try
+    run: Callable[[_Session], None]
+    errors: list[str] = field(default_factory=list)
+
+
+def _reason(exc: BaseException) -> str:
+    if isinstance(exc, EOFError):
+        return "connection closed by the mirror"
+    return str(exc) or type(exc).__name__
+
+
+class _Pool:
+    """Sessions by mirror index. A mirror whose connection broke (refused, timed out, dropped)
+    is skipped for the rest of an attempt, so a silent mirror costs one timeout, not one per read.
+    """
+
+    def __init__(self, mirrors: list[Mirror], stats: FetchStats, timeout_s: float) -> None:
+        self.mirrors = mirrors
+        self._stats = stats
+        self._timeout_s = timeout_s
+        self._sessions: dict[int, _Session] = {}
+        self._broken: dict[int, str] = {}
+
+    def run(self, task: _Task, m: int) -> str | None:
+        """Run task on mirror m: None on success, else why it failed."""
+        if m in self._broken:
+            return f"skipped, connection broke: {self._broken[m]}"
+        try:
+            if m not in self._sessions:
+                self._sessions[m] = _Session(self.mirrors[m], self._stats, self._timeout_s)
+            task.run(self._sessions[m])
+        except (_BadData, error_perm) as exc:
+            if m not in self._sessions:
+                return self._break(m, exc)
+            # The mirror answered the read, wrongly: its session is still in sync.
+            log.warning("mirror %s failed %s: %s", self.mirrors[m].label, task.what, exc)
+            return _reason(exc)
+        except all_errors as exc:
+            return self._break(m, exc)
+        return None
+
+    def _break(self, m: int, exc: BaseException) -> str:
+        reason = self._broken[m] = _reason(exc)
+        if m in self._sessions:
+            self._sessions.pop(m).close()
+        log.warning("mirror %s failed: %s", self.mirrors[m].label, reason)
+        return reason
+
+    def next_attempt(self) -> None:
+        self._broken.clear()
+
+    def close(self) -> None:
+        for session in self._sessions.values():
+            session.close()
+        self._sessions.clear()
+
+
+def _with_failover(
+    mirrors: list[Mirror], tasks: list[_Task], stats: FetchStats, timeout_s: float
+) -> None:
+    """Run every task, trying its mirrors in order (wrapping), PASSES times, until one succeeds."""
+    pool = _Pool(mirrors, stats, timeout_s)
+    pending = tasks
+    attempts = PASSES * len(mirrors)
+    try:
+        for attempt in range(attempts):
+            if attempt and attempt % len(mirrors) == 0:
+                time.sleep(BACKOFF_S)
+            pool.next_attempt()
+            failed = []
+            for task in pending:
+                m = (task.start + attempt) % len(mirrors)
+                reason = pool.run(task, m)
+                if reason is not None:
+                    task.errors.append(f"{mirrors[m].label}: {reason}")
+                    failed.append(task)
+            if not failed:
+                return
+            if attempt + 1 < attempts:
+                stats.failovers += len(failed)
+            pending = failed
+    finally:
+        pool.close()
+    first = pending[0]
+    raise DataUnreachable(
+        f"{len(pending)} of {len(tasks)} reads failed on every mirror "
+        f"({', '.join(m.label for m in mirrors)}); first: {first.what}: {'; '.join(first.errors)}"
+    )
+
+
+def _mirrors(urls: list[str]) -> list[Mirror]:
+    if not urls:
+        raise UserError("no FTP mirrors configured: set data.mirrors or use embedded mirrors")
+    return [Mirror.parse(u) for u in urls]
+
+
+def fetch_file(
+    mirrors: list[str], first: int, path: str, stats: FetchStats, timeout_s: float = 20.0
+) -> bytes:
+    """A whole file (the manifest) from the first mirror that serves all of it."""
+    started = time.monotonic()
+    result: list[bytes] = []
+
+    def run(session: _Session) -> None:
+        result.append(bytes(session.read(path, 0, session.size(path))))
+
+    try:
+        parsed = _mirrors(mirrors)
+        task = _Task(path, first % len(parsed), run)
+        _with_failover(parsed, [task], stats, timeout_s)
+    finally:
+        stats.seconds += time.monotonic() - started
+    return result[0]
+
+
+def _coalesce(frags: list[Fragment]) -> dict[str, list[list[Fragment]]]:
+    """Per shard, fragments grouped into reads: sorted by offset, split at big gaps or spans."""
+    by_shard: dict[str, list[Fragment]] = {}
+    for frag in {f.id: f for f in frags}.values():
+        by_shard.setdefault(frag.shard, []).append(frag)
+    groups: dict[str, list[list[Fragment]]] = {}
+    for shard, shard_frags in by_shard.items():
+        shard_frags.sort(key=lambda f: (f.offset, f.length))
+        runs = groups[shard] = [[shard_frags[0]]]
+        start, end = shard_frags[0].offset, shard_frags[0].offset + shard_frags[0].length
+        for frag in shard_frags[1:]:
+            frag_end = frag.offset + frag.length
+            if frag.offset - end <= MAX_GAP and max(end, frag_end) - start <= MAX_SPAN:
+                runs[-1].append(frag)
+                end = max(end, frag_end)
+            else:
+                runs.append([frag])
+                start, end = frag.offset, frag_end
+    return groups
+
+
+def _range_task(group: list[Fragment], start: int, out: dict[int, bytes]) -> _Task:
+    shard = group[0].shard
+    offset = group[0].offset
+    end = max(f.offset + f.length for f in group)
+
+    def run(session: _Session) -> None:
+        data = memoryview(session.read(shard, offset, end - offset))
+        got = {}
+        for frag in group:
+            blob = bytes(data[frag.offset - offset : frag.offset - offset + frag.length])
+            if hashlib.sha256(blob).hexdigest() != frag.sha256:
+                raise _BadData(f"sha256 mismatch for fragment {frag.id}")
+            got[frag.id] = blob
+        out.update(got)
+
+    return _Task(f"{shard} bytes {offset}-{end}", start, run)
+
+
+def fetch_fragments(
+    mirrors: list[str],
+    first: int,
+    frags: list[Fragment],
+    stats: FetchStats,
+    timeout_s: float = 20.0,
+) -> dict[int, bytes]:
+    """Verified bytes of each fragment, by fragment id.
+
+    Shards start on different mirrors (first, first+1, ...) so that one node spreads its load.
+    """
+    started = time.monotonic()
+    out: dict[int, bytes] = {}
+    try:
+        parsed = _mirrors(mirrors)
+        tasks = [
+            _range_task(group, (first + rank) % len(parsed), out)
+            for rank, groups in enumerate(_coalesce(frags).values())
+            for group in groups
+        ]
+        if tasks:
+            _with_failover(parsed, tasks, stats, timeout_s)
+    finally:
+        stats.seconds += time.monotonic() - started
+    return out

@@ -1,0 +1,165 @@
+"""Read-only FTP mirrors of a dataset directory, served in-process on loopback.
+
+Local runs and tests need mirrors without an FTP daemon. Each server runs its own pyftpdlib IO
+loop on its own thread, so one mirror can be stopped without disturbing the others (pyftpdlib's
+ThreadedFTPServer shares one stop flag among all its instances) and stopping takes one poll tick.
+"""
+
+import errno
+import json
+import logging
+import socket
+import threading
+from pathlib import Path
+
+from pyftpdlib.authorizers import DummyAuthorizer
+from pyftpdlib.handlers import FTPHandler
+from pyftpdlib.ioloop import IOLoop
+from pyftpdlib.servers import FTPServer
+from rich.console import Console
+
+from node_payload.errors import UserError
+
+HOST = "127.0.0.1"
+POLL_S = 0.05  # longest wait of close() for a server thread to notice the stop request
+MANIFEST = "manifest.json"
+
+
+def free_ports(k: int) -> list[int]:
+    """k distinct loopback ports that were free a moment ago (held together so they differ)."""
+    socks = [socket.socket(socket.AF_INET, socket.SOCK_STREAM) for _ in range(k)]
+    try:
+        for sock in socks:
+            sock.bind((HOST, 0))
+        return [sock.getsockname()[1] for sock in socks]
+    finally:
+        for sock in socks:
+            sock.close()
+
+
+def read_only_handler(root: Path, base: type[FTPHandler] = FTPHandler) -> type[FTPHandler]:
+    """A handler class for anonymous, list-and-retrieve-only access to root.
+
+    A fresh subclass per server: pyftpdlib configures handlers through class attributes.
+    Passive data ports are left to the kernel, which always works on loopback.
+    """
+    authorizer = DummyAuthorizer()
+    authorizer.add_anonymous(str(root), perm="elr")
+    return type(f"ReadOnly{base.__name__}", (base,), {"authorizer": authorizer})
+
+
+def _quiet_logging() -> None:
+    """Keep pyftpdlib's per-connection chatter out of the user's terminal.
+
+    Its IO loop installs an INFO stderr handler on first use unless the logger has one already.
+    """
+    logger = logging.getLogger("pyftpdlib")
+    logger.setLevel(logging.WARNING)
+    if not logger.handlers:
+        logger.addHandler(logging.NullHandler())
+
+
+class MirrorServer:
+    """One FTP server on 127.0.0.1 (port 0: any free port) with its own IO loop and thread."""
+
+    def __init__(self, handler: type[FTPHandler], port: int = 0) -> None:
+        _quiet_logging()
+        self._ioloop = IOLoop()
+        try:
+            self._server = FTPServer((HOST, port), handler, ioloop=self._ioloop)
+        except OSError as exc:
+            self._ioloop.close()
+            cause = exc.args[0] if exc.args and isinstance(exc.args[0], OSError) else exc
+            if cause.errno == errno.EADDRINUSE:  # pyftpdlib wraps the bind() error
+                raise UserError(
+                    f"port {port} on {HOST} is already in use: choose other mirror ports "
+                    "or stop the program that listens there"
+                ) from None
+            raise
+        self.port: int = self._server.address[1]
+        self.url = f"ftp://{HOST}:{self.port}"
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._serve, name=f"ftp-mirror-{self.port}")
+        self._thread.start()
+
+    def _serve(self) -> None:
+        try:
+            while not self._stop.is_set() and self._ioloop.socket_map:
+                self._ioloop.loop(timeout=POLL_S, blocking=False)
+        finally:
+            self._ioloop.close()  # in this thread: the loop's sockets are not thread-safe
+
+    def stop(self) -> None:
+        """Ask the server to stop, without waiting."""
+        self._stop.set()
+
+    def close(self) -> None:
+        self.stop()
+        self._thread.join()
+
+
+class EmbeddedMirrors:
+    """Several read-only mirrors of one dataset directory; a context manager that stops them."""
+
+    def __init__(self, servers: list[MirrorServer]) -> None:
+        self._servers = servers
+
+    @property
+    def urls(self) -> list[str]:
+        return [s.url for s in self._servers]
+
+    def close(self) -> None:
+        for server in self._servers:
+            server.stop()  # all stop together, then wait: one poll tick in total
+        for server in self._servers:
+            server.close()
+
+    def __enter__(self) -> "EmbeddedMirrors":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _dataset_root(dataset_dir: Path) -> Path:
+    root = Path(dataset_dir).resolve()
+    if not (root / MANIFEST).is_file():
+        raise UserError(
+            f"{dataset_dir}: not a dataset directory (no {MANIFEST}); prepare the dataset first"
+        )
+    return root
+
+
+def serve(dataset_dir: Path, ports: list[int] | None = None, k: int = 2) -> EmbeddedMirrors:
+    """Start mirrors of dataset_dir: one per port in ports, else k on free ports."""
+    root = _dataset_root(dataset_dir)
+    if ports is None:
+        if k < 1:
+            raise UserError(f"number of mirrors must be at least 1, got {k}")
+        ports = [0] * k
+    servers: list[MirrorServer] = []
+    try:
+        for port in ports:
+            servers.append(MirrorServer(read_only_handler(root), port))
+    except BaseException:
+        EmbeddedMirrors(servers).close()
+        raise
+    return EmbeddedMirrors(servers)
+
+
+def _block() -> None:
+    threading.Event().wait()
+
+
+def serve_forever(dataset_dir: Path, k: int, ports: list[int] | None = None) -> None:
+    """`dagtrain serve`: print the mirror URLs, serve until Ctrl-C."""
+    console = Console()
+    with serve(dataset_dir, ports, k) as mirrors:
+        console.print(f"Serving [bold]{dataset_dir}[/] read-only on {len(mirrors.urls)} mirrors.")
+        console.print("Put this in the [bold]\\[data][/] table of the run config:")
+        console.print(f"mirrors = {json.dumps(mirrors.urls)}", markup=False)
+        console.print("Press Ctrl-C to stop.")
+        try:
+            _block()
+        except KeyboardInterrupt:
+            console.print("Stopped.")

@@ -1,0 +1,273 @@
+"""Fetching against real pyftpdlib servers on loopback, healthy and faulty."""
+
+import hashlib
+import io
+import logging
+import random
+import shutil
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from urllib.parse import quote
+
+import pytest
+from pyftpdlib.authorizers import DummyAuthorizer
+from pyftpdlib.filesystems import AbstractedFS
+from pyftpdlib.handlers import FTPHandler
+
+from node_payload.fetch import DataUnreachable, FetchStats, fetch_file, fetch_fragments
+from node_payload.manifest import Fragment
+from pipeline.mirrors import MirrorServer, free_ports, read_only_handler, serve
+
+SHARD = "shards/s00000.bin"
+OTHER = "shards/s00001.bin"
+FRAG = 2000  # bytes per fragment
+MANIFEST = b'{"format": "dagtrain-dataset/1"}\n'
+
+
+@pytest.fixture(autouse=True)
+def no_leftover_servers() -> Iterator[None]:
+    yield
+    assert not [t.name for t in threading.enumerate() if t.name.startswith("ftp-mirror")]
+
+
+@pytest.fixture
+def dataset(tmp_path: Path) -> tuple[Path, list[Fragment]]:
+    """Two shards of random bytes cut into contiguous fragments with correct sha256."""
+    root = tmp_path / "ds"
+    (root / "shards").mkdir(parents=True)
+    (root / "manifest.json").write_bytes(MANIFEST)
+    rng = random.Random(0)
+    frags = []
+    for shard, count in ((SHARD, 100), (OTHER, 20)):
+        data = rng.randbytes(FRAG * count)
+        (root / shard).write_bytes(data)
+        for i in range(count):
+            chunk = data[i * FRAG : (i + 1) * FRAG]
+            frags.append(
+                Fragment(
+                    id=len(frags),
+                    source=0,
+                    label=0,
+                    x=0,
+                    y=0,
+                    shard=shard,
+                    offset=i * FRAG,
+                    length=FRAG,
+                    sha256=hashlib.sha256(chunk).hexdigest(),
+                )
+            )
+    return root, frags
+
+
+def expected(root: Path, frags: list[Fragment]) -> dict[int, bytes]:
+    return {f.id: (root / f.shard).read_bytes()[f.offset : f.offset + f.length] for f in frags}
+
+
+def dead_url() -> str:
+    return f"ftp://127.0.0.1:{free_ports(1)[0]}"
+
+
+def corrupt_copy(root: Path, dest: Path) -> Path:
+    """A copy of the dataset whose shards hold different bytes at the same offsets."""
+    shutil.copytree(root, dest)
+    for shard in (SHARD, OTHER):
+        data = bytearray((dest / shard).read_bytes())
+        data[:: FRAG // 2] = bytes(len(data[:: FRAG // 2]))
+        (dest / shard).write_bytes(bytes(b ^ 0xFF for b in data))
+    return dest
+
+
+class CountingHandler(FTPHandler):
+    """Records every command, to count reads (REST/RETR) the client makes."""
+
+    commands: list[str]
+
+    def pre_process_command(self, line: str, cmd: str, arg: str) -> None:
+        self.commands.append(cmd)
+        super().pre_process_command(line, cmd, arg)
+
+
+class StallingHandler(FTPHandler):
+    """Accepts RETR and never answers, like a hung mirror."""
+
+    def ftp_RETR(self, file: str) -> None:
+        return None
+
+
+class _CrashingFile(io.FileIO):
+    """Serves one small chunk, then cuts both connections like a mirror host going down."""
+
+    def __init__(self, path: str, handler: FTPHandler) -> None:
+        super().__init__(path, "rb")
+        self._handler = handler
+        self._served = False
+
+    def read(self, size: int = -1) -> bytes:
+        if not self._served:
+            self._served = True
+            return super().read(min(size, 1000))
+        for channel in (self._handler, self._handler.data_channel):
+            channel.socket.shutdown(socket.SHUT_RDWR)
+        return b""
+
+
+class _CrashingFS(AbstractedFS):
+    def open(self, filename: str, mode: str) -> io.FileIO:
+        return _CrashingFile(filename, self.cmd_channel)
+
+
+class CrashingHandler(FTPHandler):
+    use_sendfile = False  # sendfile would bypass the file object's read()
+    abstracted_fs = _CrashingFS
+
+
+@pytest.fixture
+def counting(dataset: tuple[Path, list[Fragment]]) -> Iterator[tuple[str, list[str]]]:
+    root, _ = dataset
+    commands: list[str] = []
+    handler = read_only_handler(root, type("Counting", (CountingHandler,), {"commands": commands}))
+    server = MirrorServer(handler)
+    yield server.url, commands
+    server.close()
+
+
+def test_contiguous_fragments_are_read_in_one_go(counting, dataset) -> None:
+    url, commands = counting
+    root, frags = dataset
+    stats = FetchStats()
+    got = fetch_fragments([url], 0, frags, stats)
+    assert got == expected(root, frags)
+    assert commands.count("RETR") == 2  # one per shard, for 120 fragments
+    assert stats.bytes_downloaded == len(frags) * FRAG
+    assert stats.per_mirror_bytes == {url: len(frags) * FRAG}
+    assert stats.failovers == 0
+    assert commands.count("USER") == 1  # one control connection for every read
+
+
+def test_far_apart_fragments_are_separate_reads(counting, dataset, monkeypatch) -> None:
+    monkeypatch.setattr("node_payload.fetch.MAX_GAP", FRAG)
+    url, commands = counting
+    root, frags = dataset
+    wanted = [f for f in frags if f.shard == SHARD][::3]  # gaps of 2 fragments
+    stats = FetchStats()
+    assert fetch_fragments([url], 0, wanted, stats) == expected(root, wanted)
+    assert commands.count("RETR") == len(wanted)
+    assert stats.bytes_downloaded == len(wanted) * FRAG
+
+
+def test_span_limit_splits_reads(counting, dataset, monkeypatch) -> None:
+    monkeypatch.setattr("node_payload.fetch.MAX_SPAN", 10 * FRAG)
+    url, commands = counting
+    root, frags = dataset
+    wanted = [f for f in frags if f.shard == SHARD]
+    random.Random(1).shuffle(wanted)
+    assert fetch_fragments([url], 0, wanted, FetchStats()) == expected(root, wanted)
+    assert commands.count("RETR") == 10
+
+
+def test_refused_mirror_fails_over(dataset) -> None:
+    root, frags = dataset
+    stats = FetchStats()
+    with serve(root, k=1) as good:
+        dead = dead_url()
+        got = fetch_fragments([dead, *good.urls], 0, frags, stats)
+    assert got == expected(root, frags)
+    assert stats.failovers >= 1
+    assert set(stats.per_mirror_bytes) == set(good.urls)
+
+
+def test_wrong_bytes_fail_over(dataset, tmp_path) -> None:
+    root, frags = dataset
+    stats = FetchStats()
+    with serve(corrupt_copy(root, tmp_path / "bad"), k=1) as bad, serve(root, k=1) as good:
+        got = fetch_fragments([*bad.urls, *good.urls], 0, frags, stats)
+        assert got == expected(root, frags)
+        assert stats.failovers == 1  # the first shard starts on the bad mirror, the second not
+        assert stats.per_mirror_bytes[bad.urls[0]] == 100 * FRAG
+
+
+def test_stalled_mirror_costs_one_timeout(dataset, monkeypatch) -> None:
+    monkeypatch.setattr("node_payload.fetch.MAX_GAP", FRAG)
+    root, frags = dataset
+    wanted = [f for f in frags if f.shard == SHARD][::3]  # 34 reads, all starting on the stall
+    stalled = MirrorServer(read_only_handler(root, StallingHandler))
+    stats = FetchStats()
+    started = time.monotonic()
+    try:
+        with serve(root, k=1) as good:
+            got = fetch_fragments([stalled.url, *good.urls], 0, wanted, stats, timeout_s=0.5)
+    finally:
+        stalled.close()
+    assert got == expected(root, wanted)
+    assert stats.failovers == len(wanted)
+    assert time.monotonic() - started < 1.5  # later reads skip the silent mirror
+
+
+def test_dropped_connection_fails_over(dataset) -> None:
+    root, frags = dataset
+    crashing = MirrorServer(read_only_handler(root, CrashingHandler))
+    stats = FetchStats()
+    try:
+        with serve(root, k=1) as good:
+            got = fetch_fragments([crashing.url, *good.urls], 0, frags, stats, timeout_s=2)
+    finally:
+        crashing.close()
+    assert got == expected(root, frags)
+    assert stats.failovers >= 1
+    assert 0 < stats.per_mirror_bytes[crashing.url] < len(frags) * FRAG
+
+
+def test_shards_start_on_different_mirrors(dataset) -> None:
+    root, frags = dataset
+    stats = FetchStats()
+    with serve(root, k=2) as mirrors:
+        assert fetch_fragments(mirrors.urls, 1, frags, stats) == expected(root, frags)
+    first, second = mirrors.urls
+    assert stats.per_mirror_bytes == {second: 100 * FRAG, first: 20 * FRAG}
+
+
+def test_every_mirror_failing_is_data_unreachable(dataset, tmp_path, caplog) -> None:
+    root, frags = dataset
+    dead = f"ftp://alice:{quote('s3cr@t:pw', safe='')}@127.0.0.1:{free_ports(1)[0]}"
+    caplog.set_level(logging.DEBUG)
+    bad_dir = corrupt_copy(root, tmp_path / "bad")
+    with serve(bad_dir, k=1) as bad, pytest.raises(DataUnreachable) as err:
+        fetch_fragments([dead, *bad.urls], 0, frags, FetchStats())
+    message = str(err.value)
+    assert SHARD in message
+    assert bad.urls[0] in message
+    assert dead.replace(":s3cr%40t%3Apw", "") in message
+    for text in (message, caplog.text):
+        assert "s3cr" not in text
+
+
+def test_user_and_password_login(dataset) -> None:
+    root, frags = dataset
+    authorizer = DummyAuthorizer()
+    authorizer.add_user("alice", "s3cr@t:pw/x", str(root.parent), perm="elr")
+    server = MirrorServer(type("Private", (FTPHandler,), {"authorizer": authorizer}))
+    url = f"ftp://alice:{quote('s3cr@t:pw/x', safe='')}@127.0.0.1:{server.port}/{root.name}"
+    stats = FetchStats()
+    try:
+        got = fetch_fragments([url], 0, frags[:3], stats)
+        manifest = fetch_file([url], 0, "manifest.json", stats)
+    finally:
+        server.close()
+    assert got == expected(root, frags[:3])
+    assert manifest == MANIFEST
+    assert list(stats.per_mirror_bytes) == [f"ftp://alice@127.0.0.1:{server.port}/{root.name}"]
+
+
+def test_fetch_file_fails_over_and_reports_missing_files(dataset) -> None:
+    root, _ = dataset
+    stats = FetchStats()
+    with serve(root, k=2) as mirrors:
+        urls = [dead_url(), *mirrors.urls]
+        assert fetch_file(urls, 0, "manifest.json", stats) == MANIFEST
+        assert stats.failovers == 1
+        assert stats.bytes_downloaded == len(MANIFEST)
+        with pytest.raises(DataUnreachable, match=r"missing\.json"):
+            fetch_file(mirrors.urls, 1, "missing.json", stats)

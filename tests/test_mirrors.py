@@ -1,0 +1,121 @@
+"""Embedded mirrors: real pyftpdlib servers on loopback, read-only, started and stopped fast."""
+
+import io
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from ftplib import FTP, error_perm
+from pathlib import Path
+
+import pytest
+
+from node_payload.errors import UserError
+from pipeline import mirrors as mirrors_module
+from pipeline.mirrors import free_ports, serve, serve_forever
+
+MANIFEST = b'{"format": "dagtrain-dataset/1"}\n'
+
+
+@pytest.fixture(autouse=True)
+def no_leftover_servers() -> Iterator[None]:
+    yield
+    assert not [t.name for t in threading.enumerate() if t.name.startswith("ftp-mirror")]
+
+
+@pytest.fixture
+def dataset(tmp_path: Path) -> Path:
+    root = tmp_path / "ds"
+    (root / "shards").mkdir(parents=True)
+    (root / "manifest.json").write_bytes(MANIFEST)
+    (root / "shards" / "s00000.bin").write_bytes(bytes(range(256)) * 10)
+    (tmp_path / "secret.txt").write_text("outside the dataset")
+    return root
+
+
+def login(url: str) -> FTP:
+    host, port = url.removeprefix("ftp://").split(":")
+    ftp = FTP(timeout=5)
+    ftp.connect(host, int(port))
+    ftp.login()
+    return ftp
+
+
+def retr(ftp: FTP, path: str) -> bytes:
+    buf = io.BytesIO()
+    ftp.retrbinary(f"RETR {path}", buf.write)
+    return buf.getvalue()
+
+
+def test_serves_k_anonymous_read_only_mirrors(dataset: Path) -> None:
+    with serve(dataset, k=3) as mirrors:
+        assert len(set(mirrors.urls)) == 3
+        for url in mirrors.urls:
+            assert url.startswith("ftp://127.0.0.1:")
+            ftp = login(url)
+            try:
+                assert retr(ftp, "manifest.json") == MANIFEST
+                assert sorted(ftp.nlst("shards")) == ["s00000.bin"]
+                with pytest.raises(error_perm):
+                    ftp.storbinary("STOR new.bin", io.BytesIO(b"x"))
+                with pytest.raises(error_perm):
+                    ftp.delete("manifest.json")
+                with pytest.raises(error_perm):
+                    retr(ftp, "../secret.txt")
+            finally:
+                ftp.close()
+    assert not (dataset / "new.bin").exists()
+
+
+def test_given_ports_are_used(dataset: Path) -> None:
+    ports = free_ports(2)
+    with serve(dataset, ports=ports) as mirrors:
+        assert mirrors.urls == [f"ftp://127.0.0.1:{p}" for p in ports]
+
+
+def test_port_in_use_is_a_user_error_and_leaves_nothing_running(dataset: Path) -> None:
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        with pytest.raises(UserError, match=str(port)):
+            serve(dataset, ports=[free_ports(1)[0], port])
+
+
+def test_not_a_dataset_directory(tmp_path: Path) -> None:
+    with pytest.raises(UserError, match=r"manifest\.json"):
+        serve(tmp_path, k=1)
+
+
+def test_close_is_fast_even_with_connected_clients(dataset: Path) -> None:
+    mirrors = serve(dataset, k=2)
+    clients = [login(url) for url in mirrors.urls]
+    started = time.monotonic()
+    mirrors.close()
+    assert time.monotonic() - started < 0.5
+    for ftp in clients:
+        with pytest.raises((EOFError, OSError)):
+            ftp.voidcmd("NOOP")
+        ftp.close()
+
+
+def test_free_ports_are_distinct_and_bindable() -> None:
+    ports = free_ports(4)
+    assert len(set(ports)) == 4
+    for port in ports:
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", port))
+
+
+def test_serve_forever_prints_urls_until_interrupted(dataset, monkeypatch, capsys) -> None:
+    reachable = []
+
+    def interrupt() -> None:
+        url = capsys.readouterr().out.split('"')[1]
+        reachable.append(retr(login(url), "manifest.json"))
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(mirrors_module, "_block", interrupt)
+    serve_forever(dataset, 2)
+    assert reachable == [MANIFEST]
+    assert "Stopped" in capsys.readouterr().out
