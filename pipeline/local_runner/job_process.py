@@ -61,7 +61,11 @@ class JobProcess:
         self.on_running = on_running
         self.log = UserLog(spec.log, cluster, node)
         self.sandbox = scratch_root / f"{node}.{cluster}" if spec.sandboxed else None
-        self.ad_file = scratch_root / f"{node}.{cluster}.job.ad"
+        # A starter puts the job ad in the scratch directory; a local job has none of its own.
+        if self.sandbox is not None:
+            self.ad_file = self.sandbox / ".job.ad"
+        else:
+            self.ad_file = scratch_root / f"{node}.{cluster}.job.ad"
         self.ad = self._initial_ad()
 
     def _initial_ad(self) -> classad2.ClassAd:
@@ -140,6 +144,7 @@ class JobProcess:
         self._set_status(RUNNING)
         self.ad["JobCurrentStartDate"] = int(time.time())
         self.ad["NumJobStarts"] = 1
+        self.ad_file.parent.mkdir(parents=True, exist_ok=True)
         self.ad_file.write_text(str(self.ad))
         with _open_or_null(out) as stdout, _open_or_null(err) as stderr:
             proc = subprocess.Popen(

@@ -200,9 +200,13 @@ class _Scheduler:
     def _drain(self, journal: Journal) -> None:
         """Start ready nodes and process reports until nothing runs and nothing can start."""
         while True:
-            if self.cancel.is_set() is False:
-                for name in self._ready():
-                    self._start(name)
+            if not self.cancel.is_set():
+                ready = [self.dag.nodes[name] for name in self._ready()]
+                for node in ready:
+                    if node.pre is None:
+                        self.pool.enlist(node)
+                for node in ready:
+                    self._start(node.name)
             if not self.threads:
                 return
             try:

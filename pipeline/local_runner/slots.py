@@ -30,10 +30,17 @@ class SlotPool:
         fitting = [n for n in self.waiting if self._fits(n)]
         return bool(fitting) and min(fitting, key=lambda n: (-n.priority, n.order)) is node
 
+    def enlist(self, node: Node) -> None:
+        """Queue a node before its thread starts, so ready nodes compete by priority rather
+        than by which thread reaches `acquire` first."""
+        with self.cond:
+            self.waiting.append(node)
+
     def acquire(self, node: Node) -> bool:
         """Block until this node may start its job; False if the DAG is being stopped."""
         with self.cond:
-            self.waiting.append(node)
+            if node not in self.waiting:
+                self.waiting.append(node)
             while not self._my_turn(node):
                 if self.cancel.is_set():
                     self.waiting.remove(node)
