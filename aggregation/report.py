@@ -33,7 +33,6 @@ def build_report(config: dict[str, Any], rounds: list[dict[str, Any]], dag_statu
         "rounds_completed": len(rounds),
         "nodes": config["run"]["nodes"],
         "final_accuracy": rounds[-1]["accuracy"] if rounds else None,
-        "initial_accuracy": rounds[0].get("initial_accuracy") if rounds else None,
         "seconds": sum(r["seconds"] for r in rounds),
         "bytes_downloaded": sum(r["bytes_downloaded"] for r in rounds),
         "rounds": rounds,

@@ -64,7 +64,7 @@ def train_local(
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-        total_loss += float(loss) * len(index)
+        total_loss += loss.item() * len(index)
         correct += int((logits.argmax(1) == y[index]).sum())
         seen += len(index)
     return LocalResult(total_loss / max(seen, 1), correct / max(seen, 1), steps)

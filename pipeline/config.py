@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from node_payload.errors import UserError
+from node_payload.fetch import Mirror
 
 Rule = Callable[[Any], bool]
 
@@ -46,7 +47,12 @@ def _is_size(v: str) -> bool:
 
 
 def _ftp_urls(v: list) -> bool:
-    return all(isinstance(u, str) and u.startswith("ftp://") for u in v)
+    try:
+        for url in v:
+            Mirror.parse(url)
+    except (UserError, TypeError, AttributeError):
+        return False
+    return True
 
 
 SCHEMA: dict[str, dict[str, Key]] = {

@@ -1,0 +1,119 @@
+"""The planner writes a run directory that HTCondor accepts and that never overwrites a run."""
+
+import re
+from collections.abc import Callable
+from pathlib import Path
+
+import htcondor2
+import pytest
+
+from node_payload.errors import EXIT_FATAL, UserError
+from node_payload.model_file import load_model
+from pipeline import config as config_mod
+from pipeline.planner import make_plan, plan_from_file, write
+from pipeline.render import dag_var
+
+DAG_KEYWORDS = {"job", "parent", "child", "retry", "script", "vars", "final", "category"}
+
+
+@pytest.fixture
+def run_dir(tiny_config: Callable[..., Path], tmp_path: Path) -> Path:
+    return plan_from_file(tiny_config(), tmp_path / "run")
+
+
+def test_run_directory_layout(run_dir: Path) -> None:
+    for relative in (
+        "dagtrain.dag",
+        "config.toml",
+        "submit/node.sub",
+        "submit/aggregate.sub",
+        "submit/report.sub",
+        "scripts/node_post.sh",
+        "payload/dagtrain.pyz",
+        "models/global_r000.safetensors",
+        "models/server_r000.safetensors",
+        "data/heldout.json",
+        "rounds/r001/n002",
+    ):
+        assert (run_dir / relative).exists(), relative
+    model, metadata = load_model(run_dir / "models/global_r000.safetensors")
+    assert metadata["version"] == "0" and metadata["num_classes"] == "4"
+
+
+def test_every_submit_file_parses_with_htcondor(run_dir: Path) -> None:
+    for sub in (run_dir / "submit").glob("*.sub"):
+        submit = htcondor2.Submit(sub.read_text())
+        assert submit["executable"], sub
+    node = htcondor2.Submit((run_dir / "submit/node.sub").read_text())
+    assert node["should_transfer_files"] == "YES"
+    assert "global_$(rtag).safetensors" in node["transfer_input_files"]
+    assert "dagtrain.pyz" in node["transfer_input_files"]
+    assert node["transfer_output_files"] == "update.safetensors, metrics.json"
+    assert node["request_cpus"] == "1"
+    assert "request_gpus" not in node.keys()
+    assert {"log", "output", "error"} <= set(node.keys())
+
+
+def test_gpus_are_requested_only_when_asked(tiny_config: Callable[..., Path], tmp_path: Path) -> None:
+    run = plan_from_file(tiny_config(resources__request_gpus="1"), tmp_path / "gpu")
+    node = htcondor2.Submit((run / "submit/node.sub").read_text())
+    assert node["request_gpus"] == "1"
+
+
+def test_dag_structure(run_dir: Path) -> None:
+    dag = (run_dir / "dagtrain.dag").read_text()
+    jobs = re.findall(r"^JOB (\S+) (\S+)", dag, re.M)
+    names = [name for name, _ in jobs]
+    assert names == [
+        "train_r000_n000", "train_r000_n001", "train_r000_n002", "aggregate_r000",
+        "train_r001_n000", "train_r001_n001", "train_r001_n002", "aggregate_r001",
+    ]  # fmt: skip
+    assert not {n.lower() for n in names} & DAG_KEYWORDS
+    for _, submit in jobs:
+        assert (run_dir / submit).is_file()
+    assert re.search(r"^FINAL report submit/report.sub$", dag, re.M)
+    assert (run_dir / "submit/report.sub").is_file()
+    assert "PARENT train_r000_n000 train_r000_n001 train_r000_n002 CHILD aggregate_r000" in dag
+    assert "PARENT aggregate_r000 CHILD train_r001_n000 train_r001_n001 train_r001_n002" in dag
+    assert f"RETRY train_r001_n002 2 UNLESS-EXIT {EXIT_FATAL}" in dag
+    assert re.search(r"^NODE_STATUS_FILE dagtrain.dag.status \d+$", dag, re.M)
+    assert "SCRIPT POST train_r000_n001 scripts/node_post.sh $RETURN $RETRY $MAX_RETRIES" in dag
+    assert not re.search(r"^CATEGORY \S+ \d+$", dag, re.M), "CATEGORY written where MAXJOBS meant"
+    seeds = re.findall(r'seed="(\d+)"', dag)
+    assert len(seeds) == 6 and len(set(seeds)) == 6
+
+
+def test_vars_values_are_escaped() -> None:
+    assert dag_var('say "hi" \\o/') == 'say \\"hi\\" \\\\o/'
+
+
+def test_existing_run_is_never_overwritten(
+    run_dir: Path, tiny_config: Callable[..., Path]
+) -> None:
+    before = (run_dir / "models/global_r000.safetensors").read_bytes()
+    with pytest.raises(UserError, match="never overwritten"):
+        plan_from_file(tiny_config(run__seed="99"), run_dir)
+    assert (run_dir / "models/global_r000.safetensors").read_bytes() == before
+
+
+def test_failed_plan_writes_nothing(tiny_config: Callable[..., Path], tmp_path: Path) -> None:
+    with pytest.raises(UserError, match="local_train|fragments|class"):
+        plan_from_file(tiny_config(data__local_train="100000"), tmp_path / "run")
+    assert not (tmp_path / "run").exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".run")]
+
+
+def test_python_api_plan_and_write(tiny_config: Callable[..., Path], tmp_path: Path) -> None:
+    plan = make_plan(config_mod.load(tiny_config(run__nodes="5")))
+    assert plan.nodes == 5 and plan.rounds == 2
+    assert plan.seed(1, 4) != plan.seed(0, 4)
+    out = write(plan, tmp_path / "api-run")
+    assert (out / "rounds/r001/n004").is_dir()
+
+
+def test_embedded_mirrors_are_resolved(run_dir: Path) -> None:
+    resolved = config_mod.load(run_dir / "config.toml")
+    assert resolved["data"]["embedded"] is True
+    assert len(resolved["data"]["mirrors"]) == 2
+    assert all(url.startswith("ftp://127.0.0.1:") for url in resolved["data"]["mirrors"])
+    assert len(resolved["data"]["manifest_sha256"]) == 64
