@@ -58,12 +58,11 @@ class JobSpec:
 
 
 def _line_of(text: str, key: str) -> int:
+    """Line of the last assignment to key (the one that wins), 0 if not found."""
     bare = key[3:] if key.upper().startswith("MY.") else key
     pattern = re.compile(rf"^\s*(?:\+|my\.)?{re.escape(bare)}\s*=", re.IGNORECASE)
-    for number, line in enumerate(text.splitlines(), start=1):
-        if pattern.match(line):
-            return number
-    return 0
+    lines = [n for n, line in enumerate(text.splitlines(), start=1) if pattern.match(line)]
+    return lines[-1] if lines else 0
 
 
 def _queue_lines(text: str) -> list[int]:
