@@ -12,6 +12,12 @@ Resuming: nodes marked DONE by the newest `<dag>.rescueNNN` and by the runner's 
 (`.local_runner/<dag>.journal`, kept when the runner is killed) are both skipped. A failed DAG
 writes the next rescue DAG in DAGMan's partial format. A removed job (periodic_remove, or a
 hold nothing would release) gives $RETURN -1002, as DAGMan reports externally removed jobs.
+
+Deliberate differences from a pool: should_transfer_files IF_NEEDED (or unset) transfers, as
+on an execute node without a shared file system (the strictest case); a vanilla job's PATH is
+/usr/local/bin:/usr/bin:/bin unless `environment` sets it; PRE/POST script output is
+discarded (DAGMan without DEBUG); SIGINT/SIGTERM stop the run without running FINAL, so a
+rerun resumes instead of reporting on a half-finished DAG.
 """
 
 from .job_process import REMOVED_RETURN
