@@ -5,6 +5,7 @@ import sys
 from pathlib import Path
 
 from rich.console import Console
+from rich.markup import escape
 
 from node_payload.errors import UserError
 
@@ -105,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except UserError as exc:
-        console.print(f"[bold red]error:[/] {exc}", highlight=False)
+        console.print("[bold red]error:[/]", escape(str(exc)), highlight=False, soft_wrap=True)
         return 2
     except KeyboardInterrupt:
         console.print("[yellow]interrupted[/]: finished rounds and models are kept")

@@ -1,0 +1,93 @@
+"""The aggregation job on a planned run: quorum, rejections, plain averaging, idempotence."""
+
+import json
+import pickle
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+import torch
+
+from aggregation.quorum import QuorumNotMet
+from aggregation.round_step import aggregate_round
+from node_payload.model_file import load_model
+from node_payload.run_config import read_run_config
+from node_payload.run_layout import model_path, node_dir, round_metrics_path
+from node_payload.tensor_io import load_tensors, save_tensors, update_metadata
+from pipeline.mirrors import serve
+from pipeline.planner import plan_from_file
+
+
+@pytest.fixture
+def planned(tiny_config: Callable[..., Path], tmp_path: Path) -> Iterator[tuple[Path, dict]]:
+    run_dir = plan_from_file(tiny_config(run__quorum="0.6"), tmp_path / "run")
+    config = read_run_config(run_dir / "config.toml")
+    ports = [int(url.rsplit(":", 1)[1]) for url in config["data"]["mirrors"]]
+    with serve(Path(config["data"]["dataset"]), ports):
+        yield run_dir, config
+
+
+def _write_update(run_dir: Path, node: int, scale: float, samples: int) -> dict[str, torch.Tensor]:
+    global_state, _ = load_tensors(model_path(run_dir, 0))
+    torch.manual_seed(node)
+    update = {
+        name: torch.randn_like(t) * scale if t.is_floating_point() else t.clone()
+        for name, t in global_state.items()
+    }
+    save_tensors(
+        node_dir(run_dir, 0, node) / "update.safetensors",
+        update,
+        update_metadata(0, node, samples, 0),
+    )
+    return update
+
+
+def test_plain_averaging_with_a_rejected_node(planned: tuple[Path, dict]) -> None:
+    run_dir, config = planned
+    first = _write_update(run_dir, 0, 0.01, 30)
+    second = _write_update(run_dir, 1, 0.01, 10)
+    bad = _write_update(run_dir, 2, 0.01, 10)
+    bad[next(iter(bad))][0] = float("nan")
+    save_tensors(
+        node_dir(run_dir, 0, 2) / "update.safetensors", bad, update_metadata(0, 2, 10, 0)
+    )
+
+    metrics = aggregate_round(run_dir, config, 0)
+
+    assert metrics["nodes_used"] == 2
+    assert "2" in json.dumps(metrics["nodes_rejected"])
+    assert 0.0 <= metrics["accuracy"] <= 1.0 and metrics["heldout_samples"] > 0
+    before, _ = load_tensors(model_path(run_dir, 0))
+    after, meta = load_tensors(model_path(run_dir, 1))
+    assert meta["version"] == "1"
+    for name, value in before.items():
+        if value.is_floating_point():
+            expected = value - (first[name].double() * 30 + second[name].double() * 10) / 40
+            torch.testing.assert_close(after[name], expected.to(value.dtype))
+
+
+def test_rerun_of_a_finished_round_changes_nothing(planned: tuple[Path, dict]) -> None:
+    run_dir, config = planned
+    for node in range(3):
+        _write_update(run_dir, node, 0.01, 10)
+    aggregate_round(run_dir, config, 0)
+    model_bytes = model_path(run_dir, 1).read_bytes()
+    metrics_bytes = round_metrics_path(run_dir, 0).read_bytes()
+    aggregate_round(run_dir, config, 0)
+    assert model_path(run_dir, 1).read_bytes() == model_bytes
+    assert round_metrics_path(run_dir, 0).read_bytes() == metrics_bytes
+
+
+def test_below_quorum_names_missing_and_rejected_nodes(planned: tuple[Path, dict]) -> None:
+    run_dir, config = planned
+    _write_update(run_dir, 0, 0.01, 10)
+    (node_dir(run_dir, 0, 1) / "update.safetensors").write_bytes(pickle.dumps({"w": 1}))
+    with pytest.raises(QuorumNotMet) as error:
+        aggregate_round(run_dir, config, 0)
+    message = str(error.value)
+    assert "only 1 valid updates, the quorum needs 2" in message
+    assert "missing nodes: 2" in message
+    assert "node 1:" in message and "pickle" in message
+    assert not model_path(run_dir, 1).exists()
+    model, _ = load_model(model_path(run_dir, 0))
+    assert model is not None
