@@ -5,6 +5,8 @@ from pathlib import Path
 
 import pytest
 
+pytest_plugins = ["tests.condor_pool.fixtures"]
+
 from pipeline.dataset_prepare import prepare
 from pipeline.textures import generate
 

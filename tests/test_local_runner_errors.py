@@ -43,7 +43,7 @@ def test_keywords_are_case_insensitive_and_comments_ignored(tmp_path: Path) -> N
 @pytest.mark.parametrize(
     ("extra", "message"),
     [
-        ("max_retries = 3", r"A\.sub:7: submit command 'max_retries' is not supported"),
+        ("max_retries = 3", r"A\.sub:7: only max_retries = 0 is supported locally"),
         ("request_gpus = 1", r"A\.sub:7: request_gpus > 0"),
         ("universe = docker", r"A\.sub:7: universe 'docker'"),
         ("queue 2", r"expected exactly one 'queue'"),

@@ -22,7 +22,7 @@ SUPPORTED = {
     "should_transfer_files", "when_to_transfer_output", "success_exit_code",
     "transfer_input_files", "transfer_output_files", "transfer_output_remaps", "log", "output",
     "error", "request_cpus", "request_memory", "request_disk", "request_gpus", "periodic_remove",
-    "allowed_job_duration", "notification", "getenv",
+    "allowed_job_duration", "notification", "getenv", "max_retries",
 }  # fmt: skip
 TRANSFER_WHEN = ("ON_EXIT", "ON_SUCCESS", "ON_EXIT_OR_EVICT")
 _UNITS = {"": 1, "K": 1 / 1024, "KB": 1 / 1024, "M": 1, "MB": 1, "G": 1024, "GB": 1024,
@@ -170,6 +170,11 @@ def _build(
     if gpus and _int(gpus, where("request_gpus")) > 0:
         raise UserError(
             f"{where('request_gpus')}: request_gpus > 0 but the local runner has no GPUs"
+        )
+    if _int(values.get("max_retries", "0"), where("max_retries")) != 0:
+        raise UserError(
+            f"{where('max_retries')}: only max_retries = 0 is supported locally; "
+            "let DAGMan's RETRY retry the node"
         )
     if "getenv" in values and _bool(values["getenv"], where("getenv")):
         raise UserError(f"{where('getenv')}: getenv = true is not supported; use environment")
