@@ -84,7 +84,9 @@ def main(argv: list[str] | None = None) -> int:
         f"dagtrain report: {report['status']}, {report['rounds_completed']}/"
         f"{report['rounds_planned']} rounds, final accuracy {report['final_accuracy']}"
     )
-    return 0
+    # A FINAL node's own result becomes the DAG's: fail it after a failed DAG, so DAGMan keeps
+    # the failure visible and writes the rescue DAG that resumes the run.
+    return 0 if args.dag_status == 0 else 1
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ from typing import Any
 
 import torch
 
+from node_payload.faults import inject
 from node_payload.fetch import FetchStats
 from node_payload.local_data import load_fragments, planned_manifest
 from node_payload.model_file import load_model
@@ -36,6 +37,7 @@ def run_node(task: NodeTask) -> dict[str, Any]:
     """Everything a node does; raises DataUnreachable (retry) or UserError (fatal)."""
     started_at = time.time()
     config = read_run_config(task.config_path)
+    inject(config, task.round_, task.node)
     threads = job_threads()
     torch.set_num_threads(threads)
     data, train_cfg = config["data"], config["train"]

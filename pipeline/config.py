@@ -55,6 +55,13 @@ def _ftp_urls(v: list) -> bool:
     return True
 
 
+def _round_node_pairs(v: list) -> bool:
+    return all(
+        isinstance(p, list) and len(p) == 2 and all(type(i) is int and i >= 0 for i in p)
+        for p in v
+    )
+
+
 SCHEMA: dict[str, dict[str, Key]] = {
     "run": {
         "name": Key(str, "dagtrain", "a short name without spaces", lambda v: v and " " not in v),
@@ -114,6 +121,10 @@ SCHEMA: dict[str, dict[str, Key]] = {
         "request_memory": Key(str, "2GB", 'a size such as "2GB" or "1500MB"', _is_size),
         "request_disk": Key(str, "1GB", 'a size such as "1GB"', _is_size),
         "request_gpus": Key(int, 0, "an integer from 0 to 16", _between(0, 16)),
+    },
+    "faults": {
+        "fail": Key(list, [], "a list of [round, node] pairs", _round_node_pairs),
+        "hang": Key(list, [], "a list of [round, node] pairs", _round_node_pairs),
     },
     "execution": {
         "python": Key(str, "", "an absolute path to a Python with torch on the execute nodes"),

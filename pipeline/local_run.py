@@ -12,6 +12,7 @@ from node_payload.run_layout import CONFIG_FILE, DAG_FILE, REPORT_FILE
 from pipeline.local_runner import run_dag
 from pipeline.mirrors import serve
 from pipeline.progress import RunProgress
+from pipeline.rescue import reopen_missing_nodes
 
 
 def _mirror_ports(mirrors: list[str]) -> list[int]:
@@ -24,6 +25,9 @@ def run_local(run_dir: Path, slots: int = 2, show_progress: bool = True) -> dict
         raise UserError(f"{run_dir}: not a run directory (no {DAG_FILE}); plan one first")
     config = read_run_config(run_dir / CONFIG_FILE)
     console = Console(stderr=True, quiet=not show_progress)
+    reopened = reopen_missing_nodes(run_dir)
+    if reopened:
+        console.print(f"resuming: missing nodes run again: {', '.join(reopened)}")
     data = config["data"]
     mirrors = (
         serve(Path(data["dataset"]), _mirror_ports(data["mirrors"]))

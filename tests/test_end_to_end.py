@@ -57,3 +57,29 @@ def test_tiny_run_trains_resumes_and_reproduces(
     a, _ = load_tensors(model_path(first, 2))
     b, _ = load_tensors(model_path(second, 2))
     assert all((a[name] == b[name]).all() for name in a)
+
+
+@pytest.mark.slow
+def test_below_quorum_stops_and_resume_reruns_only_missing_nodes(
+    tiny_config: Callable[..., Path], tmp_path: Path
+) -> None:
+    config = tiny_config(run__quorum="1.0", run__retries="1", faults__fail="[[0, 2]]")
+    run_dir = tmp_path / "run"
+    assert main(["plan", str(config), "--out", str(run_dir)]) == 0
+    assert main(["run", str(run_dir)]) == 1
+
+    report = json.loads((run_dir / "report.json").read_text())
+    assert report["status"] == "failed" and report["rounds_completed"] == 0
+    assert "failed 2 times" in (run_dir / "rounds/r000/n002/MISSING").read_text()
+    assert "quorum needs 3" in (run_dir / "rounds/r000/aggregate.err").read_text()
+    assert (run_dir / "dagtrain.dag.rescue001").is_file()
+    finished = (run_dir / "rounds/r000/n000/metrics.json").read_bytes()
+
+    # Fix the cause (here: the injected fault) and resume: only the missing node runs again.
+    resolved = run_dir / "config.toml"
+    resolved.write_text(resolved.read_text().replace("fail = [[0, 2]]", "fail = []"))
+    assert main(["run", str(run_dir)]) == 0
+    report = json.loads((run_dir / "report.json").read_text())
+    assert report["status"] == "completed" and report["rounds_completed"] == 2
+    assert report["rounds"][0]["nodes_used"] == 3
+    assert (run_dir / "rounds/r000/n000/metrics.json").read_bytes() == finished
