@@ -15,6 +15,9 @@ JOB_USER=condorjob
 MARKER="$ROOT/.dagtrain-provisioned"
 # Bump when the debootstrap step changes, so existing roots are rebuilt.
 ROOT_VERSION="1 $SUITE minicondor python3 python3-cffi-backend"
+# Added after the root's first version: debootstrap includes them in a new root, and
+# install_extra_packages adds them to an existing one without a rebuild.
+EXTRA_PACKAGES=(openssh-server)
 
 die() {
     local code=$1
@@ -70,7 +73,9 @@ build_root() {
     echo "provision.sh: debootstrap $SUITE from $mirror into $partial" >&2
     # debootstrap resolves no virtual packages: python3-cryptography (needed by condor) depends
     # on python3-cffi-backend-api-*, which only python3-cffi-backend provides.
-    debootstrap --variant=minbase --include=minicondor,python3,python3-cffi-backend \
+    local include
+    include=$(IFS=,; echo "minicondor,python3,python3-cffi-backend,${EXTRA_PACKAGES[*]}")
+    debootstrap --variant=minbase --include="$include" \
         "$SUITE" "$partial" "$mirror" >&2 ||
         die 5 "debootstrap failed (see $partial/debootstrap/debootstrap.log)"
     # dpkg leaves the package's conffiles as *.dpkg-new in a debootstrap root.
@@ -79,6 +84,26 @@ build_root() {
         mv -f "$new" "${new%.dpkg-new}"
     done < <(find "$partial/etc/condor" -name '*.dpkg-new' -print0)
     mv "$partial" "$ROOT"
+}
+
+# Installs the EXTRA_PACKAGES a root lacks (roots built before they were added); no-op otherwise.
+install_extra_packages() {
+    local missing=() pkg
+    for pkg in "${EXTRA_PACKAGES[@]}"; do
+        chroot "$ROOT" dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q 'ok installed' ||
+            missing+=("$pkg")
+    done
+    ((${#missing[@]})) || return 0
+    echo "provision.sh: installing ${missing[*]} into $ROOT" >&2
+    # No service may start inside the root (sshd is started by the tests, in the pool's namespace).
+    printf '#!/bin/sh\nexit 101\n' >"$ROOT/usr/sbin/policy-rc.d"
+    chmod 755 "$ROOT/usr/sbin/policy-rc.d"
+    {
+        chroot "$ROOT" apt-get update &&
+            chroot "$ROOT" env DEBIAN_FRONTEND=noninteractive \
+                apt-get install -y --no-install-recommends "${missing[@]}"
+    } >&2 || die 5 "installing ${missing[*]} into $ROOT failed"
+    rm -f "$ROOT/usr/sbin/policy-rc.d"
 }
 
 # $1: the job user's home as seen inside the root.
@@ -133,6 +158,7 @@ main() {
     if [[ ! -f $MARKER || $(cat "$MARKER") != "$ROOT_VERSION" ]]; then
         build_root
     fi
+    install_extra_packages
     chroot "$ROOT" id -u "$JOB_USER" >/dev/null 2>&1 ||
         chroot "$ROOT" useradd --create-home --shell /bin/sh "$JOB_USER"
     # Host paths under /root (e.g. pyenv) are bind-mounted at the same path: the job user must
