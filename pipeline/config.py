@@ -57,8 +57,7 @@ def _ftp_urls(v: list) -> bool:
 
 def _round_node_pairs(v: list) -> bool:
     return all(
-        isinstance(p, list) and len(p) == 2 and all(type(i) is int and i >= 0 for i in p)
-        for p in v
+        isinstance(p, list) and len(p) == 2 and all(type(i) is int and i >= 0 for i in p) for p in v
     )
 
 
@@ -127,7 +126,25 @@ SCHEMA: dict[str, dict[str, Key]] = {
         "hang": Key(list, [], "a list of [round, node] pairs", _round_node_pairs),
     },
     "execution": {
-        "python": Key(str, "", "an absolute path to a Python with torch on the execute nodes"),
+        "python": Key(
+            str,
+            "",
+            "an absolute path to a Python with torch on the execute nodes (inside the container "
+            "with container_image; default: the planner's own Python, or /usr/bin/python3 in a "
+            "container)",
+        ),
+        "container_image": Key(
+            str, "", 'an image for HTCondor\'s container_image ("docker://..." or a .sif path)'
+        ),
+        "env_tarball": Key(
+            str, "", "a .tar.gz of a Python environment with torch (conda-pack or venv)"
+        ),
+        "submit_python": Key(
+            str,
+            "",
+            "an absolute path to a Python with torch on the submit host, for the aggregation and "
+            "report jobs (default: the planner's own Python)",
+        ),
     },
 }
 
@@ -213,12 +230,19 @@ def _check_relations(config: Config) -> None:
             f"{origin}: [data] needs source (a folder of class folders of images) or dataset "
             "(a prepared dataset folder)"
         )
-    python = config["execution"]["python"]
-    if python and not python.startswith("/"):
+    execution = config["execution"]
+    for key in ("python", "submit_python"):
+        if execution[key] and not execution[key].startswith("/"):
+            raise UserError(
+                f"{origin}: [execution] {key} = {execution[key]!r} must be an absolute path"
+            )
+    if execution["container_image"] and execution["env_tarball"]:
         raise UserError(
-            f"{origin}: [execution] python = {python!r} must be an absolute path on the "
-            "execute nodes"
+            f"{origin}: [execution] sets both container_image and env_tarball; a node job finds "
+            "Python one way: choose one"
         )
+    if execution["env_tarball"] and execution["python"]:
+        raise UserError(f"{origin}: [execution] env_tarball brings its own Python; remove python")
 
 
 def load(path: Path) -> Config:

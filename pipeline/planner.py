@@ -98,6 +98,24 @@ def _resolve_model(config: Config, manifest: Manifest) -> None:
     model["image_size"] = model["image_size"] or manifest.tile
 
 
+def _resolve_execution(config: Config) -> None:
+    """Decide how node jobs find Python, and which Python runs the submit-host jobs."""
+    execution = config["execution"]
+    execution["submit_python"] = execution["submit_python"] or sys.executable
+    if execution["env_tarball"]:
+        tarball = config.path("execution", "env_tarball")
+        if not tarball.is_file():
+            raise UserError(
+                f"{config.origin}: [execution] env_tarball = {execution['env_tarball']!r}: "
+                f"no such file ({tarball})"
+            )
+        execution["env_tarball"] = str(tarball)
+    elif execution["container_image"]:
+        execution["python"] = execution["python"] or "/usr/bin/python3"
+    else:
+        execution["python"] = execution["python"] or sys.executable
+
+
 def make_plan(config: Config) -> Plan:
     """Resolve a validated config into a plan; prepares the dataset when it is not yet prepared."""
     dataset_dir, manifest = _dataset(config)
@@ -110,7 +128,7 @@ def make_plan(config: Config) -> Plan:
     else:
         data["mirrors"] = [f"ftp://127.0.0.1:{p}" for p in free_ports(data["embedded_mirrors"])]
         data["embedded"] = True
-    config["execution"]["python"] = config["execution"]["python"] or sys.executable
+    _resolve_execution(config)
     heldout = heldout_set(manifest, data["heldout_test"], config["run"]["seed"])
     return Plan(config, manifest, dataset_dir, heldout)
 
@@ -133,8 +151,9 @@ def _dag_rounds(plan: Plan) -> list[dict]:
 def _render_files(plan: Plan) -> dict[str, str]:
     config = plan.config
     resources = config["resources"]
-    python = config["execution"]["python"]
-    return {
+    execution = config["execution"]
+    submit_python = execution["submit_python"]
+    files = {
         DAG_FILE: render(
             "dagtrain.dag.j2",
             name=config["run"]["name"],
@@ -146,12 +165,15 @@ def _render_files(plan: Plan) -> dict[str, str]:
         ),
         "submit/node.sub": render(
             "node.sub.j2",
-            python=python,
+            python=execution["python"],
+            container_image=execution["container_image"],
+            env_tarball=execution["env_tarball"],
+            env_tarball_name=Path(execution["env_tarball"]).name,
             deadline_s=config["run"]["node_deadline_s"],
             **resources,
         ),
-        "submit/aggregate.sub": render("aggregate.sub.j2", python=python),
-        "submit/report.sub": render("report.sub.j2", python=python),
+        "submit/aggregate.sub": render("aggregate.sub.j2", python=submit_python),
+        "submit/report.sub": render("report.sub.j2", python=submit_python),
         "scripts/node_post.sh": render("node_post.sh.j2", fatal_exit=EXIT_FATAL),
         "config.toml": config_mod.to_toml(config),
         HELDOUT_FILE: json.dumps(
@@ -159,6 +181,9 @@ def _render_files(plan: Plan) -> dict[str, str]:
         )
         + "\n",
     }
+    if execution["env_tarball"]:
+        files["scripts/run_in_env.sh"] = render("run_in_env.sh.j2", fatal_exit=EXIT_FATAL)
+    return files
 
 
 def _initial_model(plan: Plan, run_dir: Path) -> None:
@@ -197,7 +222,8 @@ def write(plan: Plan, run_dir: Path) -> Path:
             target = staging / relative
             target.parent.mkdir(parents=True, exist_ok=True)
             target.write_text(text)
-        (staging / "scripts/node_post.sh").chmod(0o755)
+        for script in (staging / "scripts").iterdir():
+            script.chmod(0o755)
         (staging / "payload").mkdir()
         write_payload(staging / "payload")
         (staging / "models").mkdir()

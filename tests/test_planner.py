@@ -1,6 +1,8 @@
 """The planner writes a run directory that HTCondor accepts and that never overwrites a run."""
 
 import re
+import shutil
+import subprocess
 from collections.abc import Callable
 from pathlib import Path
 
@@ -54,7 +56,9 @@ def test_every_submit_file_parses_with_htcondor(run_dir: Path) -> None:
     assert {"log", "output", "error"} <= set(node.keys())
 
 
-def test_gpus_are_requested_only_when_asked(tiny_config: Callable[..., Path], tmp_path: Path) -> None:
+def test_gpus_are_requested_only_when_asked(
+    tiny_config: Callable[..., Path], tmp_path: Path
+) -> None:
     run = plan_from_file(tiny_config(resources__request_gpus="1"), tmp_path / "gpu")
     node = htcondor2.Submit((run / "submit/node.sub").read_text())
     assert node["request_gpus"] == "1"
@@ -87,9 +91,7 @@ def test_vars_values_are_escaped() -> None:
     assert dag_var('say "hi" \\o/') == 'say \\"hi\\" \\\\o/'
 
 
-def test_existing_run_is_never_overwritten(
-    run_dir: Path, tiny_config: Callable[..., Path]
-) -> None:
+def test_existing_run_is_never_overwritten(run_dir: Path, tiny_config: Callable[..., Path]) -> None:
     before = (run_dir / "models/global_r000.safetensors").read_bytes()
     with pytest.raises(UserError, match="never overwritten"):
         plan_from_file(tiny_config(run__seed="99"), run_dir)
@@ -117,3 +119,56 @@ def test_embedded_mirrors_are_resolved(run_dir: Path) -> None:
     assert len(resolved["data"]["mirrors"]) == 2
     assert all(url.startswith("ftp://127.0.0.1:") for url in resolved["data"]["mirrors"])
     assert len(resolved["data"]["manifest_sha256"]) == 64
+
+
+def test_interpreter_path_on_the_nodes(tiny_config: Callable[..., Path], tmp_path: Path) -> None:
+    run = plan_from_file(tiny_config(execution__python='"/opt/py/bin/python3"'), tmp_path / "r")
+    node = htcondor2.Submit((run / "submit/node.sub").read_text())
+    assert node["executable"] == "/opt/py/bin/python3"
+    assert node["transfer_executable"] == "false"
+    assert "container_image" not in node.keys()
+
+
+def test_container_image(tiny_config: Callable[..., Path], tmp_path: Path) -> None:
+    run = plan_from_file(
+        tiny_config(execution__container_image='"docker://example.org/torch:2"'), tmp_path / "r"
+    )
+    node = htcondor2.Submit((run / "submit/node.sub").read_text())
+    assert node["container_image"] == "docker://example.org/torch:2"
+    assert node["executable"] == "/usr/bin/python3"
+    aggregate = htcondor2.Submit((run / "submit/aggregate.sub").read_text())
+    assert "container_image" not in aggregate.keys()
+
+
+def test_environment_tarball_is_unpacked_by_the_wrapper(
+    tiny_config: Callable[..., Path], tmp_path: Path
+) -> None:
+    # A stand-in environment whose bin/python only reports how it was called.
+    env = tmp_path / "env"
+    (env / "bin").mkdir(parents=True)
+    (env / "bin/python").write_text('#!/bin/sh\necho "python $*"\n')
+    (env / "bin/python").chmod(0o755)
+    tarball = tmp_path / "torch-env.tar.gz"
+    subprocess.run(["tar", "-czf", str(tarball), "-C", str(env), "."], check=True)
+
+    run = plan_from_file(tiny_config(execution__env_tarball=f'"{tarball}"'), tmp_path / "r")
+    node = htcondor2.Submit((run / "submit/node.sub").read_text())
+    assert node["executable"] == "../../../scripts/run_in_env.sh"
+    assert str(tarball) in node["transfer_input_files"]
+    assert node["arguments"].startswith('"torch-env.tar.gz dagtrain.pyz node')
+
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    shutil.copy(tarball, scratch)
+    out = subprocess.run(
+        [str(run / "scripts/run_in_env.sh"), "torch-env.tar.gz", "dagtrain.pyz", "node"],
+        cwd=scratch, capture_output=True, text=True, check=True,
+    )  # fmt: skip
+    assert out.stdout.strip() == "python dagtrain.pyz node"
+
+
+def test_missing_environment_tarball_is_named(
+    tiny_config: Callable[..., Path], tmp_path: Path
+) -> None:
+    with pytest.raises(UserError, match="env_tarball.*no such file"):
+        plan_from_file(tiny_config(execution__env_tarball='"nope.tar.gz"'), tmp_path / "r")
