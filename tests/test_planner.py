@@ -38,7 +38,7 @@ def test_run_directory_layout(run_dir: Path) -> None:
         "rounds/r001/n002",
     ):
         assert (run_dir / relative).exists(), relative
-    model, metadata = load_model(run_dir / "models/global_r000.safetensors")
+    _model, metadata = load_model(run_dir / "models/global_r000.safetensors")
     assert metadata["version"] == "0" and metadata["num_classes"] == "4"
 
 
@@ -52,7 +52,7 @@ def test_every_submit_file_parses_with_htcondor(run_dir: Path) -> None:
     assert "dagtrain.pyz" in node["transfer_input_files"]
     assert node["transfer_output_files"] == "update.safetensors, metrics.json"
     assert node["request_cpus"] == "1"
-    assert "request_gpus" not in node.keys()
+    assert "request_gpus" not in node
     assert {"log", "output", "error"} <= set(node.keys())
 
 
@@ -99,7 +99,7 @@ def test_existing_run_is_never_overwritten(run_dir: Path, tiny_config: Callable[
 
 
 def test_failed_plan_writes_nothing(tiny_config: Callable[..., Path], tmp_path: Path) -> None:
-    with pytest.raises(UserError, match="local_train|fragments|class"):
+    with pytest.raises(UserError, match=r"local_train|fragments|class"):
         plan_from_file(tiny_config(data__local_train="100000"), tmp_path / "run")
     assert not (tmp_path / "run").exists()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".run")]
@@ -126,7 +126,7 @@ def test_interpreter_path_on_the_nodes(tiny_config: Callable[..., Path], tmp_pat
     node = htcondor2.Submit((run / "submit/node.sub").read_text())
     assert node["executable"] == "/opt/py/bin/python3"
     assert node["transfer_executable"] == "false"
-    assert "container_image" not in node.keys()
+    assert "container_image" not in node
 
 
 def test_container_image(tiny_config: Callable[..., Path], tmp_path: Path) -> None:
@@ -137,7 +137,7 @@ def test_container_image(tiny_config: Callable[..., Path], tmp_path: Path) -> No
     assert node["container_image"] == "docker://example.org/torch:2"
     assert node["executable"] == "/usr/bin/python3"
     aggregate = htcondor2.Submit((run / "submit/aggregate.sub").read_text())
-    assert "container_image" not in aggregate.keys()
+    assert "container_image" not in aggregate
 
 
 def test_environment_tarball_is_unpacked_by_the_wrapper(
@@ -170,5 +170,5 @@ def test_environment_tarball_is_unpacked_by_the_wrapper(
 def test_missing_environment_tarball_is_named(
     tiny_config: Callable[..., Path], tmp_path: Path
 ) -> None:
-    with pytest.raises(UserError, match="env_tarball.*no such file"):
+    with pytest.raises(UserError, match=r"env_tarball.*no such file"):
         plan_from_file(tiny_config(execution__env_tarball='"nope.tar.gz"'), tmp_path / "r")
