@@ -1,13 +1,17 @@
-"""The `dagtrain` command: plan, run, serve, prepare and demo."""
+"""The `dagtrain` command: plan, run, submit, status, serve, prepare and demo."""
 
 import argparse
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from rich.console import Console
 from rich.markup import escape
 
 from node_payload.errors import UserError
+
+if TYPE_CHECKING:
+    from pipeline.remote import SshOptions
 
 console = Console(stderr=True)
 
@@ -26,6 +30,55 @@ def _run(args: argparse.Namespace) -> int:
 
     report = run_local(args.run_dir.resolve(), slots=args.slots)
     return 0 if report["status"] == "completed" else 1
+
+
+def _ssh(args: argparse.Namespace) -> "SshOptions":
+    from pipeline.remote import SshOptions, parse_target
+
+    return SshOptions(parse_target(args.remote), args.known_hosts, args.identity)
+
+
+def _check_remote_options(args: argparse.Namespace) -> None:
+    if not args.remote and (args.remote_dir or args.known_hosts or args.identity):
+        raise UserError("--remote-dir, --known-hosts and --identity need --remote USER@HOST")
+
+
+def _submit(args: argparse.Namespace) -> int:
+    _check_remote_options(args)
+    run_dir = args.run_dir.resolve()
+    if args.remote:
+        from pipeline.remote import submit_remote
+
+        cluster, where = submit_remote(
+            run_dir, _ssh(args), args.remote_dir, maxjobs=args.maxjobs, maxidle=args.maxidle
+        )
+    else:
+        from pipeline.submission import submit
+
+        cluster, where = submit(run_dir, maxjobs=args.maxjobs, maxidle=args.maxidle), run_dir
+    console.print(f"submitted [bold]{where}[/] as DAGMan job {cluster}")
+    remote = f" --remote {args.remote}" if args.remote else ""
+    console.print(f"watch it with: dagtrain status {run_dir}{remote} --watch")
+    print(cluster)
+    return 0
+
+
+def _status(args: argparse.Namespace) -> int:
+    from pipeline.run_status import show
+
+    _check_remote_options(args)
+    run_dir = args.run_dir.resolve()
+    out = Console()
+    if args.remote:
+        from pipeline.remote import RemoteRun
+
+        with RemoteRun(run_dir, _ssh(args), args.remote_dir) as remote:
+            status = show(remote.status, out, watch=args.watch)
+    else:
+        from pipeline.submission import status as local_status
+
+        status = show(lambda: local_status(run_dir), out, watch=args.watch)
+    return 1 if status.state == "failed" else 0
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -61,6 +114,22 @@ def _demo(args: argparse.Namespace) -> int:
     return 0 if report["status"] == "completed" else 1
 
 
+def _remote_options(command: argparse.ArgumentParser) -> None:
+    command.add_argument(
+        "--remote", metavar="USER@HOST[:PORT]", help="a submit host reached over SSH"
+    )
+    command.add_argument(
+        "--remote-dir",
+        help="the run's directory on the submit host (default: ~/dagtrain-runs/NAME-HASH)",
+    )
+    command.add_argument(
+        "--known-hosts", type=Path, help="known_hosts file (default: ~/.ssh/known_hosts)"
+    )
+    command.add_argument(
+        "--identity", type=Path, help="private key file (default: ssh-agent and ~/.ssh keys)"
+    )
+
+
 def parser() -> argparse.ArgumentParser:
     root = argparse.ArgumentParser(
         prog="dagtrain",
@@ -77,6 +146,19 @@ def parser() -> argparse.ArgumentParser:
     run.add_argument("run_dir", type=Path)
     run.add_argument("--slots", type=int, default=2, help="jobs at once (default 2)")
     run.set_defaults(func=_run)
+
+    submit = commands.add_parser("submit", help="submit a planned run to HTCondor (DAGMan)")
+    submit.add_argument("run_dir", type=Path)
+    submit.add_argument("--maxjobs", type=int, help="DAGMan throttle: node jobs queued at once")
+    submit.add_argument("--maxidle", type=int, help="DAGMan throttle: node jobs idle at once")
+    _remote_options(submit)
+    submit.set_defaults(func=_submit)
+
+    status = commands.add_parser("status", help="show a run's rounds, nodes and accuracy")
+    status.add_argument("run_dir", type=Path)
+    status.add_argument("--watch", action="store_true", help="refresh until the DAG ends")
+    _remote_options(status)
+    status.set_defaults(func=_status)
 
     serve = commands.add_parser("serve", help="serve a prepared dataset from embedded FTP mirrors")
     serve.add_argument("dataset_dir", type=Path)

@@ -18,6 +18,7 @@ import pytest
 
 from tests.condor_pool.pool import CondorPool, PoolError, provision, reason_unavailable
 
+REPO = Path(__file__).resolve().parents[2]
 WORK_BASE = Path(os.environ.get("DAGTRAIN_CONDOR_WORK", "/var/tmp/dagtrain-condor-pool"))
 
 
@@ -69,11 +70,13 @@ def condor_pool_dir(request: pytest.FixtureRequest) -> Iterator[Path]:
 
 @pytest.fixture(scope="session")
 def condor_pool(condor_pool_dir: Path) -> Iterator[CondorPool]:
-    """A running pool whose jobs see the Python installation, the venv and condor_pool_dir."""
+    """A running pool whose jobs see the Python installation, the venv, the repository (the
+    venv's editable install imports from it: `python -m pipeline.cli` runs inside the root)
+    and condor_pool_dir."""
     _require_pool()
     pool = CondorPool()
     pool.own(condor_pool_dir)
-    pool.start([Path(sys.base_prefix), Path(sys.prefix), condor_pool_dir])
+    pool.start([Path(sys.base_prefix), Path(sys.prefix), REPO, condor_pool_dir])
     try:
         yield pool
     finally:

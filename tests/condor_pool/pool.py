@@ -20,6 +20,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
 
@@ -160,6 +161,55 @@ class CondorPool:
         queue = self.run(["condor_q", "-nobatch"], cwd=dag.parent).stdout
         raise PoolError(f"DAG {dag} (cluster {cluster}) not done after {timeout_s} s:\n{queue}")
 
+    def start_sshd(self, port: int, authorized_key: str, timeout_s: float = 10) -> SshServer:
+        """Start OpenSSH's sshd inside the root, in the pool's namespace, on 127.0.0.1:port.
+
+        It accepts ``authorized_key`` (one public key line) for the job user, whose commands
+        get the pool's CONDOR_CONFIG, so they see the condor tools as a submit host's user would.
+        A fresh host key is generated per server; stop it with ``SshServer.stop``.
+        """
+        if self._master is None or self._master.poll() is not None:
+            raise PoolError(f"condor_master is not running\n{self.daemon_log_tail()}")
+        inside = Path(f"/run/dagtrain-sshd-{port}")  # as sshd sees it; root-owned, as it demands
+        state = self.root / inside.relative_to("/")
+        shutil.rmtree(state, ignore_errors=True)
+        state.mkdir(parents=True)
+        (self.root / "run" / "sshd").mkdir(exist_ok=True)  # sshd's privilege separation dir
+        keygen = ["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", f"{inside}/host_key"]
+        made = self.run(keygen, cwd=Path("/"), as_user=False)
+        if made.returncode != 0:
+            raise PoolError(f"ssh-keygen failed: {made.stderr}")
+        (state / "authorized_keys").write_text(authorized_key.strip() + "\n")
+        options = {
+            "ListenAddress": "127.0.0.1",
+            "HostKey": f"{inside}/host_key",
+            "AuthorizedKeysFile": f"{inside}/authorized_keys",
+            "AllowUsers": self.user,
+            "PasswordAuthentication": "no",
+            "KbdInteractiveAuthentication": "no",
+            "SetEnv": f"CONDOR_CONFIG={self.config}",
+            "PidFile": "none",
+        }
+        args = [f"-o{key}={value}" for key, value in options.items()]
+        enter = ["nsenter", f"--target={self._master.pid}", "--mount", "chroot", str(self.root)]
+        log = (state / "sshd.log").open("wb")
+        process = subprocess.Popen(
+            [*enter, "/usr/sbin/sshd", "-D", "-e", "-p", str(port), *args],
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        log.close()
+        server = SshServer(process, port, (state / "host_key.pub").read_text().strip(), state)
+        deadline = time.monotonic() + timeout_s
+        while not _port_open(port):
+            if process.poll() is not None or time.monotonic() > deadline:
+                server.stop()
+                raise PoolError(f"sshd did not start on port {port}:\n{server.log()}")
+            time.sleep(0.1)
+        return server
+
     def own(self, path: Path) -> None:
         """Give ``path`` (recursively) to the job user, so jobs and DAGMan can write there."""
         for entry in [path, *path.rglob("*")]:
@@ -220,6 +270,39 @@ class CondorPool:
                 _kill(pid)
             time.sleep(0.1)
         raise PoolError(f"processes still running inside {self.root}: {strays}")
+
+
+@dataclass
+class SshServer:
+    """An sshd started by ``CondorPool.start_sshd``."""
+
+    process: subprocess.Popen[bytes]
+    port: int
+    host_key: str  # "ssh-ed25519 AAAA...": the public key, for a known_hosts line
+    state: Path  # host key, authorized_keys and sshd.log, inside the root
+
+    def known_hosts_line(self) -> str:
+        return f"[127.0.0.1]:{self.port} {self.host_key}\n"
+
+    def log(self) -> str:
+        path = self.state / "sshd.log"
+        return path.read_text(errors="replace") if path.is_file() else ""
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        shutil.rmtree(self.state, ignore_errors=True)
+
+
+def _port_open(port: int) -> bool:
+    with socket.socket() as probe:
+        probe.settimeout(0.5)
+        return probe.connect_ex(("127.0.0.1", port)) == 0
 
 
 def _passwd_entry(root: Path, user: str) -> tuple[int, int, str]:

@@ -139,6 +139,9 @@ ALLOW_NEGOTIATOR = 127.0.0.1
 ALLOW_DAEMON = 127.0.0.1
 SEC_DEFAULT_AUTHENTICATION = OPTIONAL
 SEC_DEFAULT_AUTHENTICATION_METHODS = FS
+# The host venv's htcondor2 wheel (newer than these 23.9 daemons) expects FS authentication
+# to bind the server's address into the directory name, which 23.9 servers do not do.
+SEC_FS_ENFORCE_CHANNEL_BINDING = False
 
 # Short cycles: tests wait on the pool, not on production-sized intervals.
 UPDATE_INTERVAL = 2

@@ -1,0 +1,227 @@
+"""What a run is doing, read from the files DAGMan (or the local runner) and the jobs write.
+
+The NODE_STATUS_FILE says which nodes are done, failed, queued and how often they were retried;
+it is rewritten only every few seconds, so the nodes' job event logs (read with
+htcondor2.JobEventLog) refine a queued node into idle, running or held. Round metrics come from
+rounds/rRRR/round.json. dagman.out is never parsed: its format is meant for people, not tools.
+Both a pool and the local runner write these files in the same format, so one view serves both.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import classad2
+import htcondor2
+from rich.console import Console, Group
+from rich.live import Live
+from rich.table import Table
+from rich.text import Text
+
+from node_payload.errors import UserError
+from node_payload.run_config import read_run_config
+from node_payload.run_layout import (
+    CONFIG_FILE,
+    MISSING_MARK,
+    REPORT_FILE,
+    STATUS_FILE,
+    aggregate_name,
+    node_dir,
+    node_name,
+    round_dir,
+    round_metrics_path,
+)
+
+# NodeStatus and DagStatus codes of the NODE_STATUS_FILE (DAGMan manual).
+NOT_READY, READY, PRERUN, SUBMITTED, POSTRUN, DONE, ERROR, FUTILE = range(8)
+NODE_STATES = ("waiting", "idle", "running", "held", "done", "failed")
+
+_JOB_EVENTS = {
+    htcondor2.JobEventType.SUBMIT: "idle",
+    htcondor2.JobEventType.JOB_RELEASED: "idle",
+    htcondor2.JobEventType.JOB_EVICTED: "idle",
+    htcondor2.JobEventType.EXECUTE: "running",
+    htcondor2.JobEventType.JOB_HELD: "held",
+    htcondor2.JobEventType.JOB_TERMINATED: "ended",
+    htcondor2.JobEventType.JOB_ABORTED: "ended",
+}
+_ACTIVE = ("idle", "running", "held")
+
+
+@dataclass
+class RoundStatus:
+    """One round: its node jobs by state, its aggregation, and its held-out accuracy."""
+
+    index: int
+    nodes: Counter[str] = field(default_factory=Counter)
+    missing: int = 0
+    retries: int = 0
+    aggregate: str = "waiting"
+    accuracy: float | None = None
+
+
+@dataclass
+class RunStatus:
+    """A run as its files describe it; `state` is not started, running, done or failed."""
+
+    run_dir: Path
+    name: str
+    nodes_per_round: int
+    state: str
+    rounds: list[RoundStatus]
+    report_status: str | None = None
+    updated: int | None = None  # the status file's Timestamp
+
+    @property
+    def ended(self) -> bool:
+        return self.state in ("done", "failed")
+
+    @property
+    def accuracy(self) -> list[float]:
+        return [r.accuracy for r in self.rounds if r.accuracy is not None]
+
+    @property
+    def retries(self) -> int:
+        return sum(r.retries for r in self.rounds)
+
+    @property
+    def current_round(self) -> int:
+        """The first round not yet aggregated (the last one when all are)."""
+        for r in self.rounds:
+            if r.aggregate != "done":
+                return r.index
+        return len(self.rounds) - 1
+
+
+def read_status_file(path: Path) -> tuple[dict[str, classad2.ClassAd], classad2.ClassAd | None]:
+    """The NodeStatus ads by node name, and the DagStatus ad (None without a file)."""
+    if not path.is_file():
+        return {}, None
+    try:
+        ads = list(classad2.parseAds(path.read_text()))
+    except (OSError, ValueError, classad2.ClassAdException) as exc:
+        raise UserError(f"{path}: not a DAGMan node status file ({exc})") from None
+    nodes = {str(ad["Node"]): ad for ad in ads if ad.get("Type") == "NodeStatus"}
+    head = next((ad for ad in ads if ad.get("Type") == "DagStatus"), None)
+    return nodes, head
+
+
+def job_state(log: Path) -> str | None:
+    """The state of the latest job in a user log: idle, running, held, ended (None: no log)."""
+    if not log.is_file():
+        return None
+    state = None
+    events = htcondor2.JobEventLog(str(log))
+    try:
+        for event in events.events(stop_after=0):
+            state = _JOB_EVENTS.get(event.type, state)
+    finally:
+        events.close()
+    return state
+
+
+def node_state(status: int | None, job: str | None) -> str:
+    """One of NODE_STATES, from the status file's code and the job log's latest event.
+
+    The log wins only while its job is active: a finished job's node is whatever DAGMan (POST
+    script, retries) made of it, and logs of an earlier submission must not count again.
+    A futile node (one that will not run because a parent failed) counts as waiting.
+    """
+    if status == DONE:
+        return "done"
+    if status == ERROR:
+        return "failed"
+    if job in _ACTIVE:
+        return job
+    if status in (PRERUN, SUBMITTED, POSTRUN):
+        return "running" if job == "ended" or status != SUBMITTED else "idle"
+    return "waiting"
+
+
+def _dag_state(head: classad2.ClassAd | None, rounds: list[RoundStatus]) -> str:
+    if head is not None:
+        code = head.get("DagStatus")
+        return {DONE: "done", ERROR: "failed"}.get(code, "running")
+    active = any(r.nodes[s] for r in rounds for s in _ACTIVE) or any(
+        r.aggregate in _ACTIVE for r in rounds
+    )
+    return "running" if active else "not started"
+
+
+def _round(run_dir: Path, index: int, nodes: int, ads: dict[str, classad2.ClassAd]) -> RoundStatus:
+    status = RoundStatus(index)
+    for n in range(nodes):
+        ad = ads.get(node_name(index, n))
+        code = ad.get("NodeStatus") if ad is not None else None
+        status.nodes[node_state(code, job_state(node_dir(run_dir, index, n) / "job.log"))] += 1
+        status.retries += int(ad.get("RetryCount", 0)) if ad is not None else 0
+        status.missing += (node_dir(run_dir, index, n) / MISSING_MARK).is_file()
+    ad = ads.get(aggregate_name(index))
+    status.aggregate = node_state(
+        ad.get("NodeStatus") if ad is not None else None,
+        job_state(round_dir(run_dir, index) / "aggregate.log"),
+    )
+    metrics = round_metrics_path(run_dir, index)
+    if metrics.is_file():
+        status.accuracy = json.loads(metrics.read_text())["accuracy"]
+    return status
+
+
+def read_status(run_dir: Path) -> RunStatus:
+    """The run's status now; works on a run directory or on a copy of its small files."""
+    if not (run_dir / CONFIG_FILE).is_file():
+        raise UserError(f"{run_dir}: not a run directory (no {CONFIG_FILE}); plan one first")
+    run = read_run_config(run_dir / CONFIG_FILE)["run"]
+    ads, head = read_status_file(run_dir / STATUS_FILE)
+    rounds = [_round(run_dir, r, run["nodes"], ads) for r in range(run["rounds"])]
+    report = run_dir / REPORT_FILE
+    return RunStatus(
+        run_dir=run_dir,
+        name=run["name"],
+        nodes_per_round=run["nodes"],
+        state=_dag_state(head, rounds),
+        rounds=rounds,
+        report_status=json.loads(report.read_text())["status"] if report.is_file() else None,
+        updated=int(head["Timestamp"]) if head is not None and "Timestamp" in head else None,
+    )
+
+
+def render(status: RunStatus) -> Group:
+    """One table row per round that has started, under a line about the whole run."""
+    table = Table(title=f"dagtrain run {status.name!r}", expand=False)
+    for column in ("round", *NODE_STATES, "missing", "retries", "aggregate", "accuracy"):
+        table.add_column(column, justify="right")
+    shown = [r for r in status.rounds if r.nodes["waiting"] < status.nodes_per_round]
+    for r in shown or status.rounds[:1]:
+        accuracy = f"{r.accuracy:.3f}" if r.accuracy is not None else "-"
+        counts = [str(r.nodes[s]) for s in NODE_STATES]
+        table.add_row(str(r.index), *counts, str(r.missing), str(r.retries), r.aggregate, accuracy)
+    summary = (
+        f"{status.state}: round {status.current_round + 1}/{len(status.rounds)}, "
+        f"{status.retries} retries, held-out accuracy "
+        f"{' '.join(f'{a:.3f}' for a in status.accuracy) or '-'}"
+    )
+    if status.report_status is not None:
+        summary += f"; report: {status.report_status}"
+    return Group(Text(summary), table)
+
+
+def show(
+    read: Callable[[], RunStatus], console: Console, watch: bool, interval_s: float = 2.0
+) -> RunStatus:
+    """Print the status once, or refresh it until the DAG ends (`read` may fetch remote files)."""
+    status = read()
+    if not watch or status.ended:
+        console.print(render(status))
+        return status
+    with Live(render(status), console=console, refresh_per_second=4) as live:
+        while not status.ended:
+            time.sleep(interval_s)
+            status = read()
+            live.update(render(status))
+    return status
