@@ -4,12 +4,13 @@ Tensors cross machine boundaries (execute node -> submit host), so they are only
 safetensors: a pickle or torch.save file could run arbitrary code when loaded and is refused.
 """
 
+import json
 import os
 import secrets
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -43,13 +44,32 @@ def save_tensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[st
     tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
     try:
         save_file({k: v.contiguous() for k, v in tensors.items()}, tmp, metadata=metadata)
-        with open(tmp, "rb") as f:
+        with open(tmp, "r+b") as f:
+            _sort_metadata(f)
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
     _fsync_dir(path.parent)
+
+
+def _sort_metadata(f: BinaryIO) -> None:
+    """Rewrite the header with its metadata keys sorted, in place and at the same length.
+
+    safetensors writes metadata in hash-map order, which changes from process to process; equal
+    tensors must give equal bytes (a rerun, a resumed run, a pool run and a local run).
+    """
+    size = int.from_bytes(f.read(8), "little")
+    header = json.loads(f.read(size))
+    if "__metadata__" not in header:
+        return
+    header["__metadata__"] = dict(sorted(header["__metadata__"].items()))
+    text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
+    if len(text) > size:
+        raise ValueError(f"sorted safetensors header is {len(text)} bytes, not at most {size}")
+    f.seek(8)
+    f.write(text.ljust(size, b" "))
 
 
 def _fsync_dir(directory: Path) -> None:

@@ -124,3 +124,12 @@ def test_bad_tensor_file_is_a_value_error_and_missing_file_is_not(tmp_path):
     assert issubclass(BadTensorFile, ValueError)
     with pytest.raises(FileNotFoundError):
         tensor_io.load_tensors(tmp_path / "absent.safetensors")
+
+
+def test_same_tensors_give_same_bytes(tmp_path):
+    # safetensors orders metadata by a hash seeded anew for every file it writes: unsorted, 8
+    # files of 6 metadata keys would almost surely not all agree (pool and local runs must).
+    paths = [tmp_path / f"m{i}.safetensors" for i in range(8)]
+    for path in paths:
+        tensor_io.save_tensors(path, _tensors(), tensor_io.model_metadata(3, "smallcnn", 6, 3, 64))
+    assert len({path.read_bytes() for path in paths}) == 1
