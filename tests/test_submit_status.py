@@ -61,9 +61,11 @@ log = report.log
 queue
 """
 AGGREGATE_SH = """printf '{"accuracy": %s}\\n' "$2" > "rounds/$1/round.json"\n"""
-REPORT_SH = (
-    """[ "$1" = 0 ] && s=completed || s=failed\nprintf '{"status": "%s"}\\n' "$s" > report.json\n"""
-)
+# Like the real report job, the FINAL node fails a failed DAG (else DAGMan calls it a success).
+REPORT_SH = """[ "$1" = 0 ] && s=completed || s=failed
+printf '{"status": "%s"}\\n' "$s" > report.json
+[ "$1" = 0 ]
+"""
 
 
 def fake_run(
