@@ -35,6 +35,7 @@ from node_payload.run_layout import (
     node_name,
     round_dir,
     round_metrics_path,
+    round_tag,
 )
 
 # NodeStatus and DagStatus codes of the NODE_STATUS_FILE (DAGMan manual).
@@ -200,7 +201,9 @@ def render(status: RunStatus) -> Group:
     for r in shown or status.rounds[:1]:
         accuracy = f"{r.accuracy:.3f}" if r.accuracy is not None else "-"
         counts = [str(r.nodes[s]) for s in NODE_STATES]
-        table.add_row(str(r.index), *counts, str(r.missing), str(r.retries), r.aggregate, accuracy)
+        table.add_row(
+            round_tag(r.index), *counts, str(r.missing), str(r.retries), r.aggregate, accuracy
+        )
     summary = (
         f"{status.state}: round {status.current_round + 1}/{len(status.rounds)}, "
         f"{status.retries} retries, held-out accuracy "
