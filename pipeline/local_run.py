@@ -15,7 +15,8 @@ from pipeline.progress import RunProgress
 from pipeline.rescue import reopen_missing_nodes
 
 
-def _mirror_ports(mirrors: list[str]) -> list[int]:
+def mirror_ports(mirrors: list[str]) -> list[int]:
+    """The ports of the planned embedded mirrors: a run keeps the ports its config names."""
     return [int(url.rsplit(":", 1)[1].split("/")[0]) for url in mirrors]
 
 
@@ -30,7 +31,7 @@ def run_local(run_dir: Path, slots: int = 2, show_progress: bool = True) -> dict
         console.print(f"resuming: missing nodes run again: {', '.join(reopened)}")
     data = config["data"]
     mirrors = (
-        serve(Path(data["dataset"]), _mirror_ports(data["mirrors"]))
+        serve(Path(data["dataset"]), mirror_ports(data["mirrors"]))
         if data.get("embedded")
         else None
     )

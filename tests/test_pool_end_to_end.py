@@ -1,0 +1,221 @@
+"""Planned runs on the personal HTCondor pool: the generated DAG runs there unchanged, and the
+local runner is a faithful stand-in (same model bytes, same quorum and rescue behaviour)."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+
+from node_payload.run_config import read_run_config
+from node_payload.run_layout import CONFIG_FILE, DAG_FILE, REPORT_FILE, model_path
+from node_payload.tensor_io import load_tensors
+from pipeline import config as config_mod
+from pipeline import planner
+from pipeline.local_run import mirror_ports, run_local
+from pipeline.local_runner.dag_file import Node, parse_dag
+from pipeline.mirrors import serve
+from pipeline.rescue import reopen_missing_nodes
+from tests.condor_pool.pool import CondorPool
+
+pytestmark = pytest.mark.pool
+
+# Short enough to keep the tests quick, long enough for a healthy tiny node job to finish.
+DEADLINE_S = 20
+
+
+def _plan(config_path: Path, run_dir: Path) -> Path:
+    return planner.write(planner.make_plan(config_mod.load(config_path)), run_dir)
+
+
+@contextmanager
+def _mirrors(run_dir: Path) -> Iterator[None]:
+    """The run's embedded mirrors, on the ports its config.toml names (as `dagtrain run` does)."""
+    data = read_run_config(run_dir / CONFIG_FILE)["data"]
+    with serve(Path(data["dataset"]), mirror_ports(data["mirrors"])):
+        yield
+
+
+def _submit(pool: CondorPool, run_dir: Path, timeout_s: float = 240) -> int:
+    """condor_submit_dag dagtrain.dag from the run directory; returns DAGMan's exit status."""
+    pool.own(run_dir)
+    dag = run_dir / DAG_FILE
+    pool.submit_dag(dag)
+    return pool.wait_dag(dag, timeout_s)
+
+
+def _report(run_dir: Path) -> dict:
+    return json.loads((run_dir / REPORT_FILE).read_text())
+
+
+def _round(run_dir: Path, round_: int) -> dict:
+    return json.loads((run_dir / f"rounds/r{round_:03d}/round.json").read_text())
+
+
+def _max_abs_difference(a: Path, b: Path) -> float:
+    first, _ = load_tensors(a)
+    second, _ = load_tensors(b)
+    assert first.keys() == second.keys()
+    return max((first[name].double() - second[name].double()).abs().max().item() for name in first)
+
+
+def _executions(job_log: Path) -> int:
+    """How many times a job started, from the execute (001) events of its user log."""
+    return len(re.findall(r"^001 ", job_log.read_text(), re.MULTILINE))
+
+
+@pytest.mark.slow
+def test_pool_run_matches_local_runner(
+    condor_pool: CondorPool,
+    condor_workdir: Path,
+    tiny_config: Callable[..., Path],
+    tmp_path: Path,
+) -> None:
+    pool_run = _plan(tiny_config(), condor_workdir / "run")
+    local_run = shutil.copytree(pool_run, tmp_path / "local-run")
+
+    started = time.monotonic()
+    with _mirrors(pool_run):
+        status = _submit(condor_pool, pool_run)
+    pool_seconds = time.monotonic() - started
+    assert status == 0, (pool_run / f"{DAG_FILE}.dagman.out").read_text()[-3000:]
+    report = _report(pool_run)
+    assert report["status"] == "completed" and report["rounds_completed"] == 2
+    assert [r["nodes_used"] for r in report["rounds"]] == [3, 3]
+    assert model_path(pool_run, 2).stat().st_size > 0
+
+    started = time.monotonic()
+    local_report = run_local(local_run, slots=3, show_progress=False)
+    local_seconds = time.monotonic() - started
+    assert local_report["status"] == "completed"
+
+    # Both ran each node job on one thread: the slot's RequestCpus, read from the job ad.
+    for run_dir in (pool_run, local_run):
+        for metrics in run_dir.glob("rounds/*/*/metrics.json"):
+            assert json.loads(metrics.read_text())["threads"] == 1, metrics
+    difference = _max_abs_difference(model_path(pool_run, 2), model_path(local_run, 2))
+    print(
+        f"\npool run {pool_seconds:.1f} s, local runner {local_seconds:.1f} s, "
+        f"max abs weight difference {difference}"
+    )
+    assert difference == 0.0
+    # Not only the final weights: every update and model file is the same, byte for byte.
+    for relative in _tensor_files(pool_run):
+        assert (pool_run / relative).read_bytes() == (local_run / relative).read_bytes(), relative
+
+
+def _tensor_files(run_dir: Path) -> list[Path]:
+    """Models, server states and updates; the held-out cache is fetched data, not results."""
+    found = [*run_dir.glob("models/*.safetensors"), *run_dir.glob("rounds/*/*/update.safetensors")]
+    return sorted(path.relative_to(run_dir) for path in found)
+
+
+@pytest.mark.slow
+def test_pool_round_goes_on_at_quorum_without_failed_and_removed_nodes(
+    condor_pool: CondorPool, condor_workdir: Path, tiny_config: Callable[..., Path]
+) -> None:
+    """Node 1 fails every try, node 2 hangs until periodic_remove: 2 of 4 updates meet 0.5."""
+    config = tiny_config(
+        run__nodes="4",
+        run__rounds="1",
+        run__quorum="0.5",
+        run__retries="1",
+        run__node_deadline_s=str(DEADLINE_S),
+        faults__fail="[[0, 1]]",
+        faults__hang="[[0, 2]]",
+    )
+    run_dir = _plan(config, condor_workdir / "run")
+    with _mirrors(run_dir):
+        assert _submit(condor_pool, run_dir) == 0
+    round_ = _round(run_dir, 0)
+    assert round_["nodes_used"] == 2 and round_["nodes_missing"] == [1, 2]
+    assert _report(run_dir)["status"] == "completed"
+    nodes = run_dir / "rounds/r000"
+    assert (nodes / "n001/MISSING").read_text() == "failed 2 times, last exit code 75\n"
+    assert "removed" in (nodes / "n002/MISSING").read_text()
+    assert _executions(nodes / "n001/job.log") == 2
+    assert "PeriodicRemove expression" in (nodes / "n002/job.log").read_text()
+
+
+@pytest.mark.slow
+def test_pool_below_quorum_stops_and_rescue_reruns_only_missing_nodes(
+    condor_pool: CondorPool, condor_workdir: Path, tiny_config: Callable[..., Path]
+) -> None:
+    config = tiny_config(
+        run__quorum="1.0",
+        run__retries="1",
+        run__node_deadline_s=str(DEADLINE_S),
+        faults__fail="[[0, 1]]",
+        faults__hang="[[0, 2]]",
+    )
+    run_dir = _plan(config, condor_workdir / "run")
+    with _mirrors(run_dir):
+        assert _submit(condor_pool, run_dir) != 0
+        report = _report(run_dir)
+        assert report["status"] == "failed" and report["rounds_completed"] == 0
+        assert (run_dir / f"{DAG_FILE}.rescue001").is_file()
+        assert "quorum needs 3" in (run_dir / "rounds/r000/aggregate.err").read_text()
+        finished = run_dir / "rounds/r000/n000"
+        metrics = (finished / "metrics.json").read_bytes()
+
+        # Fix the cause, give the missing nodes another chance, and submit the same DAG again:
+        # DAGMan itself picks up the rescue DAG.
+        resolved = run_dir / CONFIG_FILE
+        text = resolved.read_text()
+        resolved.write_text(re.sub(r"(?m)^(fail|hang) = .*$", r"\1 = []", text))
+        assert reopen_missing_nodes(run_dir) == ["train_r000_n001", "train_r000_n002"]
+        assert _submit(condor_pool, run_dir) == 0
+
+    report = _report(run_dir)
+    assert report["status"] == "completed" and report["rounds_completed"] == 2
+    assert [r["nodes_used"] for r in report["rounds"]] == [3, 3]
+    assert (finished / "metrics.json").read_bytes() == metrics
+    assert _executions(finished / "job.log") == 1
+    assert _executions(run_dir / "rounds/r000/n001/job.log") == 3  # 2 failed tries, then 1
+
+
+def test_dagman_and_condor_submit_accept_the_generated_files(
+    condor_pool: CondorPool, condor_workdir: Path, tiny_config: Callable[..., Path]
+) -> None:
+    """condor_submit_dag -no_submit takes the DAG; each submit file, with its node's VARS as
+    DAGMan would pass them, gives the job ad the planner meant (condor_submit -dry-run)."""
+    run_dir = _plan(tiny_config(), condor_workdir / "run")
+    condor_pool.own(run_dir)
+    proc = condor_pool.run(["condor_submit_dag", "-no_submit", DAG_FILE], cwd=run_dir)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert (run_dir / f"{DAG_FILE}.condor.sub").is_file()
+
+    dag = parse_dag(run_dir / DAG_FILE)
+    node = _dry_run(condor_pool, dag.nodes["train_r001_n002"], RETRY="1")
+    assert node["Iwd"] == str(run_dir / "rounds/r001/n002")
+    assert "../../../models/global_r001.safetensors" in node["TransferInput"]
+    assert "--round 1 --node 2" in node["Arguments"] and "--attempt 1" in node["Arguments"]
+    assert node["RequestCpus"] == "1" and node["JobMaxRetries"] == "0"
+    assert (
+        f"> {read_run_config(run_dir / CONFIG_FILE)['run']['node_deadline_s']}"
+        in (node["PeriodicRemove"])
+    )
+    aggregate = _dry_run(condor_pool, dag.nodes["aggregate_r001"])
+    assert aggregate["JobUniverse"] == "12" and "--round 1" in aggregate["Arguments"]
+    report = _dry_run(condor_pool, dag.nodes["report"], DAG_STATUS="2")
+    assert "--dag-status 2" in report["Arguments"]
+
+
+def _dry_run(pool: CondorPool, node: Node, **dagman_macros: str) -> dict[str, str]:
+    """The job ad condor_submit would queue for a DAG node (values as unparsed expressions).
+
+    DAGMan defines its own macros ($(RETRY), $(DAG_STATUS)) beside the node's VARS.
+    """
+    macros = {**dagman_macros, **node.vars}
+    appended = [arg for name, value in macros.items() for arg in ("-a", f"{name} = {value}")]
+    submit = node.submit_file.relative_to(node.directory)
+    proc = pool.run(["condor_submit", "-dry-run", "-", *appended, str(submit)], cwd=node.directory)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    found = re.findall(r"^(\w+)\s*=\s*(.*)$", proc.stdout, re.MULTILINE)
+    return {name: value.strip('"') for name, value in found}
