@@ -161,12 +161,19 @@ class CondorPool:
         queue = self.run(["condor_q", "-nobatch"], cwd=dag.parent).stdout
         raise PoolError(f"DAG {dag} (cluster {cluster}) not done after {timeout_s} s:\n{queue}")
 
-    def start_sshd(self, port: int, authorized_key: str, timeout_s: float = 10) -> SshServer:
+    def start_sshd(
+        self,
+        port: int,
+        authorized_key: str,
+        environment: dict[str, str] | None = None,
+        timeout_s: float = 10,
+    ) -> SshServer:
         """Start OpenSSH's sshd inside the root, in the pool's namespace, on 127.0.0.1:port.
 
         It accepts ``authorized_key`` (one public key line) for the job user, whose commands
-        get the pool's CONDOR_CONFIG, so they see the condor tools as a submit host's user would.
-        A fresh host key is generated per server; stop it with ``SshServer.stop``.
+        get the pool's CONDOR_CONFIG (and ``environment``), so they see the condor tools as a
+        submit host's user would. A fresh host key is generated per server; stop it with
+        ``SshServer.stop``.
         """
         if self._master is None or self._master.poll() is not None:
             raise PoolError(f"condor_master is not running\n{self.daemon_log_tail()}")
@@ -187,7 +194,9 @@ class CondorPool:
             "AllowUsers": self.user,
             "PasswordAuthentication": "no",
             "KbdInteractiveAuthentication": "no",
-            "SetEnv": f"CONDOR_CONFIG={self.config}",
+            "SetEnv": " ".join(
+                f"{k}={v}" for k, v in {"CONDOR_CONFIG": self.config, **(environment or {})}.items()
+            ),
             "PidFile": "none",
         }
         args = [f"-o{key}={value}" for key, value in options.items()]
@@ -217,6 +226,10 @@ class CondorPool:
 
     def stop(self) -> None:
         """Shut the daemons down, then kill whatever still runs inside the root."""
+        if self._lock is None:
+            # Never started, or already stopped (atexit runs this again): the root may now hold
+            # another session's pool, which its strays must not take down.
+            return
         master, self._master = self._master, None
         if master is not None and master.poll() is None:
             # SIGQUIT: fast shutdown; a graceful one waits for claimed slots (30 s and more).
