@@ -1,6 +1,7 @@
 """The `dagtrain` command: plan, run, submit, status, serve, prepare and demo."""
 
 import argparse
+import shlex
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -56,9 +57,19 @@ def _submit(args: argparse.Namespace) -> int:
         from pipeline.submission import submit
 
         cluster, where = submit(run_dir, maxjobs=args.maxjobs, maxidle=args.maxidle), run_dir
-    console.print(f"submitted [bold]{where}[/] as DAGMan job {cluster}")
-    remote = f" --remote {args.remote}" if args.remote else ""
-    console.print(f"watch it with: dagtrain status {run_dir}{remote} --watch")
+    console.print(f"submitted [bold]{where}[/] as DAGMan job {cluster}", soft_wrap=True)
+    options = [
+        f"{flag} {shlex.quote(str(value))}"
+        for flag, value in (
+            ("--remote", args.remote),
+            ("--remote-dir", args.remote_dir),
+            ("--known-hosts", args.known_hosts),
+            ("--identity", args.identity),
+        )
+        if value
+    ]
+    watch = " ".join(["dagtrain status", shlex.quote(str(run_dir)), *options, "--watch"])
+    console.print(f"watch it with: {escape(watch)}", soft_wrap=True, highlight=False)
     print(cluster)
     return 0
 

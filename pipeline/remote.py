@@ -139,13 +139,18 @@ class SshSession:
                 f"if the host was reinstalled, remove the old key with "
                 f"`ssh-keygen -f {known} -R '{target.known_hosts_name}'` and add the new one"
             ) from None
-        except paramiko.AuthenticationException as exc:
-            user = f"{target.user}@" if target.user else ""
-            raise UserError(
-                f"SSH authentication as {user}{where} failed ({exc}); load your key into "
-                "ssh-agent, or name it with --identity FILE"
-            ) from None
         except (OSError, paramiko.SSHException) as exc:
+            transport = self.client.get_transport()
+            if isinstance(exc, paramiko.AuthenticationException) or (
+                transport is not None and transport.is_active()
+            ):
+                # Connected but not let in. paramiko may report this as the last error of its
+                # key attempts (e.g. a key file it cannot parse) rather than as a refusal.
+                user = f"{target.user}@" if target.user else ""
+                raise UserError(
+                    f"SSH authentication as {user}{where} failed ({exc}); load your key into "
+                    "ssh-agent, or name it with --identity FILE"
+                ) from None
             reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else exc
             raise UserError(f"cannot reach the submit host {where}: {reason}") from None
 
