@@ -1,0 +1,172 @@
+"""Which fragments a node trains and tests on, and which ones form the held-out test.
+
+Everything is a pure function of the manifest and a seed (numpy PCG64, never global state), so a
+retried node job draws exactly the same local dataset and every run can be reproduced.
+
+A node's local test must measure generalisation to unseen images, not to unseen crops of images
+it trained on, so per class the non-holdout source images are split into train sources and test
+sources. Held-out sources are reserved for the global held-out test and never reach a node.
+"""
+
+import hashlib
+import math
+
+import numpy as np
+
+from node_payload.errors import UserError
+from node_payload.manifest import Manifest
+
+_FIX = "lower [data] local_train/local_test or add more source images"
+
+
+def node_seed(run_seed: int, round_: int, node: int) -> int:
+    """The first 8 bytes (big-endian) of sha256("dagtrain-node/{run_seed}/{round_}/{node}"),
+    masked to 63 bits: stable across Python/numpy versions and uncorrelated between nodes."""
+    digest = hashlib.sha256(f"dagtrain-node/{run_seed}/{round_}/{node}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") & (2**63 - 1)
+
+
+def _rng(seed: int) -> np.random.Generator:
+    if seed < 0:
+        raise UserError(f"seeds must be non-negative, got {seed}")
+    return np.random.Generator(np.random.PCG64(seed))
+
+
+def _quotas(total: int, n_classes: int, rng: np.random.Generator) -> list[int]:
+    """Spread `total` over the classes: each gets floor or ceil, random classes get the extra."""
+    base, extra = divmod(total, n_classes)
+    quotas = [base] * n_classes
+    for c in rng.choice(n_classes, size=extra, replace=False):
+        quotas[int(c)] += 1
+    return quotas
+
+
+def _class_pools(manifest: Manifest, holdout: bool) -> list[dict[int, list[int]]]:
+    """Per class: source index -> fragment ids, for holdout or for non-holdout sources."""
+    pools: list[dict[int, list[int]]] = [{} for _ in manifest.classes]
+    for source, ids in manifest.by_source().items():
+        src = manifest.sources[source]
+        if src.holdout == holdout:
+            pools[src.label][source] = ids
+    return pools
+
+
+def _train_range(counts: list[int], n_train: int, n_test: int) -> tuple[int, int]:
+    """Admissible fragment totals of the train sources: at least n_train, leaving at least n_test
+    for the test sources, and at least one source on each side (every count is >= 1)."""
+    total = sum(counts)
+    return max(n_train, 1), min(total - n_test, total - 1)
+
+
+def _subset_sums(counts: list[int], high: int) -> list[int]:
+    """Bitsets of the subset sums (up to `high`) of each prefix of `counts`."""
+    mask = (1 << (high + 1)) - 1
+    reach = [1]
+    for count in counts:
+        reach.append((reach[-1] | (reach[-1] << count)) & mask)
+    return reach
+
+
+def _feasible(counts: list[int], low: int, high: int) -> bool:
+    # Prefix sums rise in steps of at most max(counts), so a window at least that wide always
+    # holds one; only near full capacity does the exact subset-sum question arise.
+    if high < low:
+        return False
+    return high - low + 1 >= max(counts) or _subset_sums(counts, high)[-1] >> low != 0
+
+
+def _check_class(manifest: Manifest, label: int, counts: list[int], n_train: int, n_test: int):
+    name = manifest.classes[label]
+    if len(counts) < 2:
+        raise UserError(
+            f"class {name!r} has {len(counts)} non-holdout source image(s) in {manifest.origin}; "
+            "local sets need at least 2 (local test images must differ from local train images): "
+            "add source images or lower [data] holdout"
+        )
+    if not _feasible(counts, *_train_range(counts, n_train, n_test)):
+        raise UserError(
+            f"class {name!r} cannot supply {n_train} local-train and {n_test} local-test "
+            f"fragments from disjoint source images ({len(counts)} non-holdout sources with "
+            f"{sum(counts)} fragments, largest {max(counts)}): {_FIX}"
+        )
+
+
+def check_capacity(manifest: Manifest, n_train: int, n_test: int) -> None:
+    """UserError unless every class can supply its (rounded-up) share for every seed."""
+    if n_train < 1 or n_test < 0:
+        raise UserError(f"local set sizes must be local_train >= 1 and local_test >= 0: {_FIX}")
+    per_train = math.ceil(n_train / len(manifest.classes))
+    per_test = math.ceil(n_test / len(manifest.classes))
+    for label, pool in enumerate(_class_pools(manifest, holdout=False)):
+        _check_class(manifest, label, [len(ids) for ids in pool.values()], per_train, per_test)
+
+
+def _split_sources(
+    sources: list[int], counts: list[int], n_train: int, n_test: int, rng: np.random.Generator
+) -> tuple[list[int], list[int]]:
+    """A random admissible split of one class's sources into train and test sources: a random
+    cut of a random permutation, or an exact subset-sum split when no cut fits."""
+    order = [int(i) for i in rng.permutation(len(sources))]
+    counts = [counts[i] for i in order]
+    low, high = _train_range(counts, n_train, n_test)
+    prefix = np.cumsum(counts)[:-1]
+    cuts = np.flatnonzero((prefix >= low) & (prefix <= high))
+    if cuts.size:
+        k = int(rng.choice(cuts)) + 1
+        return [sources[i] for i in order[:k]], [sources[i] for i in order[k:]]
+    reach = _subset_sums(counts, high)
+    target = low + (reach[-1] >> low & -(reach[-1] >> low)).bit_length() - 1
+    train: list[int] = []
+    test: list[int] = []
+    for i in reversed(range(len(order))):
+        if reach[i] >> target & 1:
+            test.append(sources[order[i]])
+        else:
+            train.append(sources[order[i]])
+            target -= counts[i]
+    return train, test
+
+
+def _draw(pool: dict[int, list[int]], chosen: list[int], n: int, rng: np.random.Generator):
+    ids = [i for source in sorted(chosen) for i in pool[source]]
+    return [ids[int(k)] for k in rng.choice(len(ids), size=n, replace=False)]
+
+
+def local_sets(
+    manifest: Manifest, seed: int, n_train: int, n_test: int
+) -> tuple[list[int], list[int]]:
+    """Class-balanced local train and test fragment ids (sorted) from disjoint source images."""
+    check_capacity(manifest, n_train, n_test)
+    rng = _rng(seed)
+    train_quota = _quotas(n_train, len(manifest.classes), rng)
+    test_quota = _quotas(n_test, len(manifest.classes), rng)
+    train: list[int] = []
+    test: list[int] = []
+    for label, pool in enumerate(_class_pools(manifest, holdout=False)):
+        sources = sorted(pool)
+        counts = [len(pool[s]) for s in sources]
+        train_src, test_src = _split_sources(
+            sources, counts, train_quota[label], test_quota[label], rng
+        )
+        train += _draw(pool, train_src, train_quota[label], rng)
+        test += _draw(pool, test_src, test_quota[label], rng)
+    return sorted(train), sorted(test)
+
+
+def heldout_set(manifest: Manifest, n: int, seed: int) -> list[int]:
+    """A class-balanced sample (sorted ids) of fragments of the held-out source images."""
+    if n < 0:
+        raise UserError(f"the held-out test size must be >= 0, got {n}")
+    rng = _rng(seed)
+    quota = _quotas(n, len(manifest.classes), rng)
+    chosen: list[int] = []
+    for label, pool in enumerate(_class_pools(manifest, holdout=True)):
+        available = sum(len(ids) for ids in pool.values())
+        if available < quota[label]:
+            raise UserError(
+                f"class {manifest.classes[label]!r} has {available} held-out fragments in "
+                f"{manifest.origin} but the held-out test needs {quota[label]}: lower the "
+                "held-out test size or prepare the dataset with a larger holdout"
+            )
+        chosen += _draw(pool, list(pool), quota[label], rng)
+    return sorted(chosen)

@@ -1,0 +1,146 @@
+import hashlib
+import math
+from collections import Counter
+
+import pytest
+
+from node_payload.errors import UserError
+from node_payload.manifest import COLUMNS, FORMAT, Manifest, encode
+from node_payload.sampling import check_capacity, heldout_set, local_sets, node_seed
+
+SHA = "0" * 64
+
+
+def make_manifest(counts: dict[str, list[int]], holdout: dict[str, int]) -> Manifest:
+    """Per class the fragment count of each source; the first holdout[c] sources are held out."""
+    sources, rows = [], []
+    for label, name in enumerate(sorted(counts)):
+        for i, n in enumerate(counts[name]):
+            sources.append(
+                {
+                    "path": f"{name}/{i}.png",
+                    "label": label,
+                    "width": 64 * n,
+                    "height": 64,
+                    "holdout": i < holdout.get(name, 0),
+                }
+            )
+            rows += [[len(sources) - 1, 64 * k, 0, 0, 0, 1, SHA] for k in range(n)]
+    doc = {
+        "format": FORMAT,
+        "tile": 64,
+        "overlap": 0.0,
+        "holdout": 0.25,
+        "seed": 0,
+        "mode": "L",
+        "classes": sorted(counts),
+        "sources": sources,
+        "shards": ["shards/s00000.bin"],
+        "fragments": {"columns": COLUMNS, "rows": rows},
+    }
+    return Manifest.from_bytes(encode(doc), "test-manifest.json")
+
+
+UNEVEN = make_manifest(
+    {"a": [9, 20, 12, 7, 15], "b": [30, 8, 8, 25], "c": [10, 10, 10, 3, 40, 6]},
+    {"a": 1, "b": 1, "c": 2},
+)
+
+
+def source_of(manifest: Manifest, ids: list[int]) -> set[int]:
+    return {manifest.fragments[i].source for i in ids}
+
+
+def assert_balanced(manifest: Manifest, ids: list[int], n: int) -> None:
+    per_class = Counter(manifest.fragments[i].label for i in ids)
+    k = len(manifest.classes)
+    assert len(ids) == n == sum(per_class.values())
+    assert all(n // k <= per_class[c] <= math.ceil(n / k) for c in range(k))
+
+
+def test_node_seed_is_stable_and_distinct():
+    digest = hashlib.sha256(b"dagtrain-node/5/2/3").digest()
+    assert node_seed(5, 2, 3) == int.from_bytes(digest[:8], "big") & (2**63 - 1)
+    seeds = {node_seed(run, r, n) for run in range(3) for r in range(10) for n in range(10)}
+    assert len(seeds) == 300
+    assert all(0 <= s < 2**63 for s in seeds)
+
+
+@pytest.mark.parametrize("seed", range(200))
+def test_local_sets_properties(seed):
+    train, test = local_sets(UNEVEN, seed, n_train=32, n_test=13)
+    assert_balanced(UNEVEN, train, 32)
+    assert_balanced(UNEVEN, test, 13)
+    assert len(set(train)) == 32 and len(set(test)) == 13
+    assert train == sorted(train) and test == sorted(test)
+    train_sources, test_sources = source_of(UNEVEN, train), source_of(UNEVEN, test)
+    assert not train_sources & test_sources
+    assert not any(UNEVEN.sources[s].holdout for s in train_sources | test_sources)
+    assert local_sets(UNEVEN, seed, 32, 13) == (train, test)
+
+
+def test_local_sets_vary_with_the_seed():
+    draws = {tuple(local_sets(UNEVEN, seed, 12, 6)[0]) for seed in range(20)}
+    assert len(draws) == 20
+    splits = {frozenset(source_of(UNEVEN, local_sets(UNEVEN, s, 3, 3)[1])) for s in range(50)}
+    assert len(splits) > 10
+
+
+def test_extra_fragments_go_to_random_classes():
+    extra = Counter()
+    for seed in range(60):
+        train, _ = local_sets(UNEVEN, seed, 31, 0)
+        counts = Counter(UNEVEN.fragments[i].label for i in train)
+        extra.update(c for c in range(3) if counts[c] == 11)
+    assert sum(extra.values()) == 60 and all(extra[c] > 0 for c in range(3))
+
+
+@pytest.mark.parametrize("seed", range(30))
+def test_exact_capacity_needs_the_right_split(seed):
+    # Only {5, 3} + {7} (train 8, test 7) fits; most permutation cuts do not.
+    tight = make_manifest({"x": [7, 5, 3], "y": [7, 5, 3]}, {})
+    train, test = local_sets(tight, seed, 16, 14)
+    assert_balanced(tight, train, 16)
+    assert_balanced(tight, test, 14)
+    assert not source_of(tight, train) & source_of(tight, test)
+
+
+def test_too_few_sources_names_the_class():
+    manifest = make_manifest({"a": [5, 5, 5], "b": [5, 5]}, {"b": 1})
+    with pytest.raises(UserError, match="class 'b' has 1 non-holdout source"):
+        check_capacity(manifest, 2, 2)
+    with pytest.raises(UserError, match="class 'b'"):
+        local_sets(manifest, 0, 2, 2)
+
+
+def test_too_many_fragments_names_class_numbers_and_fix():
+    with pytest.raises(UserError) as error:
+        local_sets(UNEVEN, 0, n_train=90, n_test=60)
+    message = str(error.value)
+    assert "class 'b'" in message and "30 local-train and 20 local-test" in message
+    assert "41 fragments" in message and "[data] local_train/local_test" in message
+    check_capacity(UNEVEN, 51, 30)  # b: 17 train + 10 test fits only as 25 | 8 + 8
+    with pytest.raises(UserError, match="class 'a'"):
+        check_capacity(UNEVEN, 3 * 21, 3 * 34)
+
+
+def test_invalid_sizes_are_rejected():
+    with pytest.raises(UserError):
+        check_capacity(UNEVEN, 0, 5)
+    with pytest.raises(UserError):
+        local_sets(UNEVEN, -1, 5, 5)
+
+
+@pytest.mark.parametrize("seed", range(50))
+def test_heldout_set_is_balanced_over_holdout_sources(seed):
+    ids = heldout_set(UNEVEN, 20, seed)
+    assert_balanced(UNEVEN, ids, 20)
+    assert len(set(ids)) == 20
+    assert all(UNEVEN.sources[s].holdout for s in source_of(UNEVEN, ids))
+    assert heldout_set(UNEVEN, 20, seed) == ids
+
+
+def test_heldout_set_too_large_is_a_user_error():
+    assert len(heldout_set(UNEVEN, 24, 0)) == 24  # class b holds 30, a 9 -> 8 each fits
+    with pytest.raises(UserError, match="class 'a' has 9 held-out fragments"):
+        heldout_set(UNEVEN, 30, 0)
