@@ -10,6 +10,7 @@ import re
 import sys
 import time
 from pathlib import Path
+from typing import ClassVar
 
 import htcondor2
 import pytest
@@ -253,6 +254,46 @@ def test_submit_without_htcondor_says_what_to_install(
 
 def test_submit_without_a_schedd(tmp_path: Path, fake_dagman: Path) -> None:
     with pytest.raises(UserError, match="no HTCondor schedd found on this machine"):
+        submit(fake_run(tmp_path / "run"))
+
+
+class _Schedd:
+    """Stands in for htcondor2.Schedd: an empty queue; submit records or refuses."""
+
+    refuse: ClassVar[str | None] = None
+    submitted: ClassVar[list[tuple[str, Path]]] = []
+
+    def query(self, constraint: str, projection: list[str]) -> list:
+        return []
+
+    def submit(self, description: htcondor2.Submit) -> object:
+        if self.refuse:
+            raise htcondor2.HTCondorException(self.refuse)
+        self.submitted.append((description["arguments"], Path.cwd()))
+        return type("Result", (), {"cluster": staticmethod(lambda: 41)})()
+
+
+def test_submit_reopens_missing_nodes_then_submits_from_the_run_dir(
+    tmp_path: Path, fake_dagman: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    run = fake_run(tmp_path / "run", rounds=1, nodes=2)
+    (run / f"{DAG_FILE}.rescue001").write_text("DONE train_r000_n000\nDONE train_r000_n001\n")
+    (node_dir(run, 0, 1) / "MISSING").write_text("failed 2 times\n")
+    monkeypatch.setattr(htcondor2, "Schedd", _Schedd)
+    monkeypatch.setattr(_Schedd, "submitted", [])
+    assert submit(run, maxjobs=3) == 41
+    [(arguments, cwd)] = _Schedd.submitted
+    assert cwd == run.resolve() and "-MaxJobs 3" in arguments
+    assert (run / f"{DAG_FILE}.rescue001").read_text() == "DONE train_r000_n000\n"
+    assert not (node_dir(run, 0, 1) / "MISSING").exists()
+
+
+def test_submit_refused_by_the_schedd(
+    tmp_path: Path, fake_dagman: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(htcondor2, "Schedd", _Schedd)
+    monkeypatch.setattr(_Schedd, "refuse", "Failed to connect to schedd")
+    with pytest.raises(UserError, match=r"the HTCondor schedd refused the DAG of .*: Failed to"):
         submit(fake_run(tmp_path / "run"))
 
 
