@@ -154,19 +154,18 @@ def local_sets(
 
 
 def heldout_set(manifest: Manifest, n: int, seed: int) -> list[int]:
-    """A class-balanced sample (sorted ids) of fragments of the held-out source images."""
+    """A class-balanced sample (sorted ids) of at most n fragments of the held-out sources.
+
+    `[data] heldout_test` is a cap: when the held-out images hold fewer fragments, every class
+    contributes as many as the smallest class can, so the test set stays balanced.
+    """
     if n < 0:
-        raise UserError(f"the held-out test size must be >= 0, got {n}")
+        raise UserError(f"[data] heldout_test must be >= 0, got {n}")
+    pools = _class_pools(manifest, holdout=True)
+    smallest = min(sum(len(ids) for ids in pool.values()) for pool in pools)
     rng = _rng(seed)
-    quota = _quotas(n, len(manifest.classes), rng)
+    quota = _quotas(min(n, smallest * len(pools)), len(manifest.classes), rng)
     chosen: list[int] = []
-    for label, pool in enumerate(_class_pools(manifest, holdout=True)):
-        available = sum(len(ids) for ids in pool.values())
-        if available < quota[label]:
-            raise UserError(
-                f"class {manifest.classes[label]!r} has {available} held-out fragments in "
-                f"{manifest.origin} but the held-out test needs {quota[label]}: lower the "
-                "held-out test size or prepare the dataset with a larger holdout"
-            )
+    for label, pool in enumerate(pools):
         chosen += _draw(pool, list(pool), quota[label], rng)
     return sorted(chosen)

@@ -80,7 +80,7 @@ SCHEMA: dict[str, dict[str, Key]] = {
         "holdout": Key(float, 0.25, "a number in (0, 0.9]", _between(0, 0.9, lo_open=True)),
         "local_train": Key(int, 384, "a positive number of fragments", _positive),
         "local_test": Key(int, 96, "a positive number of fragments", _positive),
-        "heldout_test": Key(int, 600, "a positive number of fragments", _positive),
+        "heldout_test": Key(int, 600, "at most this many held-out fragments", _positive),
         "mirrors": Key(list, [], "a list of ftp:// URLs (empty: embedded mirrors)", _ftp_urls),
         "embedded_mirrors": Key(int, 2, "an integer from 1 to 16", _between(1, 16)),
         "embedded": Key(bool, False, "set by the planner: true when dagtrain serves the mirrors"),

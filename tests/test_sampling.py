@@ -140,7 +140,8 @@ def test_heldout_set_is_balanced_over_holdout_sources(seed):
     assert heldout_set(UNEVEN, 20, seed) == ids
 
 
-def test_heldout_set_too_large_is_a_user_error():
+def test_heldout_size_is_a_cap_that_keeps_classes_balanced():
     assert len(heldout_set(UNEVEN, 24, 0)) == 24  # class b holds 30, a 9 -> 8 each fits
-    with pytest.raises(UserError, match="class 'a' has 9 held-out fragments"):
-        heldout_set(UNEVEN, 30, 0)
+    capped = heldout_set(UNEVEN, 30, 0)  # class a holds only 9: 9 of each of the 3 classes
+    labels = Counter(UNEVEN.fragments[i].label for i in capped)
+    assert len(capped) == 27 and set(labels.values()) == {9}
