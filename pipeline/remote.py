@@ -154,12 +154,7 @@ class SshSession:
             reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else exc
             raise UserError(f"cannot reach the submit host {where}: {reason}") from None
 
-    def __enter__(self) -> SshSession:
-        return self
-
-    def __exit__(
-        self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
+    def close(self) -> None:
         self.client.close()
 
     def path(self, remote_dir: str) -> str:
@@ -230,7 +225,7 @@ class RemoteRun:
     def __exit__(
         self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
-        self.ssh.client.close()
+        self.ssh.close()
 
     def _check_tools(self) -> None:
         code, _, _ = self.ssh.run("command -v condor_submit_dag")
@@ -256,8 +251,11 @@ class RemoteRun:
         return int(clusters[0]) if clusters else None
 
     def _check_same_run(self) -> None:
-        with self.ssh.sftp.open(f"{self.remote}/{CONFIG_FILE}") as handle:
-            remote_config = handle.read()
+        try:
+            with self.ssh.sftp.open(f"{self.remote}/{CONFIG_FILE}") as handle:
+                remote_config = handle.read()
+        except OSError:
+            remote_config = None
         if remote_config != (self.run_dir / CONFIG_FILE).read_bytes():
             raise UserError(
                 f"{self.label} holds a different run; it is never overwritten. "
@@ -286,6 +284,17 @@ class RemoteRun:
                 if relative.endswith(MISSING_MARK) and not (mirror / relative).exists():
                     self.ssh.sftp.remove(f"{self.remote}/{relative}")
 
+    def _upload(self) -> None:
+        """Copy the run under a temporary name, then rename: a half copy never looks like a run."""
+        staging = f"{self.remote}.partial-{os.getpid()}"
+        try:
+            self.ssh.makedirs(str(PurePosixPath(self.remote).parent))
+            self.ssh.upload_tree(self.run_dir, staging)
+            self.ssh.sftp.posix_rename(staging, self.remote)
+        except OSError as exc:
+            self.ssh.run(f"rm -rf {shlex.quote(staging)}")
+            raise UserError(f"cannot copy {self.run_dir} to {self.label}: {exc}") from None
+
     def submit(self, maxjobs: int | None = None, maxidle: int | None = None) -> int:
         """Copy the run (first time only) and submit it there; returns DAGMan's cluster id."""
         check_run_dir(self.run_dir)
@@ -303,10 +312,7 @@ class RemoteRun:
             self._reopen_missing_nodes()
         else:
             check_not_finished(self.run_dir)
-            self.ssh.makedirs(str(PurePosixPath(self.remote).parent))
-            staging = f"{self.remote}.partial-{os.getpid()}"
-            self.ssh.upload_tree(self.run_dir, staging)
-            self.ssh.sftp.posix_rename(staging, self.remote)
+            self._upload()
         flags = " ".join(f"-{key} {value}" for key, value in options.items())
         code, out, err = self.ssh.run(f"condor_submit_dag {flags} {DAG_FILE}", cwd=self.remote)
         found = _SUBMITTED.search(out)

@@ -136,7 +136,7 @@ def test_remote_submit_and_status_of_a_tiny_dag(
 
 
 @pytest.mark.pool
-def test_remote_dir_holding_another_run_is_not_overwritten(
+def test_remote_dir_not_ours_is_refused(
     condor_workdir: Path, tmp_path: Path, ssh_args: list[str], capsys: pytest.CaptureFixture
 ) -> None:
     remote = condor_workdir / "taken"
@@ -145,6 +145,10 @@ def test_remote_dir_holding_another_run_is_not_overwritten(
         capsys, "submit", str(fake_run(tmp_path / "run")), *ssh_args, "--remote-dir", str(remote)
     )
     assert code == 2 and "holds a different run; it is never overwritten" in err
+    code, _, err = _main(
+        capsys, "submit", str(fake_run(tmp_path / "other")), *ssh_args, "--remote-dir", "/root/x"
+    )
+    assert code == 2 and "cannot copy" in err and "Permission denied" in err
 
 
 @pytest.mark.pool

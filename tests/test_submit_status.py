@@ -3,6 +3,7 @@ the files the local runner writes (no pool) and from a real DAGMan run (pool).""
 
 from __future__ import annotations
 
+import io
 import itertools
 import json
 import os
@@ -120,7 +121,7 @@ def fake_run(
 
 
 def _text(status: object) -> str:
-    console = Console(record=True, width=160)
+    console = Console(record=True, width=160, file=io.StringIO())
     console.print(render_status(status))  # type: ignore[arg-type]
     return console.export_text()
 
