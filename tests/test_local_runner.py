@@ -154,10 +154,14 @@ def test_allowed_job_duration_holds_then_removes(tmp_path: Path) -> None:
     assert "Code 46" in text and "Job was aborted" in text
 
 
-def test_local_universe_runs_in_initialdir(tmp_path: Path) -> None:
+def test_local_universe_runs_in_initialdir_with_temporary_files_elsewhere(tmp_path: Path) -> None:
+    """As on a pool: no thread variables, and TMPDIR is a scratch directory that goes away."""
     (tmp_path / "work").mkdir()
-    job(tmp_path, "A", 'pwd > where.txt; echo "$OMP_NUM_THREADS" >> where.txt',
-        submit="initialdir = work\nrequest_cpus = 3", universe="local")  # fmt: skip
+    job(tmp_path, "A", 'pwd > where.txt; echo "${OMP_NUM_THREADS-unset} $TMPDIR" >> where.txt\n'
+        'touch "$TMPDIR/cache"', submit="initialdir = work\nrequest_cpus = 3", universe="local")  # fmt: skip
     assert run_dag(dag(tmp_path, "JOB A A.sub\n"), slots=1).ok
-    where, threads = (tmp_path / "work" / "where.txt").read_text().split()
-    assert Path(where) == tmp_path / "work" and threads == "3"
+    where, threads, tmpdir = (tmp_path / "work" / "where.txt").read_text().split()
+    assert Path(where) == tmp_path / "work" and threads == "unset"
+    assert Path(tmpdir).parent == tmp_path / ".local_runner" / "sandbox"
+    assert not Path(tmpdir).exists()
+    assert not (tmp_path / "work" / "cache").exists()

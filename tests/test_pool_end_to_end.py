@@ -19,7 +19,9 @@ from node_payload.tensor_io import load_tensors
 from pipeline import config as config_mod
 from pipeline import planner
 from pipeline.local_run import mirror_ports, run_local
+from pipeline.local_runner import run_dag
 from pipeline.local_runner.dag_file import Node, parse_dag
+from pipeline.local_runner.job_process import THREAD_VARIABLES
 from pipeline.mirrors import serve
 from pipeline.rescue import reopen_missing_nodes
 from tests.condor_pool.pool import CondorPool
@@ -219,3 +221,47 @@ def _dry_run(pool: CondorPool, node: Node, **dagman_macros: str) -> dict[str, st
     assert proc.returncode == 0, proc.stdout + proc.stderr
     found = re.findall(r"^(\w+)\s*=\s*(.*)$", proc.stdout, re.MULTILINE)
     return {name: value.strip('"') for name, value in found}
+
+
+# What a job sees of its starter, as facts that do not depend on the machine's paths.
+ENVIRONMENT_PROBE = """#!/bin/sh
+exec > "$1"
+for name in {}; do eval "echo $name=\\${{$name-unset}}"; done
+[ "$TMPDIR" = "$_CONDOR_SCRATCH_DIR" ] && [ "$TMP" = "$TMPDIR" ] && [ "$TEMP" = "$TMPDIR" ] &&
+    echo "temporary files: scratch"
+[ "$(pwd)" = "$_CONDOR_SCRATCH_DIR" ] && echo "cwd: scratch"
+[ "$(pwd)" = "$_CONDOR_JOB_IWD" ] && echo "cwd: initialdir"
+[ "$_CONDOR_JOB_AD" = "$_CONDOR_SCRATCH_DIR/.job.ad" ] && [ -f "$_CONDOR_JOB_AD" ] &&
+    echo "job ad: scratch"
+echo "BATCH_SYSTEM=$BATCH_SYSTEM"
+""".format(" ".join(THREAD_VARIABLES))
+
+
+def test_job_environment_matches_local_runner(
+    condor_pool: CondorPool, condor_workdir: Path, tmp_path: Path
+) -> None:
+    """Threads and temporary files: what node and aggregation jobs rely on, on both."""
+    probe = condor_workdir / "probe.sh"
+    probe.write_text(ENVIRONMENT_PROBE)
+    probe.chmod(0o755)
+    common = "executable = probe.sh\nlog = $(JOB).log\n"
+    # request_cpus only for the vanilla job: a local-universe job asking for 2 never starts.
+    (condor_workdir / "vanilla.sub").write_text(
+        f"{common}request_cpus = 2\narguments = vanilla.txt\nshould_transfer_files = YES\n"
+        "when_to_transfer_output = ON_EXIT\ntransfer_output_files = vanilla.txt\nqueue\n"
+    )
+    (condor_workdir / "local.sub").write_text(
+        f"universe = local\n{common}arguments = local.txt\nqueue\n"
+    )
+    dag = condor_workdir / "probe.dag"
+    dag.write_text("JOB vanilla vanilla.sub\nJOB local local.sub\n")
+    local = shutil.copytree(condor_workdir, tmp_path / "local")
+
+    condor_pool.own(condor_workdir)
+    condor_pool.submit_dag(dag)
+    assert condor_pool.wait_dag(dag) == 0
+    assert run_dag(local / dag.name, slots=2).ok
+    for name in ("vanilla.txt", "local.txt"):
+        assert (local / name).read_text() == (condor_workdir / name).read_text(), name
+    assert "OMP_NUM_THREADS=2" in (local / "vanilla.txt").read_text()
+    assert "OMP_NUM_THREADS=unset" in (local / "local.txt").read_text()

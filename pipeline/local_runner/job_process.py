@@ -34,6 +34,13 @@ POLICY_INTERVAL = 1.0
 KILL_GRACE = 2.0
 _UNIVERSE = {"vanilla": 5, "local": 12}
 _BASE_PATH = "/usr/local/bin:/usr/bin:/bin"
+# What a starter sets to request_cpus for a vanilla job (STARTER_NUM_THREADS_ENV_VARS, as
+# HTCondor 23.9 sets them); a local-universe job gets none of them.
+THREAD_VARIABLES = (
+    "CUBACORES", "GOMAXPROCS", "JULIA_NUM_THREADS", "MKL_NUM_THREADS", "NUMEXPR_NUM_THREADS",
+    "OMP_NUM_THREADS", "OMP_THREAD_LIMIT", "OPENBLAS_NUM_THREADS", "PYTHON_CPU_COUNT",
+    "ROOT_MAX_THREADS", "TF_LOOP_PARALLEL_ITERATIONS", "TF_NUM_THREADS",
+)  # fmt: skip
 
 
 @dataclass
@@ -60,12 +67,11 @@ class JobProcess:
         self.cancel = cancel
         self.on_running = on_running
         self.log = UserLog(spec.log, cluster, node)
-        self.sandbox = scratch_root / f"{node}.{cluster}" if spec.sandboxed else None
-        # A starter puts the job ad in the scratch directory; a local job has none of its own.
-        if self.sandbox is not None:
-            self.ad_file = self.sandbox / ".job.ad"
-        else:
-            self.ad_file = scratch_root / f"{node}.{cluster}.job.ad"
+        # Every job gets a scratch directory for its job ad and temporary files, removed when it
+        # leaves the queue; a sandboxed job also runs there, the others run in initialdir.
+        self.scratch = scratch_root / f"{node}.{cluster}"
+        self.sandbox = self.scratch if spec.sandboxed else None
+        self.ad_file = self.scratch / ".job.ad"
         self.ad = self._initial_ad()
 
     def _initial_ad(self) -> classad2.ClassAd:
@@ -114,27 +120,38 @@ class JobProcess:
         return self._removed(f"held and never released (local runner removes it): {reason}")
 
     def _environment(self, cwd: Path) -> dict[str, str]:
+        """As a starter sets it: temporary files go to the scratch directory, never to
+        initialdir (a local-universe job runs in the run directory itself)."""
         env = {"PATH": _BASE_PATH, **self.spec.environment}
+        if self.spec.universe == "vanilla":
+            env.update(dict.fromkeys(THREAD_VARIABLES, str(self.spec.request_cpus)))
+        scratch = str(self.scratch)
         env.update(
-            OMP_NUM_THREADS=str(self.spec.request_cpus),
-            _CONDOR_SCRATCH_DIR=str(cwd),
+            BATCH_SYSTEM="HTCondor",
+            _CONDOR_SCRATCH_DIR=scratch,
             _CONDOR_JOB_AD=str(self.ad_file),
-            TMPDIR=str(cwd),
+            _CONDOR_JOB_IWD=str(cwd),
+            TMPDIR=scratch,
+            TMP=scratch,
+            TEMP=scratch,
         )
         return env
 
     def run(self) -> JobResult:
         self.log.submitted()
         try:
-            inputs = stage_in(self.spec, self.sandbox) if self.sandbox is not None else {}
+            if self.sandbox is not None:
+                inputs = stage_in(self.spec, self.sandbox)
+            else:
+                self.scratch.mkdir(parents=True)
+                inputs = {}
         except FileNotFoundError as exc:
+            shutil.rmtree(self.scratch, ignore_errors=True)
             return self._hold(HOLD_TRANSFER_INPUT, 2, f"Transfer input files failure: {exc}")
         try:
             return self._execute(inputs)
         finally:
-            if self.sandbox is not None:
-                shutil.rmtree(self.sandbox, ignore_errors=True)
-            self.ad_file.unlink(missing_ok=True)
+            shutil.rmtree(self.scratch, ignore_errors=True)
 
     def _execute(self, inputs: dict[str, float]) -> JobResult:
         spec = self.spec
@@ -144,7 +161,6 @@ class JobProcess:
         self._set_status(RUNNING)
         self.ad["JobCurrentStartDate"] = int(time.time())
         self.ad["NumJobStarts"] = 1
-        self.ad_file.parent.mkdir(parents=True, exist_ok=True)
         self.ad_file.write_text(str(self.ad))
         with _open_or_null(out) as stdout, _open_or_null(err) as stderr:
             proc = subprocess.Popen(
