@@ -36,7 +36,9 @@ def main() -> None:
         seconds = time.perf_counter() - started
     assert result.ok
     print(f"{jobs} no-op jobs, {slots} slots: {seconds:.2f} s")
-    print(f"overhead per job: {seconds / jobs * 1000:.1f} ms wall, {seconds * slots / jobs * 1000:.1f} ms slot time")
+    print(
+        f"overhead per job: {seconds / jobs * 1000:.1f} ms wall, {seconds * slots / jobs * 1000:.1f} ms slot time"
+    )
 
 
 if __name__ == "__main__":

@@ -52,7 +52,9 @@ def main() -> None:
     print(f"{nodes} nodes x {rounds} rounds = {nodes * rounds + rounds} DAG jobs")
     print(f"plan (resolve, seeds, held-out set): {planned - started:.2f} s")
     print(f"write (render DAG + submit files, node folders): {written - planned:.2f} s")
-    print(f"DAG file: {dag_bytes / 1e6:.1f} MB; run directory: {total / 1e6:.1f} MB in {files} files")
+    print(
+        f"DAG file: {dag_bytes / 1e6:.1f} MB; run directory: {total / 1e6:.1f} MB in {files} files"
+    )
 
 
 if __name__ == "__main__":

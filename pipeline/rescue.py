@@ -49,7 +49,9 @@ def reopen_missing_nodes(run_dir: Path) -> list[str]:
     kept = [
         line
         for line in lines
-        if not (len(words := line.split()) == 2 and words[0].upper() == "DONE" and words[1] in reopen)
+        if not (
+            len(words := line.split()) == 2 and words[0].upper() == "DONE" and words[1] in reopen
+        )
     ]
     tmp = rescue.with_name(rescue.name + ".tmp")
     tmp.write_text("".join(kept))

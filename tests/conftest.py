@@ -5,10 +5,10 @@ from pathlib import Path
 
 import pytest
 
-pytest_plugins = ["tests.condor_pool.fixtures"]
-
 from pipeline.dataset_prepare import prepare
 from pipeline.textures import generate
+
+pytest_plugins = ["tests.condor_pool.fixtures"]
 
 
 @pytest.fixture(scope="session")
@@ -46,8 +46,12 @@ def tiny_config(tiny_dataset: Path, tmp_path: Path) -> Callable[..., Path]:
 def _config_text(dataset: Path, overrides: dict[str, str]) -> str:
     lines = {
         "run": {"name": '"tiny"', "nodes": "3", "rounds": "2", "quorum": "1.0", "seed": "7"},
-        "data": {"dataset": f'"{dataset}"', "local_train": "48", "local_test": "16",
-                 "heldout_test": "64"},
+        "data": {
+            "dataset": f'"{dataset}"',
+            "local_train": "48",
+            "local_test": "16",
+            "heldout_test": "64",
+        },
         "model": {"arch": '"smallcnn"'},
         "train": {"local_steps": "4", "batch_size": "16", "lr": "0.05"},
     }

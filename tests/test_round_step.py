@@ -48,9 +48,7 @@ def test_plain_averaging_with_a_rejected_node(planned: tuple[Path, dict]) -> Non
     second = _write_update(run_dir, 1, 0.01, 10)
     bad = _write_update(run_dir, 2, 0.01, 10)
     bad[next(iter(bad))][0] = float("nan")
-    save_tensors(
-        node_dir(run_dir, 0, 2) / "update.safetensors", bad, update_metadata(0, 2, 10, 0)
-    )
+    save_tensors(node_dir(run_dir, 0, 2) / "update.safetensors", bad, update_metadata(0, 2, 10, 0))
 
     metrics = aggregate_round(run_dir, config, 0)
 
