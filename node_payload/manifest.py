@@ -24,6 +24,7 @@ _KEYS = {
 # Written by pipeline.dataset_prepare so that re-preparing the same data can be recognised.
 _OPTIONAL_KEYS = {"prepared_from"}
 _SOURCE_KEYS = {"path", "label", "width", "height", "holdout"}
+_SHARD_KEYS = {"path", "bytes", "sha256"}
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 
 
@@ -34,6 +35,15 @@ class Source:
     width: int
     height: int
     holdout: bool
+
+
+@dataclass(frozen=True, slots=True)
+class DataFile:
+    """A file of the dataset besides the manifest: what an uploader copies and verifies."""
+
+    path: str  # relative to the dataset root, POSIX separators
+    bytes: int
+    sha256: str
 
 
 @dataclass(frozen=True, slots=True)
@@ -60,7 +70,8 @@ class Manifest:
         self.seed: int = doc["seed"]
         self.mode: str = doc["mode"]
         self.classes: list[str] = list(doc["classes"])
-        self.shards: list[str] = list(doc["shards"])
+        self._files = [DataFile(s["path"], s["bytes"], s["sha256"]) for s in doc["shards"]]
+        self.shards: list[str] = [f.path for f in self._files]
         self.prepared_from: dict[str, Any] | None = doc.get("prepared_from")
         self.sources = [Source(**s) for s in doc["sources"]]
         labels = [s.label for s in self.sources]
@@ -94,6 +105,10 @@ class Manifest:
 
     def digest(self) -> str:
         return hashlib.sha256(self._raw).hexdigest()
+
+    def files(self) -> list[DataFile]:
+        """Every data file the manifest refers to, with the size and hash it must have."""
+        return list(self._files)
 
     def by_source(self) -> dict[int, list[int]]:
         """Source index -> fragment ids; every source has at least one fragment."""
@@ -158,11 +173,22 @@ def _validate_parameters(doc: dict[str, Any], origin: str) -> None:
     ):
         raise _fail(origin, "classes must be a non-empty sorted list of distinct names")
     shards = doc["shards"]
-    if not isinstance(shards, list) or len(set(map(str, shards))) != len(shards):
-        raise _fail(origin, "shards must be a list of distinct paths")
+    if not isinstance(shards, list) or not all(
+        isinstance(s, dict) and s.keys() == _SHARD_KEYS for s in shards
+    ):
+        raise _fail(origin, f"shards must be a list of objects with keys {sorted(_SHARD_KEYS)}")
+    paths = [shard["path"] for shard in shards]
+    if len(set(map(str, paths))) != len(paths):
+        raise _fail(origin, "shard paths must be distinct")
     for shard in shards:
-        if not _relative_path(shard):
-            raise _fail(origin, f"shard path {shard!r} is not a relative path inside the dataset")
+        if not _relative_path(shard["path"]):
+            raise _fail(
+                origin, f"shard path {shard['path']!r} is not a relative path inside the dataset"
+            )
+        if not _is_int(shard["bytes"]):
+            raise _fail(origin, f"shard {shard['path']!r}: bytes must be a non-negative integer")
+        if not isinstance(shard["sha256"], str) or not _SHA256.fullmatch(shard["sha256"]):
+            raise _fail(origin, f"shard {shard['path']!r}: sha256 must be 64 lowercase hex digits")
 
 
 def _validate_sources(doc: dict[str, Any], origin: str) -> None:

@@ -290,6 +290,14 @@ def _write_shards(
     return kept, shards, rows
 
 
+def _shard_entry(root: Path, shard: str) -> dict[str, object]:
+    digest = hashlib.sha256()
+    with open(root / shard, "rb") as f:
+        while chunk := f.read(2**20):
+            digest.update(chunk)
+    return {"path": shard, "bytes": (root / shard).stat().st_size, "sha256": digest.hexdigest()}
+
+
 def prepare(
     src_dir: Path,
     out_dir: Path,
@@ -327,7 +335,7 @@ def prepare(
             "mode": images[0].mode,
             "classes": classes,
             "sources": [_source_entry(image, image.rel in held) for image in images],
-            "shards": shards,
+            "shards": [_shard_entry(tmp, shard) for shard in shards],
             "fragments": {"columns": COLUMNS, "rows": rows},
             "prepared_from": {"listing_sha256": fp},
         }

@@ -57,6 +57,16 @@ def test_counts_positions_and_round_trip(src, tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "src"]  # no temp dir left
 
 
+def test_files_lists_every_shard_with_its_size_and_hash(src, tmp_path, monkeypatch):
+    monkeypatch.setattr(dataset_prepare, "SHARD_BYTES", 40_000)
+    manifest = run(src, tmp_path / "out")
+    files = manifest.files()
+    assert len(files) > 1 and [f.path for f in files] == manifest.shards
+    for f in files:
+        data = (tmp_path / "out" / f.path).read_bytes()
+        assert (f.bytes, f.sha256) == (len(data), hashlib.sha256(data).hexdigest())
+
+
 def test_every_fragment_is_the_exact_crop_with_its_checksum(src, tmp_path):
     manifest = run(src, tmp_path / "out")
     shards = {s: (tmp_path / "out" / s).read_bytes() for s in manifest.shards}

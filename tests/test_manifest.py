@@ -23,7 +23,10 @@ def make_doc() -> dict:
             {"path": "a/1.png", "label": 0, "width": 64, "height": 48, "holdout": False},
             {"path": "b/1.png", "label": 1, "width": 32, "height": 32, "holdout": True},
         ],
-        "shards": ["shards/s00000.bin", "shards/s00001.bin"],
+        "shards": [
+            {"path": "shards/s00000.bin", "bytes": 22, "sha256": SHA},
+            {"path": "shards/s00001.bin", "bytes": 9, "sha256": SHA},
+        ],
         "fragments": {
             "columns": COLUMNS,
             "rows": [
@@ -62,7 +65,7 @@ def test_load_reads_a_file_and_names_it_in_errors(tmp_path):
 @pytest.mark.parametrize("shard", ["../outside.bin", "shards/../../x.bin", "/etc/passwd", "C:x"])
 def test_shard_paths_must_stay_inside_the_root(shard):
     doc = make_doc()
-    doc["shards"][1] = shard
+    doc["shards"][1]["path"] = shard
     with pytest.raises(UserError) as error:
         Manifest.from_bytes(encode(doc), "data/manifest.json")
     assert "data/manifest.json" in str(error.value) and repr(shard) in str(error.value)

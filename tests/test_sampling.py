@@ -35,7 +35,7 @@ def make_manifest(counts: dict[str, list[int]], holdout: dict[str, int]) -> Mani
         "mode": "L",
         "classes": sorted(counts),
         "sources": sources,
-        "shards": ["shards/s00000.bin"],
+        "shards": [{"path": "shards/s00000.bin", "bytes": 1, "sha256": SHA}],
         "fragments": {"columns": COLUMNS, "rows": rows},
     }
     return Manifest.from_bytes(encode(doc), "test-manifest.json")
