@@ -99,6 +99,7 @@ class CondorPool:
         atexit.register(self.stop)
         try:
             self._kill_strays()
+            self._clear_queue()
             self._add_hostname()
             for path in binds:
                 (self.root / path.relative_to("/")).mkdir(parents=True, exist_ok=True)
@@ -271,6 +272,12 @@ class CondorPool:
         name = socket.gethostname()
         if not any(name in line.split()[1:] for line in text.splitlines() if line.strip()):
             hosts.write_text(text.rstrip("\n") + f"\n127.0.1.1 {name}\n")
+
+    def _clear_queue(self) -> None:
+        """Start from an empty queue: jobs of an earlier session must not run in this one."""
+        spool = self.root / self.home.lstrip("/") / "condor" / "spool"
+        for journal in spool.glob("job_queue.log*"):
+            journal.unlink()
 
     def _kill_strays(self) -> None:
         """Kill processes whose root is the pool's root (left over by a crashed session)."""
