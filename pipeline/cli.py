@@ -22,12 +22,12 @@ def _plan(args: argparse.Namespace) -> int:
 
     run_dir = plan_from_file(args.config, args.out)
     console.print(f"planned [bold]{run_dir}[/]; run it with: dagtrain run {run_dir}")
+    console.print(f"or on a pool: cd {run_dir} && condor_submit_dag dagtrain.dag")
     if run_dir.is_relative_to("/tmp"):
         console.print(
             "[yellow]note:[/] condor_submit_dag refuses a DAG under /tmp (its node log would be "
             "there); move the run directory before submitting it to a pool"
         )
-    console.print(f"or on a pool: cd {run_dir} && condor_submit_dag dagtrain.dag")
     return 0
 
 
