@@ -70,6 +70,12 @@ SCHEMA: dict[str, dict[str, Key]] = {
         "quorum": Key(float, 1.0, "a number in (0, 1]", _between(0, 1, lo_open=True)),
         "node_deadline_s": Key(int, 3600, "a positive number of seconds", _positive),
         "retries": Key(int, 2, "an integer from 0 to 20", _between(0, 20)),
+        "max_node_jobs": Key(
+            int,
+            0,
+            "node jobs in the queue at once, 0 for no limit (DAGMan MAXJOBS)",
+            _between(0, 10**6),
+        ),
         "seed": Key(int, 0, "a non-negative integer", lambda v: v >= 0),
     },
     "data": {

@@ -160,6 +160,7 @@ def _render_files(plan: Plan) -> dict[str, str]:
             nodes=plan.nodes,
             rounds=_dag_rounds(plan),
             retries=config["run"]["retries"],
+            max_node_jobs=config["run"]["max_node_jobs"],
             fatal_exit=EXIT_FATAL,
             status_interval_s=STATUS_INTERVAL_S,
         ),

@@ -172,3 +172,13 @@ def test_missing_environment_tarball_is_named(
 ) -> None:
     with pytest.raises(UserError, match=r"env_tarball.*no such file"):
         plan_from_file(tiny_config(execution__env_tarball='"nope.tar.gz"'), tmp_path / "r")
+
+
+def test_node_job_throttle_is_a_maxjobs_command(
+    tiny_config: Callable[..., Path], tmp_path: Path
+) -> None:
+    run = plan_from_file(tiny_config(run__max_node_jobs="5"), tmp_path / "r")
+    dag = (run / "dagtrain.dag").read_text()
+    assert re.search(r"^MAXJOBS train 5$", dag, re.M)
+    assert re.search(r"^CATEGORY train_r000_n000 train$", dag, re.M)
+    assert not re.search(r"^CATEGORY train \d+$", dag, re.M)
