@@ -1,40 +1,64 @@
-"""Dataset manifest: the single source of truth about which fragment lives in which shard bytes.
+"""Dataset manifest: the single description of which fragment is which pixels in which shard bytes.
+
+Format "dagtrain-dataset/2" stores pixels once. Each source image is reflection-padded by
+`margin` pixels and cut into a grid of `block` x `block` blocks, each encoded on its own and
+stored contiguously (row-major) in one shard. A fragment is (source, position, angle); it is never
+stored: a node cuts the square *context* of side tile + 2 * margin (at least tile * sqrt(2), so a
+rotation leaves no empty corner) from the few blocks under it, rotates it and crops the tile.
+
+Fragments are an implicit index, never one row each: source s has nx * ny positions (stride
+`stride`, x = 0, stride, ...) and every position has n_angles angles, so
+
+    fragment id = (first_position[s] + py * nx + px) * n_angles + angle index.
 
 Every node, the planner and the aggregator read the same manifest, so it is validated strictly on
-load: a bad manifest must fail once, clearly, on the submit machine rather than as obscure errors
-on execute nodes. Shard paths are confined to the dataset root because they become FTP paths.
+load: a bad manifest fails once, clearly, on the submit machine. Shard paths are confined to the
+dataset root because they become FTP paths.
 """
 
 import hashlib
 import json
+import math
 import re
+from bisect import bisect_right
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any
 
 from node_payload.errors import UserError
 
-FORMAT = "dagtrain-dataset/1"
-COLUMNS = ["source", "x", "y", "shard", "offset", "length", "sha256"]
+FORMAT = "dagtrain-dataset/2"
 MODES = ("L", "RGB")
+CODECS = ("jpeg", "png")
+HASH_HEX = 16  # per-block sha256 prefix: catches corruption, keeps big manifests small
 _KEYS = {
-    *("format", "tile", "overlap", "holdout", "seed", "mode"),
-    *("classes", "sources", "shards", "fragments"),
+    *("format", "tile", "overlap", "stride", "margin", "block", "angles", "codec"),
+    *("holdout", "seed", "mode", "classes", "sources", "shards"),
 }
 # Written by pipeline.dataset_prepare so that re-preparing the same data can be recognised.
 _OPTIONAL_KEYS = {"prepared_from"}
-_SOURCE_KEYS = {"path", "label", "width", "height", "holdout"}
+_SOURCE_KEYS = {
+    *("path", "label", "width", "height", "holdout"),
+    *("shard", "offset", "lengths", "hashes"),
+}
 _SHARD_KEYS = {"path", "bytes", "sha256"}
 _SHA256 = re.compile(r"[0-9a-f]{64}")
+_HEXES = re.compile(r"[0-9a-f]*")
 
 
-@dataclass(frozen=True, slots=True)
-class Source:
-    path: str
-    label: int
-    width: int
-    height: int
-    holdout: bool
+def stride_for(tile: int, overlap: float) -> int:
+    return max(1, round(tile * (1 - overlap)))
+
+
+def margin_for(tile: int) -> int:
+    """Padding around a tile so that its context (tile + 2 margin) >= tile * sqrt(2) + 2: any
+    rotation of the context covers the centred tile, with a pixel to spare for bilinear taps."""
+    return math.ceil((tile * math.sqrt(2) + 2 - tile) / 2)
+
+
+def positions(size: int, tile: int, stride: int) -> int:
+    """Tile positions along one side: (size - tile) // stride + 1 (margins under a stride drop)."""
+    return (size - tile) // stride + 1
 
 
 @dataclass(frozen=True, slots=True)
@@ -47,16 +71,39 @@ class DataFile:
 
 
 @dataclass(frozen=True, slots=True)
-class Fragment:
-    id: int
-    source: int
+class Source:
+    path: str
     label: int
-    x: int
-    y: int
+    width: int
+    height: int
+    holdout: bool
+    nx: int  # tile positions per row
+    ny: int
+    shard: str
+    offset: int  # first byte of the source's first block
+    lengths: tuple[int, ...]  # encoded size of every block, row-major
+    hashes: str  # HASH_HEX hex digits per block
+
+
+@dataclass(frozen=True, slots=True)
+class Block:
+    """Stored bytes: what fetching reads and verifies (`sha256` is a prefix of the digest)."""
+
+    id: int
     shard: str
     offset: int
     length: int
     sha256: str
+
+
+@dataclass(frozen=True, slots=True)
+class Fragment:
+    id: int
+    source: int
+    label: int
+    x: int  # tile origin in the source image
+    y: int
+    angle: int  # degrees, counter-clockwise
 
 
 class Manifest:
@@ -66,6 +113,12 @@ class Manifest:
         self.origin = origin
         self.tile: int = doc["tile"]
         self.overlap: float = doc["overlap"]
+        self.stride: int = doc["stride"]
+        self.margin: int = doc["margin"]
+        self.block: int = doc["block"]
+        self.angle_range: tuple[int, int, int] = tuple(doc["angles"])
+        self.angles: list[int] = list(range(*self.angle_range))
+        self.codec: str = doc["codec"]
         self.holdout: float = doc["holdout"]
         self.seed: int = doc["seed"]
         self.mode: str = doc["mode"]
@@ -73,13 +126,31 @@ class Manifest:
         self._files = [DataFile(s["path"], s["bytes"], s["sha256"]) for s in doc["shards"]]
         self.shards: list[str] = [f.path for f in self._files]
         self.prepared_from: dict[str, Any] | None = doc.get("prepared_from")
-        self.sources = [Source(**s) for s in doc["sources"]]
-        labels = [s.label for s in self.sources]
-        shards = self.shards
-        self.fragments = [
-            Fragment(i, r[0], labels[r[0]], r[1], r[2], shards[r[3]], r[4], r[5], r[6])
-            for i, r in enumerate(doc["fragments"]["rows"])
+        self.sources = [
+            Source(
+                s["path"],
+                s["label"],
+                s["width"],
+                s["height"],
+                s["holdout"],
+                positions(s["width"], self.tile, self.stride),
+                positions(s["height"], self.tile, self.stride),
+                self.shards[s["shard"]],
+                s["offset"],
+                tuple(s["lengths"]),
+                s["hashes"],
+            )
+            for s in doc["sources"]
         ]
+        self._first: list[int] = []  # first fragment id of each source, then the total
+        self._first_block: list[int] = []
+        fragments = blocks = 0
+        for source in self.sources:
+            self._first.append(fragments)
+            self._first_block.append(blocks)
+            fragments += source.nx * source.ny * len(self.angles)
+            blocks += len(source.lengths)
+        self._first.append(fragments)
         self._raw = raw
 
     @classmethod
@@ -110,12 +181,63 @@ class Manifest:
         """Every data file the manifest refers to, with the size and hash it must have."""
         return list(self._files)
 
-    def by_source(self) -> dict[int, list[int]]:
-        """Source index -> fragment ids; every source has at least one fragment."""
-        groups: dict[int, list[int]] = {i: [] for i in range(len(self.sources))}
-        for fragment in self.fragments:
-            groups[fragment.source].append(fragment.id)
-        return groups
+    def __len__(self) -> int:
+        """The number of fragments (positions x angles over all sources)."""
+        return self._first[-1]
+
+    @property
+    def context(self) -> int:
+        """Side of the square cut around a tile before rotation."""
+        return self.tile + 2 * self.margin
+
+    def by_source(self) -> dict[int, range]:
+        """Source index -> its fragment ids (a contiguous range; never materialised)."""
+        return {i: range(self._first[i], self._first[i + 1]) for i in range(len(self.sources))}
+
+    def fragment(self, id_: int) -> Fragment:
+        if not 0 <= id_ < len(self):
+            raise IndexError(f"fragment {id_} is not in {self.origin}")
+        s = bisect_right(self._first, id_) - 1
+        source = self.sources[s]
+        position, angle = divmod(id_ - self._first[s], len(self.angles))
+        py, px = divmod(position, source.nx)
+        return Fragment(
+            id_, s, source.label, px * self.stride, py * self.stride, self.angles[angle]
+        )
+
+    def position_of(self, id_: int) -> int:
+        """Global position index of a fragment: the same for all its angles."""
+        return id_ // len(self.angles)
+
+    def blocks(self, fragment: Fragment) -> tuple[list[Block], tuple[int, int]]:
+        """The blocks under the fragment's context (row-major) and the context's origin inside
+        the first one. Padded-image coordinates: tile (x, y) has context origin (x, y)."""
+        source = self.sources[fragment.source]
+        nbx = -(-(source.width + 2 * self.margin) // self.block)
+        b = self.block
+        x0, y0 = fragment.x, fragment.y
+        x1, y1 = x0 + self.context - 1, y0 + self.context - 1
+        out = []
+        for by in range(y0 // b, y1 // b + 1):
+            for bx in range(x0 // b, x1 // b + 1):
+                out.append(self._block(fragment.source, by * nbx + bx))
+        return out, (x0 % b, y0 % b)
+
+    def block_grid(self, source: int) -> tuple[int, int]:
+        src = self.sources[source]
+        padded = (src.width + 2 * self.margin, src.height + 2 * self.margin)
+        return -(-padded[0] // self.block), -(-padded[1] // self.block)
+
+    def _block(self, source: int, k: int) -> Block:
+        src = self.sources[source]
+        offset = src.offset + sum(src.lengths[:k])
+        return Block(
+            self._first_block[source] + k,
+            src.shard,
+            offset,
+            src.lengths[k],
+            src.hashes[k * HASH_HEX : (k + 1) * HASH_HEX],
+        )
 
 
 def encode(doc: dict[str, Any]) -> bytes:
@@ -149,8 +271,8 @@ def _validate(doc: Any, origin: str) -> None:
     if missing or unknown:
         raise _fail(origin, f"missing keys {missing}, unknown keys {unknown}")
     _validate_parameters(doc, origin)
+    _validate_shards(doc, origin)
     _validate_sources(doc, origin)
-    _validate_fragments(doc, origin)
 
 
 def _validate_parameters(doc: dict[str, Any], origin: str) -> None:
@@ -160,6 +282,19 @@ def _validate_parameters(doc: dict[str, Any], origin: str) -> None:
         value = doc[key]
         if type(value) not in (int, float) or not 0 <= value < 1:
             raise _fail(origin, f"{key} must be a number in [0, 1), not {value!r}")
+    if doc["stride"] != stride_for(doc["tile"], doc["overlap"]):
+        raise _fail(origin, f"stride {doc['stride']!r} does not match tile and overlap")
+    if not _is_int(doc["margin"]) or doc["margin"] < margin_for(doc["tile"]):
+        raise _fail(origin, f"margin {doc['margin']!r} is too small for tile {doc['tile']}")
+    if not _is_int(doc["block"], 1):
+        raise _fail(origin, f"block must be a positive integer, not {doc['block']!r}")
+    angles = doc["angles"]
+    if not (
+        isinstance(angles, list) and len(angles) == 3 and all(_is_int(a) for a in angles)
+    ) or not (angles[2] >= 1 and angles[0] < angles[1] <= 360):
+        raise _fail(origin, f"angles must be [start, stop, step] degrees, not {angles!r}")
+    if doc["codec"] not in CODECS:
+        raise _fail(origin, f"codec must be one of {list(CODECS)}, not {doc['codec']!r}")
     if not _is_int(doc["seed"]):
         raise _fail(origin, f"seed must be a non-negative integer, not {doc['seed']!r}")
     if doc["mode"] not in MODES:
@@ -172,6 +307,9 @@ def _validate_parameters(doc: dict[str, Any], origin: str) -> None:
         or classes != sorted(set(classes))
     ):
         raise _fail(origin, "classes must be a non-empty sorted list of distinct names")
+
+
+def _validate_shards(doc: dict[str, Any], origin: str) -> None:
     shards = doc["shards"]
     if not isinstance(shards, list) or not all(
         isinstance(s, dict) and s.keys() == _SHARD_KEYS for s in shards
@@ -196,6 +334,7 @@ def _validate_sources(doc: dict[str, Any], origin: str) -> None:
     if not isinstance(sources, list) or not sources:
         raise _fail(origin, "sources must be a non-empty list")
     n_classes = len(doc["classes"])
+    tile, margin, block, shards = doc["tile"], doc["margin"], doc["block"], doc["shards"]
     for i, source in enumerate(sources):
         if not isinstance(source, dict) or source.keys() != _SOURCE_KEYS:
             raise _fail(origin, f"source {i} must have exactly the keys {sorted(_SOURCE_KEYS)}")
@@ -204,41 +343,29 @@ def _validate_sources(doc: dict[str, Any], origin: str) -> None:
             raise _fail(origin, f"{where}: path must be relative to the source directory")
         if not _is_int(source["label"]) or source["label"] >= n_classes:
             raise _fail(origin, f"{where}: label {source['label']!r} is not in [0, {n_classes})")
-        if not (_is_int(source["width"], 1) and _is_int(source["height"], 1)):
-            raise _fail(origin, f"{where}: width and height must be positive integers")
+        if not (_is_int(source["width"], tile) and _is_int(source["height"], tile)):
+            raise _fail(origin, f"{where}: width and height must be integers >= the tile")
         if type(source["holdout"]) is not bool:
             raise _fail(origin, f"{where}: holdout must be true or false")
-
-
-def _validate_fragments(doc: dict[str, Any], origin: str) -> None:
-    table = doc["fragments"]
-    if not isinstance(table, dict) or table.keys() != {"columns", "rows"}:
-        raise _fail(origin, "fragments must be an object with 'columns' and 'rows'")
-    if table["columns"] != COLUMNS:
-        raise _fail(origin, f"fragment columns are {table['columns']!r}, expected {COLUMNS}")
-    rows = table["rows"]
-    if not isinstance(rows, list):
-        raise _fail(origin, "fragment rows must be a list")
-    tile, sources, n_shards = doc["tile"], doc["sources"], len(doc["shards"])
-    covered = [False] * len(sources)
-    for i, row in enumerate(rows):
-        if not isinstance(row, list) or len(row) != len(COLUMNS):
-            raise _fail(origin, f"fragment {i} must be a list of {len(COLUMNS)} values")
-        source, x, y, shard, offset, length, sha256 = row
-        if not _is_int(source) or source >= len(sources):
-            raise _fail(origin, f"fragment {i}: source {source!r} does not exist")
-        src = sources[source]
+        if not _is_int(source["shard"]) or source["shard"] >= len(shards):
+            raise _fail(origin, f"{where}: shard {source['shard']!r} does not exist")
+        lengths = source["lengths"]
+        n_blocks = -(-(source["width"] + 2 * margin) // block) * -(
+            -(source["height"] + 2 * margin) // block
+        )
         if not (
-            _is_int(x) and _is_int(y) and x + tile <= src["width"] and y + tile <= src["height"]
+            isinstance(lengths, list)
+            and len(lengths) == n_blocks
+            and all(_is_int(n, 1) for n in lengths)
         ):
-            raise _fail(origin, f"fragment {i}: tile at ({x!r}, {y!r}) is outside {src['path']}")
-        if not _is_int(shard) or shard >= n_shards:
-            raise _fail(origin, f"fragment {i}: shard {shard!r} does not exist")
-        if not (_is_int(offset) and _is_int(length, 1)):
-            raise _fail(origin, f"fragment {i}: offset/length {offset!r}/{length!r} invalid")
-        if not isinstance(sha256, str) or not _SHA256.fullmatch(sha256):
-            raise _fail(origin, f"fragment {i}: sha256 must be 64 lowercase hex digits")
-        covered[source] = True
-    if not all(covered):
-        empty = sources[covered.index(False)]["path"]
-        raise _fail(origin, f"source {empty!r} has no fragments")
+            raise _fail(origin, f"{where}: lengths must list {n_blocks} positive block sizes")
+        end = source["offset"] + sum(lengths) if _is_int(source["offset"]) else -1
+        if not 0 <= end <= shards[source["shard"]]["bytes"]:
+            raise _fail(origin, f"{where}: blocks lie outside {shards[source['shard']]['path']}")
+        hashes = source["hashes"]
+        if (
+            not isinstance(hashes, str)
+            or len(hashes) != HASH_HEX * n_blocks
+            or not _HEXES.fullmatch(hashes)
+        ):
+            raise _fail(origin, f"{where}: hashes must be {HASH_HEX} hex digits per block")

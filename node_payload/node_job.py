@@ -48,8 +48,9 @@ def run_node(task: NodeTask) -> dict[str, Any]:
     manifest = planned_manifest(mirrors, first, data["manifest_sha256"], stats)
     train_ids, test_ids = local_sets(manifest, task.seed, data["local_train"], data["local_test"])
     image_size = config["model"]["image_size"]
-    train = load_fragments(manifest, train_ids, mirrors, first, image_size, stats)
-    test = load_fragments(manifest, test_ids, mirrors, first, image_size, stats)
+    cache = Path(data["node_cache"]).expanduser() if data.get("node_cache") else None
+    train = load_fragments(manifest, train_ids, mirrors, first, image_size, stats, cache)
+    test = load_fragments(manifest, test_ids, mirrors, first, image_size, stats, cache)
     fetched_at = time.time()
 
     model, model_meta = load_model(task.model_path)
@@ -101,6 +102,7 @@ def run_node(task: NodeTask) -> dict[str, Any]:
         "started_at": started_at,
         "fetch_seconds": fetched_at - started_at,
         "seconds": time.time() - started_at,
+        "train_fragments": train_ids,  # for the run's coverage of the training fragments
     }
     (task.out_dir / METRICS_FILE).write_text(json.dumps(metrics, indent=1) + "\n")
     return metrics

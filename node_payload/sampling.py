@@ -6,6 +6,9 @@ retried node job draws exactly the same local dataset and every run can be repro
 A node's local test must measure generalisation to unseen images, not to unseen crops of images
 it trained on, so per class the non-holdout source images are split into train sources and test
 sources. Held-out sources are reserved for the global held-out test and never reach a node.
+
+Fragment ids of one source form a contiguous range (see node_payload.manifest), so draws work on
+counts and offsets and never materialise the millions of (position, angle) fragments.
 """
 
 import hashlib
@@ -41,9 +44,9 @@ def _quotas(total: int, n_classes: int, rng: np.random.Generator) -> list[int]:
     return quotas
 
 
-def _class_pools(manifest: Manifest, holdout: bool) -> list[dict[int, list[int]]]:
+def _class_pools(manifest: Manifest, holdout: bool) -> list[dict[int, range]]:
     """Per class: source index -> fragment ids, for holdout or for non-holdout sources."""
-    pools: list[dict[int, list[int]]] = [{} for _ in manifest.classes]
+    pools: list[dict[int, range]] = [{} for _ in manifest.classes]
     for source, ids in manifest.by_source().items():
         src = manifest.sources[source]
         if src.holdout == holdout:
@@ -127,9 +130,14 @@ def _split_sources(
     return train, test
 
 
-def _draw(pool: dict[int, list[int]], chosen: list[int], n: int, rng: np.random.Generator):
-    ids = [i for source in sorted(chosen) for i in pool[source]]
-    return [ids[int(k)] for k in rng.choice(len(ids), size=n, replace=False)]
+def _draw(pool: dict[int, range], chosen: list[int], n: int, rng: np.random.Generator) -> list[int]:
+    """n distinct ids, uniformly from the union of the chosen sources' id ranges."""
+    ranges = [pool[source] for source in sorted(chosen)]
+    ends = np.cumsum([len(r) for r in ranges])
+    picks = rng.choice(int(ends[-1]) if len(ends) else 0, size=n, replace=False)
+    which = np.searchsorted(ends, picks, side="right")
+    starts = np.concatenate([[0], ends[:-1]])
+    return [ranges[w][int(k - starts[w])] for w, k in zip(which, picks, strict=True)]
 
 
 def local_sets(

@@ -115,10 +115,15 @@ def _prepare(args: argparse.Namespace) -> int:
         holdout=args.holdout,
         seed=args.seed,
         on_bad_image="skip" if args.skip_bad_images else "fail",
+        angles=args.angles,
+        lossless=args.lossless,
+        workers=args.workers,
     )
+    positions = len(manifest) // len(manifest.angles)
     console.print(
-        f"prepared {len(manifest.fragments)} fragments of {len(manifest.sources)} source images "
-        f"in {len(manifest.classes)} classes into {args.out_dir}"
+        f"prepared {len(manifest)} fragments ({positions} positions x {len(manifest.angles)} "
+        f"angles) of {len(manifest.sources)} source images in {len(manifest.classes)} classes "
+        f"into {args.out_dir}"
     )
     return 0
 
@@ -190,6 +195,11 @@ def parser() -> argparse.ArgumentParser:
     prep.add_argument("--holdout", type=float, default=0.25)
     prep.add_argument("--seed", type=int, default=0)
     prep.add_argument("--skip-bad-images", action="store_true", help="skip unreadable images")
+    prep.add_argument(
+        "--angles", default="0:360:90", help="rotations start:stop:step in degrees (stop excluded)"
+    )
+    prep.add_argument("--lossless", action="store_true", help="PNG blocks instead of JPEG q90")
+    prep.add_argument("--workers", type=int, default=0, help="encoding processes (0: one per CPU)")
     prep.set_defaults(func=_prepare)
 
     demo = commands.add_parser("demo", help="generate data, plan and run a demo on this machine")

@@ -84,6 +84,25 @@ SCHEMA: dict[str, dict[str, Key]] = {
         "tile": Key(int, 64, "an integer from 8 to 4096", _between(8, 4096)),
         "overlap": Key(float, 0.5, "a number from 0 to 0.9", _between(0, 0.9)),
         "holdout": Key(float, 0.25, "a number in (0, 0.9]", _between(0, 0.9, lo_open=True)),
+        "angles": Key(
+            str,
+            "0:360:90",
+            'rotations "start:stop:step" in whole degrees, stop exclusive (e.g. "0:360:5")',
+            lambda v: (
+                len(p := v.split(":")) == 3
+                and all(x.isdigit() for x in p)
+                and int(p[0]) < int(p[1]) <= 360
+                and int(p[2]) >= 1
+            ),
+        ),
+        "lossless": Key(
+            bool, False, "true: PNG blocks; false: JPEG quality 90 (about 10x smaller)"
+        ),
+        "node_cache": Key(
+            str,
+            "",
+            "a directory on execute nodes keeping verified blocks between rounds (empty: off)",
+        ),
         "local_train": Key(int, 384, "a positive number of fragments", _positive),
         "local_test": Key(int, 96, "a positive number of fragments", _positive),
         "heldout_test": Key(int, 600, "at most this many held-out fragments", _positive),

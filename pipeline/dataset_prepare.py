@@ -1,22 +1,25 @@
 """Turn an ImageFolder tree (one subfolder per class) into a dagtrain dataset directory.
 
-Nodes fetch individual fragments by byte range over FTP, so every source image is cut into
-tiles once, here, each tile PNG-encoded and appended to a shard file; the manifest records where
-each fragment lives and its sha256.
+Pixels are stored once: every source image is reflection-padded by the manifest's margin (so that
+tiles at the border still have a full rotation context) and cut into non-overlapping blocks,
+each encoded on its own (JPEG quality 90, or PNG with `lossless`) and stored contiguously in a
+shard of about 64 MB. The manifest describes fragments as an index (see node_payload.manifest).
 
-Fragment grid: stride s = max(1, round(tile * (1 - overlap))); a W x H image yields
-nx * ny fragments with nx = (W - tile) // s + 1 and ny = (H - tile) // s + 1, at x = 0, s, 2s, ...
-(the right and bottom margins smaller than a stride are dropped). Example: 2272 x 1704,
-tile 256, overlap 0.5 -> s = 128, nx = 16, ny = 12, 192 fragments.
+Positions: stride s = max(1, round(tile * (1 - overlap))); a W x H image has
+nx = (W - tile) // s + 1 by ny = (H - tile) // s + 1 tile positions at x = 0, s, 2s, ... (the
+right and bottom margins smaller than a stride are dropped). Example: 2272 x 1704, tile 256,
+overlap 0.5 -> s = 128, 16 x 12 = 192 positions; with angles 0:360:5 (72 angles) that is
+192 * 72 = 13,824 fragments per image.
 
 16-bit images are scaled to 8 bits over the full range (v / 257), the same for every image, so
-that intensities stay comparable between images. The output is written into a temporary
-directory beside OUT_DIR and renamed at the end: OUT_DIR either holds a complete dataset or
-nothing of this run.
+that intensities stay comparable between images. Work goes into OUT_DIR.partial beside OUT_DIR,
+one finished file per source image, so a killed run resumes where it stopped; OUT_DIR appears by
+one rename at the end, so it either holds a complete dataset or nothing of this run.
 """
 
 import hashlib
 import io
+import json
 import logging
 import os
 import shutil
@@ -31,12 +34,21 @@ from PIL import Image
 from rich.progress import track
 
 from node_payload.errors import UserError
-from node_payload.manifest import COLUMNS, FORMAT, Manifest, encode
+from node_payload.manifest import (
+    FORMAT,
+    HASH_HEX,
+    Manifest,
+    encode,
+    margin_for,
+    stride_for,
+)
 
 log = logging.getLogger(__name__)
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".tif", ".tiff"}
 SHARD_BYTES = 64 * 2**20
+JPEG_QUALITY = 90
+DEFAULT_ANGLES = "0:360:90"
 _GREY = {"1", "L", "LA", "I", "I;16", "I;16L", "I;16B", "I;16N"}
 _COLOUR = {"RGB", "RGBA", "RGBX", "P", "PA", "CMYK", "YCbCr"}
 
@@ -55,15 +67,34 @@ class _Image:
     mode: str  # "L" or "RGB"
 
 
-def _check_parameters(tile: int, overlap: float, holdout: float, seed: int) -> None:
+def parse_angles(text: str) -> tuple[int, int, int]:
+    """ "start:stop:step" in whole degrees, stop exclusive, like Python's range: "0:360:5" -> 72."""
+    try:
+        start, stop, step = (int(part) for part in text.split(":"))
+    except ValueError:
+        raise UserError(f"angles {text!r}: expected start:stop:step in whole degrees") from None
+    if not (0 <= start < stop <= 360 and step >= 1):
+        raise UserError(f"angles {text!r}: need 0 <= start < stop <= 360 and step >= 1")
+    return start, stop, step
+
+
+def _check_parameters(tile: int, overlap: float, holdout: float, seed: int, workers: int) -> None:
     if tile < 1:
         raise UserError(f"tile must be a positive number of pixels, not {tile}")
-    if not 0 <= overlap < 1:
-        raise UserError(f"overlap must be in [0, 1), not {overlap}")
+    if not 0 <= overlap <= 0.9:
+        raise UserError(f"overlap must be from 0 to 0.9, not {overlap}")
     if not 0 <= holdout < 1:
         raise UserError(f"holdout must be in [0, 1), not {holdout}")
     if seed < 0:
         raise UserError(f"seed must be non-negative, not {seed}")
+    if workers < 1:
+        raise UserError(f"workers must be at least 1, not {workers}")
+
+
+def block_for(stride: int) -> int:
+    """Block side: the smallest multiple of the stride >= 128 px, so that block boundaries fall on
+    tile positions and tiny blocks do not pay a codec header each."""
+    return stride * -(-128 // stride)
 
 
 def _scan(src_dir: Path) -> tuple[list[str], list[list[Path]]]:
@@ -86,9 +117,10 @@ def _scan(src_dir: Path) -> tuple[list[str], list[list[Path]]]:
     return classes, files
 
 
-def _fingerprint(src_dir: Path, files: list[list[Path]], on_bad_image: str) -> str:
-    """Identifies the source listing (paths and contents), to recognise a re-run of prepare."""
-    digest = hashlib.sha256(on_bad_image.encode())
+def _fingerprint(src_dir: Path, files: list[list[Path]], params: str) -> str:
+    """Identifies the source listing (paths and contents) and the parameters, to recognise a
+    re-run of prepare (finished or interrupted)."""
+    digest = hashlib.sha256(params.encode())
     for path in (p for group in files for p in group):
         digest.update(path.relative_to(src_dir).as_posix().encode() + b"\0")
         digest.update(hashlib.sha256(path.read_bytes()).digest())
@@ -122,31 +154,42 @@ def _decode(path: Path, mode: str) -> np.ndarray:
         raise _BadImage(f"cannot decode image {path} (truncated or corrupt?): {exc}") from None
 
 
-def _cut(
-    job: tuple[Path, str, int, int],
-) -> tuple[bytes, list[tuple[int, int, int, str]]] | _BadImage:
-    """One source's fragments, concatenated, with (x, y, length, sha256) per fragment.
+def _encode(pixels: np.ndarray, lossless: bool) -> bytes:
+    buffer = io.BytesIO()
+    if lossless:
+        Image.fromarray(pixels).save(buffer, "PNG", compress_level=6)
+    else:
+        Image.fromarray(pixels).save(buffer, "JPEG", quality=JPEG_QUALITY)
+    return buffer.getvalue()
+
+
+def _cut(job: tuple[Path, str, int, int, bool, Path]) -> _BadImage | None:
+    """Encode one source's blocks into `part` (.bin plus .json with lengths and hashes).
 
     A bad image is returned rather than raised, so that it does not end the ordered map.
     """
-    path, mode, tile, stride = job
+    path, mode, margin, block, lossless, part = job
     try:
         pixels = _decode(path, mode)
     except _BadImage as error:
         return error
-    height, width = pixels.shape[:2]
-    blob = io.BytesIO()
-    rows = []
-    for y in range(0, height - tile + 1, stride):
-        for x in range(0, width - tile + 1, stride):
-            buffer = io.BytesIO()
-            Image.fromarray(pixels[y : y + tile, x : x + tile]).save(
-                buffer, "PNG", compress_level=1
-            )
-            data = buffer.getvalue()
-            blob.write(data)
-            rows.append((x, y, len(data), hashlib.sha256(data).hexdigest()))
-    return blob.getvalue(), rows
+    padded = np.pad(
+        pixels, [(margin, margin), (margin, margin)] + [(0, 0)] * (pixels.ndim - 2), mode="reflect"
+    )
+    lengths, hashes = [], []
+    tmp = part.with_suffix(".bin.tmp")
+    with open(tmp, "wb") as out:
+        for y in range(0, padded.shape[0], block):
+            for x in range(0, padded.shape[1], block):
+                data = _encode(np.ascontiguousarray(padded[y : y + block, x : x + block]), lossless)
+                out.write(data)
+                lengths.append(len(data))
+                hashes.append(hashlib.sha256(data).hexdigest()[:HASH_HEX])
+    tmp.replace(part.with_suffix(".bin"))
+    meta = part.with_suffix(".json.tmp")
+    meta.write_text(json.dumps({"lengths": lengths, "hashes": "".join(hashes)}))
+    meta.replace(part.with_suffix(".json"))
+    return None
 
 
 def _skip_or_fail(error: _BadImage, on_bad_image: str) -> None:
@@ -203,19 +246,7 @@ def _pick_holdout(classes: list[str], images: list[_Image], holdout: float, seed
     return chosen
 
 
-def _source_entry(image: _Image, holdout: bool) -> dict[str, object]:
-    return {
-        "path": image.rel,
-        "label": image.label,
-        "width": image.width,
-        "height": image.height,
-        "holdout": holdout,
-    }
-
-
-def _existing(
-    out_dir: Path, tile: int, overlap: float, holdout: float, seed: int, fp: str
-) -> Manifest | None:
+def _existing(out_dir: Path, fp: str) -> Manifest | None:
     """The dataset already in out_dir when it is this very one; None when out_dir is free."""
     if not out_dir.exists():
         return None
@@ -233,61 +264,78 @@ def _existing(
         manifest = Manifest.load(out_dir / "manifest.json")
     except UserError:
         raise refuse from None
-    same = (manifest.tile, manifest.overlap, manifest.holdout, manifest.seed) == (
-        tile,
-        overlap,
-        holdout,
-        seed,
-    )
-    if not same or (manifest.prepared_from or {}).get("listing_sha256") != fp:
+    if (manifest.prepared_from or {}).get("listing_sha256") != fp:
         raise refuse
-    ends: dict[str, int] = {}
-    for fragment in manifest.fragments:
-        ends[fragment.shard] = max(ends.get(fragment.shard, 0), fragment.offset + fragment.length)
-    for shard, end in ends.items():
-        path = out_dir / shard
-        if not path.is_file() or path.stat().st_size < end:
-            raise UserError(f"dataset {out_dir} is damaged ({shard} missing or short); delete it")
+    for file in manifest.files():
+        path = out_dir / file.path
+        if not path.is_file() or path.stat().st_size != file.bytes:
+            raise UserError(
+                f"dataset {out_dir} is damaged ({file.path} missing or short); delete it"
+            )
     return manifest
 
 
-def _write_shards(
-    tmp: Path, images: list[_Image], tile: int, stride: int, on_bad_image: str, progress: bool
-) -> tuple[list[_Image], list[str], list[list]]:
-    """Cut images in worker processes (PNG encoding dominates) and append them to shards."""
-    (tmp / "shards").mkdir()
-    kept: list[_Image] = []
-    shards: list[str] = []
-    rows: list[list] = []
-    size = SHARD_BYTES
-    jobs = [(image.path, image.mode, tile, stride) for image in images]
-    pool = ProcessPoolExecutor(min(os.cpu_count() or 1, 2))
-    try:
+def _encode_all(
+    work: Path,
+    images: list[_Image],
+    margin: int,
+    block: int,
+    lossless: bool,
+    workers: int,
+    on_bad_image: str,
+    progress: bool,
+) -> list[_Image | None]:
+    """Encode every source not encoded by an earlier, killed run; returns the readable ones."""
+    (work / "parts").mkdir(exist_ok=True)
+    parts = [work / "parts" / f"{i:06d}" for i in range(len(images))]
+    todo = [i for i, part in enumerate(parts) if not part.with_suffix(".json").is_file()]
+    jobs = [(images[i].path, images[i].mode, margin, block, lossless, parts[i]) for i in todo]
+    bad: set[int] = set()
+    with ProcessPoolExecutor(workers) as pool:
         results = pool.map(_cut, jobs)
-        for image, result in track(
-            zip(images, results, strict=True),
+        for i, result in track(
+            zip(todo, results, strict=True),
             total=len(images),
-            description="Cutting fragments",
+            completed=len(images) - len(todo),
+            description="Encoding blocks",
             disable=not progress,
         ):
-            if isinstance(result, _BadImage):
+            if result is not None:
                 _skip_or_fail(result, on_bad_image)
-                continue
-            blob, cut = result
-            if size > 0 and size + len(blob) > SHARD_BYTES:
-                shards.append(f"shards/s{len(shards):05d}.bin")
-                size = 0
-            with open(tmp / shards[-1], "ab") as shard:
-                shard.write(blob)
-            offset = size
-            for x, y, length, sha256 in cut:
-                rows.append([len(kept), x, y, len(shards) - 1, offset, length, sha256])
-                offset += length
-            size += len(blob)
-            kept.append(image)
-    finally:
-        pool.shutdown(cancel_futures=True)
-    return kept, shards, rows
+                bad.add(i)
+    return [image if i not in bad else None for i, image in enumerate(images)]
+
+
+def _write_shards(work: Path, images: list[_Image | None], tmp: Path) -> tuple[list, list]:
+    """Concatenate the per-source parts into shards of about SHARD_BYTES; sources never span two."""
+    (tmp / "shards").mkdir()
+    shards: list[str] = []
+    entries: list[dict] = []
+    size = SHARD_BYTES
+    for i, image in enumerate(images):
+        if image is None:
+            continue
+        part = work / "parts" / f"{i:06d}"
+        blocks = json.loads(part.with_suffix(".json").read_text())
+        length = sum(blocks["lengths"])
+        if size > 0 and size + length > SHARD_BYTES:
+            shards.append(f"shards/s{len(shards):05d}.bin")
+            size = 0
+        with open(tmp / shards[-1], "ab") as shard, open(part.with_suffix(".bin"), "rb") as src:
+            shutil.copyfileobj(src, shard)
+        entries.append(
+            {
+                "path": image.rel,
+                "label": image.label,
+                "width": image.width,
+                "height": image.height,
+                "shard": len(shards) - 1,
+                "offset": size,
+                **blocks,
+            }
+        )
+        size += length
+    return shards, entries
 
 
 def _shard_entry(root: Path, shard: str) -> dict[str, object]:
@@ -307,36 +355,63 @@ def prepare(
     seed: int = 0,
     on_bad_image: Literal["fail", "skip"] = "fail",
     progress: bool = True,
+    angles: str = DEFAULT_ANGLES,
+    lossless: bool = False,
+    workers: int = 0,
 ) -> Manifest:
-    """Build (or find already built) the dataset of src_dir in out_dir and return its manifest."""
+    """Build (or find already built) the dataset of src_dir in out_dir and return its manifest.
+
+    workers = 0: one encoding process per CPU.
+    """
     src_dir, out_dir = Path(src_dir).resolve(), Path(out_dir).resolve()
-    _check_parameters(tile, overlap, holdout, seed)
+    workers = workers or os.cpu_count() or 1
+    _check_parameters(tile, overlap, holdout, seed, workers)
+    angle_range = parse_angles(angles)
     if out_dir.is_relative_to(src_dir) or src_dir.is_relative_to(out_dir):
         raise UserError(f"output {out_dir} and source {src_dir} must not contain each other")
     classes, files = _scan(src_dir)
-    fp = _fingerprint(src_dir, files, on_bad_image)
-    found = _existing(out_dir, tile, overlap, holdout, seed, fp)
+    stride, margin = stride_for(tile, overlap), margin_for(tile)
+    block = block_for(stride)
+    codec = "png" if lossless else "jpeg"
+    params = [tile, overlap, holdout, seed, list(angle_range), codec, on_bad_image]
+    fp = _fingerprint(src_dir, files, json.dumps(params))
+    found = _existing(out_dir, fp)
     if found is not None:
         return found
     images = _probe_all(src_dir, files, tile, on_bad_image)
     _pick_holdout(classes, images, holdout, seed)  # fail before the expensive part
-    stride = max(1, round(tile * (1 - overlap)))
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    work = out_dir.with_name(f".{out_dir.name}.partial")
+    if (work / "fingerprint").is_file() and (work / "fingerprint").read_text() != fp:
+        shutil.rmtree(work)  # left by an interrupted run over other images or parameters
+    work.mkdir(parents=True, exist_ok=True)
+    (work / "fingerprint").write_text(fp)
+    try:
+        encoded = _encode_all(
+            work, images, margin, block, lossless, workers, on_bad_image, progress
+        )
+    except UserError:
+        shutil.rmtree(work)  # a bad image: once fixed, the listing differs and nothing is reusable
+        raise
+    kept = [image for image in encoded if image is not None]
+    held = _pick_holdout(classes, kept, holdout, seed)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".tmp", dir=out_dir.parent))
     try:
-        images, shards, rows = _write_shards(tmp, images, tile, stride, on_bad_image, progress)
-        held = _pick_holdout(classes, images, holdout, seed)
+        shards, sources = _write_shards(work, encoded, tmp)
         doc = {
             "format": FORMAT,
             "tile": tile,
             "overlap": overlap,
+            "stride": stride,
+            "margin": margin,
+            "block": block,
+            "angles": list(angle_range),
+            "codec": codec,
             "holdout": holdout,
             "seed": seed,
-            "mode": images[0].mode,
+            "mode": kept[0].mode,
             "classes": classes,
-            "sources": [_source_entry(image, image.rel in held) for image in images],
+            "sources": [s | {"holdout": s["path"] in held} for s in sources],
             "shards": [_shard_entry(tmp, shard) for shard in shards],
-            "fragments": {"columns": COLUMNS, "rows": rows},
             "prepared_from": {"listing_sha256": fp},
         }
         (tmp / "manifest.json").write_bytes(encode(doc))
@@ -347,4 +422,5 @@ def prepare(
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    shutil.rmtree(work, ignore_errors=True)
     return Manifest.load(out_dir / "manifest.json")

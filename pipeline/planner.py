@@ -79,6 +79,8 @@ def _dataset(config: Config) -> tuple[Path, Manifest]:
             overlap=data["overlap"],
             holdout=data["holdout"],
             seed=config["run"]["seed"],
+            angles=data["angles"],
+            lossless=data["lossless"],
         )
     else:
         manifest = Manifest.load(dataset_dir / "manifest.json")

@@ -160,8 +160,12 @@ def generate(
     size: int = 1000,
     seed: int = 0,
     progress: bool = True,
+    height: int = 0,
 ) -> Path:
-    """Write out_dir/<class>/<i>.png (an ImageFolder tree for `prepare`) and return out_dir."""
+    """Write out_dir/<class>/<i>.png (an ImageFolder tree for `prepare`) and return out_dir.
+
+    Images are size x size, or size wide and `height` high (e.g. 2272 x 1704 like microscopy).
+    """
     if not 2 <= classes <= len(FAMILIES):
         raise UserError(f"textures: classes must be between 2 and {len(FAMILIES)}, not {classes}")
     if images_per_class < 1 or size < 16:
@@ -171,6 +175,8 @@ def generate(
     for name, i in track(jobs, description="Generating textures", disable=not progress):
         rng = np.random.Generator(np.random.PCG64([seed, list(FAMILIES).index(name), i]))
         (out_dir / name).mkdir(parents=True, exist_ok=True)
-        image = _colourise(rng, FAMILIES[name](rng, size).astype(np.float32))
+        side = max(size, height)
+        image = _colourise(rng, FAMILIES[name](rng, side).astype(np.float32))
+        image = image.crop((0, 0, size, height or size))
         image.save(out_dir / name / f"{i}.png", compress_level=1)
     return out_dir

@@ -1,6 +1,6 @@
 import hashlib
-import itertools
 import logging
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -8,10 +8,11 @@ import pytest
 from PIL import Image
 
 from node_payload.errors import UserError
-from node_payload.fragments import decode
+from node_payload.fragments import cut, decode
 from node_payload.manifest import Manifest
 from pipeline import dataset_prepare
 from pipeline.dataset_prepare import prepare
+from pipeline.textures import generate
 
 
 def write_image(path: Path, size=(96, 96), mode="RGB", seed=0) -> np.ndarray:
@@ -35,7 +36,18 @@ def src(tmp_path) -> Path:
 
 def run(src: Path, out: Path, **kwargs) -> Manifest:
     params = {"tile": 32, "overlap": 0.5, "holdout": 0.25, "seed": 3, "progress": False}
-    return prepare(src, out, **(params | kwargs))
+    return prepare(src, out, **(params | {"workers": 1} | kwargs))
+
+
+def pixels(manifest: Manifest, root: Path, id_: int) -> np.ndarray:
+    """A fragment as a node builds it, from the shard bytes on disk (checking block hashes)."""
+    fragment = manifest.fragment(id_)
+    blocks = {}
+    for block in manifest.blocks(fragment)[0]:
+        data = (root / block.shard).read_bytes()[block.offset : block.offset + block.length]
+        assert hashlib.sha256(data).hexdigest().startswith(block.sha256)
+        blocks[block.id] = decode(data, manifest.mode)
+    return cut(manifest, fragment, blocks)
 
 
 def test_counts_positions_and_round_trip(src, tmp_path):
@@ -43,17 +55,18 @@ def test_counts_positions_and_round_trip(src, tmp_path):
     assert manifest.classes == ["alpha", "beta", "gamma"]
     assert manifest.mode == "RGB" and manifest.tile == 32
     assert [s.path for s in manifest.sources[:2]] == ["alpha/img0.png", "alpha/img1.png"]
-    # stride 16: x, y in 0, 16, ..., 64 -> 5 x 5 fragments per image
-    assert len(manifest.fragments) == 12 * 25
-    assert all(len(ids) == 25 for ids in manifest.by_source().values())
-    first = [(f.x, f.y) for f in manifest.fragments[:6]]
-    assert first == [(0, 0), (16, 0), (32, 0), (48, 0), (64, 0), (0, 16)]
+    # stride 16: x, y in 0, 16, ..., 64 -> 5 x 5 positions per image, 4 angles each
+    assert manifest.angles == [0, 90, 180, 270]
+    assert len(manifest) == 12 * 25 * 4
+    assert all(len(ids) == 100 for ids in manifest.by_source().values())
+    first = [(f.x, f.y, f.angle) for f in map(manifest.fragment, range(0, 24, 4))]
+    assert first == [(0, 0, 0), (16, 0, 0), (32, 0, 0), (48, 0, 0), (64, 0, 0), (0, 16, 0)]
     for label in range(3):
         held = [s for s in manifest.sources if s.label == label and s.holdout]
         assert len(held) == 1  # round(0.25 * 4)
     loaded = Manifest.load(tmp_path / "out" / "manifest.json")
     assert loaded.digest() == manifest.digest()
-    assert loaded.fragments == manifest.fragments
+    assert loaded.sources == manifest.sources
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "src"]  # no temp dir left
 
 
@@ -67,15 +80,28 @@ def test_files_lists_every_shard_with_its_size_and_hash(src, tmp_path, monkeypat
         assert (f.bytes, f.sha256) == (len(data), hashlib.sha256(data).hexdigest())
 
 
-def test_every_fragment_is_the_exact_crop_with_its_checksum(src, tmp_path):
-    manifest = run(src, tmp_path / "out")
-    shards = {s: (tmp_path / "out" / s).read_bytes() for s in manifest.shards}
+def test_lossless_fragments_are_the_exact_crops_even_at_the_border(src, tmp_path):
+    manifest = run(src, tmp_path / "out", lossless=True)
+    assert manifest.codec == "png"
     originals = {s.path: np.asarray(Image.open(src / s.path)) for s in manifest.sources}
-    for f in manifest.fragments:
-        data = shards[f.shard][f.offset : f.offset + f.length]
-        assert hashlib.sha256(data).hexdigest() == f.sha256
+    for id_ in range(0, len(manifest), 4):  # angle 0
+        f = manifest.fragment(id_)
         crop = originals[manifest.sources[f.source].path][f.y : f.y + 32, f.x : f.x + 32]
-        np.testing.assert_array_equal(decode(data, "RGB"), crop)
+        np.testing.assert_array_equal(pixels(manifest, tmp_path / "out", id_), crop)
+    # 90 degrees counter-clockwise of a lossless context is exact too
+    f = manifest.fragment(1)
+    crop = originals[manifest.sources[f.source].path][f.y : f.y + 32, f.x : f.x + 32]
+    np.testing.assert_array_equal(pixels(manifest, tmp_path / "out", 1), np.rot90(crop))
+
+
+def test_jpeg_blocks_are_close_to_the_source(tmp_path):
+    generate(tmp_path / "src", classes=2, images_per_class=3, size=200, height=150, progress=False)
+    manifest = run(tmp_path / "src", tmp_path / "out")
+    assert manifest.codec == "jpeg"
+    f = manifest.fragment(40)
+    original = np.asarray(Image.open(tmp_path / "src" / manifest.sources[f.source].path))
+    crop = original[f.y : f.y + 32, f.x : f.x + 32].astype(int)
+    assert np.abs(pixels(manifest, tmp_path / "out", 40).astype(int) - crop).mean() < 4
 
 
 def test_stride_formula_on_a_non_square_image(tmp_path):
@@ -84,22 +110,43 @@ def test_stride_formula_on_a_non_square_image(tmp_path):
             write_image(tmp_path / "src" / name / f"{i}.jpg", size=(100, 70), seed=i)
     manifest = run(tmp_path / "src", tmp_path / "out", overlap=0.25, holdout=0.0)
     # stride round(32 * 0.75) = 24: nx = (100 - 32) // 24 + 1 = 3, ny = (70 - 32) // 24 + 1 = 2
-    assert {(f.x, f.y) for f in manifest.fragments} == {
+    assert {(f.x, f.y) for f in map(manifest.fragment, range(len(manifest)))} == {
         (x, y) for x in (0, 24, 48) for y in (0, 24)
     }
-    assert len(manifest.fragments) == 6 * 6
+    assert len(manifest) == 6 * 6 * 4
     assert not any(s.holdout for s in manifest.sources)
 
 
 def test_sources_never_span_shards(src, tmp_path, monkeypatch):
-    monkeypatch.setattr(dataset_prepare, "SHARD_BYTES", 3 * 25 * 3500)
+    monkeypatch.setattr(dataset_prepare, "SHARD_BYTES", 40_000)
     manifest = run(src, tmp_path / "out")
     assert len(manifest.shards) > 2
-    for ids in manifest.by_source().values():
-        fragments = [manifest.fragments[i] for i in ids]
-        assert len({f.shard for f in fragments}) == 1
-        assert ids == list(range(ids[0], ids[0] + len(ids)))
-        assert all(a.offset + a.length == b.offset for a, b in itertools.pairwise(fragments))
+    for source in manifest.sources:
+        size = (tmp_path / "out" / source.shard).stat().st_size
+        assert source.offset + sum(source.lengths) <= size
+
+
+def test_a_killed_prepare_resumes_with_the_encoded_sources(src, tmp_path, monkeypatch):
+    calls = []
+    resumed = False
+    real = dataset_prepare._cut
+
+    def dies_on_the_fifth(job):
+        calls.append(job[0])
+        if len(calls) == 5 and not resumed:
+            raise RuntimeError("killed")
+        return real(job)
+
+    monkeypatch.setattr(dataset_prepare, "_cut", dies_on_the_fifth)
+    monkeypatch.setattr(dataset_prepare, "ProcessPoolExecutor", ThreadPoolExecutor)
+    with pytest.raises(RuntimeError, match="killed"):
+        run(src, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+    calls.clear()
+    resumed = True
+    manifest = run(src, tmp_path / "out")
+    assert len(calls) <= 12 - 4 and len(manifest.sources) == 12
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "src"]
 
 
 def test_prepare_is_idempotent(src, tmp_path):
@@ -130,7 +177,7 @@ def test_out_dir_with_other_files_is_refused_but_an_empty_one_is_used(src, tmp_p
         run(src, tmp_path / "busy")
     assert [p.name for p in (tmp_path / "busy").iterdir()] == ["notes.txt"]
     (tmp_path / "empty").mkdir()
-    assert len(run(src, tmp_path / "empty").fragments) == 300
+    assert len(run(src, tmp_path / "empty")) == 1200
 
 
 def test_corrupt_image_is_named_or_skipped(src, tmp_path, caplog):
@@ -144,7 +191,7 @@ def test_corrupt_image_is_named_or_skipped(src, tmp_path, caplog):
         manifest = run(src, tmp_path / "out", on_bad_image="skip")
     assert "beta/img2.png" in caplog.text
     assert "beta/img2.png" not in [s.path for s in manifest.sources]
-    assert len(manifest.sources) == 11 and len(manifest.fragments) == 11 * 25
+    assert len(manifest.sources) == 11 and len(manifest) == 11 * 100
 
 
 def test_unreadable_file_is_named(src, tmp_path):
@@ -173,12 +220,11 @@ def test_sixteen_bit_grey_is_scaled(tmp_path):
             path = tmp_path / "src" / name / f"{i}.tif"
             path.parent.mkdir(parents=True, exist_ok=True)
             Image.fromarray(values).save(path)
-    manifest = run(tmp_path / "src", tmp_path / "out", holdout=0.0)
+    manifest = run(tmp_path / "src", tmp_path / "out", holdout=0.0, lossless=True)
     assert manifest.mode == "L"
-    f = manifest.fragments[7]
-    data = (tmp_path / "out" / f.shard).read_bytes()[f.offset : f.offset + f.length]
+    f = manifest.fragment(28)
     expected = (values[f.y : f.y + 32, f.x : f.x + 32].astype(int) + 128) // 257
-    np.testing.assert_array_equal(decode(data, "L")[:, :, 0], expected)
+    np.testing.assert_array_equal(pixels(manifest, tmp_path / "out", 28)[:, :, 0], expected)
 
 
 def test_folder_structure_errors(tmp_path, src):

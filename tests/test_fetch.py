@@ -18,7 +18,7 @@ from pyftpdlib.filesystems import AbstractedFS
 from pyftpdlib.handlers import FTPHandler
 
 from node_payload.fetch import DataUnreachable, FetchStats, fetch_file, fetch_fragments
-from node_payload.manifest import Fragment
+from node_payload.manifest import Block as Fragment
 from pipeline.mirrors import MirrorServer, free_ports, read_only_handler, serve
 
 SHARD = "shards/s00000.bin"
@@ -49,10 +49,6 @@ def dataset(tmp_path: Path) -> tuple[Path, list[Fragment]]:
             frags.append(
                 Fragment(
                     id=len(frags),
-                    source=0,
-                    label=0,
-                    x=0,
-                    y=0,
                     shard=shard,
                     offset=i * FRAG,
                     length=FRAG,

@@ -5,9 +5,25 @@ import time
 import pytest
 
 from node_payload.errors import UserError
-from node_payload.manifest import COLUMNS, FORMAT, Fragment, Manifest, Source, encode
+from node_payload.manifest import FORMAT, HASH_HEX, Fragment, Manifest, encode, margin_for
 
-SHA = "ab" * 32
+H = "ab" * (HASH_HEX // 2)
+
+
+def source(path: str, label: int, width: int, height: int, holdout: bool, shard: int = 0):
+    """A source entry with valid block lengths/hashes for tile 32, margin 24, block 128."""
+    blocks = -(-(width + 48) // 128) * -(-(height + 48) // 128)
+    return {
+        "path": path,
+        "label": label,
+        "width": width,
+        "height": height,
+        "holdout": holdout,
+        "shard": shard,
+        "offset": 0,
+        "lengths": [10] * blocks,
+        "hashes": H * blocks,
+    }
 
 
 def make_doc() -> dict:
@@ -15,46 +31,75 @@ def make_doc() -> dict:
         "format": FORMAT,
         "tile": 32,
         "overlap": 0.5,
+        "stride": 16,
+        "margin": margin_for(32),
+        "block": 128,
+        "angles": [0, 360, 90],
+        "codec": "jpeg",
         "holdout": 0.25,
         "seed": 7,
         "mode": "RGB",
         "classes": ["a", "b"],
-        "sources": [
-            {"path": "a/1.png", "label": 0, "width": 64, "height": 48, "holdout": False},
-            {"path": "b/1.png", "label": 1, "width": 32, "height": 32, "holdout": True},
-        ],
+        "sources": [source("a/1.png", 0, 64, 48, False), source("b/1.png", 1, 32, 32, True, 1)],
         "shards": [
-            {"path": "shards/s00000.bin", "bytes": 22, "sha256": SHA},
-            {"path": "shards/s00001.bin", "bytes": 9, "sha256": SHA},
+            {"path": "shards/s00000.bin", "bytes": 40, "sha256": "0" * 64},
+            {"path": "shards/s00001.bin", "bytes": 10, "sha256": "1" * 64},
         ],
-        "fragments": {
-            "columns": COLUMNS,
-            "rows": [
-                [0, 0, 0, 0, 0, 10, SHA],
-                [0, 32, 16, 0, 10, 12, SHA],
-                [1, 0, 0, 1, 0, 9, SHA],
-            ],
-        },
     }
 
 
-def test_round_trip_exposes_the_model():
+def test_margin_gives_a_context_of_at_least_tile_sqrt2():
+    for tile in (8, 32, 64, 256, 1000):
+        assert tile + 2 * margin_for(tile) >= tile * 2**0.5 + 2
+
+
+def test_round_trip_exposes_the_index():
     data = encode(make_doc())
     manifest = Manifest.from_bytes(data, "m.json")
-    assert manifest.classes == ["a", "b"]
-    assert (manifest.tile, manifest.mode, manifest.seed) == (32, "RGB", 7)
-    assert manifest.sources[1] == Source("b/1.png", 1, 32, 32, True)
-    assert manifest.fragments[1] == Fragment(1, 0, 0, 32, 16, "shards/s00000.bin", 10, 12, SHA)
-    assert manifest.fragments[2].label == 1 and manifest.fragments[2].shard == "shards/s00001.bin"
-    assert manifest.by_source() == {0: [0, 1], 1: [2]}
+    assert manifest.classes == ["a", "b"] and manifest.angles == [0, 90, 180, 270]
+    # a/1.png: (64-32)//16+1 = 3 x (48-32)//16+1 = 2 positions; b/1.png: 1 position
+    assert len(manifest) == (3 * 2 + 1) * 4
+    assert manifest.by_source() == {0: range(0, 24), 1: range(24, 28)}
+    # id = (position * n_angles + angle index): position 4 = (px 1, py 1), angle index 2
+    assert manifest.fragment(4 * 4 + 2) == Fragment(18, 0, 0, 16, 16, 180)
+    assert manifest.fragment(27) == Fragment(27, 1, 1, 0, 0, 270)
+    assert manifest.position_of(27) == 6
+    with pytest.raises(IndexError):
+        manifest.fragment(28)
     assert manifest.digest() == hashlib.sha256(data).hexdigest()
     assert manifest.to_bytes() == data
+
+
+def test_blocks_cover_the_context():
+    doc = make_doc()
+    doc["sources"][0] = source("a/1.png", 0, 300, 48, False)
+    doc["sources"][0]["lengths"] = [10, 11, 12]
+    manifest = Manifest.from_bytes(encode(doc), "m.json")
+    assert manifest.context == 32 + 2 * margin_for(32)
+    blocks, origin = manifest.blocks(manifest.fragment(0))
+    assert [b.id for b in blocks] == [0] and origin == (0, 0)
+    # x = 112: context 112..191 spans blocks 0 and 1 of the first row
+    frag = next(f for f in map(manifest.fragment, range(len(manifest))) if f.x == 112)
+    blocks, origin = manifest.blocks(frag)
+    assert [(b.id, b.offset, b.length, b.sha256) for b in blocks] == [
+        (0, 0, 10, H),
+        (1, 10, 11, H),
+    ]
+    assert origin == (112, 0)
+
+
+def test_files_lists_the_shards():
+    files = Manifest.from_bytes(encode(make_doc()), "m.json").files()
+    assert [(f.path, f.bytes) for f in files] == [
+        ("shards/s00000.bin", 40),
+        ("shards/s00001.bin", 10),
+    ]
 
 
 def test_load_reads_a_file_and_names_it_in_errors(tmp_path):
     path = tmp_path / "manifest.json"
     path.write_bytes(encode(make_doc()))
-    assert len(Manifest.load(path).fragments) == 3
+    assert len(Manifest.load(path)) == 28
     path.write_text("{not json")
     with pytest.raises(UserError, match=re.escape(str(path))):
         Manifest.load(path)
@@ -80,24 +125,30 @@ def corrupt(edit):
 @pytest.mark.parametrize(
     ("edit", "message"),
     [
-        (lambda d: d.update(format="dagtrain-dataset/2"), "format"),
+        (lambda d: d.update(format="dagtrain-dataset/1"), "format"),
         (lambda d: d.update(mode="CMYK"), "mode"),
         (lambda d: d.update(tile=0), "tile"),
         (lambda d: d.update(overlap=1.0), "overlap"),
+        (lambda d: d.update(stride=17), "stride"),
+        (lambda d: d.update(margin=3), "margin"),
+        (lambda d: d.update(angles=[0, 400, 5]), "angles"),
+        (lambda d: d.update(angles="0:360:5"), "angles"),
+        (lambda d: d.update(codec="gif"), "codec"),
         (lambda d: d.update(seed=True), "seed"),
         (lambda d: d.update(classes=["b", "a"]), "classes"),
         (lambda d: d.update(extra=1), "unknown keys"),
         (lambda d: d.pop("holdout"), "missing keys"),
-        (lambda d: d["fragments"].update(columns=COLUMNS[::-1]), "columns"),
         (lambda d: d["sources"][0].update(label=2), "label"),
         (lambda d: d["sources"][0].update(path="/abs.png"), "path"),
+        (lambda d: d["sources"][0].update(path="../up.png"), "path"),
         (lambda d: d["sources"][0].update(holdout=0), "holdout"),
-        (lambda d: d["fragments"]["rows"][0].__setitem__(0, 5), "source 5 does not exist"),
-        (lambda d: d["fragments"]["rows"][1].__setitem__(1, 33), "outside a/1.png"),
-        (lambda d: d["fragments"]["rows"][0].__setitem__(3, 2), "shard 2"),
-        (lambda d: d["fragments"]["rows"][0].__setitem__(5, 0), "offset/length"),
-        (lambda d: d["fragments"]["rows"][0].__setitem__(6, "AB" * 32), "sha256"),
-        (lambda d: d["fragments"]["rows"].pop(), "'b/1.png' has no fragments"),
+        (lambda d: d["sources"][0].update(width=20), "width"),
+        (lambda d: d["sources"][0].update(shard=2), "shard 2"),
+        (lambda d: d["sources"][0]["lengths"].pop(), "lengths"),
+        (lambda d: d["sources"][0].update(offset=35), "outside shards/s00000.bin"),
+        (lambda d: d["sources"][0].update(hashes="AB" * 16), "hashes"),
+        (lambda d: d["shards"][0].update(sha256="x"), "sha256"),
+        (lambda d: d["shards"][0].update(bytes=-1), "bytes"),
     ],
 )
 def test_invalid_manifests_are_rejected_with_the_reason(edit, message):
@@ -113,17 +164,25 @@ def test_invalid_json_is_a_user_error():
         Manifest.from_bytes(b"[]", "m.json")
 
 
-def test_fifty_thousand_fragments_load_quickly():
-    doc = make_doc()
+def test_the_reference_dataset_size_loads_quickly_without_one_row_per_fragment():
+    """654 sources of 2272 x 1704, tile 256, overlap 0.5, 72 angles: 192 x 72 fragments each."""
+    doc = make_doc() | {
+        "tile": 256,
+        "stride": 128,
+        "margin": margin_for(256),
+        "angles": [0, 360, 5],
+    }
+    blocks = -(-(2272 + 2 * doc["margin"]) // 128) * -(-(1704 + 2 * doc["margin"]) // 128)
     doc["sources"] = [
-        {"path": f"c/{i}.png", "label": i % 2, "width": 1000, "height": 1000, "holdout": False}
-        for i in range(50)
+        {
+            **source(f"c/{i}.png", i % 2, 2272, 1704, False),
+            "lengths": [10] * blocks,
+            "hashes": H * blocks,
+        }
+        for i in range(654)
     ]
-    doc["fragments"]["rows"] = [
-        [i // 1000, (i % 30) * 32, (i // 30 % 30) * 32, 0, i * 100, 100, SHA] for i in range(50_000)
-    ]
-    data = encode(doc)
+    doc["shards"][0]["bytes"] = 10 * blocks
     start = time.perf_counter()
-    manifest = Manifest.from_bytes(data, "big.json")
-    assert time.perf_counter() - start < 1.0
-    assert len(manifest.fragments) == 50_000 and len(manifest.by_source()[49]) == 1000
+    manifest = Manifest.from_bytes(encode(doc), "m.json")
+    assert time.perf_counter() - start < 5
+    assert len(manifest) == 654 * 192 * 72 == 9_040_896

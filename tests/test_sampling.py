@@ -5,17 +5,20 @@ from collections import Counter
 import pytest
 
 from node_payload.errors import UserError
-from node_payload.manifest import COLUMNS, FORMAT, Manifest, encode
+from node_payload.manifest import FORMAT, HASH_HEX, Manifest, encode, margin_for
 from node_payload.sampling import check_capacity, heldout_set, local_sets, node_seed
 
-SHA = "0" * 64
 
-
-def make_manifest(counts: dict[str, list[int]], holdout: dict[str, int]) -> Manifest:
-    """Per class the fragment count of each source; the first holdout[c] sources are held out."""
-    sources, rows = [], []
+def make_manifest(
+    counts: dict[str, list[int]], holdout: dict[str, int], angles: int = 1
+) -> Manifest:
+    """Per class the position count of each source (n x 1 positions of tile 64, no overlap),
+    each with `angles` angles; the first holdout[c] sources are held out."""
+    sources = []
+    margin = margin_for(64)
     for label, name in enumerate(sorted(counts)):
         for i, n in enumerate(counts[name]):
+            blocks = -(-(64 * n + 2 * margin) // 128) * -(-(64 + 2 * margin) // 128)
             sources.append(
                 {
                     "path": f"{name}/{i}.png",
@@ -23,20 +26,27 @@ def make_manifest(counts: dict[str, list[int]], holdout: dict[str, int]) -> Mani
                     "width": 64 * n,
                     "height": 64,
                     "holdout": i < holdout.get(name, 0),
+                    "shard": 0,
+                    "offset": 0,
+                    "lengths": [1] * blocks,
+                    "hashes": "0" * HASH_HEX * blocks,
                 }
             )
-            rows += [[len(sources) - 1, 64 * k, 0, 0, 0, 1, SHA] for k in range(n)]
     doc = {
         "format": FORMAT,
         "tile": 64,
         "overlap": 0.0,
+        "stride": 64,
+        "margin": margin,
+        "block": 128,
+        "angles": [0, 360, 360 // angles],
+        "codec": "jpeg",
         "holdout": 0.25,
         "seed": 0,
         "mode": "L",
         "classes": sorted(counts),
         "sources": sources,
-        "shards": [{"path": "shards/s00000.bin", "bytes": 1, "sha256": SHA}],
-        "fragments": {"columns": COLUMNS, "rows": rows},
+        "shards": [{"path": "shards/s00000.bin", "bytes": 10**6, "sha256": "0" * 64}],
     }
     return Manifest.from_bytes(encode(doc), "test-manifest.json")
 
@@ -48,11 +58,11 @@ UNEVEN = make_manifest(
 
 
 def source_of(manifest: Manifest, ids: list[int]) -> set[int]:
-    return {manifest.fragments[i].source for i in ids}
+    return {manifest.fragment(i).source for i in ids}
 
 
 def assert_balanced(manifest: Manifest, ids: list[int], n: int) -> None:
-    per_class = Counter(manifest.fragments[i].label for i in ids)
+    per_class = Counter(manifest.fragment(i).label for i in ids)
     k = len(manifest.classes)
     assert len(ids) == n == sum(per_class.values())
     assert all(n // k <= per_class[c] <= math.ceil(n / k) for c in range(k))
@@ -90,7 +100,7 @@ def test_extra_fragments_go_to_random_classes():
     extra = Counter()
     for seed in range(60):
         train, _ = local_sets(UNEVEN, seed, 31, 0)
-        counts = Counter(UNEVEN.fragments[i].label for i in train)
+        counts = Counter(UNEVEN.fragment(i).label for i in train)
         extra.update(c for c in range(3) if counts[c] == 11)
     assert sum(extra.values()) == 60 and all(extra[c] > 0 for c in range(3))
 
@@ -143,5 +153,39 @@ def test_heldout_set_is_balanced_over_holdout_sources(seed):
 def test_heldout_size_is_a_cap_that_keeps_classes_balanced():
     assert len(heldout_set(UNEVEN, 24, 0)) == 24  # class b holds 30, a 9 -> 8 each fits
     capped = heldout_set(UNEVEN, 30, 0)  # class a holds only 9: 9 of each of the 3 classes
-    labels = Counter(UNEVEN.fragments[i].label for i in capped)
+    labels = Counter(UNEVEN.fragment(i).label for i in capped)
     assert len(capped) == 27 and set(labels.values()) == {9}
+
+
+ROTATED = make_manifest(
+    {"a": [192] * 12, "b": [98] * 9 + [192] * 3, "c": [192] * 10}, {"a": 3, "b": 3, "c": 2}, 72
+)
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_rotated_index_keeps_every_guarantee(seed):
+    """Microscopy scale (192 or 98 positions x 72 angles per source), drawn from the index."""
+    assert len(ROTATED) == (192 * 25 + 98 * 9) * 72
+    train, test = local_sets(ROTATED, seed, n_train=384, n_test=96)
+    assert_balanced(ROTATED, train, 384)
+    assert_balanced(ROTATED, test, 96)
+    assert len(set(train)) == 384 and len(set(test)) == 96
+    assert not source_of(ROTATED, train) & source_of(ROTATED, test)
+    held = {i for i, s in enumerate(ROTATED.sources) if s.holdout}
+    assert not (source_of(ROTATED, train) | source_of(ROTATED, test)) & held
+    assert source_of(ROTATED, heldout_set(ROTATED, 600, seed)) <= held
+
+
+def test_many_nodes_and_rounds_cover_the_training_positions():
+    manifest = make_manifest({"a": [6] * 4, "b": [5] * 4}, {"a": 1, "b": 1}, 8)
+    training = {
+        manifest.position_of(i)
+        for s, ids in manifest.by_source().items()
+        if not manifest.sources[s].holdout
+        for i in ids
+    }
+    seen: set[int] = set()
+    for seed in range(60):
+        train, _ = local_sets(manifest, seed, n_train=16, n_test=4)
+        seen |= {manifest.position_of(i) for i in train}
+    assert seen == training
