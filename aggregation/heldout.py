@@ -2,6 +2,7 @@
 
 Fetched from the mirrors once (like any node's data) and cached in the run directory as
 safetensors, so later rounds evaluate on exactly the same tensors without network traffic.
+Also the run's coverage: how much of the training data the nodes' local sets have reached.
 """
 
 import json
@@ -11,7 +12,7 @@ import torch
 
 from node_payload.fetch import FetchStats
 from node_payload.local_data import load_fragments, planned_manifest
-from node_payload.run_layout import HELDOUT_FILE
+from node_payload.run_layout import HELDOUT_FILE, node_dir
 from node_payload.tensor_io import load_tensors, save_tensors
 
 CACHE_FILE = "data/heldout_cache.safetensors"
@@ -34,3 +35,29 @@ def heldout_tensors(
     )
     save_tensors(cache, {"x": fetched.x, "y": fetched.y}, {"format": "dagtrain-heldout/1"})
     return fetched.x, fetched.y
+
+
+def training_coverage(run_dir: Path, config: dict, round_: int, first_mirror: int) -> float:
+    """Share of training positions (source image, x, y; any angle) in the union of the local
+    training sets of rounds 0..round_, from the ids each node lists in its metrics.json.
+
+    Positions rather than (position, angle) fragments: with 72 angles, fragments are 72 times
+    more numerous and mostly differ by a rotation the model also learns from its neighbours.
+    """
+    data = config["data"]
+    manifest = planned_manifest(
+        data["mirrors"], first_mirror, data["manifest_sha256"], FetchStats()
+    )
+    total = sum(
+        len(ids) // len(manifest.angles)
+        for s, ids in manifest.by_source().items()
+        if not manifest.sources[s].holdout
+    )
+    seen: set[int] = set()
+    for r in range(round_ + 1):
+        for node in range(config["run"]["nodes"]):
+            path = node_dir(run_dir, r, node) / "metrics.json"
+            if path.is_file():
+                ids = json.loads(path.read_text()).get("train_fragments", [])
+                seen.update(manifest.position_of(i) for i in ids)
+    return len(seen) / total

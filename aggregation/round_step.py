@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from aggregation.heldout import heldout_tensors
+from aggregation.heldout import heldout_tensors, training_coverage
 from aggregation.merge import merge_updates
 from aggregation.quorum import QuorumNotMet, required_updates
 from aggregation.server_optimizer import ServerOptimizer
@@ -113,6 +113,9 @@ def aggregate_round(run_dir: Path, config: dict[str, Any], round_: int) -> dict[
         / max(len(node_metrics), 1),
         "bytes_downloaded": sum(m["bytes_downloaded"] for m in node_metrics),
         "mirror_failovers": sum(m["mirror_failovers"] for m in node_metrics),
+        "coverage": training_coverage(
+            run_dir, config, round_, round_ % len(config["data"]["mirrors"])
+        ),
         "seconds": time.time() - started,
     }
     _write_json(metrics_path, round_metrics)

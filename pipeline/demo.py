@@ -28,6 +28,7 @@ dataset = "data/dataset"
 tile = 64
 overlap = 0.5
 holdout = 0.25
+angles = "0:360:30"    # 12 rotations per position, applied on the nodes
 local_train = 480
 local_test = 96
 heldout_test = 600

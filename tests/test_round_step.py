@@ -10,6 +10,7 @@ import torch
 
 from aggregation.quorum import QuorumNotMet
 from aggregation.round_step import aggregate_round
+from node_payload.manifest import Manifest
 from node_payload.model_file import load_model
 from node_payload.run_config import read_run_config
 from node_payload.run_layout import model_path, node_dir, round_metrics_path
@@ -89,3 +90,29 @@ def test_below_quorum_names_missing_and_rejected_nodes(planned: tuple[Path, dict
     assert not model_path(run_dir, 1).exists()
     model, _ = load_model(model_path(run_dir, 0))
     assert model is not None
+
+
+_NODE_METRICS = {
+    "started_at": 0.0,
+    "local_test_accuracy": 0.5,
+    "bytes_downloaded": 0,
+    "mirror_failovers": 0,
+}
+
+
+def test_round_metrics_report_the_coverage_of_training_positions(planned) -> None:
+    run_dir, config = planned
+    manifest = Manifest.load(Path(config["data"]["dataset"]) / "manifest.json")
+    training = [s for s, src in enumerate(manifest.sources) if not src.holdout]
+    ids = manifest.by_source()[training[0]]
+    n_angles = len(manifest.angles)
+    # two angles of one position and one angle of another: 2 positions
+    listed = [ids[0], ids[1], ids[n_angles]]
+    for node in (0, 1):
+        _write_update(run_dir, node, 0.01, 10)
+        (node_dir(run_dir, 0, node) / "metrics.json").write_text(
+            json.dumps({"train_fragments": listed, **_NODE_METRICS})
+        )
+    metrics = aggregate_round(run_dir, config, 0)
+    total = sum(len(manifest.by_source()[s]) for s in training) // n_angles
+    assert metrics["coverage"] == pytest.approx(2 / total)
