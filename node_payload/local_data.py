@@ -71,21 +71,17 @@ def _store(cache: Path, blobs: dict[int, bytes], blocks: dict[int, Block]) -> No
 def _fetch_parallel(
     mirrors: list[str], first: int, blocks: list[Block], stats: FetchStats
 ) -> dict[int, bytes]:
-    """Blocks split by shard over CONNECTIONS workers, each with its own sessions and stats, so
-    that neighbouring blocks still coalesce into one read."""
-    by_shard: dict[str, list[Block]] = {}
-    for block in blocks:
-        by_shard.setdefault(block.shard, []).append(block)
-    lanes: list[list[Block]] = [[] for _ in range(min(CONNECTIONS, len(by_shard)) or 1)]
-    for group in sorted(by_shard.values(), key=lambda g: -sum(b.length for b in g)):
-        min(lanes, key=lambda lane: sum(b.length for b in lane)).extend(group)
+    """Blocks in shard order cut into CONNECTIONS consecutive lanes, each with its own sessions
+    and stats, so that neighbouring blocks still coalesce into one read within a lane."""
+    ordered = sorted(blocks, key=lambda b: (b.shard, b.offset))
+    size = -(-len(ordered) // CONNECTIONS)
+    lanes = [ordered[k : k + size] for k in range(0, len(ordered), size)]
     lane_stats = [FetchStats() for _ in lanes]
     out: dict[int, bytes] = {}
     with ThreadPoolExecutor(len(lanes)) as pool:
         jobs = [
             pool.submit(fetch_fragments, mirrors, first + k, lane, lane_stats[k])
             for k, lane in enumerate(lanes)
-            if lane
         ]
         for job in jobs:
             out.update(job.result())
