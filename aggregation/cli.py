@@ -1,15 +1,11 @@
 """`python -m aggregation`: the aggregation job's command line and its exit codes."""
 
 import argparse
-import sys
 from pathlib import Path
 
-from aggregation.quorum import QuorumNotMet
 from aggregation.round_step import aggregate_round
-from node_payload.errors import EXIT_FATAL, EXIT_OK, EXIT_RETRYABLE, UserError
-from node_payload.fetch import DataUnreachable
+from node_payload.job_exit import run_job
 from node_payload.run_config import read_run_config
-from node_payload.tensor_io import BadTensorFile
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -20,19 +16,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--round", type=int, required=True, dest="round_")
     args = parser.parse_args(argv)
     run_dir = args.config.resolve().parent
-    try:
+
+    def work() -> str:
         metrics = aggregate_round(run_dir, read_run_config(args.config), args.round_)
-    except QuorumNotMet as exc:
-        print(f"dagtrain aggregate: {exc}", file=sys.stderr)
-        return EXIT_FATAL
-    except DataUnreachable as exc:
-        print(f"dagtrain aggregate round {args.round_}: {exc}", file=sys.stderr)
-        return EXIT_RETRYABLE
-    except (UserError, BadTensorFile) as exc:
-        print(f"dagtrain aggregate round {args.round_}: fatal: {exc}", file=sys.stderr)
-        return EXIT_FATAL
-    print(
-        f"dagtrain aggregate round {args.round_}: {metrics['nodes_used']} updates merged, "
-        f"held-out accuracy {metrics['accuracy']:.4f}, loss {metrics['loss']:.4f}"
-    )
-    return EXIT_OK
+        return (
+            f"{metrics['nodes_used']} updates merged, held-out accuracy "
+            f"{metrics['accuracy']:.4f}, loss {metrics['loss']:.4f}"
+        )
+
+    return run_job(f"dagtrain aggregate round {args.round_}", work)

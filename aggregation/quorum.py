@@ -15,8 +15,9 @@ def required_updates(nodes: int, quorum: float) -> int:
     return math.ceil(Fraction(repr(float(quorum))) * nodes)
 
 
-class QuorumNotMet(Exception):
-    """Too few valid updates: the aggregation fails so DAGMan stops and writes a rescue DAG."""
+class QuorumNotMet(UserError):
+    """Too few valid updates: a fatal exit, so DAGMan stops without retrying and writes a
+    rescue DAG; retrying the aggregation alone would find the same updates."""
 
     def __init__(
         self,

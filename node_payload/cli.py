@@ -1,13 +1,10 @@
 """`python -m node_payload`: the node job's command line and its exit codes."""
 
 import argparse
-import sys
 from pathlib import Path
 
-from node_payload.errors import EXIT_FATAL, EXIT_OK, EXIT_RETRYABLE, UserError
-from node_payload.fetch import DataUnreachable
+from node_payload.job_exit import run_job
 from node_payload.node_job import NodeTask, run_node
-from node_payload.tensor_io import BadTensorFile
 
 
 def parse_args(argv: list[str] | None) -> NodeTask:
@@ -29,18 +26,13 @@ def parse_args(argv: list[str] | None) -> NodeTask:
 
 def main(argv: list[str] | None = None) -> int:
     task = parse_args(argv)
-    where = f"round {task.round_} node {task.node}"
-    try:
+
+    def work() -> str:
         metrics = run_node(task)
-    except DataUnreachable as exc:
-        print(f"dagtrain node ({where}): data unreachable, retry later: {exc}", file=sys.stderr)
-        return EXIT_RETRYABLE
-    except (UserError, BadTensorFile) as exc:
-        print(f"dagtrain node ({where}): fatal: {exc}", file=sys.stderr)
-        return EXIT_FATAL
-    print(
-        f"dagtrain node ({where}): {metrics['train_samples']} fragments, "
-        f"{metrics['local_steps']} steps, local test accuracy {metrics['local_test_accuracy']:.3f}, "
-        f"{metrics['bytes_downloaded']} bytes in {metrics['seconds']:.1f} s"
-    )
-    return EXIT_OK
+        return (
+            f"{metrics['train_samples']} fragments, {metrics['local_steps']} steps, local test "
+            f"accuracy {metrics['local_test_accuracy']:.3f}, {metrics['bytes_downloaded']} bytes "
+            f"in {metrics['seconds']:.1f} s"
+        )
+
+    return run_job(f"dagtrain node (round {task.round_} node {task.node})", work)
