@@ -18,6 +18,7 @@ from pathlib import Path
 
 import classad2
 import htcondor2
+from rich import box
 from rich.console import Console, Group
 from rich.live import Live
 from rich.table import Table
@@ -192,11 +193,16 @@ def read_status(run_dir: Path) -> RunStatus:
     )
 
 
+# Column labels short enough for an 80-column terminal.
+_SHORT = {"waiting": "wait", "idle": "idle", "running": "run", "held": "held", "done": "done",
+          "failed": "fail"}  # fmt: skip
+
+
 def render(status: RunStatus) -> Group:
     """One table row per round that has started, under a line about the whole run."""
-    table = Table(title=f"dagtrain run {status.name!r}", expand=False)
-    for column in ("round", *NODE_STATES, "missing", "retries", "aggregate", "accuracy"):
-        table.add_column(column, justify="right")
+    table = Table(title=f"dagtrain run {status.name!r}", expand=False, box=box.SIMPLE_HEAD)
+    for column in ("round", *map(_SHORT.get, NODE_STATES), "miss", "retry", "agg", "acc."):
+        table.add_column(column, justify="right", min_width=len(column), no_wrap=True)
     shown = [r for r in status.rounds if r.nodes["waiting"] < status.nodes_per_round]
     for r in shown or status.rounds[:1]:
         accuracy = f"{r.accuracy:.3f}" if r.accuracy is not None else "-"

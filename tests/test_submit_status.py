@@ -141,7 +141,7 @@ def test_status_of_a_local_runner_run(tmp_path: Path) -> None:
     assert all(r.aggregate == "done" for r in status.rounds)
     text = _text(status)
     assert "done: round 2/2, 2 retries, held-out accuracy 0.500 0.600; report: completed" in text
-    assert re.search(r"r001 │ +0 │ +0 │ +0 │ +0 │ +3 │ +0 │ +0 │ +1 │ +done │ +0\.600", text), text
+    assert re.search(r"r001 +0 +0 +0 +0 +3 +0 +0 +1 +done +0\.600", text), text
 
 
 def test_status_mid_run_combines_status_file_and_job_logs(tmp_path: Path) -> None:
