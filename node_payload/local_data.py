@@ -68,14 +68,26 @@ def _store(cache: Path, blobs: dict[int, bytes], blocks: dict[int, Block]) -> No
         tmp.replace(cache / blocks[id_].sha256)
 
 
+def _lanes(blocks: list[Block]) -> list[list[Block]]:
+    """Blocks in shard order cut into up to CONNECTIONS consecutive lanes of about equal bytes:
+    neighbouring blocks stay in one read within a lane, and the lanes finish together."""
+    ordered = sorted(blocks, key=lambda b: (b.shard, b.offset))
+    share = sum(b.length for b in ordered) / CONNECTIONS
+    lanes: list[list[Block]] = [[]]
+    done = 0
+    for block in ordered:
+        if lanes[-1] and done >= share * len(lanes):
+            lanes.append([])
+        lanes[-1].append(block)
+        done += block.length
+    return lanes
+
+
 def _fetch_parallel(
     mirrors: list[str], first: int, blocks: list[Block], stats: FetchStats
 ) -> dict[int, bytes]:
-    """Blocks in shard order cut into CONNECTIONS consecutive lanes, each with its own sessions
-    and stats, so that neighbouring blocks still coalesce into one read within a lane."""
-    ordered = sorted(blocks, key=lambda b: (b.shard, b.offset))
-    size = -(-len(ordered) // CONNECTIONS)
-    lanes = [ordered[k : k + size] for k in range(0, len(ordered), size)]
+    """Each lane over its own sessions and stats, merged into `stats` at the end."""
+    lanes = _lanes(blocks)
     lane_stats = [FetchStats() for _ in lanes]
     out: dict[int, bytes] = {}
     with ThreadPoolExecutor(len(lanes)) as pool:
@@ -94,15 +106,15 @@ def _fetch_parallel(
     return out
 
 
-def fetch_blocks(
+def fetch_raw(
     manifest: Manifest,
     ids: list[int],
     mirrors: list[str],
     first: int,
     stats: FetchStats,
     cache: Path | None = None,
-) -> dict[int, np.ndarray]:
-    """Decoded blocks (by block id) under the contexts of the given fragments."""
+) -> dict[int, bytes]:
+    """Verified encoded bytes (by block id) of the blocks under the given fragments' contexts."""
     needed: dict[int, Block] = {}
     for i in ids:
         for block in manifest.blocks(manifest.fragment(i))[0]:
@@ -117,6 +129,19 @@ def fetch_blocks(
     if cache is not None:
         _store(cache, fetched, needed)
     blobs.update(fetched)
+    return blobs
+
+
+def fetch_blocks(
+    manifest: Manifest,
+    ids: list[int],
+    mirrors: list[str],
+    first: int,
+    stats: FetchStats,
+    cache: Path | None = None,
+) -> dict[int, np.ndarray]:
+    """Decoded blocks (by block id) under the contexts of the given fragments."""
+    blobs = fetch_raw(manifest, ids, mirrors, first, stats, cache)
     return {id_: decode(data, manifest.mode) for id_, data in blobs.items()}
 
 

@@ -22,6 +22,7 @@ import math
 import re
 from bisect import bisect_right
 from dataclasses import dataclass
+from itertools import accumulate
 from pathlib import Path, PurePosixPath
 from typing import Any
 
@@ -151,6 +152,7 @@ class Manifest:
             fragments += source.nx * source.ny * len(self.angles)
             blocks += len(source.lengths)
         self._first.append(fragments)
+        self._starts: dict[int, list[int]] = {}  # source -> its blocks' offsets, when used
         self._raw = raw
 
     @classmethod
@@ -230,7 +232,10 @@ class Manifest:
 
     def _block(self, source: int, k: int) -> Block:
         src = self.sources[source]
-        offset = src.offset + sum(src.lengths[:k])
+        starts = self._starts.get(source)
+        if starts is None:  # a node resolves thousands of blocks: no prefix sum per block
+            starts = self._starts[source] = list(accumulate(src.lengths, initial=src.offset))
+        offset = starts[k]
         return Block(
             self._first_block[source] + k,
             src.shard,

@@ -267,3 +267,17 @@ def test_fetch_file_fails_over_and_reports_missing_files(dataset) -> None:
         assert stats.bytes_downloaded == len(MANIFEST)
         with pytest.raises(DataUnreachable, match=r"missing\.json"):
             fetch_file(mirrors.urls, 1, "missing.json", stats)
+
+
+def test_small_gaps_are_read_through_within_the_waste_bound(counting, dataset) -> None:
+    url, commands = counting
+    root, frags = dataset
+    sparse = [f for f in frags if f.shard == SHARD and f.offset // FRAG % 20 != 19]
+    stats = FetchStats()
+    assert fetch_fragments([url], 0, sparse, stats) == expected(root, sparse)
+    assert commands.count("RETR") == 1  # a 1-in-20 gap costs 5%: cheaper than a new read
+    assert stats.bytes_downloaded == 99 * FRAG  # 95 needed, 4 gaps read through
+    dense_gaps = [f for f in frags if f.shard == SHARD][::2]
+    stats = FetchStats()
+    assert fetch_fragments([url], 0, dense_gaps, stats) == expected(root, dense_gaps)
+    assert stats.bytes_downloaded == len(dense_gaps) * FRAG  # 1-in-2 gaps: never read

@@ -6,7 +6,13 @@ import pytest
 
 from node_payload.errors import UserError
 from node_payload.manifest import FORMAT, HASH_HEX, Manifest, encode, margin_for
-from node_payload.sampling import check_capacity, heldout_set, local_sets, node_seed
+from node_payload.sampling import (
+    CHUNK_POSITIONS,
+    check_capacity,
+    heldout_set,
+    local_sets,
+    node_seed,
+)
 
 
 def make_manifest(
@@ -189,3 +195,18 @@ def test_many_nodes_and_rounds_cover_the_training_positions():
         train, _ = local_sets(manifest, seed, n_train=16, n_test=4)
         seen |= {manifest.position_of(i) for i in train}
     assert seen == training
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_local_sets_are_whole_chunks_with_one_angle_per_position(seed):
+    """A node reads its set as a few bands of whole position rows, not scattered fragments."""
+    train, test = local_sets(ROTATED, seed, n_train=384, n_test=96)
+    for ids, quota in ((train, 128), (test, 32)):
+        assert len({ROTATED.position_of(i) for i in ids}) == len(ids)
+        for label in range(3):
+            frags = [ROTATED.fragment(i) for i in ids if ROTATED.fragment(i).label == label]
+            bands = set()
+            for f in frags:
+                rows = -(-CHUNK_POSITIONS // ROTATED.sources[f.source].nx)
+                bands.add((f.source, f.y // ROTATED.stride // rows))
+            assert len(bands) <= quota // CHUNK_POSITIONS + 2
