@@ -35,6 +35,8 @@ def build_report(config: dict[str, Any], rounds: list[dict[str, Any]], dag_statu
         "final_accuracy": rounds[-1]["accuracy"] if rounds else None,
         "seconds": sum(r["seconds"] for r in rounds),
         "bytes_downloaded": sum(r["bytes_downloaded"] for r in rounds),
+        # Reads moved off a faulty mirror: high counts name a mirror to fix (see node metrics).
+        "mirror_failovers": sum(r["mirror_failovers"] for r in rounds),
         "rounds": rounds,
     }
 
@@ -82,7 +84,8 @@ def main(argv: list[str] | None = None) -> int:
     report = write_report(run_dir, read_run_config(args.config), args.dag_status)
     print(
         f"dagtrain report: {report['status']}, {report['rounds_completed']}/"
-        f"{report['rounds_planned']} rounds, final accuracy {report['final_accuracy']}"
+        f"{report['rounds_planned']} rounds, final accuracy {report['final_accuracy']}, "
+        f"{report['mirror_failovers']} mirror failovers"
     )
     # A FINAL node's own result becomes the DAG's: fail it after a failed DAG, so DAGMan keeps
     # the failure visible and writes the rescue DAG that resumes the run.

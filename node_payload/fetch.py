@@ -4,17 +4,21 @@ Runs on execute nodes that only have Python and torch, hence plain ftplib. A nod
 hundred small fragments scattered over large shards, so neighbouring fragments are read with one
 `REST` + `RETR` that stops after the needed bytes, over one control connection per mirror.
 Any fault of a mirror (refused, silent, dropped, truncated or wrong bytes) moves the affected
-reads to the next mirror; only when every mirror failed a read does the node give up with
-DataUnreachable, which the node turns into a retryable exit code.
+reads to other mirrors, spread over all of them so that no single neighbour takes a failed
+mirror's whole load; after every mirror failed a read, the node pauses (exponential backoff with
+jitter, so that many nodes do not retry in step) and tries again; only after PASSES such passes
+does it give up with DataUnreachable, which the node turns into a retryable exit code.
 """
 
 import hashlib
 import logging
+import random
+import socket
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from ftplib import FTP, all_errors, error_perm, error_temp
-from urllib.parse import unquote, urlsplit
+from ftplib import FTP, all_errors, error_perm, error_reply, error_temp
+from urllib.parse import parse_qs, unquote, urlsplit
 
 from node_payload.errors import UserError
 from node_payload.manifest import Block as Fragment  # fetched units are stored blocks
@@ -28,8 +32,10 @@ log = logging.getLogger(__name__)
 MAX_GAP = 64 * 1024
 MAX_WASTE = 1 / 16
 MAX_SPAN = 8 * 1024 * 1024  # bounds the memory of one read and the bytes wasted when it fails
-PASSES = 2  # every mirror gets a second chance, after a pause, before a read is given up
-BACKOFF_S = 0.2  # pause before a pass; short, DAGMan retries the whole node for longer outages
+PASSES = 3  # every mirror gets more chances, after pauses, before a read is given up
+BACKOFF_S = 0.5  # pause before the second pass, doubled for each later one
+BACKOFF_MAX_S = 8.0  # bounded: DAGMan retries the whole node (on another mirror) for long outages
+WINDOW_MIN, WINDOW_MAX = 4 * 1024, 4 * 1024 * 1024
 _EARLY_CLOSE = ("426", "451")  # replies of a server whose transfer the client closed on purpose
 
 
@@ -59,9 +65,37 @@ def redact(url: str) -> str:
     return parts._replace(netloc=netloc).geturl()
 
 
+def backoff_delay(passed: int, base_s: float = BACKOFF_S) -> float:
+    """Pause after `passed` failed passes: base_s doubled per pass, capped, times 0.5 to 1.
+
+    The jitter keeps the nodes of a round, which all saw the same outage, from retrying in step.
+    """
+    return min(BACKOFF_MAX_S, base_s * 2 ** (passed - 1)) * random.uniform(0.5, 1.0)
+
+
+def _timeout(query: str, label: str) -> float | None:
+    """`?timeout=SECONDS`: a per-mirror read timeout (a far mirror may need longer)."""
+    params = parse_qs(query, keep_blank_values=True)
+    unknown = sorted(set(params) - {"timeout"})
+    if unknown:
+        raise UserError(f"mirror {label}: unknown URL parameter {unknown[0]!r} (allowed: timeout)")
+    if "timeout" not in params:
+        return None
+    try:
+        value = float(params["timeout"][-1])
+    except ValueError:
+        value = 0.0
+    if not 0 < value <= 3600:
+        raise UserError(f"mirror {label}: timeout must be a number of seconds in (0, 3600]")
+    return value
+
+
 @dataclass(frozen=True)
 class Mirror:
-    """A parsed mirror URL `ftp://[user[:password]@]host[:port][/path]`; path = dataset root."""
+    """A parsed mirror URL `ftp://[user[:password]@]host[:port][/path][?timeout=S]`.
+
+    path = dataset root, relative to the login directory (RFC 1738).
+    """
 
     host: str
     port: int
@@ -69,6 +103,7 @@ class Mirror:
     password: str
     root: str
     label: str
+    timeout_s: float | None = None
 
     @classmethod
     def parse(cls, url: str) -> "Mirror":
@@ -85,12 +120,49 @@ class Mirror:
             port=port,
             user=unquote(parts.username or ""),
             password=unquote(parts.password or ""),
-            root=unquote(parts.path.strip("/")),  # RFC 1738: relative to the login directory
+            root=unquote(parts.path.strip("/")),
             label=label,
+            timeout_s=_timeout(parts.query, label),
         )
 
     def remote(self, path: str) -> str:
         return f"{self.root}/{path}" if self.root else path
+
+
+def _window(length: int) -> int:
+    """Receive buffer for a read of `length` bytes.
+
+    RETR has no end offset: the mirror streams on until the node closes the connection, and
+    whatever the node's receive window lets in beyond the read is sent for nothing. A window
+    about the size of the read keeps that waste near the read's own size, not megabytes.
+    """
+    return min(max(length, WINDOW_MIN), WINDOW_MAX)
+
+
+class _WindowedFTP(FTP):
+    """ftplib's passive data connection, with its receive buffer set before connecting (the
+    window a connection starts with is fixed by its handshake)."""
+
+    window = WINDOW_MAX
+
+    def ntransfercmd(self, cmd: str, rest: int | str | None = None) -> tuple[socket.socket, None]:
+        host, port = self.makepasv()
+        conn = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
+        try:
+            conn.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, self.window)
+            conn.settimeout(self.timeout)
+            conn.connect((host, port))
+            if rest is not None:
+                self.sendcmd(f"REST {rest}")
+            resp = self.sendcmd(cmd)
+            if resp[0] == "2":  # some servers answer 200 before 150
+                resp = self.getresp()
+            if resp[0] != "1":
+                raise error_reply(resp)
+        except BaseException:
+            conn.close()
+            raise
+        return conn, None
 
 
 class _Session:
@@ -99,7 +171,7 @@ class _Session:
     def __init__(self, mirror: Mirror, stats: FetchStats, timeout_s: float) -> None:
         self.mirror = mirror
         self._stats = stats
-        self._ftp = FTP(timeout=timeout_s)
+        self._ftp = _WindowedFTP(timeout=mirror.timeout_s or timeout_s)
         try:
             self._ftp.connect(mirror.host, mirror.port)
             if mirror.user:
@@ -123,6 +195,7 @@ class _Session:
         view = memoryview(buf)
         got = 0
         try:
+            self._ftp.window = _window(length)
             with self._ftp.transfercmd(f"RETR {self.mirror.remote(path)}", offset or None) as conn:
                 while got < length:
                     n = conn.recv_into(view[got:])
@@ -154,9 +227,20 @@ class _Task:
     """One read to get done on some mirror; `run` raises on any fault of that mirror."""
 
     what: str
-    start: int  # index of the first mirror to try
+    order: list[int]  # mirror indices in the order to try them, once per pass
     run: Callable[[_Session], None]
     errors: list[str] = field(default_factory=list)
+
+
+def _order(start: int, n: int, salt: int) -> list[int]:
+    """Mirror `start` first, then the others rotated by `salt` (the task's index).
+
+    Rotating per task sends the reads of a failed mirror to all the other mirrors in turn rather
+    than all to its neighbour, which would then carry twice its share.
+    """
+    others = [(start + 1 + i) % n for i in range(n - 1)]
+    k = salt % len(others) if others else 0
+    return [start % n, *others[k:], *others[:k]]
 
 
 def _reason(exc: BaseException) -> str:
@@ -212,20 +296,24 @@ class _Pool:
 
 
 def _with_failover(
-    mirrors: list[Mirror], tasks: list[_Task], stats: FetchStats, timeout_s: float
+    mirrors: list[Mirror],
+    tasks: list[_Task],
+    stats: FetchStats,
+    timeout_s: float,
+    passes: int = PASSES,
 ) -> None:
-    """Run every task, trying its mirrors in order (wrapping), PASSES times, until one succeeds."""
+    """Run every task, trying its mirrors in its order, `passes` times, until one succeeds."""
     pool = _Pool(mirrors, stats, timeout_s)
     pending = tasks
-    attempts = PASSES * len(mirrors)
+    attempts = passes * len(mirrors)
     try:
         for attempt in range(attempts):
             if attempt and attempt % len(mirrors) == 0:
-                time.sleep(BACKOFF_S)
+                time.sleep(backoff_delay(attempt // len(mirrors)))
             pool.next_attempt()
             failed = []
             for task in pending:
-                m = (task.start + attempt) % len(mirrors)
+                m = task.order[attempt % len(mirrors)]
                 reason = pool.run(task, m)
                 if reason is not None:
                     task.errors.append(f"{mirrors[m].label}: {reason}")
@@ -251,7 +339,12 @@ def _mirrors(urls: list[str]) -> list[Mirror]:
 
 
 def fetch_file(
-    mirrors: list[str], first: int, path: str, stats: FetchStats, timeout_s: float = 20.0
+    mirrors: list[str],
+    first: int,
+    path: str,
+    stats: FetchStats,
+    timeout_s: float = 20.0,
+    passes: int = PASSES,
 ) -> bytes:
     """A whole file (the manifest) from the first mirror that serves all of it."""
     started = time.monotonic()
@@ -262,8 +355,8 @@ def fetch_file(
 
     try:
         parsed = _mirrors(mirrors)
-        task = _Task(path, first % len(parsed), run)
-        _with_failover(parsed, [task], stats, timeout_s)
+        task = _Task(path, _order(first, len(parsed), 0), run)
+        _with_failover(parsed, [task], stats, timeout_s, passes)
     finally:
         stats.seconds += time.monotonic() - started
     return result[0]
@@ -299,7 +392,7 @@ def _coalesce(frags: list[Fragment]) -> dict[str, list[list[Fragment]]]:
     return groups
 
 
-def _range_task(group: list[Fragment], start: int, out: dict[int, bytes]) -> _Task:
+def _range_task(group: list[Fragment], order: list[int], out: dict[int, bytes]) -> _Task:
     shard = group[0].shard
     offset = group[0].offset
     end = max(f.offset + f.length for f in group)
@@ -314,7 +407,7 @@ def _range_task(group: list[Fragment], start: int, out: dict[int, bytes]) -> _Ta
             got[frag.id] = blob
         out.update(got)
 
-    return _Task(f"{shard} bytes {offset}-{end}", start, run)
+    return _Task(f"{shard} bytes {offset}-{end}", order, run)
 
 
 def fetch_fragments(
@@ -326,16 +419,21 @@ def fetch_fragments(
 ) -> dict[int, bytes]:
     """Verified bytes of each fragment, by fragment id.
 
-    Shards start on different mirrors (first, first+1, ...) so that one node spreads its load.
+    Shards start on different mirrors (first, first+1, ...) so that one node spreads its load;
+    a caller fetching in parallel lanes gives each lane its own `first`.
     """
     started = time.monotonic()
     out: dict[int, bytes] = {}
     try:
         parsed = _mirrors(mirrors)
-        tasks = [
-            _range_task(group, (first + rank) % len(parsed), out)
+        reads = [
+            (rank, group)
             for rank, groups in enumerate(_coalesce(frags).values())
             for group in groups
+        ]
+        tasks = [
+            _range_task(group, _order(first + rank, len(parsed), salt), out)
+            for salt, (rank, group) in enumerate(reads)
         ]
         if tasks:
             _with_failover(parsed, tasks, stats, timeout_s)

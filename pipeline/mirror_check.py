@@ -1,29 +1,59 @@
-"""Plan-time check that the mirrors serve the dataset the run is planned with."""
+"""Plan-time check that the mirrors serve the dataset the run is planned with.
+
+A mirror that cannot be reached now may be back when the nodes run (they fail over), so it only
+gets a warning. A mirror that serves another manifest would make every node that starts there
+fail over or, worse, train on another dataset: planning refuses it, naming it.
+"""
 
 import hashlib
+from concurrent.futures import ThreadPoolExecutor
 
 from rich.console import Console
+from rich.markup import escape
 
 from node_payload.errors import UserError
-from node_payload.fetch import DataUnreachable, FetchStats, fetch_file
+from node_payload.fetch import DataUnreachable, FetchStats, Mirror, fetch_file
+
+MANIFEST = "manifest.json"
+TIMEOUT_S = 10.0
 
 
-def check_mirrors(mirrors: list[str], manifest_sha256: str) -> None:
-    """Every reachable mirror must hold the planned manifest; at least one must be reachable."""
-    reachable = 0
-    for index, url in enumerate(mirrors):
-        try:
-            data = fetch_file([url], 0, "manifest.json", FetchStats(), timeout_s=10.0)
-        except DataUnreachable as exc:
-            Console(stderr=True).print(f"[yellow]warning:[/] mirror {index} unreachable: {exc}")
-            continue
-        if hashlib.sha256(data).hexdigest() != manifest_sha256:
-            raise UserError(
-                f"[data] mirrors: mirror {index} serves a different manifest.json than the "
-                "dataset being planned; upload the prepared dataset to it again or remove it"
+def _served_digest(url: str, timeout_s: float) -> str | Exception:
+    """The sha256 of the mirror's manifest, or why it could not be read (one attempt)."""
+    try:
+        data = fetch_file([url], 0, MANIFEST, FetchStats(), timeout_s=timeout_s, passes=1)
+    except DataUnreachable as exc:
+        return exc
+    return hashlib.sha256(data).hexdigest()
+
+
+def check_mirrors(mirrors: list[str], manifest_sha256: str, timeout_s: float = TIMEOUT_S) -> None:
+    """Every reachable mirror must hold the planned manifest; at least one must be reachable.
+
+    Mirrors are asked in parallel, so a silent one costs one timeout in total.
+    """
+    labels = [Mirror.parse(url).label for url in mirrors]
+    with ThreadPoolExecutor(min(len(mirrors), 8)) as pool:
+        answers = list(pool.map(lambda url: _served_digest(url, timeout_s), mirrors))
+    console = Console(stderr=True)
+    different = []
+    for label, answer in zip(labels, answers, strict=True):
+        if isinstance(answer, Exception):
+            console.print(
+                f"[yellow]warning:[/] mirror {escape(label)} is unreachable now "
+                f"(nodes will skip it): {escape(str(answer))}",
+                soft_wrap=True,
             )
-        reachable += 1
-    if not reachable:
+        elif answer != manifest_sha256:
+            different.append(label)
+    if different:
+        raise UserError(
+            f"[data] mirrors: {', '.join(different)} serve{'s' if len(different) == 1 else ''} a "
+            f"different {MANIFEST} than the dataset being planned; upload this dataset to "
+            f"{'it' if len(different) == 1 else 'them'} with `dagtrain upload DATASET URL "
+            "--replace`, or remove it from the list"
+        )
+    if all(isinstance(answer, Exception) for answer in answers):
         raise UserError(
             "[data] mirrors: none of the mirrors is reachable; check the URLs, or leave "
             "mirrors empty to use the embedded mirrors"
