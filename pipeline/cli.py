@@ -1,4 +1,4 @@
-"""The `dagtrain` command: plan, run, submit, status, serve, prepare and demo."""
+"""The `dagtrain` command: plan, run, submit, status, serve, upload, prepare and demo."""
 
 import argparse
 import shlex
@@ -104,6 +104,22 @@ def _serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def _upload(args: argparse.Namespace) -> int:
+    from pipeline.upload import report, upload
+
+    results = upload(
+        args.dataset_dir,
+        args.urls,
+        replace=args.replace,
+        verify=not args.no_verify,
+        known_hosts=args.known_hosts,
+        identity=args.identity,
+        console=console,
+    )
+    report(results, console)
+    return 0
+
+
 def _prepare(args: argparse.Namespace) -> int:
     from pipeline.dataset_prepare import prepare
 
@@ -186,6 +202,34 @@ def parser() -> argparse.ArgumentParser:
     serve.add_argument("--mirrors", type=int, default=2)
     serve.add_argument("--ports", type=int, nargs="*", help="fixed ports (default: free ones)")
     serve.set_defaults(func=_serve)
+
+    up = commands.add_parser(
+        "upload", help="copy a prepared dataset to FTP/SFTP mirrors (resumable, verified)"
+    )
+    up.add_argument("dataset_dir", type=Path, help="a prepared dataset (with manifest.json)")
+    up.add_argument(
+        "urls",
+        nargs="+",
+        metavar="URL",
+        help="ftp://user:password@host[:port]/path or sftp://user@host[:port]/path",
+    )
+    up.add_argument(
+        "--replace",
+        action="store_true",
+        help="a mirror holding another dataset: remove its manifest first, then upload",
+    )
+    up.add_argument(
+        "--no-verify",
+        action="store_true",
+        help="check sizes only, not sha256 read back from the mirror (cheaper, weaker)",
+    )
+    up.add_argument(
+        "--known-hosts", type=Path, help="for sftp: known_hosts file (default: ~/.ssh/known_hosts)"
+    )
+    up.add_argument(
+        "--identity", type=Path, help="for sftp: private key (default: ssh-agent and ~/.ssh keys)"
+    )
+    up.set_defaults(func=_upload)
 
     prep = commands.add_parser("prepare", help="cut source images into a fragment dataset")
     prep.add_argument("src_dir", type=Path)

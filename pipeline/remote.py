@@ -102,9 +102,10 @@ class _RejectUnknown(paramiko.RejectPolicy):
 class SshSession:
     """One SSH connection: commands and SFTP, with each failure turned into one clear message."""
 
-    def __init__(self, options: SshOptions) -> None:
+    def __init__(self, options: SshOptions, role: str = "submit host") -> None:
         self.options = options
         self.target = options.target
+        self.role = role  # what the host is to the user, for error messages
         self.client = paramiko.SSHClient()
         known = options.known_hosts or Path.home() / ".ssh" / "known_hosts"
         if options.known_hosts is not None and not known.is_file():
@@ -152,7 +153,7 @@ class SshSession:
                     "ssh-agent, or name it with --identity FILE"
                 ) from None
             reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else exc
-            raise UserError(f"cannot reach the submit host {where}: {reason}") from None
+            raise UserError(f"cannot reach the {self.role} {where}: {reason}") from None
 
     def close(self) -> None:
         self.client.close()
