@@ -133,10 +133,11 @@ def _window(length: int) -> int:
     """Receive buffer for a read of `length` bytes.
 
     RETR has no end offset: the mirror streams on until the node closes the connection, and
-    whatever the node's receive window lets in beyond the read is sent for nothing. A window
-    about the size of the read keeps that waste near the read's own size, not megabytes.
+    whatever the node's receive window lets in beyond the read is sent for nothing (with
+    Linux's autotuned windows, 6x the bytes needed on loopback). Linux doubles the value asked
+    for, so half the read gives a buffer about the read's size: 1.3x on the wire, no slower.
     """
-    return min(max(length, WINDOW_MIN), WINDOW_MAX)
+    return min(max(length // 2, WINDOW_MIN), WINDOW_MAX)
 
 
 class _WindowedFTP(FTP):

@@ -1,0 +1,119 @@
+"""How evenly a round's nodes spread their reads over the mirrors, measured by the mirrors.
+
+Each of the mirrors (pyftpdlib on loopback) counts the bytes its data connections send; 8 nodes
+then fetch their manifest and local sets exactly as node jobs do (first mirror = node + attempt).
+Prints bytes per mirror and busiest / least busy (target: at most 1.2), both by the bytes the
+nodes read and by the bytes the mirrors put on the wire, which adds what each RETR streams past
+the end of its range before the node closes it.
+
+Run:  python benchmarks/bench_mirror_spread.py [NODES] [MIRRORS] [LOCAL_TRAIN]
+"""
+
+import socket
+import struct
+import sys
+import tempfile
+import threading
+from pathlib import Path
+
+from pyftpdlib.handlers import DTPHandler, FTPHandler
+
+from node_payload.fetch import FetchStats
+from node_payload.local_data import fetch_blocks, planned_manifest
+from node_payload.sampling import local_sets
+from pipeline.dataset_prepare import prepare
+from pipeline.mirrors import MirrorServer, read_only_handler
+from pipeline.textures import generate
+
+TCPI_BYTES_SENT = 200  # offset of tcpi_bytes_sent in Linux's struct tcp_info (4.19+)
+
+
+def counting_handler(root: Path, sent: list[int], index: int) -> type[FTPHandler]:
+    """A read-only handler whose data connections add what they sent to sent[index].
+
+    Counted as the bytes the connection put on the wire (Linux TCP_INFO), not the bytes handed
+    to the socket: a RETR closed early leaves data in the server's socket buffer that is never
+    sent and costs no bandwidth.
+    """
+    lock = threading.Lock()
+
+    class CountingDTP(DTPHandler):
+        def close(self) -> None:
+            if not self._closed:
+                info = self.socket.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 256)
+                with lock:
+                    sent[index] += struct.unpack_from("Q", info, TCPI_BYTES_SENT)[0]
+            super().close()
+
+    return read_only_handler(root, type("Counting", (FTPHandler,), {"dtp_handler": CountingDTP}))
+
+
+def spread(
+    dataset: Path, nodes: int, k: int, n_train: int, seed: int = 0
+) -> tuple[list[int], list[int]]:
+    """Bytes each of k mirrors sent while `nodes` node fetches ran (attempt 0, one round), and
+    the bytes the nodes kept from each (their reads, without what came after a read's end)."""
+    sent = [0] * k
+    kept = [0] * k
+    servers = [MirrorServer(counting_handler(dataset, sent, i)) for i in range(k)]
+    try:
+        urls = [s.url for s in servers]
+        digest = None
+        for node in range(nodes):
+            stats = FetchStats()
+            first = node % k  # node_job: (node + attempt) % len(mirrors)
+            manifest = planned_manifest(urls, first, digest or "", stats)
+            digest = manifest.digest()
+            train, test = local_sets(manifest, seed * 1000 + node, n_train, n_train // 4)
+            fetch_blocks(manifest, train, urls, first, stats)
+            fetch_blocks(manifest, test, urls, first, stats)
+            for i, url in enumerate(urls):
+                kept[i] += stats.per_mirror_bytes.get(url, 0)
+    finally:
+        for server in servers:
+            server.close()
+    return sent, kept
+
+
+def _mb(counts: list[int]) -> str:
+    return ", ".join(f"{b / 1e6:.2f}" for b in counts)
+
+
+def main() -> None:
+    nodes = int(sys.argv[1]) if len(sys.argv) > 1 else 8
+    k = int(sys.argv[2]) if len(sys.argv) > 2 else 3
+    n_train = int(sys.argv[3]) if len(sys.argv) > 3 else 384
+    with tempfile.TemporaryDirectory() as tmp:
+        src = generate(
+            Path(tmp) / "src", classes=3, images_per_class=4, size=1024, height=768, progress=False
+        )
+        out = Path(tmp) / "out"
+        prepare(
+            src,
+            out,
+            tile=128,
+            overlap=0.5,
+            holdout=0.25,
+            angles="0:360:30",
+            workers=1,
+            progress=False,
+        )
+        wire, reads, sent_total, kept_total = [], [], 0, 0
+        for seed in range(3):
+            sent, kept = spread(out, nodes, k, n_train, seed)
+            wire.append(max(sent) / min(sent))
+            reads.append(max(kept) / min(kept))
+            sent_total, kept_total = sent_total + sum(sent), kept_total + sum(kept)
+            print(
+                f"seed {seed}: MB on the wire per mirror [{_mb(sent)}], busiest / least busy "
+                f"{wire[-1]:.3f}; MB of the nodes' reads [{_mb(kept)}], {reads[-1]:.3f}"
+            )
+        print(
+            f"{nodes} nodes x {k} mirrors, busiest / least busy (worst of 3): "
+            f"{max(reads):.3f} by the bytes read, {max(wire):.3f} by the bytes on the wire "
+            f"(wire / read {sent_total / kept_total:.2f})"
+        )
+
+
+if __name__ == "__main__":
+    main()
