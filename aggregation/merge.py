@@ -1,8 +1,9 @@
-"""Streaming, sample-weighted average of a round's updates.
+"""A round's merge: validate every update, clip the large ones, combine the rest.
 
-Updates are read one file and one tensor at a time, so aggregating N nodes needs memory for the
-running sums only (O(model)), never for N models. A fixed node order makes the result
-bit-identical between runs.
+The default rule, the sample-weighted mean, reads updates one file and one tensor at a time, so
+aggregating N nodes needs memory for the running sums only (O(model)), never for N models. The
+robust rules (aggregation.robust) need O(N x largest tensor). A fixed node order makes the
+result bit-identical between runs.
 """
 
 import math
@@ -12,6 +13,7 @@ from pathlib import Path
 
 import torch
 
+from aggregation.robust import robust_merge
 from aggregation.validate import validate_update
 from node_payload import tensor_io
 
@@ -59,11 +61,13 @@ class WeightedMean:
 @dataclass
 class MergeResult:
     """mean_update has the layout of an update file: floating = mean(global - local), integer =
-    max(local); it is empty when no update was accepted."""
+    max(local); it is empty when no update was accepted. clipped maps a node to the norm its
+    update had before it was scaled down to clip_norm."""
 
     mean_update: dict[str, torch.Tensor]
     accepted: list[int] = field(default_factory=list)
     rejected: dict[int, str] = field(default_factory=dict)
+    clipped: dict[int, float] = field(default_factory=dict)
     norms: dict[int, float] = field(default_factory=dict)  # nodes whose norm was computed
     samples: int = 0
 
@@ -73,28 +77,45 @@ def merge_updates(
     updates: Iterable[tuple[int, Path]],
     bound: float,
     round_: int,
+    rule: str = "mean",
+    trim: float = 0.2,
+    clip_norm: float = 0.0,
 ) -> MergeResult:
-    """Validate each (node, path) in node order and average the accepted ones by sample count."""
+    """Validate each (node, path) in node order, clip accepted updates whose L2 norm exceeds
+    clip_norm (0: never), and combine them by rule ("mean": weighted by sample count)."""
     mean = WeightedMean(global_state)
     result = MergeResult(mean_update={})
+    kept: list[tuple[Path, float]] = []
     for node, path in updates:
         check = validate_update(path, global_state, round_, node, bound)
-        if check.ok:
-            mean.add(_stream(path, global_state), check.samples)
-            result.accepted.append(node)
-            result.samples += check.samples
-        else:
-            result.rejected[node] = check.reason
         if not math.isnan(check.norm):
             result.norms[node] = check.norm
+        if not check.ok:
+            result.rejected[node] = check.reason
+            continue
+        scale = 1.0
+        if 0 < clip_norm < check.norm:
+            scale = clip_norm / check.norm
+            result.clipped[node] = check.norm
+        if rule == "mean":
+            mean.add(_stream(path, global_state, scale), check.samples)
+        else:
+            kept.append((path, scale))
+        result.accepted.append(node)
+        result.samples += check.samples
     if result.accepted:
-        result.mean_update = mean.mean()
+        result.mean_update = (
+            mean.mean() if rule == "mean" else robust_merge(global_state, kept, rule, trim)
+        )
     return result
 
 
 def _stream(
-    path: Path, global_state: Mapping[str, torch.Tensor]
+    path: Path, global_state: Mapping[str, torch.Tensor], scale: float
 ) -> Iterator[tuple[str, torch.Tensor]]:
     with tensor_io.open_lazy(path) as update:
         for name in global_state:
-            yield name, update.get(name)
+            tensor = update.get(name)
+            if scale != 1.0 and tensor.is_floating_point():
+                tensor = tensor.to(torch.float64) * scale
+            yield name, tensor

@@ -25,6 +25,7 @@ def collect(run_dir: Path, rounds: int) -> list[dict[str, Any]]:
 def build_report(config: dict[str, Any], rounds: list[dict[str, Any]], dag_status: int) -> dict:
     planned = config["run"]["rounds"]
     complete = dag_status == 0 and len(rounds) == planned
+    rounds = [_with_counts(r) for r in rounds]
     return {
         "run": config["run"]["name"],
         "status": "completed" if complete else "failed",
@@ -37,8 +38,27 @@ def build_report(config: dict[str, Any], rounds: list[dict[str, Any]], dag_statu
         "bytes_downloaded": sum(r["bytes_downloaded"] for r in rounds),
         # Reads moved off a faulty mirror: high counts name a mirror to fix (see node metrics).
         "mirror_failovers": sum(r["mirror_failovers"] for r in rounds),
+        # Nodes whose updates were refused or scaled down: a node listed again and again is a
+        # machine to look at (its reasons are in the rounds' nodes_rejected and nodes_clipped).
+        "updates_rejected": sum(r["updates_rejected"] for r in rounds),
+        "updates_clipped": sum(r["updates_clipped"] for r in rounds),
+        "nodes_ever_rejected": _nodes_listed(rounds, "nodes_rejected"),
+        "nodes_ever_clipped": _nodes_listed(rounds, "nodes_clipped"),
         "rounds": rounds,
     }
+
+
+def _with_counts(round_: dict[str, Any]) -> dict[str, Any]:
+    """Round metrics plus how many updates were rejected and clipped (older rounds: no clips)."""
+    return {
+        **round_,
+        "updates_rejected": len(round_["nodes_rejected"]),
+        "updates_clipped": len(round_.get("nodes_clipped", {})),
+    }
+
+
+def _nodes_listed(rounds: list[dict[str, Any]], key: str) -> list[int]:
+    return sorted({int(node) for r in rounds for node in r.get(key, {})})
 
 
 def plot(report: dict, path: Path) -> None:

@@ -43,10 +43,7 @@ def _node_metrics(run_dir: Path, round_: int, nodes: list[int]) -> list[dict[str
 
 
 def _optimizer(config: dict[str, Any], run_dir: Path, round_: int) -> ServerOptimizer:
-    server = config["server"]
-    optimizer = ServerOptimizer(
-        server["optimizer"], server["lr"], server["momentum"], server["nesterov"]
-    )
+    optimizer = ServerOptimizer.from_config(config["server"])
     state = server_state_path(run_dir, round_)
     try:
         optimizer.load_state_dict(*load_tensors(state))
@@ -75,9 +72,24 @@ def aggregate_round(run_dir: Path, config: dict[str, Any], round_: int) -> dict[
     present = [(n, node_dir(run_dir, round_, n) / UPDATE_FILE) for n in range(nodes)]
     updates = [(n, path) for n, path in present if path.is_file()]
     missing = [n for n, path in present if not path.is_file()]
-    merged = merge_updates(global_state, updates, config["server"]["max_update_norm"], round_)
+    server = config["server"]
+    merged = merge_updates(
+        global_state,
+        updates,
+        server["max_update_norm"],
+        round_,
+        server["rule"],
+        server["trim"],
+        server["clip_norm"],
+    )
     for node, reason in sorted(merged.rejected.items()):
         print(f"round {round_} node {node}: rejected: {reason}", flush=True)
+    for node, norm in sorted(merged.clipped.items()):
+        print(
+            f"round {round_} node {node}: clipped: norm {norm:.4g} scaled down to "
+            f"{server['clip_norm']:.4g}",
+            flush=True,
+        )
     for node in missing:
         why = node_dir(run_dir, round_, node) / MISSING_MARK
         print(
@@ -107,6 +119,8 @@ def aggregate_round(run_dir: Path, config: dict[str, Any], round_: int) -> dict[
         "nodes_used": len(merged.accepted),
         "nodes_missing": missing,
         "nodes_rejected": merged.rejected,
+        "nodes_clipped": merged.clipped,
+        "aggregation_rule": server["rule"],
         "quorum_required": required,
         "train_samples": merged.samples,
         "local_test_accuracy": sum(m["local_test_accuracy"] for m in node_metrics)

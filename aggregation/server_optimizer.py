@@ -1,43 +1,74 @@
 """The server step: treats the averaged update (global - mean local) as a pseudo-gradient.
 
-With lr=1 and no momentum this is plain federated averaging; momentum smooths the direction
-across rounds. Its buffers are saved beside each global model so a resumed DAG continues exactly.
+With lr=1 and no momentum this is plain federated averaging; momentum or Nesterov momentum is
+DiLoCo's outer step; Adam is FedAdam (Reddi et al., "Adaptive Federated Optimization"). The
+optimizer's state is saved beside each global model so a resumed DAG continues exactly.
 """
 
 from collections.abc import Mapping
-from typing import Literal
+from typing import Any
 
 import torch
 
 from node_payload.errors import UserError
 
 SERVER_FORMAT = "dagtrain-server/1"
+KINDS = ("sgd", "adam")
 
 
 class ServerOptimizer:
-    """SGD with optional (Nesterov) momentum on trainable parameters only.
+    """SGD with optional (Nesterov) momentum, or Adam, on trainable parameters only.
 
     BatchNorm running statistics are not gradients: floating buffers are always plainly averaged
     and integer buffers take the merged value.
     """
 
     def __init__(
-        self, kind: Literal["sgd"], lr: float, momentum: float = 0.0, nesterov: bool = False
+        self,
+        kind: str,
+        lr: float,
+        momentum: float = 0.0,
+        nesterov: bool = False,
+        beta1: float = 0.9,
+        beta2: float = 0.99,
+        eps: float = 1e-3,
     ) -> None:
-        if kind != "sgd":
-            raise UserError(f"server optimizer {kind!r} is not supported; use 'sgd'")
+        if kind not in KINDS:
+            raise UserError(f"server optimizer {kind!r} is not supported; use 'sgd' or 'adam'")
         if not lr > 0:
             raise UserError(f"server learning rate {lr} must be positive (1.0 = plain averaging)")
         if not 0 <= momentum < 1:
             raise UserError(f"server momentum {momentum} must be in [0, 1)")
         if nesterov and momentum == 0:
             raise UserError("server Nesterov momentum needs momentum > 0")
+        if kind == "adam" and (momentum or nesterov):
+            raise UserError("server momentum and nesterov apply to 'sgd'; Adam's momentum is beta1")
+        if not (0 <= beta1 < 1 and 0 <= beta2 < 1):
+            raise UserError(f"server beta1 {beta1} and beta2 {beta2} must be in [0, 1)")
+        if not eps > 0:
+            raise UserError(f"server eps {eps} must be positive")
         self.kind = kind
         self.lr = lr
         self.momentum = momentum
         self.nesterov = nesterov
+        self.beta1 = beta1
+        self.beta2 = beta2
+        self.eps = eps
         self.steps = 0
         self._buffers: dict[str, torch.Tensor] = {}
+
+    @classmethod
+    def from_config(cls, server: Mapping[str, Any]) -> "ServerOptimizer":
+        """Build from the run config's [server] table."""
+        return cls(
+            server["optimizer"],
+            server["lr"],
+            server["momentum"],
+            server["nesterov"],
+            server["beta1"],
+            server["beta2"],
+            server["eps"],
+        )
 
     def step(
         self,
@@ -64,6 +95,8 @@ class ServerOptimizer:
         return new_state
 
     def _direction(self, name: str, delta: torch.Tensor) -> torch.Tensor:
+        if self.kind == "adam":
+            return self._adam(name, delta)
         if self.momentum == 0:
             return delta
         previous = self._buffers.get(name)
@@ -71,14 +104,31 @@ class ServerOptimizer:
         self._buffers[name] = buffer
         return delta + buffer * self.momentum if self.nesterov else buffer
 
+    def _adam(self, name: str, delta: torch.Tensor) -> torch.Tensor:
+        """FedAdam as published: no bias correction, eps (tau) bounds the adaptivity.
+
+        Without bias correction the first steps are about lr * sign(delta) per coordinate, so
+        FedAdam wants a server lr far below 1 (the paper tunes it in 1e-3 .. 1).
+        """
+        m = self._buffers.get(f"m.{name}", torch.zeros_like(delta))
+        v = self._buffers.get(f"v.{name}", torch.zeros_like(delta))
+        m = m * self.beta1 + delta * (1 - self.beta1)
+        v = v * self.beta2 + delta * delta * (1 - self.beta2)
+        self._buffers[f"m.{name}"] = m
+        self._buffers[f"v.{name}"] = v
+        return m / (v.sqrt() + self.eps)
+
     def state_dict(self) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-        """Momentum buffers (keyed by parameter name) and metadata, for tensor_io.save_tensors."""
+        """Buffers (momentum: by parameter name; Adam: 'm.NAME', 'v.NAME') and metadata."""
         metadata = {
             "format": SERVER_FORMAT,
             "kind": self.kind,
             "lr": repr(self.lr),
             "momentum": repr(self.momentum),
             "nesterov": str(self.nesterov).lower(),
+            "beta1": repr(self.beta1),
+            "beta2": repr(self.beta2),
+            "eps": repr(self.eps),
             "steps": str(self.steps),
         }
         return dict(self._buffers), metadata

@@ -2,10 +2,15 @@
 
 `fail` pairs exit as if the data were unreachable on every attempt (so DAGMan retries and then
 the node counts as missing); `hang` pairs sleep past the round deadline (so the job is removed).
+`scale` triples and `nan` pairs play a bad volunteer: the node trains normally, then multiplies
+its update by a factor (100: a blown-up update, -1: a sign flip) or puts a NaN in it, so that
+validation and robust aggregation can be shown to keep the global model sound.
 """
 
 import time
 from typing import Any
+
+import torch
 
 from node_payload.fetch import DataUnreachable
 
@@ -16,3 +21,20 @@ def inject(config: dict[str, Any], round_: int, node: int) -> None:
         raise DataUnreachable(f"injected failure ([faults] fail) for round {round_} node {node}")
     if [round_, node] in faults.get("hang", []):
         time.sleep(2 * config["run"]["node_deadline_s"] + 60)
+
+
+def tamper(
+    config: dict[str, Any], round_: int, node: int, update: dict[str, torch.Tensor]
+) -> dict[str, torch.Tensor]:
+    """The update as this node would send it under `[faults] scale` and `nan`."""
+    faults = config.get("faults", {})
+    for r, n, factor in faults.get("scale", []):
+        if (r, n) == (round_, node):
+            update = {
+                name: t * factor if t.is_floating_point() else t for name, t in update.items()
+            }
+    if [round_, node] in faults.get("nan", []):
+        name = next(name for name, t in update.items() if t.is_floating_point())
+        update = {**update, name: update[name].clone()}
+        update[name].view(-1)[0] = torch.nan
+    return update

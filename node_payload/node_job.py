@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-from node_payload.faults import inject
+from node_payload.faults import inject, tamper
 from node_payload.fetch import FetchStats
 from node_payload.local_data import load_fragments, planned_manifest
 from node_payload.model_file import load_model
@@ -79,7 +79,7 @@ def run_node(task: NodeTask) -> dict[str, Any]:
     task.out_dir.mkdir(parents=True, exist_ok=True)
     save_tensors(
         task.out_dir / UPDATE_FILE,
-        update_tensors(global_state, model.state_dict()),
+        tamper(config, task.round_, task.node, update_tensors(global_state, model.state_dict())),
         update_metadata(task.round_, task.node, len(train.y), base_version),
     )
     metrics = {

@@ -61,6 +61,17 @@ def _round_node_pairs(v: list) -> bool:
     )
 
 
+def _round_node_factors(v: list) -> bool:
+    return all(
+        isinstance(t, list)
+        and len(t) == 3
+        and _round_node_pairs([t[:2]])
+        and type(t[2]) in (int, float)
+        and math.isfinite(t[2])
+        for t in v
+    )
+
+
 SCHEMA: dict[str, dict[str, Key]] = {
     "run": {
         "name": Key(str, "dagtrain", "a short name without spaces", lambda v: v and " " not in v),
@@ -134,11 +145,41 @@ SCHEMA: dict[str, dict[str, Key]] = {
         "augment": Key(bool, True, "true or false"),
     },
     "server": {
-        "optimizer": Key(str, "sgd", '"sgd"', lambda v: v == "sgd"),
+        "optimizer": Key(
+            str,
+            "sgd",
+            '"sgd" (with momentum and nesterov) or "adam" (FedAdam: use a small lr, e.g. 0.01)',
+            lambda v: v in {"sgd", "adam"},
+        ),
         "lr": Key(float, 1.0, "a positive number", _positive),
         "momentum": Key(float, 0.0, "a number in [0, 1)", _between(0, 1, hi_open=True)),
         "nesterov": Key(bool, False, "true or false"),
+        "beta1": Key(
+            float, 0.9, "Adam's first-moment decay, in [0, 1)", _between(0, 1, hi_open=True)
+        ),
+        "beta2": Key(
+            float, 0.99, "Adam's second-moment decay, in [0, 1)", _between(0, 1, hi_open=True)
+        ),
+        "eps": Key(float, 1e-3, "Adam's tau: a positive number", _positive),
         "max_update_norm": Key(float, 1000.0, "a positive number", _positive),
+        "rule": Key(
+            str,
+            "mean",
+            '"mean" (weighted by samples), "median" or "trimmed_mean" (coordinate-wise)',
+            lambda v: v in {"mean", "median", "trimmed_mean"},
+        ),
+        "trim": Key(
+            float,
+            0.2,
+            "the fraction cut at each end by trimmed_mean, in [0, 0.5)",
+            _between(0, 0.5, hi_open=True),
+        ),
+        "clip_norm": Key(
+            float,
+            0.0,
+            "updates with a larger L2 norm are scaled down to it (0: off)",
+            lambda v: v >= 0 and math.isfinite(v),
+        ),
     },
     "resources": {
         "request_cpus": Key(int, 1, "an integer from 1 to 256", _between(1, 256)),
@@ -149,6 +190,15 @@ SCHEMA: dict[str, dict[str, Key]] = {
     "faults": {
         "fail": Key(list, [], "a list of [round, node] pairs", _round_node_pairs),
         "hang": Key(list, [], "a list of [round, node] pairs", _round_node_pairs),
+        "scale": Key(
+            list,
+            [],
+            "a list of [round, node, factor]: the node's update times factor (-1: sign flip)",
+            _round_node_factors,
+        ),
+        "nan": Key(
+            list, [], "a list of [round, node] pairs: a NaN in the update", _round_node_pairs
+        ),
     },
     "execution": {
         "python": Key(

@@ -309,19 +309,55 @@ def test_momentum_matches_hand_computation_over_three_rounds(global_state, param
             np.testing.assert_array_equal(value.numpy(), expected[name])
 
 
-def test_resumed_server_state_continues_exactly(tmp_path, global_state, param_names):
+def test_adam_matches_hand_computation_over_three_rounds(global_state, param_names):
+    lr, b1, b2, eps = 0.01, 0.9, 0.99, 1e-3
+    opt = ServerOptimizer("adam", lr=lr, beta1=b1, beta2=b2, eps=eps)
+    state = global_state
+    expected = _np({k: v.clone() for k, v in global_state.items()})
+    m = {name: np.zeros_like(expected[name]) for name in param_names}
+    v = {name: np.zeros_like(expected[name]) for name in param_names}
+    f32 = np.float32
+    for round_ in range(3):
+        delta = _delta(global_state, round_)
+        state = opt.step(state, delta, param_names)
+        for name, d in _np(delta).items():
+            if name in param_names:
+                m[name] = m[name] * f32(b1) + d * f32(1 - b1)
+                v[name] = v[name] * f32(b2) + d * d * f32(1 - b2)
+                step = m[name] / (np.sqrt(v[name]) + f32(eps))
+                expected[name] = expected[name] - step * f32(lr)
+            elif d.dtype.kind == "f":
+                expected[name] = expected[name] - d
+            else:
+                expected[name] = d
+        for name, value in state.items():
+            np.testing.assert_allclose(value.numpy(), expected[name], rtol=1e-6, atol=1e-7)
+    assert opt.steps == 3
+
+
+SERVER_SETTINGS = [
+    {"kind": "sgd", "lr": 0.7, "momentum": 0.9, "nesterov": True},
+    {"kind": "sgd", "lr": 0.7, "momentum": 0.9},
+    {"kind": "adam", "lr": 0.01, "beta1": 0.8, "beta2": 0.95, "eps": 1e-4},
+]
+
+
+@pytest.mark.parametrize("settings", SERVER_SETTINGS)
+def test_resumed_server_state_continues_exactly(tmp_path, global_state, param_names, settings):
     def run(opt, state, rounds):
         for round_ in rounds:
             state = opt.step(state, _delta(global_state, round_), param_names)
         return state
 
-    continuous = run(ServerOptimizer("sgd", 0.7, 0.9, True), global_state, range(3))
+    continuous = run(ServerOptimizer(**settings), global_state, range(3))
 
-    first = ServerOptimizer("sgd", 0.7, 0.9, True)
+    first = ServerOptimizer(**settings)
     state = run(first, global_state, range(2))
     path = tmp_path / "server_r002.safetensors"
+    buffers, _ = first.state_dict()
+    assert buffers, "momentum and Adam keep state that a resumed run needs"
     tensor_io.save_tensors(path, *first.state_dict())
-    resumed = ServerOptimizer("sgd", 0.7, 0.9, True)
+    resumed = ServerOptimizer(**settings)
     resumed.load_state_dict(*tensor_io.load_tensors(path))
     assert resumed.steps == 2
     state = run(resumed, state, [2])
@@ -341,12 +377,24 @@ def test_server_state_without_momentum_is_empty_but_loadable(tmp_path):
 def test_wrong_server_state_is_refused(tmp_path):
     with pytest.raises(ValueError, match="not a 'sgd' server state"):
         ServerOptimizer("sgd", 1.0).load_state_dict({}, tensor_io.update_metadata(0, 0, 1, 0))
+    sgd_state = ServerOptimizer("sgd", 1.0, 0.9).state_dict()
+    with pytest.raises(ValueError, match="not a 'adam' server state"):
+        ServerOptimizer("adam", 0.01).load_state_dict(*sgd_state)
+
+
+def test_server_optimizer_from_config_reads_every_key():
+    server = {"optimizer": "adam", "lr": 0.02, "momentum": 0.0, "nesterov": False}
+    opt = ServerOptimizer.from_config(server | {"beta1": 0.5, "beta2": 0.9, "eps": 1e-6})
+    assert (opt.kind, opt.lr, opt.beta1, opt.beta2, opt.eps) == ("adam", 0.02, 0.5, 0.9, 1e-6)
 
 
 @pytest.mark.parametrize(
     "kwargs",
     [
-        {"kind": "adam", "lr": 1.0},
+        {"kind": "adagrad", "lr": 1.0},
+        {"kind": "adam", "lr": 0.01, "momentum": 0.9},
+        {"kind": "adam", "lr": 0.01, "beta2": 1.0},
+        {"kind": "adam", "lr": 0.01, "eps": 0.0},
         {"kind": "sgd", "lr": 0.0},
         {"kind": "sgd", "lr": 1.0, "momentum": 1.0},
         {"kind": "sgd", "lr": 1.0, "nesterov": True},
