@@ -199,10 +199,7 @@ def _initial_model(plan: Plan, run_dir: Path) -> None:
         0, model_cfg["arch"], classes, model_cfg["in_channels"], model_cfg["image_size"]
     )
     save_model(model_path(run_dir, 0), model, metadata)
-    server = plan.config["server"]
-    optimizer = ServerOptimizer(
-        server["optimizer"], server["lr"], server["momentum"], server["nesterov"]
-    )
+    optimizer = ServerOptimizer.from_config(plan.config["server"])
     save_tensors(server_state_path(run_dir, 0), *optimizer.state_dict())
 
 
