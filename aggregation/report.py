@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from node_payload.run_config import read_run_config
-from node_payload.run_layout import PLOT_FILE, REPORT_FILE, round_metrics_path
+from node_payload.run_layout import PLOT_FILE, REPORT_FILE, node_dir, round_metrics_path
 
 
 def collect(run_dir: Path, rounds: int) -> list[dict[str, Any]]:
@@ -22,7 +22,47 @@ def collect(run_dir: Path, rounds: int) -> list[dict[str, Any]]:
     return finished
 
 
-def build_report(config: dict[str, Any], rounds: list[dict[str, Any]], dag_status: int) -> dict:
+def busy_seconds(run_dir: Path, rounds: int, nodes: int) -> dict[int, float]:
+    """Per node, the seconds its jobs took (slowed, as the run saw them) over the first
+    `rounds` rounds; a node whose job never finished counts nothing for that round."""
+    busy = dict.fromkeys(range(nodes), 0.0)
+    for r in range(rounds):
+        for n in busy:
+            path = node_dir(run_dir, r, n) / "metrics.json"
+            if path.is_file():
+                busy[n] += json.loads(path.read_text())["seconds"]
+    return busy
+
+
+def wall_seconds(rounds: list[dict[str, Any]]) -> float | None:
+    """From the first node start to the last aggregation's end; None when a round (written
+    before rounds recorded started_at) cannot say when it began."""
+    if not rounds or any("started_at" not in r for r in rounds):
+        return None
+    return max(r["started_at"] + r["seconds"] for r in rounds) - min(
+        r["started_at"] for r in rounds
+    )
+
+
+def node_usage(busy: dict[int, float], wall: float | None) -> dict[str, Any]:
+    """Busy time and utilization per node: how much of the run each node spent working, which
+    shows what a synchronous run loses waiting for its slowest node."""
+    usage = {
+        str(n): {"busy_seconds": s, "utilization": s / wall if wall else None}
+        for n, s in sorted(busy.items())
+    }
+    shares = [u["utilization"] for u in usage.values()]
+    mean = sum(shares) / len(shares) if shares and None not in shares else None
+    return {"wall_seconds": wall, "mean_utilization": mean, "node_usage": usage}
+
+
+def build_report(
+    config: dict[str, Any],
+    rounds: list[dict[str, Any]],
+    dag_status: int,
+    busy: dict[int, float] | None = None,
+) -> dict:
+    """The run's report; `busy` (node -> seconds, see busy_seconds) adds node utilization."""
     planned = config["run"]["rounds"]
     complete = dag_status == 0 and len(rounds) == planned
     rounds = [_with_counts(r) for r in rounds]
@@ -44,6 +84,7 @@ def build_report(config: dict[str, Any], rounds: list[dict[str, Any]], dag_statu
         "updates_clipped": sum(r["updates_clipped"] for r in rounds),
         "nodes_ever_rejected": _nodes_listed(rounds, "nodes_rejected"),
         "nodes_ever_clipped": _nodes_listed(rounds, "nodes_clipped"),
+        **node_usage(busy or {}, wall_seconds(rounds)),
         "rounds": rounds,
     }
 
@@ -86,7 +127,9 @@ def plot(report: dict, path: Path) -> None:
 
 
 def write_report(run_dir: Path, config: dict[str, Any], dag_status: int) -> dict:
-    report = build_report(config, collect(run_dir, config["run"]["rounds"]), dag_status)
+    rounds = collect(run_dir, config["run"]["rounds"])
+    busy = busy_seconds(run_dir, len(rounds), config["run"]["nodes"])
+    report = build_report(config, rounds, dag_status, busy)
     tmp = run_dir / (REPORT_FILE + ".tmp")
     tmp.write_text(json.dumps(report, indent=1) + "\n")
     os.replace(tmp, run_dir / REPORT_FILE)

@@ -130,6 +130,7 @@ def aggregate_round(run_dir: Path, config: dict[str, Any], round_: int) -> dict[
         "coverage": training_coverage(
             run_dir, config, round_, round_ % len(config["data"]["mirrors"])
         ),
+        "started_at": started,  # with seconds: the report's wall time and node utilization
         "seconds": time.time() - started,
     }
     _write_json(metrics_path, round_metrics)

@@ -5,8 +5,11 @@ the node counts as missing); `hang` pairs sleep past the round deadline (so the 
 `scale` triples and `nan` pairs play a bad volunteer: the node trains normally, then multiplies
 its update by a factor (100: a blown-up update, -1: a sign flip) or puts a NaN in it, so that
 validation and robust aggregation can be shown to keep the global model sound.
+`slow` pairs play a slower machine: the node works `factor` times as long in every round, so that
+synchronous and asynchronous runs can be compared on heterogeneous nodes with the same work.
 """
 
+import os
 import time
 from typing import Any
 
@@ -21,6 +24,25 @@ def inject(config: dict[str, Any], round_: int, node: int) -> None:
         raise DataUnreachable(f"injected failure ([faults] fail) for round {round_} node {node}")
     if [round_, node] in faults.get("hang", []):
         time.sleep(2 * config["run"]["node_deadline_s"] + 60)
+
+
+SLOWDOWN_VARIABLE = "DAGTRAIN_SLOWDOWN"
+
+
+def slowdown(config: dict[str, Any], node: int) -> float:
+    """How many times as long this node's work should take: `[faults] slow` (travels in the
+    config, so it acts on a pool too) times the local runner's per-slot DAGTRAIN_SLOWDOWN."""
+    factor = 1.0
+    for n, f in config.get("faults", {}).get("slow", []):
+        if n == node:
+            factor *= f
+    return factor * float(os.environ.get(SLOWDOWN_VARIABLE) or 1)
+
+
+def slow_down(factor: float, elapsed: float) -> None:
+    """Sleep so that work which took `elapsed` seconds takes `factor` times as long."""
+    if factor > 1:
+        time.sleep((factor - 1) * elapsed)
 
 
 def tamper(

@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-from node_payload.faults import inject, tamper
+from node_payload.faults import inject, slow_down, slowdown, tamper
 from node_payload.fetch import FetchStats
 from node_payload.local_data import load_fragments, planned_manifest
 from node_payload.model_file import load_model
@@ -75,6 +75,9 @@ def run_node(task: NodeTask) -> dict[str, Any]:
         seed=task.seed,
     )
     test_loss, test_accuracy = evaluate(model, test.x, test.y)
+    real_seconds = time.time() - started_at
+    factor = slowdown(config, task.node)
+    slow_down(factor, real_seconds)
 
     task.out_dir.mkdir(parents=True, exist_ok=True)
     save_tensors(
@@ -101,7 +104,9 @@ def run_node(task: NodeTask) -> dict[str, Any]:
         "threads": threads,
         "started_at": started_at,
         "fetch_seconds": fetched_at - started_at,
-        "seconds": time.time() - started_at,
+        "seconds": time.time() - started_at,  # as the run saw it: slowed when slowdown > 1
+        "real_seconds": real_seconds,
+        "slowdown": factor,
         "train_fragments": train_ids,  # for the run's coverage of the training fragments
     }
     (task.out_dir / METRICS_FILE).write_text(json.dumps(metrics, indent=1) + "\n")

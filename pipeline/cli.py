@@ -34,8 +34,21 @@ def _plan(args: argparse.Namespace) -> int:
 def _run(args: argparse.Namespace) -> int:
     from pipeline.local_run import run_local
 
-    report = run_local(args.run_dir.resolve(), slots=args.slots)
+    report = run_local(
+        args.run_dir.resolve(), slots=args.slots, slow_slots=dict(args.slow_slot or [])
+    )
     return 0 if report["status"] == "completed" else 1
+
+
+def _slow_slot(text: str) -> tuple[int, float]:
+    """SLOT=FACTOR as given to `dagtrain run --slow-slot`."""
+    slot, _, factor = text.partition("=")
+    try:
+        return int(slot), float(factor)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: expected SLOT=FACTOR, e.g. 1=3 (slot 1 three times as slow)"
+        ) from None
 
 
 def _ssh(args: argparse.Namespace) -> "SshOptions":
@@ -182,6 +195,14 @@ def parser() -> argparse.ArgumentParser:
     run = commands.add_parser("run", help="run a planned DAG on this machine (local runner)")
     run.add_argument("run_dir", type=Path)
     run.add_argument("--slots", type=int, default=2, help="jobs at once (default 2)")
+    run.add_argument(
+        "--slow-slot",
+        type=_slow_slot,
+        action="append",
+        metavar="SLOT=FACTOR",
+        help="node jobs in slot SLOT (0..SLOTS-1) work FACTOR times as long: a local stand-in "
+        "for slower machines (on a pool: [faults] slow); repeatable",
+    )
     run.set_defaults(func=_run)
 
     submit = commands.add_parser("submit", help="submit a planned run to HTCondor (DAGMan)")

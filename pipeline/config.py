@@ -72,6 +72,19 @@ def _round_node_factors(v: list) -> bool:
     )
 
 
+def _node_slowdowns(v: list) -> bool:
+    return all(
+        isinstance(p, list)
+        and len(p) == 2
+        and type(p[0]) is int
+        and p[0] >= 0
+        and type(p[1]) in (int, float)
+        and math.isfinite(p[1])
+        and p[1] >= 1
+        for p in v
+    )
+
+
 SCHEMA: dict[str, dict[str, Key]] = {
     "run": {
         "name": Key(str, "dagtrain", "a short name without spaces", lambda v: v and " " not in v),
@@ -198,6 +211,12 @@ SCHEMA: dict[str, dict[str, Key]] = {
         ),
         "nan": Key(
             list, [], "a list of [round, node] pairs: a NaN in the update", _round_node_pairs
+        ),
+        "slow": Key(
+            list,
+            [],
+            "a list of [node, factor >= 1]: the node works factor times as long in every round",
+            _node_slowdowns,
         ),
     },
     "execution": {

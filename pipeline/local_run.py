@@ -1,12 +1,14 @@
 """`dagtrain run`: the run directory's own DAG, executed by the local runner on this machine."""
 
 import json
+import math
 from pathlib import Path
 from typing import Any
 
 from rich.console import Console
 
 from node_payload.errors import UserError
+from node_payload.faults import SLOWDOWN_VARIABLE
 from node_payload.run_config import read_run_config
 from node_payload.run_layout import CONFIG_FILE, DAG_FILE, REPORT_FILE
 from pipeline.local_runner import run_dag
@@ -20,8 +22,27 @@ def mirror_ports(mirrors: list[str]) -> list[int]:
     return [int(url.rsplit(":", 1)[1].split("/")[0]) for url in mirrors]
 
 
-def run_local(run_dir: Path, slots: int = 2, show_progress: bool = True) -> dict[str, Any]:
-    """Run (or resume) a planned run; returns report.json written by the DAG's FINAL node."""
+def run_local(
+    run_dir: Path,
+    slots: int = 2,
+    show_progress: bool = True,
+    slow_slots: dict[int, float] | None = None,
+) -> dict[str, Any]:
+    """Run (or resume) a planned run; returns report.json written by the DAG's FINAL node.
+
+    `slow_slots` (slot -> factor >= 1) makes node jobs started in those slots work that many
+    times as long: a local stand-in for slower machines (on a pool, use `[faults] slow`).
+    """
+    for slot, factor in (slow_slots or {}).items():
+        if not 0 <= slot < slots or not (math.isfinite(factor) and factor >= 1):
+            raise UserError(
+                f"slow slot {slot}={factor}: slots are numbered 0 to {slots - 1} and a factor "
+                "is a number >= 1"
+            )
+    slot_environment = {
+        slot: {SLOWDOWN_VARIABLE: repr(float(factor))}
+        for slot, factor in (slow_slots or {}).items()
+    }
     if not (run_dir / DAG_FILE).is_file() or not (run_dir / CONFIG_FILE).is_file():
         raise UserError(f"{run_dir}: not a run directory (no {DAG_FILE}); plan one first")
     config = read_run_config(run_dir / CONFIG_FILE)
@@ -37,7 +58,12 @@ def run_local(run_dir: Path, slots: int = 2, show_progress: bool = True) -> dict
     )
     try:
         with RunProgress(run_dir, config["run"]["rounds"], config["run"]["nodes"], console) as p:
-            run_dag(run_dir / DAG_FILE, slots=slots, on_event=p.on_event)
+            run_dag(
+                run_dir / DAG_FILE,
+                slots=slots,
+                on_event=p.on_event,
+                slot_environment=slot_environment,
+            )
     finally:
         if mirrors is not None:
             mirrors.close()

@@ -61,8 +61,10 @@ class JobProcess:
         scratch_root: Path,
         cancel: threading.Event,
         on_running: Callable[[], None],
+        slot_environment: dict[str, str] | None = None,
     ) -> None:
         self.spec = spec
+        self.slot_environment = slot_environment or {}
         self.cluster = cluster
         self.cancel = cancel
         self.on_running = on_running
@@ -121,8 +123,9 @@ class JobProcess:
 
     def _environment(self, cwd: Path) -> dict[str, str]:
         """As a starter sets it: temporary files go to the scratch directory, never to
-        initialdir (a local-universe job runs in the run directory itself)."""
-        env = {"PATH": _BASE_PATH, **self.spec.environment}
+        initialdir (a local-universe job runs in the run directory itself). The slot's variables
+        yield to the job's own, as a machine's STARTER_JOB_ENVIRONMENT does."""
+        env = {"PATH": _BASE_PATH, **self.slot_environment, **self.spec.environment}
         if self.spec.universe == "vanilla":
             env.update(dict.fromkeys(THREAD_VARIABLES, str(self.spec.request_cpus)))
         scratch = str(self.scratch)

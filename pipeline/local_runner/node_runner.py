@@ -37,12 +37,13 @@ class NodeContext:
 
     scratch_root: Path
     cancel: threading.Event
-    acquire_slot: Callable[[Node], bool]
-    release_slot: Callable[[Node], None]
+    acquire_slot: Callable[[Node], int | None]
+    release_slot: Callable[[Node, int], None]
     next_cluster: Callable[[], int]
     dag_status: Callable[[], tuple[int, int]]  # ($DAG_STATUS, $FAILED_COUNT)
     emit: Callable[[str, str, int, int | None], None]  # node, kind, attempt, exit code
     set_state: Callable[[str, int, str, int], None]  # node, status, details, retry count
+    slot_environment: dict[int, dict[str, str]]  # slot -> variables its jobs get
 
 
 class NodeRunner:
@@ -75,12 +76,13 @@ class NodeRunner:
             if pre_code != 0:
                 return False, pre_code
         self.ctx.set_state(node.name, READY, "waiting for a slot", attempt)
-        if not self.ctx.acquire_slot(node):
+        slot = self.ctx.acquire_slot(node)
+        if slot is None:
             return False, -1
         try:
-            cluster, result = self._job(attempt)
+            cluster, result = self._job(attempt, slot)
         finally:
-            self.ctx.release_slot(node)
+            self.ctx.release_slot(node, slot)
         if result.removed:
             self.ctx.emit(node.name, "removed", attempt, result.return_value)
         if node.post is None:
@@ -91,7 +93,7 @@ class NodeRunner:
         post_code = self._script(node.post, attempt, macros)
         return post_code == 0, post_code
 
-    def _job(self, attempt: int) -> tuple[int, JobResult]:
+    def _job(self, attempt: int, slot: int) -> tuple[int, JobResult]:
         node, ctx = self.node, self.ctx
         cluster = ctx.next_cluster()
         dag_status, failed = ctx.dag_status()
@@ -106,7 +108,15 @@ class NodeRunner:
             ctx.set_state(node.name, SUBMITTED, "running", attempt)
             ctx.emit(node.name, "running", attempt, None)
 
-        job = JobProcess(spec, cluster, node.name, ctx.scratch_root, ctx.cancel, running)
+        job = JobProcess(
+            spec,
+            cluster,
+            node.name,
+            ctx.scratch_root,
+            ctx.cancel,
+            running,
+            ctx.slot_environment.get(slot, {}),
+        )
         return cluster, job.run()
 
     def _script(self, script: Script, attempt: int, extra: dict[str, str]) -> int:

@@ -59,11 +59,18 @@ class DagInterrupted(Exception):
 
 
 class _Scheduler:
-    def __init__(self, dag: Dag, slots: int, on_event: Callable[[NodeEvent], None] | None) -> None:
+    def __init__(
+        self,
+        dag: Dag,
+        slots: int,
+        on_event: Callable[[NodeEvent], None] | None,
+        slot_environment: dict[int, dict[str, str]],
+    ) -> None:
         if slots < 1:
             raise UserError(f"slots must be at least 1, got {slots}")
         self.dag = dag
         self.on_event = on_event
+        self.slot_environment = slot_environment
         self.work = dag.directory / ".local_runner"
         self.cancel = threading.Event()
         self.inbox: queue.Queue[tuple] = queue.Queue()
@@ -136,6 +143,7 @@ class _Scheduler:
             dag_status=self.dag_status,
             emit=lambda *a: self.inbox.put(("emit", *a)),
             set_state=lambda *a: self.inbox.put(("state", *a)),
+            slot_environment=self.slot_environment,
         )
         runner = NodeRunner(self.dag.nodes[name], ctx)
 
@@ -290,10 +298,17 @@ class _Scheduler:
 
 
 def run_dag(
-    dag_path: Path, slots: int, on_event: Callable[[NodeEvent], None] | None = None
+    dag_path: Path,
+    slots: int,
+    on_event: Callable[[NodeEvent], None] | None = None,
+    slot_environment: dict[int, dict[str, str]] | None = None,
 ) -> DagResult:
-    """Run a DAG file locally as DAGMan + a schedd would; see the package docstring."""
-    scheduler = _Scheduler(parse_dag(Path(dag_path)), slots, on_event)
+    """Run a DAG file locally as DAGMan + a schedd would; see the package docstring.
+
+    `slot_environment` gives the jobs started in a slot (0..slots-1) extra environment
+    variables, so one slot can play a different machine (e.g. a slower one).
+    """
+    scheduler = _Scheduler(parse_dag(Path(dag_path)), slots, on_event, slot_environment or {})
     in_main = threading.current_thread() is threading.main_thread()
     previous = {}
     if in_main:

@@ -1,6 +1,8 @@
 """Job slots: at most `slots` jobs at once, MAXJOBS per category, higher PRIORITY first.
 
 Only jobs hold slots; PRE/POST scripts run outside them, as they run on the access point.
+Slots are numbered 0..slots-1 and a job takes the lowest free one, so a slot can stand for one
+machine of a heterogeneous pool (see `run_dag`'s slot_environment).
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ class SlotPool:
         self.maxjobs = maxjobs
         self.cancel = cancel
         self.running: dict[str | None, int] = {}
+        self.free = set(range(slots))
         self.waiting: list[Node] = []
         self.cond = threading.Condition()
 
@@ -36,8 +39,8 @@ class SlotPool:
         with self.cond:
             self.waiting.append(node)
 
-    def acquire(self, node: Node) -> bool:
-        """Block until this node may start its job; False if the DAG is being stopped."""
+    def acquire(self, node: Node) -> int | None:
+        """Block until this node may start its job: its slot, or None if the DAG is stopping."""
         with self.cond:
             if node not in self.waiting:
                 self.waiting.append(node)
@@ -45,14 +48,17 @@ class SlotPool:
                 if self.cancel.is_set():
                     self.waiting.remove(node)
                     self.cond.notify_all()
-                    return False
+                    return None
                 self.cond.wait(0.2)
             self.waiting.remove(node)
             self.running[node.category] = self.running.get(node.category, 0) + 1
+            slot = min(self.free)
+            self.free.remove(slot)
             self.cond.notify_all()
-            return True
+            return slot
 
-    def release(self, node: Node) -> None:
+    def release(self, node: Node, slot: int) -> None:
         with self.cond:
             self.running[node.category] -= 1
+            self.free.add(slot)
             self.cond.notify_all()
