@@ -5,7 +5,6 @@ import io
 import logging
 import random
 import shutil
-import socket
 import threading
 import time
 from collections.abc import Iterator
@@ -20,6 +19,7 @@ from pyftpdlib.handlers import FTPHandler
 from node_payload.fetch import DataUnreachable, FetchStats, fetch_file, fetch_fragments
 from node_payload.manifest import Block as Fragment
 from pipeline.mirrors import MirrorServer, free_ports, read_only_handler, serve
+from tests.dropping_mirror import DroppingFile
 
 SHARD = "shards/s00000.bin"
 OTHER = "shards/s00001.bin"
@@ -93,26 +93,9 @@ class StallingHandler(FTPHandler):
         return None
 
 
-class _CrashingFile(io.FileIO):
-    """Serves one small chunk, then cuts both connections like a mirror host going down."""
-
-    def __init__(self, path: str, handler: FTPHandler) -> None:
-        super().__init__(path, "rb")
-        self._handler = handler
-        self._served = False
-
-    def read(self, size: int = -1) -> bytes:
-        if not self._served:
-            self._served = True
-            return super().read(min(size, 1000))
-        for channel in (self._handler, self._handler.data_channel):
-            channel.socket.shutdown(socket.SHUT_RDWR)
-        return b""
-
-
 class _CrashingFS(AbstractedFS):
     def open(self, filename: str, mode: str) -> io.FileIO:
-        return _CrashingFile(filename, self.cmd_channel)
+        return DroppingFile(filename, self.cmd_channel, first_chunk=1000)
 
 
 class CrashingHandler(FTPHandler):

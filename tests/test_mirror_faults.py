@@ -6,7 +6,6 @@ from __future__ import annotations
 import io
 import json
 import shutil
-import socket
 import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -24,6 +23,7 @@ from node_payload.sampling import local_sets
 from pipeline.cli import main
 from pipeline.mirror_check import check_mirrors
 from pipeline.mirrors import MirrorServer, free_ports, read_only_handler, serve
+from tests.dropping_mirror import DroppingFile
 
 
 @pytest.fixture(autouse=True)
@@ -44,27 +44,10 @@ class StallOnShards(FTPHandler):
             super().ftp_RETR(file)
 
 
-class _DroppingFile(io.FileIO):
-    """One small chunk, then both connections cut, like a mirror host going down mid-read."""
-
-    def __init__(self, path: str, handler: FTPHandler) -> None:
-        super().__init__(path, "rb")
-        self._handler = handler
-        self._served = False
-
-    def read(self, size: int = -1) -> bytes:
-        if not self._served:
-            self._served = True
-            return super().read(min(size, 100))
-        for channel in (self._handler, self._handler.data_channel):
-            channel.socket.shutdown(socket.SHUT_RDWR)
-        return b""
-
-
 class _DroppingFS(AbstractedFS):
     def open(self, filename: str, mode: str) -> io.FileIO:
         if is_shard(filename):
-            return _DroppingFile(filename, self.cmd_channel)
+            return DroppingFile(filename, self.cmd_channel, first_chunk=100)
         return super().open(filename, mode)
 
 
