@@ -88,7 +88,12 @@ def _node_slowdowns(v: list) -> bool:
 SCHEMA: dict[str, dict[str, Key]] = {
     "run": {
         "name": Key(str, "dagtrain", "a short name without spaces", lambda v: v and " " not in v),
-        "mode": Key(str, "sync", '"sync"', lambda v: v == "sync"),
+        "mode": Key(
+            str,
+            "sync",
+            '"sync" (rounds) or "async" (lanes; see [async])',
+            lambda v: v in {"sync", "async"},
+        ),
         "nodes": Key(int, 4, "an integer from 1 to 100000", _between(1, 100_000)),
         "rounds": Key(int, 6, "an integer from 1 to 100000", _between(1, 100_000)),
         "quorum": Key(float, 1.0, "a number in (0, 1]", _between(0, 1, lo_open=True)),
@@ -101,6 +106,45 @@ SCHEMA: dict[str, dict[str, Key]] = {
             _between(0, 10**6),
         ),
         "seed": Key(int, 0, "a non-negative integer", lambda v: v >= 0),
+        "run_id": Key(str, "", "filled in by the planner: tells this run's files from another's"),
+    },
+    "async": {
+        "updates": Key(
+            int,
+            0,
+            "the update budget: lanes stop once this many updates are applied "
+            "(0: nodes x rounds, the work of the synchronous run)",
+            _between(0, 10**7),
+        ),
+        "time_budget_s": Key(
+            int, 0, "no new job starts after this many seconds (0: no limit)", lambda v: v >= 0
+        ),
+        "lane_jobs": Key(
+            int,
+            0,
+            "the most jobs one lane may run (0: 4x its share of the budget, at most the budget)",
+            lambda v: v >= 0,
+        ),
+        "buffer": Key(
+            int,
+            1,
+            "apply a server step every K arrivals (1: FedAsync, each update at once; >1: FedBuff)",
+            _between(1, 10**5),
+        ),
+        "staleness": Key(
+            str,
+            "polynomial",
+            '"constant", "polynomial" ((1+s)^-a) or "hinge" (1 up to b, then 1/(a(s-b)+1))',
+            lambda v: v in {"constant", "polynomial", "hinge"},
+        ),
+        "staleness_a": Key(float, 0.5, "a non-negative number", lambda v: v >= 0),
+        "staleness_b": Key(int, 4, "a non-negative integer", lambda v: v >= 0),
+        "evaluations": Key(
+            int,
+            25,
+            "held-out evaluations of model versions in the report (at most this many)",
+            _between(1, 10**4),
+        ),
     },
     "data": {
         "source": Key(str, "", "a directory with one sub-folder of images per class"),

@@ -7,6 +7,7 @@ run directory, atomically: a failed write leaves nothing behind and never touche
 
 import json
 import os
+import secrets
 import shutil
 import sys
 import tempfile
@@ -131,6 +132,7 @@ def make_plan(config: Config) -> Plan:
         data["mirrors"] = [f"ftp://127.0.0.1:{p}" for p in free_ports(data["embedded_mirrors"])]
         data["embedded"] = True
     _resolve_execution(config)
+    config["run"]["run_id"] = config["run"]["run_id"] or secrets.token_hex(8)
     heldout = heldout_set(manifest, data["heldout_test"], config["run"]["seed"])
     return Plan(config, manifest, dataset_dir, heldout)
 
