@@ -80,22 +80,29 @@ def merge_updates(
     rule: str = "mean",
     trim: float = 0.2,
     clip_norm: float = 0.0,
+    expected: Mapping[int, Mapping[str, int]] | None = None,
+    scales: Mapping[int, float] | None = None,
 ) -> MergeResult:
     """Validate each (node, path) in node order, clip accepted updates whose L2 norm exceeds
-    clip_norm (0: never), and combine them by rule ("mean": weighted by sample count)."""
+    clip_norm (0: never), and combine them by rule ("mean": weighted by sample count).
+
+    An asynchronous buffer keys its updates by arrival, gives each one's metadata in expected
+    (see validate_update) and its staleness weight in scales: the mean is then
+    sum(scale * samples * update) / sum(samples), so a stale update counts for less.
+    """
     mean = WeightedMean(global_state)
     result = MergeResult(mean_update={})
     kept: list[tuple[Path, float]] = []
     for node, path in updates:
-        check = validate_update(path, global_state, round_, node, bound)
+        check = validate_update(path, global_state, round_, node, bound, (expected or {}).get(node))
         if not math.isnan(check.norm):
             result.norms[node] = check.norm
         if not check.ok:
             result.rejected[node] = check.reason
             continue
-        scale = 1.0
+        scale = (scales or {}).get(node, 1.0)
         if 0 < clip_norm < check.norm:
-            scale = clip_norm / check.norm
+            scale *= clip_norm / check.norm
             result.clipped[node] = check.norm
         if rule == "mean":
             mean.add(_stream(path, global_state, scale), check.samples)

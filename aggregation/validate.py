@@ -28,12 +28,22 @@ class Validation:
 
 
 def validate_update(
-    path: Path, global_state: Mapping[str, torch.Tensor], round_: int, node: int, bound: float
+    path: Path,
+    global_state: Mapping[str, torch.Tensor],
+    round_: int,
+    node: int,
+    bound: float,
+    expected: Mapping[str, int] | None = None,
 ) -> Validation:
-    """Check metadata, tensor names, dtypes, shapes, finiteness and the L2 norm of the update."""
+    """Check metadata, tensor names, dtypes, shapes, finiteness and the L2 norm of the update.
+
+    The metadata must say round_, node and base version round_ (a synchronous round), unless
+    expected gives other values (an asynchronous job: its step, lane and the version it got).
+    """
+    want = {"round": round_, "node": node, "base_version": round_, **(expected or {})}
     try:
         with tensor_io.open_lazy(path) as update:
-            problem = _check_metadata(update.metadata, round_, node)
+            problem = _check_metadata(update.metadata, want)
             if problem:
                 return Validation(False, problem)
             problem = _check_names(update.names, global_state)
@@ -58,11 +68,10 @@ def validate_update(
     return Validation(True, norm=norm, samples=samples)
 
 
-def _check_metadata(metadata: Mapping[str, str], round_: int, node: int) -> str:
+def _check_metadata(metadata: Mapping[str, str], expected: Mapping[str, int]) -> str:
     fmt = metadata.get("format")
     if fmt != tensor_io.UPDATE_FORMAT:
         return f"metadata format is {fmt!r}, expected {tensor_io.UPDATE_FORMAT!r}"
-    expected = {"round": round_, "node": node, "base_version": round_}
     for key, want in expected.items():
         value = metadata.get(key)
         if value != str(want):
