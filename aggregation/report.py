@@ -7,6 +7,9 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from aggregation.async_apply import flush
+from aggregation.async_report import async_report
+from aggregation.utilization import node_usage
 from node_payload.run_config import read_run_config
 from node_payload.run_layout import PLOT_FILE, REPORT_FILE, node_dir, round_metrics_path
 
@@ -44,18 +47,6 @@ def wall_seconds(rounds: list[dict[str, Any]]) -> float | None:
     )
 
 
-def node_usage(busy: dict[int, float], wall: float | None) -> dict[str, Any]:
-    """Busy time and utilization per node: how much of the run each node spent working, which
-    shows what a synchronous run loses waiting for its slowest node."""
-    usage = {
-        str(n): {"busy_seconds": s, "utilization": s / wall if wall else None}
-        for n, s in sorted(busy.items())
-    }
-    shares = [u["utilization"] for u in usage.values()]
-    mean = sum(shares) / len(shares) if shares and None not in shares else None
-    return {"wall_seconds": wall, "mean_utilization": mean, "node_usage": usage}
-
-
 def build_report(
     config: dict[str, Any],
     rounds: list[dict[str, Any]],
@@ -72,6 +63,7 @@ def build_report(
         "dag_status": dag_status,
         "rounds_planned": planned,
         "rounds_completed": len(rounds),
+        "summary": f"{len(rounds)}/{planned} rounds",
         "nodes": config["run"]["nodes"],
         "final_accuracy": rounds[-1]["accuracy"] if rounds else None,
         "seconds": sum(r["seconds"] for r in rounds),
@@ -102,22 +94,35 @@ def _nodes_listed(rounds: list[dict[str, Any]], key: str) -> list[int]:
     return sorted({int(node) for r in rounds for node in r.get(key, {})})
 
 
+def _curves(report: dict) -> tuple[list[float], list[float], list[float], str]:
+    """(x by step, x by wall time, accuracy, step label) for either mode."""
+    if report.get("mode") == "async":
+        rows = report["evaluations"]
+        return (
+            [r["version"] for r in rows],
+            [r["seconds"] for r in rows],
+            [r["accuracy"] for r in rows],
+            "model version",
+        )
+    rows = report["rounds"]
+    elapsed, total = [], 0.0
+    for r in rows:
+        total += r["seconds"]
+        elapsed.append(total)
+    return [r["round"] + 1 for r in rows], elapsed, [r["accuracy"] for r in rows], "round"
+
+
 def plot(report: dict, path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rounds = report["rounds"]
-    xs = [r["round"] + 1 for r in rounds]
-    elapsed, total = [], 0.0
-    for r in rounds:
-        total += r["seconds"]
-        elapsed.append(total)
-    fig, (by_round, by_time) = plt.subplots(1, 2, figsize=(9, 3.6), constrained_layout=True)
-    for axis, x, label in ((by_round, xs, "round"), (by_time, elapsed, "wall time (s)")):
-        axis.plot(x, [r["accuracy"] for r in rounds], marker="o")
-        axis.set_xlabel(label)
+    steps, elapsed, accuracy, label = _curves(report)
+    fig, (by_step, by_time) = plt.subplots(1, 2, figsize=(9, 3.6), constrained_layout=True)
+    for axis, x, xlabel in ((by_step, steps, label), (by_time, elapsed, "wall time (s)")):
+        axis.plot(x, accuracy, marker="o")
+        axis.set_xlabel(xlabel)
         axis.set_ylabel("held-out accuracy")
         axis.set_ylim(0, 1)
         axis.grid(alpha=0.3)
@@ -127,13 +132,17 @@ def plot(report: dict, path: Path) -> None:
 
 
 def write_report(run_dir: Path, config: dict[str, Any], dag_status: int) -> dict:
-    rounds = collect(run_dir, config["run"]["rounds"])
-    busy = busy_seconds(run_dir, len(rounds), config["run"]["nodes"])
-    report = build_report(config, rounds, dag_status, busy)
+    if config["run"]["mode"] == "async":
+        flush(run_dir, config)  # the buffer's last arrivals, fewer than `buffer`
+        report = async_report(run_dir, config, dag_status)
+    else:
+        rounds = collect(run_dir, config["run"]["rounds"])
+        busy = busy_seconds(run_dir, len(rounds), config["run"]["nodes"])
+        report = build_report(config, rounds, dag_status, busy)
     tmp = run_dir / (REPORT_FILE + ".tmp")
     tmp.write_text(json.dumps(report, indent=1) + "\n")
     os.replace(tmp, run_dir / REPORT_FILE)
-    if report["rounds"]:
+    if report.get("rounds") or report.get("evaluations"):
         plot(report, run_dir / PLOT_FILE)
     return report
 
@@ -146,9 +155,8 @@ def main(argv: list[str] | None = None) -> int:
     run_dir = args.config.resolve().parent
     report = write_report(run_dir, read_run_config(args.config), args.dag_status)
     print(
-        f"dagtrain report: {report['status']}, {report['rounds_completed']}/"
-        f"{report['rounds_planned']} rounds, final accuracy {report['final_accuracy']}, "
-        f"{report['mirror_failovers']} mirror failovers"
+        f"dagtrain report: {report['status']}, {report['summary']}, final accuracy "
+        f"{report['final_accuracy']}, {report['mirror_failovers']} mirror failovers"
     )
     # A FINAL node's own result becomes the DAG's: fail it after a failed DAG, so DAGMan keeps
     # the failure visible and writes the rescue DAG that resumes the run.

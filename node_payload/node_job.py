@@ -12,7 +12,7 @@ from node_payload.faults import inject, slow_down, slowdown, tamper
 from node_payload.fetch import FetchStats
 from node_payload.local_data import load_fragments, planned_manifest
 from node_payload.model_file import load_model
-from node_payload.run_config import read_run_config
+from node_payload.run_config import read_run_config, schedule_length
 from node_payload.sampling import local_sets
 from node_payload.tensor_io import save_tensors, update_metadata
 from node_payload.threads import job_threads
@@ -56,7 +56,9 @@ def run_node(task: NodeTask) -> dict[str, Any]:
     model, model_meta = load_model(task.model_path)
     base_version = int(model_meta["version"])
     global_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    lr = round_lr(train_cfg["lr"], train_cfg["lr_schedule"], task.round_, config["run"]["rounds"])
+    # Where the run is in its schedule: the round, or (asynchronous) the model's version.
+    position = base_version if config["run"]["mode"] == "async" else task.round_
+    lr = round_lr(train_cfg["lr"], train_cfg["lr_schedule"], position, schedule_length(config))
     result = train_local(
         model,
         train.x,

@@ -45,3 +45,30 @@ def server_state_path(run_dir: Path, version: int) -> Path:
 
 def round_metrics_path(run_dir: Path, round_: int) -> Path:
     return round_dir(run_dir, round_) / "round.json"
+
+
+# Asynchronous runs: lanes of jobs instead of rounds; the model file names keep round_tag for
+# versions, so "global_r012" is version 12 in either mode.
+ASYNC_STATE = "async/state.json"
+ASYNC_LOCK = "async/lock"
+RESIDUAL_FILE = "residual.safetensors"
+
+
+def lane_tag(lane: int) -> str:
+    return f"l{lane:03d}"
+
+
+def job_tag(step: int) -> str:
+    return f"j{step:04d}"
+
+
+def lane_job_name(lane: int, step: int) -> str:
+    return f"train_{lane_tag(lane)}_{job_tag(step)}"
+
+
+def lane_dir(run_dir: Path, lane: int) -> Path:
+    return run_dir / "lanes" / lane_tag(lane)
+
+
+def lane_job_dir(run_dir: Path, lane: int, step: int) -> Path:
+    return lane_dir(run_dir, lane) / job_tag(step)

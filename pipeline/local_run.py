@@ -9,7 +9,7 @@ from rich.console import Console
 
 from node_payload.errors import UserError
 from node_payload.faults import SLOWDOWN_VARIABLE
-from node_payload.run_config import read_run_config
+from node_payload.run_config import read_run_config, update_budget
 from node_payload.run_layout import CONFIG_FILE, DAG_FILE, REPORT_FILE
 from pipeline.local_runner import run_dag
 from pipeline.mirrors import serve
@@ -57,7 +57,9 @@ def run_local(
         else None
     )
     try:
-        with RunProgress(run_dir, config["run"]["rounds"], config["run"]["nodes"], console) as p:
+        budget = update_budget(config) if config["run"]["mode"] == "async" else None
+        run = config["run"]
+        with RunProgress(run_dir, run["rounds"], run["nodes"], console, budget) as p:
             run_dag(
                 run_dir / DAG_FILE,
                 slots=slots,
@@ -72,7 +74,7 @@ def run_local(
         raise UserError(f"{run_dir}: the run ended without {REPORT_FILE}; see report.err")
     report = json.loads(report_path.read_text())
     console.print(
-        f"[bold]{report['status']}[/]: {report['rounds_completed']}/{report['rounds_planned']} "
-        f"rounds, final held-out accuracy {report['final_accuracy']}; report: {report_path}"
+        f"[bold]{report['status']}[/]: {report['summary']}, final held-out accuracy "
+        f"{report['final_accuracy']}; report: {report_path}"
     )
     return report

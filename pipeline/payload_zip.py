@@ -10,10 +10,15 @@ import node_payload
 PAYLOAD_NAME = "dagtrain.pyz"
 _FIXED_TIME = (2020, 1, 1, 0, 0, 0)  # fixed timestamps: the same sources give the same bytes
 
-_MAIN = '''"""dagtrain job payload: python dagtrain.pyz node|aggregate|report ..."""
+_MAIN = '''"""dagtrain job payload: python dagtrain.pyz node|aggregate|lane|report ..."""
 import sys
 
-COMMANDS = {"node": "node_payload.cli", "aggregate": "aggregation.cli", "report": "aggregation.report"}
+COMMANDS = {
+    "node": "node_payload.cli",
+    "aggregate": "aggregation.cli",
+    "lane": "aggregation.lane_cli",
+    "report": "aggregation.report",
+}
 
 if len(sys.argv) < 2 or sys.argv[1] not in COMMANDS:
     sys.exit(f"usage: {sys.argv[0]} {{{'|'.join(COMMANDS)}}} ...")

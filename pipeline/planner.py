@@ -14,15 +14,22 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from aggregation.async_claim import EXIT_SKIP, MODEL_INPUT
+from aggregation.async_state import Ledger, lane_length, write_ledger
 from aggregation.server_optimizer import ServerOptimizer
 from node_payload.errors import EXIT_FATAL, UserError
 from node_payload.manifest import Manifest
 from node_payload.model_file import save_model
 from node_payload.models import build_model
+from node_payload.run_config import update_budget
 from node_payload.run_layout import (
     DAG_FILE,
     HELDOUT_FILE,
     aggregate_name,
+    job_tag,
+    lane_job_dir,
+    lane_job_name,
+    lane_tag,
     model_path,
     node_dir,
     node_name,
@@ -152,24 +159,75 @@ def _dag_rounds(plan: Plan) -> list[dict]:
     ]
 
 
+def _dag_lanes(plan: Plan) -> list[dict]:
+    return [
+        {
+            "index": lane,
+            "tag": lane_tag(lane),
+            "jobs": [
+                {
+                    "name": lane_job_name(lane, step),
+                    "step": step,
+                    "tag": job_tag(step),
+                    "seed": plan.seed(step, lane),
+                }
+                for step in range(lane_length(plan.config.values))
+            ],
+        }
+        for lane in range(plan.nodes)
+    ]
+
+
+def _render_dag(plan: Plan) -> str:
+    config = plan.config
+    common = {
+        "name": config["run"]["name"],
+        "retries": config["run"]["retries"],
+        "max_node_jobs": config["run"]["max_node_jobs"],
+        "fatal_exit": EXIT_FATAL,
+        "status_interval_s": STATUS_INTERVAL_S,
+    }
+    if config["run"]["mode"] == "async":
+        return render(
+            "dagtrain_async.dag.j2",
+            lanes=_dag_lanes(plan),
+            budget=update_budget(config.values),
+            time_budget_s=config["async"]["time_budget_s"],
+            buffer=config["async"]["buffer"],
+            lane_length=lane_length(config.values),
+            skip_exit=EXIT_SKIP,
+            **common,
+        )
+    return render("dagtrain.dag.j2", nodes=plan.nodes, rounds=_dag_rounds(plan), **common)
+
+
+def _job_files(mode: str) -> dict[str, str]:
+    """Where a node job runs and which model it takes, as submit-file text with DAG macros."""
+    if mode == "async":
+        return {
+            "job_dir": "lanes/$(ltag)/$(jtag)",
+            "model_input": MODEL_INPUT,
+            "model_name": MODEL_INPUT,
+        }
+    return {
+        "job_dir": "rounds/$(rtag)/$(ntag)",
+        "model_input": "../../../models/global_$(rtag).safetensors",
+        "model_name": "global_$(rtag).safetensors",
+    }
+
+
 def _render_files(plan: Plan) -> dict[str, str]:
     config = plan.config
     resources = config["resources"]
     execution = config["execution"]
     submit_python = execution["submit_python"]
+    mode = config["run"]["mode"]
     files = {
-        DAG_FILE: render(
-            "dagtrain.dag.j2",
-            name=config["run"]["name"],
-            nodes=plan.nodes,
-            rounds=_dag_rounds(plan),
-            retries=config["run"]["retries"],
-            max_node_jobs=config["run"]["max_node_jobs"],
-            fatal_exit=EXIT_FATAL,
-            status_interval_s=STATUS_INTERVAL_S,
-        ),
+        DAG_FILE: _render_dag(plan),
         "submit/node.sub": render(
             "node.sub.j2",
+            mode=mode,
+            **_job_files(mode),
             python=execution["python"],
             container_image=execution["container_image"],
             env_tarball=execution["env_tarball"],
@@ -177,15 +235,18 @@ def _render_files(plan: Plan) -> dict[str, str]:
             deadline_s=config["run"]["node_deadline_s"],
             **resources,
         ),
-        "submit/aggregate.sub": render("aggregate.sub.j2", python=submit_python),
         "submit/report.sub": render("report.sub.j2", python=submit_python),
-        "scripts/node_post.sh": render("node_post.sh.j2", fatal_exit=EXIT_FATAL),
         "config.toml": config_mod.to_toml(config),
         HELDOUT_FILE: json.dumps(
             {"manifest_sha256": plan.manifest.digest(), "fragments": plan.heldout}
         )
         + "\n",
     }
+    if mode == "async":
+        files["scripts/lane.sh"] = render("lane.sh.j2", python=submit_python)
+    else:
+        files["submit/aggregate.sub"] = render("aggregate.sub.j2", python=submit_python)
+        files["scripts/node_post.sh"] = render("node_post.sh.j2", fatal_exit=EXIT_FATAL)
     if execution["env_tarball"]:
         files["scripts/run_in_env.sh"] = render("run_in_env.sh.j2", fatal_exit=EXIT_FATAL)
     return files
@@ -203,6 +264,20 @@ def _initial_model(plan: Plan, run_dir: Path) -> None:
     save_model(model_path(run_dir, 0), model, metadata)
     optimizer = ServerOptimizer.from_config(plan.config["server"])
     save_tensors(server_state_path(run_dir, 0), *optimizer.state_dict())
+
+
+def _job_dirs(plan: Plan, run_dir: Path) -> None:
+    """Every node job's initialdir, and for an asynchronous run its ledger at version 0."""
+    if plan.config["run"]["mode"] == "async":
+        for lane in range(plan.nodes):
+            for step in range(lane_length(plan.config.values)):
+                lane_job_dir(run_dir, lane, step).mkdir(parents=True)
+        (run_dir / "async").mkdir()
+        write_ledger(run_dir, Ledger(run_id=plan.config["run"]["run_id"]))
+        return
+    for r in range(plan.rounds):
+        for n in range(plan.nodes):
+            node_dir(run_dir, r, n).mkdir(parents=True)
 
 
 def _check_target(run_dir: Path) -> None:
@@ -230,9 +305,7 @@ def write(plan: Plan, run_dir: Path) -> Path:
         write_payload(staging / "payload")
         (staging / "models").mkdir()
         _initial_model(plan, staging)
-        for r in range(plan.rounds):
-            for n in range(plan.nodes):
-                node_dir(staging, r, n).mkdir(parents=True)
+        _job_dirs(plan, staging)
         if run_dir.exists():
             run_dir.rmdir()
         os.rename(staging, run_dir)

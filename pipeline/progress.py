@@ -1,4 +1,5 @@
-"""Live progress of a DAG run: rounds, node states and the latest held-out accuracy."""
+"""Live progress of a DAG run: rounds, node states and the latest held-out accuracy (or, for an
+asynchronous run, updates applied and model versions from its ledger)."""
 
 import json
 import re
@@ -9,7 +10,7 @@ from rich.console import Console
 from rich.live import Live
 from rich.table import Table
 
-from node_payload.run_layout import round_metrics_path
+from node_payload.run_layout import ASYNC_STATE, round_metrics_path
 
 _NODE = re.compile(r"^(train|aggregate)_r(\d+)")
 
@@ -17,10 +18,18 @@ _NODE = re.compile(r"^(train|aggregate)_r(\d+)")
 class RunProgress:
     """Consumes the local runner's node events and renders one live table."""
 
-    def __init__(self, run_dir: Path, rounds: int, nodes: int, console: Console) -> None:
+    def __init__(
+        self,
+        run_dir: Path,
+        rounds: int,
+        nodes: int,
+        console: Console,
+        update_budget: int | None = None,
+    ) -> None:
         self.run_dir = run_dir
         self.rounds = rounds
         self.nodes = nodes
+        self.update_budget = update_budget  # set for an asynchronous run
         self.state: dict[str, str] = {}
         self.retries = 0
         self.accuracy: list[float] = []
@@ -51,6 +60,8 @@ class RunProgress:
         return max(rounds, default=0)
 
     def _table(self) -> Table:
+        if self.update_budget is not None:
+            return self._async_table()
         current = self._current_round()
         counts = Counter(
             kind
@@ -67,5 +78,23 @@ class RunProgress:
             str(counts["failed"] + counts["removed"]),
             str(self.retries),
             " ".join(f"{a:.3f}" for a in self.accuracy[-6:]) or "-",
+        )
+        return table
+
+    def _async_table(self) -> Table:
+        counts = Counter(self.state[n] for n in self.state if n.startswith("train_"))
+        try:
+            ledger = json.loads((self.run_dir / ASYNC_STATE).read_text())
+        except (OSError, ValueError):
+            ledger = {"accepted": 0, "version": 0}
+        table = Table(title="dagtrain run (asynchronous)", expand=False)
+        for column in ("updates", "versions", "running", "failed", "retries"):
+            table.add_column(column, justify="right")
+        table.add_row(
+            f"{ledger['accepted']}/{self.update_budget}",
+            str(ledger["version"]),
+            str(counts["running"] + counts["submitted"]),
+            str(counts["failed"] + counts["removed"]),
+            str(self.retries),
         )
         return table

@@ -1,0 +1,191 @@
+"""POST script of an asynchronous job: apply its update to the global model as soon as it lands.
+
+A POST script rather than a local-universe aggregation job: it runs on the submit host the moment
+the job's output is back, with no second trip through the schedd (seconds to minutes on a busy
+pool), and without doubling the DAG's node count. Arrivals of different lanes run concurrently;
+the ledger lock (async_state) serializes them, so no update is lost or applied twice.
+
+Each arrival is validated against the newest model, weighted by its staleness and put in the
+buffer; every `buffer` arrivals (1: at once, FedAsync) the buffer becomes a server-optimizer step
+and a new model version (FedBuff). A failed job is retried by DAGMan; after its last try the lane
+goes on with its next job, and the update budget it held is given back.
+"""
+
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from aggregation.async_state import Ledger, job_key, locked
+from aggregation.merge import merge_updates
+from aggregation.server_optimizer import ServerOptimizer
+from aggregation.staleness import staleness_weight
+from aggregation.validate import validate_update
+from node_payload.errors import EXIT_FATAL, UserError
+from node_payload.model_file import load_model, save_model
+from node_payload.run_config import update_budget
+from node_payload.run_layout import (
+    RESIDUAL_FILE,
+    lane_dir,
+    lane_job_dir,
+    model_path,
+    server_state_path,
+)
+from node_payload.tensor_io import BadTensorFile, load_tensors, read_metadata, save_tensors
+
+UPDATE_FILE = "update.safetensors"
+LOG_FILE = "async/events.log"
+
+
+def log(run_dir: Path, message: str) -> None:
+    """One line on stdout (the POST script's output) and in async/events.log (kept with the run:
+    DAGMan does not keep a script's output)."""
+    print(message, flush=True)
+    with open(run_dir / LOG_FILE, "a") as f:
+        f.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {message}\n")
+
+
+def arrive(
+    run_dir: Path,
+    config: dict[str, Any],
+    lane: int,
+    step: int,
+    returned: int,
+    retry: int,
+    max_retries: int,
+) -> int:
+    """The POST script's exit code: 0 lets the lane go on, the job's code asks for a retry."""
+    where = f"lane {lane} step {step}"
+    if returned not in (0, EXIT_FATAL) and returned > 0 and retry < max_retries:
+        return returned
+    with locked(run_dir) as ledger:
+        key = job_key(lane, step)
+        if key in ledger.done:
+            return 0
+        claim = ledger.claims.pop(key, None)
+        if returned == 0:
+            ledger.done[key] = _accept(run_dir, config, ledger, lane, step, claim)
+            log(run_dir, f"{where}: {ledger.done[key]}")
+            return 0
+        if returned == EXIT_FATAL:
+            ledger.done[key] = "fatal error"
+            log(run_dir, f"{where}: fatal error, see {lane_job_dir(run_dir, lane, step)}/job.err")
+            return EXIT_FATAL
+        if returned < 0:
+            ledger.done[key] = f"removed (deadline passed or held; DAGMan code {returned})"
+        else:
+            ledger.done[key] = f"failed {retry + 1} times, last exit code {returned}"
+        log(run_dir, f"{where}: {ledger.done[key]}; the lane goes on with its next job")
+        return 0
+
+
+def _accept(
+    run_dir: Path,
+    config: dict[str, Any],
+    ledger: Ledger,
+    lane: int,
+    step: int,
+    claim: dict[str, Any] | None,
+) -> str:
+    """Validate and buffer one update (and step when the buffer is full); says what happened."""
+    job_dir = lane_job_dir(run_dir, lane, step)
+    if (job_dir / RESIDUAL_FILE).is_file():
+        os.replace(job_dir / RESIDUAL_FILE, lane_dir(run_dir, lane) / RESIDUAL_FILE)
+    path = job_dir / UPDATE_FILE
+    try:
+        base = int(read_metadata(path).get("base_version", "-1"))
+    except (BadTensorFile, OSError, ValueError) as exc:
+        return f"rejected: {exc}"
+    if base > ledger.version:
+        return (
+            f"rejected: the update says it starts from version {base}, newer than the global "
+            f"model (version {ledger.version})"
+        )
+    if claim is not None and base != claim["version"]:
+        return (
+            f"rejected: the update starts from version {base}, its job was given {claim['version']}"
+        )
+    model, _ = load_model(model_path(run_dir, ledger.version))
+    expected = {"round": step, "node": lane, "base_version": base}
+    check = validate_update(
+        path, model.state_dict(), step, lane, config["server"]["max_update_norm"], expected
+    )
+    if not check.ok:
+        return f"rejected: {check.reason}"
+    rules = config["async"]
+    staleness = ledger.version - base
+    weight = staleness_weight(
+        rules["staleness"], staleness, rules["staleness_a"], rules["staleness_b"]
+    )
+    ledger.buffer.append(
+        {"lane": lane, "step": step, "base_version": base, "staleness": staleness, "weight": weight}
+    )
+    ledger.accepted += 1
+    outcome = f"accepted, staleness {staleness}, weight {weight:.3g}"
+    if len(ledger.buffer) >= rules["buffer"] or ledger.accepted >= update_budget(config):
+        outcome += f"; applied as version {step_version(run_dir, config, ledger)}"
+    return outcome
+
+
+def step_version(run_dir: Path, config: dict[str, Any], ledger: Ledger) -> int:
+    """Merge the buffer into the next version; model and server state are written before the
+    ledger, so a kill in between only makes a rerun write the same files again."""
+    torch.set_num_threads(1)
+    model, metadata = load_model(model_path(run_dir, ledger.version))
+    global_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    entries = ledger.buffer
+    server = config["server"]
+    merged = merge_updates(
+        global_state,
+        [
+            (i, lane_job_dir(run_dir, e["lane"], e["step"]) / UPDATE_FILE)
+            for i, e in enumerate(entries)
+        ],
+        server["max_update_norm"],
+        0,
+        server["rule"],
+        server["trim"],
+        server["clip_norm"],
+        expected={
+            i: {"round": e["step"], "node": e["lane"], "base_version": e["base_version"]}
+            for i, e in enumerate(entries)
+        },
+        scales={i: e["weight"] for i, e in enumerate(entries)},
+    )
+    if not merged.accepted:
+        raise UserError(
+            "every buffered update failed validation on a second read: "
+            + "; ".join(merged.rejected.values())
+        )
+    optimizer = ServerOptimizer.from_config(server)
+    optimizer.load_state_dict(*load_tensors(server_state_path(run_dir, ledger.version)))
+    param_names = {name for name, _ in model.named_parameters()}
+    model.load_state_dict(optimizer.step(global_state, merged.mean_update, param_names))
+    version = ledger.version + 1
+    save_tensors(server_state_path(run_dir, version), *optimizer.state_dict())
+    save_model(model_path(run_dir, version), model, {**metadata, "version": str(version)})
+    ledger.versions.append(
+        {
+            "version": version,
+            "at": time.time(),
+            "updates": [job_key(e["lane"], e["step"]) for e in entries],
+            "staleness": [e["staleness"] for e in entries],
+            "clipped": [job_key(entries[i]["lane"], entries[i]["step"]) for i in merged.clipped],
+        }
+    )
+    ledger.version = version
+    ledger.buffer = []
+    return version
+
+
+def flush(run_dir: Path, config: dict[str, Any]) -> None:
+    """Apply what is left in the buffer when the lanes have ended (the FINAL node calls this)."""
+    with locked(run_dir) as ledger:
+        if ledger.buffer:
+            version = step_version(run_dir, config, ledger)
+            log(
+                run_dir,
+                f"the last {len(ledger.versions[-1]['updates'])} buffered updates: version {version}",
+            )

@@ -1,0 +1,59 @@
+"""PRE script of an asynchronous job: hand it the newest global model, or skip it.
+
+Runs on the submit host right before DAGMan submits the job, so the job starts from the newest
+version there is at that moment (the staleness the POST script measures counts the versions
+applied while the job queued and ran). A job is skipped (DAGMan PRE_SKIP: the node counts as
+done without running) once the update budget is spoken for or the time budget has passed; the
+rest of its lane then skips too, in milliseconds each.
+"""
+
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+from aggregation.async_state import job_key, locked
+from node_payload.run_config import update_budget
+from node_payload.run_layout import RESIDUAL_FILE, lane_dir, lane_job_dir, model_path
+
+EXIT_SKIP = 99  # the DAG's PRE_SKIP code: any other non-zero exit is a failed PRE script
+MODEL_INPUT = "global.safetensors"  # the name the job's submit file transfers
+
+
+def claim(run_dir: Path, config: dict[str, Any], lane: int, step: int) -> int:
+    """0 when the job may run (its model is in place), EXIT_SKIP when it must not."""
+    key = job_key(lane, step)
+    with locked(run_dir) as ledger:
+        now = time.time()
+        if ledger.started_at is None:
+            ledger.started_at = now
+        if key in ledger.done:
+            why = f"already finished ({ledger.done[key]})"
+        elif ledger.accepted + ledger.in_flight() - (key in ledger.claims) >= update_budget(config):
+            why = "the update budget is spoken for"
+        elif 0 < config["async"]["time_budget_s"] < ledger.elapsed(now):
+            why = f"the time budget of {config['async']['time_budget_s']} s has passed"
+        else:
+            ledger.claims[key] = {"version": ledger.version, "at": now}
+            _place_inputs(run_dir, lane, step, ledger.version)
+            print(f"lane {lane} step {step}: starts from version {ledger.version}", flush=True)
+            return 0
+    print(f"lane {lane} step {step}: skipped, {why}", flush=True)
+    return EXIT_SKIP
+
+
+def _place_inputs(run_dir: Path, lane: int, step: int, version: int) -> None:
+    """Link the model (never written back) and copy the lane's residual (the job returns a new
+    one with the same name, which must not change the lane's copy in place)."""
+    job_dir = lane_job_dir(run_dir, lane, step)
+    job_dir.mkdir(parents=True, exist_ok=True)
+    target = job_dir / MODEL_INPUT
+    target.unlink(missing_ok=True)
+    try:
+        os.link(model_path(run_dir, version), target)
+    except OSError:
+        shutil.copyfile(model_path(run_dir, version), target)
+    residual = lane_dir(run_dir, lane) / RESIDUAL_FILE
+    if residual.is_file():
+        shutil.copyfile(residual, job_dir / RESIDUAL_FILE)

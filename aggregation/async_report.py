@@ -1,0 +1,114 @@
+"""The report of an asynchronous run: accuracy against versions and wall time, what became of
+every job, staleness, and each lane's busy time against the run's wall time."""
+
+import json
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from aggregation.async_state import Ledger, read_ledger
+from aggregation.heldout import heldout_tensors
+from aggregation.utilization import node_usage
+from node_payload.model_file import load_model
+from node_payload.run_config import update_budget
+from node_payload.run_layout import lane_job_dir, model_path
+from node_payload.train import evaluate
+
+
+def evaluated_versions(last: int, most: int) -> list[int]:
+    """At most `most` versions spread evenly from 0 to last, always both ends."""
+    if last + 1 <= most:
+        return list(range(last + 1))
+    return sorted({round(i * last / (most - 1)) for i in range(most)})
+
+
+def job_metrics(run_dir: Path, ledger: Ledger) -> dict[str, dict[str, Any]]:
+    """metrics.json of every job that finished, by job key."""
+    found = {}
+    for key in ledger.done:
+        lane, step = (int(part) for part in key.split(":"))
+        path = lane_job_dir(run_dir, lane, step) / "metrics.json"
+        if path.is_file():
+            found[key] = json.loads(path.read_text())
+    return found
+
+
+def _evaluations(run_dir: Path, config: dict[str, Any], ledger: Ledger) -> list[dict[str, Any]]:
+    x, y = heldout_tensors(run_dir, config, 0)
+    made_at = {v["version"]: v["at"] for v in ledger.versions}
+    start = ledger.started_at or 0.0
+    rows = []
+    for version in evaluated_versions(ledger.version, config["async"]["evaluations"]):
+        model, _ = load_model(model_path(run_dir, version))
+        loss, accuracy = evaluate(model, x, y)
+        rows.append(
+            {
+                "version": version,
+                "seconds": made_at.get(version, start) - start,
+                "accuracy": accuracy,
+                "loss": loss,
+            }
+        )
+    return rows
+
+
+def _outcomes(ledger: Ledger) -> dict[str, dict[str, str]]:
+    """Jobs that gave nothing, by kind: rejected updates, failed and removed jobs."""
+    kinds: dict[str, dict[str, str]] = {"rejected": {}, "failed": {}}
+    for key, what in sorted(ledger.done.items()):
+        if what.startswith("rejected"):
+            kinds["rejected"][key] = what.removeprefix("rejected: ")
+        elif not what.startswith("accepted"):
+            kinds["failed"][key] = what
+    return kinds
+
+
+def async_report(run_dir: Path, config: dict[str, Any], dag_status: int) -> dict[str, Any]:
+    ledger = read_ledger(run_dir)
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    evaluations = _evaluations(run_dir, config, ledger)
+    jobs = job_metrics(run_dir, ledger)
+    lanes = config["run"]["nodes"]
+    busy = dict.fromkeys(range(lanes), 0.0)
+    for key, metrics in jobs.items():
+        busy[int(key.split(":")[0])] += metrics["seconds"]
+    ends = [v["at"] for v in ledger.versions]
+    wall = max(ends) - ledger.started_at if ends and ledger.started_at else None
+    staleness = [s for v in ledger.versions for s in v["staleness"]]
+    outcomes = _outcomes(ledger)
+    return {
+        "run": config["run"]["name"],
+        "mode": "async",
+        "status": "completed" if dag_status == 0 else "failed",
+        "dag_status": dag_status,
+        "summary": (
+            f"{ledger.accepted}/{update_budget(config)} updates in {ledger.version} versions"
+        ),
+        "nodes": lanes,
+        "update_budget": update_budget(config),
+        "updates_accepted": ledger.accepted,
+        "versions": ledger.version,
+        "final_accuracy": evaluations[-1]["accuracy"] if ledger.version else None,
+        "seconds": wall,
+        "bytes_downloaded": sum(m["bytes_downloaded"] for m in jobs.values()),
+        "mirror_failovers": sum(m["mirror_failovers"] for m in jobs.values()),
+        "update_bytes": sum(m.get("update_bytes", 0) for m in jobs.values()),
+        "updates_rejected": len(outcomes["rejected"]),
+        "rejected": outcomes["rejected"],
+        "jobs_failed": outcomes["failed"],
+        "updates_clipped": sum(len(v["clipped"]) for v in ledger.versions),
+        "staleness": {
+            "mean": sum(staleness) / len(staleness) if staleness else None,
+            "max": max(staleness, default=None),
+            "histogram": {str(k): n for k, n in sorted(Counter(staleness).items())},
+        },
+        "jobs_per_lane": {
+            str(lane): sum(1 for key in jobs if int(key.split(":")[0]) == lane)
+            for lane in range(lanes)
+        },
+        **node_usage(busy, wall),
+        "evaluations": evaluations,
+        "version_log": ledger.versions,
+    }
