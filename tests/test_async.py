@@ -1,0 +1,334 @@
+"""Asynchronous mode: lanes, the PRE script's claim, the POST script's staleness-weighted apply
+under a lock, the buffered variant, budgets, bad updates, failed lanes and resuming."""
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import torch
+
+from aggregation import async_apply
+from aggregation.async_apply import arrive, flush
+from aggregation.async_claim import EXIT_SKIP, MODEL_INPUT, claim
+from aggregation.async_state import lane_length, read_ledger, write_ledger
+from aggregation.staleness import staleness_weight
+from node_payload.errors import EXIT_FATAL
+from node_payload.run_config import read_run_config, schedule_length
+from node_payload.run_layout import CONFIG_FILE, DAG_FILE, lane_job_dir, model_path
+from node_payload.tensor_io import load_tensors, save_tensors, update_metadata
+from pipeline import config as config_mod
+from pipeline import planner
+from pipeline.local_runner.dag_file import parse_dag
+from pipeline.local_runner.submit_description import load_job
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture
+def async_run(tiny_config: Callable[..., Path], tmp_path: Path) -> Callable[..., Path]:
+    """Plans an asynchronous tiny run (3 lanes); keyword overrides as for tiny_config."""
+
+    def plan(**overrides: str) -> Path:
+        path = tiny_config(run__mode='"async"', **overrides)
+        return planner.write(planner.make_plan(config_mod.load(path)), tmp_path / "run")
+
+    return plan
+
+
+def _config(run_dir: Path) -> dict:
+    return read_run_config(run_dir / CONFIG_FILE)
+
+
+def _write_update(
+    run_dir: Path, lane: int, step: int, base: int, delta: float = 0.01, samples: int = 48
+) -> dict[str, torch.Tensor]:
+    """The update a job of this lane would return after training from version `base`."""
+    model, _ = load_tensors(model_path(run_dir, base))
+    update = {
+        name: torch.full_like(t, delta) if t.is_floating_point() else t.clone()
+        for name, t in model.items()
+    }
+    save_tensors(
+        lane_job_dir(run_dir, lane, step) / async_apply.UPDATE_FILE,
+        update,
+        update_metadata(step, lane, samples, base),
+    )
+    return update
+
+
+def _events(run_dir: Path) -> str:
+    return (run_dir / async_apply.LOG_FILE).read_text()
+
+
+@pytest.mark.parametrize(
+    ("rule", "staleness", "weight"),
+    [
+        ("constant", 7, 1.0),
+        ("polynomial", 0, 1.0),
+        ("polynomial", 3, 0.5),  # (1 + 3) ** -0.5
+        ("hinge", 4, 1.0),
+        ("hinge", 6, 0.5),  # 1 / (0.5 * (6 - 4) + 1)
+    ],
+)
+def test_staleness_rules(rule: str, staleness: int, weight: float) -> None:
+    assert staleness_weight(rule, staleness, 0.5, 4) == pytest.approx(weight)
+
+
+def test_lane_length_lets_fast_lanes_take_more_than_their_share() -> None:
+    config = {"run": {"nodes": 4, "rounds": 6}, "async": {"updates": 0, "lane_jobs": 0}}
+    assert lane_length(config) == 24  # 4 x (24 / 4), at most the budget
+    config["async"] |= {"updates": 1000}
+    assert lane_length(config) == 1000
+    config["run"]["nodes"] = 100
+    assert lane_length(config) == 40
+    config["async"]["lane_jobs"] = 7
+    assert lane_length(config) == 7
+
+
+def test_schedule_spans_the_versions_of_the_budget() -> None:
+    config = {"run": {"mode": "async", "nodes": 4, "rounds": 6}, "async": {"updates": 0}}
+    config["async"]["buffer"] = 4
+    assert schedule_length(config) == 6
+    config["run"]["mode"] = "sync"
+    assert schedule_length(config) == 6
+
+
+def test_planned_dag_chains_lanes_and_skips_past_the_budget(async_run: Callable) -> None:
+    run_dir = async_run(async__updates="5")
+    dag = parse_dag(run_dir / DAG_FILE)
+    lanes = read_run_config(run_dir / CONFIG_FILE)["run"]["nodes"]
+    jobs = [name for name in dag.nodes if name.startswith("train_")]
+    assert len(jobs) == lanes * 5 and dag.final is not None
+    node = dag.nodes["train_l001_j0003"]
+    assert node.pre_skip == EXIT_SKIP and node.retries == 2
+    assert node.parents == {"train_l001_j0002"}
+    assert "--lane 1 --step 3" in " ".join(node.pre.args)
+    job = load_job(node.submit_file, node.directory, node.vars, 1)
+    assert job.initialdir == lane_job_dir(run_dir, 1, 3)
+    assert MODEL_INPUT in job.transfer_input_files[-1]
+    assert "--round 3 --node 1" in " ".join(job.arguments)
+    assert read_ledger(run_dir).version == 0 and not (run_dir / "rounds").exists()
+
+
+def test_claim_hands_the_newest_model_and_records_it(async_run: Callable) -> None:
+    run_dir = async_run()
+    assert claim(run_dir, _config(run_dir), 2, 0) == 0
+    given = lane_job_dir(run_dir, 2, 0) / MODEL_INPUT
+    assert given.read_bytes() == model_path(run_dir, 0).read_bytes()
+    ledger = read_ledger(run_dir)
+    assert ledger.claims["2:0"]["version"] == 0 and ledger.started_at is not None
+
+
+def test_claims_stop_at_the_update_budget_and_after_the_time_budget(
+    async_run: Callable,
+) -> None:
+    run_dir = async_run(async__updates="2")
+    config = _config(run_dir)
+    assert claim(run_dir, config, 0, 0) == 0
+    assert claim(run_dir, config, 1, 0) == 0
+    assert claim(run_dir, config, 2, 0) == EXIT_SKIP  # two updates in flight: spoken for
+    assert claim(run_dir, config, 0, 0) == 0  # a retry keeps its own claim
+
+    ledger = read_ledger(run_dir)
+    ledger.claims.clear()
+    ledger.started_at -= 10
+    write_ledger(run_dir, ledger)
+    config["async"]["time_budget_s"] = 5
+    assert claim(run_dir, config, 2, 0) == EXIT_SKIP
+
+
+def test_arrivals_are_applied_at_once_weighted_by_staleness(async_run: Callable) -> None:
+    run_dir = async_run(server__lr="1.0")
+    config = _config(run_dir)
+    for lane in (0, 1):
+        claim(run_dir, config, lane, 0)
+    _write_update(run_dir, 0, 0, base=0, delta=0.01)
+    _write_update(run_dir, 1, 0, base=0, delta=0.02)
+    assert arrive(run_dir, config, 0, 0, 0, 0, 2) == 0
+    assert arrive(run_dir, config, 1, 0, 0, 0, 2) == 0
+
+    ledger = read_ledger(run_dir)
+    assert ledger.version == 2 and ledger.accepted == 2
+    assert [v["staleness"] for v in ledger.versions] == [[0], [1]]
+    v0, _ = load_tensors(model_path(run_dir, 0))
+    v2, meta = load_tensors(model_path(run_dir, 2))
+    assert meta["version"] == "2"
+    weight = staleness_weight("polynomial", 1, 0.5, 4)
+    name = "classifier.weight" if "classifier.weight" in v0 else next(iter(v0))
+    expected = v0[name] - 0.01 - weight * 0.02
+    assert torch.allclose(v2[name], expected, atol=1e-6)
+    assert "lane 1 step 0: accepted, staleness 1, weight 0.707; applied as version 2" in _events(
+        run_dir
+    )
+
+
+def test_buffered_mode_steps_every_k_arrivals_and_flushes_the_rest(
+    async_run: Callable,
+) -> None:
+    run_dir = async_run(async__buffer="2", async__updates="3")
+    config = _config(run_dir)
+    for lane in range(3):
+        claim(run_dir, config, lane, 0)
+        _write_update(run_dir, lane, 0, base=0)
+    arrive(run_dir, config, 0, 0, 0, 0, 2)
+    assert read_ledger(run_dir).version == 0
+    arrive(run_dir, config, 1, 0, 0, 0, 2)
+    assert read_ledger(run_dir).version == 1
+    arrive(run_dir, config, 2, 0, 0, 0, 2)  # the budget's last update: applied at once
+    ledger = read_ledger(run_dir)
+    assert ledger.version == 2 and ledger.versions[-1]["updates"] == ["2:0"]
+    flush(run_dir, config)
+    assert read_ledger(run_dir).version == 2
+
+
+def test_concurrent_arrivals_lose_no_update(async_run: Callable) -> None:
+    """Four POST scripts at once, as DAGMan runs them: the lock serializes them."""
+    run_dir = async_run(run__nodes="4")
+    config = _config(run_dir)
+    for lane in range(4):
+        claim(run_dir, config, lane, 0)
+        _write_update(run_dir, lane, 0, base=0)
+    command = [sys.executable, "-m", "aggregation.lane_cli", "arrive", "--config"]
+    procs = [
+        subprocess.Popen(
+            [*command, str(run_dir / CONFIG_FILE), "--lane", str(lane), "--step", "0"], cwd=ROOT
+        )
+        for lane in range(4)
+    ]
+    assert [p.wait(timeout=120) for p in procs] == [0] * 4
+    ledger = read_ledger(run_dir)
+    assert ledger.version == 4
+    assert sorted(u for v in ledger.versions for u in v["updates"]) == [
+        "0:0",
+        "1:0",
+        "2:0",
+        "3:0",
+    ]
+    assert sorted(s for v in ledger.versions for s in v["staleness"]) == [0, 1, 2, 3]
+
+
+def test_an_update_newer_than_the_model_is_rejected_and_the_run_goes_on(
+    async_run: Callable,
+) -> None:
+    run_dir = async_run()
+    config = _config(run_dir)
+    claim(run_dir, config, 0, 0)
+    _write_update(run_dir, 0, 0, base=0)
+    path = lane_job_dir(run_dir, 0, 0) / async_apply.UPDATE_FILE
+    tensors, _ = load_tensors(path)
+    save_tensors(path, tensors, update_metadata(0, 0, 48, 5))
+    assert arrive(run_dir, config, 0, 0, 0, 0, 2) == 0
+    assert "newer than the global model (version 0)" in _events(run_dir)
+    ledger = read_ledger(run_dir)
+    assert ledger.version == 0 and ledger.accepted == 0 and not ledger.claims
+
+    claim(run_dir, config, 0, 1)
+    _write_update(run_dir, 0, 1, base=0)
+    assert arrive(run_dir, config, 0, 1, 0, 0, 2) == 0
+    assert read_ledger(run_dir).version == 1
+
+
+def test_a_nan_update_is_rejected_with_its_reason(async_run: Callable) -> None:
+    run_dir = async_run()
+    config = _config(run_dir)
+    claim(run_dir, config, 1, 0)
+    _write_update(run_dir, 1, 0, base=0, delta=math.nan)
+    assert arrive(run_dir, config, 1, 0, 0, 0, 2) == 0
+    assert "lane 1 step 0: rejected: tensor" in _events(run_dir)
+    assert "NaN" in read_ledger(run_dir).done["1:0"]
+
+
+def test_a_failing_job_is_retried_then_its_lane_goes_on(async_run: Callable) -> None:
+    run_dir = async_run(async__updates="1")
+    config = _config(run_dir)
+    claim(run_dir, config, 0, 0)
+    assert arrive(run_dir, config, 0, 0, 75, 0, 2) == 75  # DAGMan retries
+    assert arrive(run_dir, config, 0, 0, 75, 2, 2) == 0  # last try: the lane goes on
+    ledger = read_ledger(run_dir)
+    assert ledger.done["0:0"] == "failed 3 times, last exit code 75" and not ledger.claims
+    assert "the lane goes on with its next job" in _events(run_dir)
+    assert claim(run_dir, config, 0, 1) == 0  # the budget it held is free again
+    assert arrive(run_dir, config, 0, 2, -1002, 0, 2) == 0
+    assert "removed" in read_ledger(run_dir).done["0:2"]
+    claim(run_dir, config, 1, 0)
+    assert arrive(run_dir, config, 1, 0, EXIT_FATAL, 0, 2) == EXIT_FATAL
+
+
+def test_an_arrival_seen_twice_is_applied_once(async_run: Callable) -> None:
+    run_dir = async_run()
+    config = _config(run_dir)
+    claim(run_dir, config, 0, 0)
+    _write_update(run_dir, 0, 0, base=0)
+    arrive(run_dir, config, 0, 0, 0, 0, 2)
+    arrive(run_dir, config, 0, 0, 0, 0, 2)
+    assert read_ledger(run_dir).version == 1
+    assert claim(run_dir, config, 0, 0) == EXIT_SKIP  # a rerun node skips its finished job
+
+
+def test_a_kill_before_the_ledger_is_saved_redoes_the_same_version(
+    async_run: Callable, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    run_dir = async_run()
+    config = _config(run_dir)
+    claim(run_dir, config, 0, 0)
+    _write_update(run_dir, 0, 0, base=0)
+
+    def killed(*_: object) -> None:
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as patch:
+        patch.setattr("aggregation.async_state.write_ledger", killed)
+        with pytest.raises(KeyboardInterrupt):
+            arrive(run_dir, config, 0, 0, 0, 0, 2)
+    written = model_path(run_dir, 1).read_bytes()
+    assert read_ledger(run_dir).version == 0  # the version does not exist for the run yet
+    assert arrive(run_dir, config, 0, 0, 0, 0, 2) == 0
+    assert read_ledger(run_dir).version == 1
+    assert model_path(run_dir, 1).read_bytes() == written
+
+
+@pytest.mark.slow
+def test_async_run_lets_fast_lanes_work_more_and_resumes_after_a_kill(
+    async_run: Callable,
+) -> None:
+    """Lane 0 is twenty times slower; the fast lanes take its share of the budget. A run killed
+    with SIGKILL resumes from the last applied version and applies each update once."""
+    run_dir = async_run(async__updates="9", faults__slow="[[0, 20.0]]")
+    command = [sys.executable, "-m", "pipeline.cli", "run", str(run_dir), "--slots", "3"]
+    runner = subprocess.Popen(command, cwd=ROOT, start_new_session=True)
+    try:
+        _wait_for(
+            lambda: (run_dir / "async/state.json").is_file() and read_ledger(run_dir).version >= 2
+        )
+    finally:
+        os.killpg(runner.pid, signal.SIGKILL)
+        runner.wait()
+    killed_at = read_ledger(run_dir).version
+    kept = model_path(run_dir, killed_at).read_bytes()
+
+    assert subprocess.run(command, cwd=ROOT).returncode == 0
+    report = json.loads((run_dir / "report.json").read_text())
+    ledger = read_ledger(run_dir)
+    applied = [u for v in ledger.versions for u in v["updates"]]
+    assert len(applied) == len(set(applied)) == 9 == ledger.version
+    assert model_path(run_dir, killed_at).read_bytes() == kept
+    assert report["status"] == "completed" and report["updates_accepted"] == 9
+    per_lane = report["jobs_per_lane"]
+    assert per_lane["0"] < max(per_lane["1"], per_lane["2"])
+    assert report["evaluations"][-1]["version"] == 9
+    assert set(report["node_usage"]) == {"0", "1", "2"}
+    assert (run_dir / "accuracy.png").stat().st_size > 0
+
+
+def _wait_for(condition: Callable[[], bool], timeout_s: float = 180) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.2)
