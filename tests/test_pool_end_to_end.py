@@ -182,6 +182,28 @@ def test_pool_below_quorum_stops_and_rescue_reruns_only_missing_nodes(
     assert _executions(run_dir / "rounds/r000/n001/job.log") == 3  # 2 failed tries, then 1
 
 
+@pytest.mark.slow
+def test_pool_runs_an_asynchronous_dag(
+    condor_pool: CondorPool, condor_workdir: Path, tiny_config: Callable[..., Path]
+) -> None:
+    """Lanes on the pool: DAGMan runs the PRE scripts (claims, PRE_SKIP past the budget) and the
+    concurrent POST scripts (applies under the lock); every update lands exactly once."""
+    config = tiny_config(run__mode='"async"', async__updates="6", faults__fail="[[0, 1]]")
+    run_dir = _plan(config, condor_workdir / "run")
+    with _mirrors(run_dir):
+        status = _submit(condor_pool, run_dir)
+    assert status == 0, (run_dir / f"{DAG_FILE}.dagman.out").read_text()[-3000:]
+    report = _report(run_dir)
+    assert report["status"] == "completed" and report["updates_accepted"] == 6
+    ledger = json.loads((run_dir / "async/state.json").read_text())
+    applied = [u for v in ledger["versions"] for u in v["updates"]]
+    assert len(applied) == len(set(applied)) == 6 == ledger["version"]
+    # Lane 1's first job failed all its tries; its lane went on with the next job.
+    assert report["jobs_failed"] == {"1:0": "failed 3 times, last exit code 75"}
+    assert "lane 1 step 0: failed 3 times" in (run_dir / "async/events.log").read_text()
+    assert model_path(run_dir, 6).stat().st_size > 0
+
+
 def test_dagman_and_condor_submit_accept_the_generated_files(
     condor_pool: CondorPool, condor_workdir: Path, tiny_config: Callable[..., Path]
 ) -> None:
