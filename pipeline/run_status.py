@@ -24,14 +24,19 @@ from rich.live import Live
 from rich.table import Table
 from rich.text import Text
 
+from aggregation.async_state import lane_length
 from node_payload.errors import UserError
-from node_payload.run_config import read_run_config
+from node_payload.run_config import read_run_config, update_budget
 from node_payload.run_layout import (
+    ASYNC_STATE,
     CONFIG_FILE,
     MISSING_MARK,
     REPORT_FILE,
     STATUS_FILE,
     aggregate_name,
+    lane_job_dir,
+    lane_job_name,
+    lane_tag,
     node_dir,
     node_name,
     round_dir,
@@ -78,6 +83,7 @@ class RunStatus:
     rounds: list[RoundStatus]
     report_status: str | None = None
     updated: int | None = None  # the status file's Timestamp
+    lanes: str | None = None  # an asynchronous run: rows are lanes, and this is its progress
 
     @property
     def ended(self) -> bool:
@@ -174,22 +180,52 @@ def _round(run_dir: Path, index: int, nodes: int, ads: dict[str, classad2.ClassA
     return status
 
 
+def _lane(run_dir: Path, lane: int, jobs: int, ads: dict[str, classad2.ClassAd]) -> RoundStatus:
+    """One lane as a row: its jobs by state (a job skipped past the budget counts as done)."""
+    status = RoundStatus(lane, aggregate="-")
+    for step in range(jobs):
+        ad = ads.get(lane_job_name(lane, step))
+        code = ad.get("NodeStatus") if ad is not None else None
+        log = lane_job_dir(run_dir, lane, step) / "job.log"
+        status.nodes[node_state(code, job_state(log))] += 1
+        status.retries += int(ad.get("RetryCount", 0)) if ad is not None else 0
+    return status
+
+
+def _lane_progress(run_dir: Path, config: dict) -> str:
+    """Updates applied against the budget and the model version, from the run's ledger."""
+    try:
+        ledger = json.loads((run_dir / ASYNC_STATE).read_text())
+    except (OSError, ValueError):
+        return "no ledger yet"
+    return f"{ledger['accepted']}/{update_budget(config)} updates, version {ledger['version']}"
+
+
 def read_status(run_dir: Path) -> RunStatus:
     """The run's status now; works on a run directory or on a copy of its small files."""
     if not (run_dir / CONFIG_FILE).is_file():
         raise UserError(f"{run_dir}: not a run directory (no {CONFIG_FILE}); plan one first")
-    run = read_run_config(run_dir / CONFIG_FILE)["run"]
+    config = read_run_config(run_dir / CONFIG_FILE)
+    run = config["run"]
     ads, head = read_status_file(run_dir / STATUS_FILE)
-    rounds = [_round(run_dir, r, run["nodes"], ads) for r in range(run["rounds"])]
+    lanes = None
+    if run.get("mode") == "async":
+        per_row = lane_length(config)
+        rounds = [_lane(run_dir, lane, per_row, ads) for lane in range(run["nodes"])]
+        lanes = _lane_progress(run_dir, config)
+    else:
+        per_row = run["nodes"]
+        rounds = [_round(run_dir, r, per_row, ads) for r in range(run["rounds"])]
     report = run_dir / REPORT_FILE
     return RunStatus(
         run_dir=run_dir,
         name=run["name"],
-        nodes_per_round=run["nodes"],
+        nodes_per_round=per_row,
         state=_dag_state(head, rounds),
         rounds=rounds,
         report_status=json.loads(report.read_text())["status"] if report.is_file() else None,
         updated=int(head["Timestamp"]) if head is not None and "Timestamp" in head else None,
+        lanes=lanes,
     )
 
 
@@ -201,20 +237,25 @@ _SHORT = {"waiting": "wait", "idle": "idle", "running": "run", "held": "held", "
 def render(status: RunStatus) -> Group:
     """One table row per round that has started, under a line about the whole run."""
     table = Table(title=f"dagtrain run {status.name!r}", expand=False, box=box.SIMPLE_HEAD)
-    for column in ("round", *map(_SHORT.get, NODE_STATES), "miss", "retry", "agg", "acc."):
+    row = "lane" if status.lanes is not None else "round"
+    for column in (row, *map(_SHORT.get, NODE_STATES), "miss", "retry", "agg", "acc."):
         table.add_column(column, justify="right", min_width=len(column), no_wrap=True)
     shown = [r for r in status.rounds if r.nodes["waiting"] < status.nodes_per_round]
+    if status.lanes is not None:
+        shown = status.rounds
     for r in shown or status.rounds[:1]:
         accuracy = f"{r.accuracy:.3f}" if r.accuracy is not None else "-"
         counts = [str(r.nodes[s]) for s in NODE_STATES]
-        table.add_row(
-            round_tag(r.index), *counts, str(r.missing), str(r.retries), r.aggregate, accuracy
+        tag = lane_tag(r.index) if status.lanes is not None else round_tag(r.index)
+        table.add_row(tag, *counts, str(r.missing), str(r.retries), r.aggregate, accuracy)
+    if status.lanes is not None:
+        summary = f"{status.state}: {status.lanes}, {status.retries} retries"
+    else:
+        summary = (
+            f"{status.state}: round {status.current_round + 1}/{len(status.rounds)}, "
+            f"{status.retries} retries, held-out accuracy "
+            f"{' '.join(f'{a:.3f}' for a in status.accuracy) or '-'}"
         )
-    summary = (
-        f"{status.state}: round {status.current_round + 1}/{len(status.rounds)}, "
-        f"{status.retries} retries, held-out accuracy "
-        f"{' '.join(f'{a:.3f}' for a in status.accuracy) or '-'}"
-    )
     if status.report_status is not None:
         summary += f"; report: {status.report_status}"
     return Group(Text(summary), table)

@@ -27,6 +27,7 @@ from pipeline import config as config_mod
 from pipeline import planner
 from pipeline.local_runner.dag_file import parse_dag
 from pipeline.local_runner.submit_description import load_job
+from pipeline.run_status import read_status, render
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -332,3 +333,12 @@ def _wait_for(condition: Callable[[], bool], timeout_s: float = 180) -> None:
     while not condition():
         assert time.monotonic() < deadline, "timed out"
         time.sleep(0.2)
+
+
+def test_status_shows_lanes_and_the_ledger(async_run: Callable) -> None:
+    run_dir = async_run()
+    status = read_status(run_dir)
+    assert status.state == "not started" and len(status.rounds) == 3
+    assert status.lanes == "0/6 updates, version 0"
+    assert status.nodes_per_round == lane_length(_config(run_dir))
+    assert "lane" in str(render(status).renderables[1].columns[0].header)
