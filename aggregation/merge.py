@@ -3,7 +3,7 @@
 The default rule, the sample-weighted mean, reads updates one file and one tensor at a time, so
 aggregating N nodes needs memory for the running sums only (O(model)), never for N models. The
 robust rules (aggregation.robust) need O(N x largest tensor). A fixed node order makes the
-result bit-identical between runs.
+result bit-identical between runs. Sparse updates are densified one tensor at a time as read.
 """
 
 import math
@@ -15,7 +15,7 @@ import torch
 
 from aggregation.robust import robust_merge
 from aggregation.validate import validate_update
-from node_payload import tensor_io
+from node_payload import sparse_update
 
 
 class WeightedMean:
@@ -120,7 +120,7 @@ def merge_updates(
 def _stream(
     path: Path, global_state: Mapping[str, torch.Tensor], scale: float
 ) -> Iterator[tuple[str, torch.Tensor]]:
-    with tensor_io.open_lazy(path) as update:
+    with sparse_update.open_update(path) as update:
         for name in global_state:
             tensor = update.get(name)
             if scale != 1.0 and tensor.is_floating_point():

@@ -7,7 +7,8 @@ unweighted on purpose: a node's claimed sample count is as untrusted as its tens
 
 They need every accepted update at once, but only one tensor at a time: all update files are
 opened lazily (memory-mapped, nothing read), then for each tensor name the N copies are read,
-stacked and reduced before the next name. Memory is O(N x largest tensor), not O(N x model).
+stacked and reduced before the next name (a sparse update is densified for that tensor only).
+Memory is O(N x largest tensor), not O(N x model).
 """
 
 import math
@@ -18,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from node_payload import tensor_io
+from node_payload import sparse_update
 
 RULES = ("mean", "median", "trimmed_mean")
 
@@ -59,7 +60,7 @@ def robust_merge(
         raise ValueError("no accepted updates to combine")
     cut = trimmed_count(len(accepted), rule, trim)
     with ExitStack() as stack:
-        files = [stack.enter_context(tensor_io.open_lazy(path)) for path, _ in accepted]
+        files = [stack.enter_context(sparse_update.open_update(path)) for path, _ in accepted]
         merged = {}
         for name, reference in global_state.items():
             if reference.is_floating_point():

@@ -123,6 +123,7 @@ def aggregate_round(run_dir: Path, config: dict[str, Any], round_: int) -> dict[
         "aggregation_rule": server["rule"],
         "quorum_required": required,
         "train_samples": merged.samples,
+        "update_bytes": sum(dict(updates)[n].stat().st_size for n in merged.accepted),
         "local_test_accuracy": sum(m["local_test_accuracy"] for m in node_metrics)
         / max(len(node_metrics), 1),
         "bytes_downloaded": sum(m["bytes_downloaded"] for m in node_metrics),

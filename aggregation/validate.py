@@ -2,6 +2,9 @@
 
 A node is a remote machine: a stale, corrupt or diverged update must be refused with a reason the
 user can act on, not averaged in. The file is streamed one tensor at a time (memory O(model)).
+A sparse update (node_payload.sparse_update) is checked without densifying it: its positions
+(in range, unique) and values (float16, finite) when it is opened, its shapes against the model,
+and its norm from the sent values.
 """
 
 import math
@@ -12,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from node_payload import tensor_io
+from node_payload import sparse_update, tensor_io
 
 _UINT = re.compile(r"[0-9]+")
 
@@ -42,7 +45,7 @@ def validate_update(
     """
     want = {"round": round_, "node": node, "base_version": round_, **(expected or {})}
     try:
-        with tensor_io.open_lazy(path) as update:
+        with sparse_update.open_update(path) as update:
             problem = _check_metadata(update.metadata, want)
             if problem:
                 return Validation(False, problem)
@@ -51,8 +54,12 @@ def validate_update(
                 return Validation(False, problem)
             squares = 0.0
             for name, expected in global_state.items():
-                tensor = update.get(name)
-                problem = _check_tensor(name, tensor, expected)
+                if update.is_sparse(name):
+                    problem = _check_sparse(name, update.shape(name), expected)
+                    tensor = update.values(name)
+                else:
+                    tensor = update.get(name)
+                    problem = _check_tensor(name, tensor, expected)
                 if problem:
                     return Validation(False, problem)
                 if tensor.is_floating_point():
@@ -90,6 +97,15 @@ def _check_names(names: list[str], global_state: Mapping[str, torch.Tensor]) -> 
     extra = sorted(present - global_state.keys())
     if extra:
         return f"unexpected tensor {extra[0]!r} ({len(extra)} not in the global model)"
+    return ""
+
+
+def _check_sparse(name: str, shape: tuple[int, ...], expected: torch.Tensor) -> str:
+    """Sparse tensors densify to float32 of their declared shape; their values were checked."""
+    if expected.dtype != torch.float32:
+        return f"tensor {name!r} is sent sparse (float32), expected {expected.dtype}"
+    if shape != tuple(expected.shape):
+        return f"tensor {name!r} has shape {shape}, expected {tuple(expected.shape)}"
     return ""
 
 

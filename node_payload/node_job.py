@@ -8,11 +8,13 @@ from typing import Any
 
 import torch
 
+from node_payload.dgc import compress_job
 from node_payload.faults import inject, slow_down, slowdown, tamper
 from node_payload.fetch import FetchStats
 from node_payload.local_data import load_fragments, planned_manifest
 from node_payload.model_file import load_model
 from node_payload.run_config import read_run_config, schedule_length
+from node_payload.run_layout import RESIDUAL_FILE
 from node_payload.sampling import local_sets
 from node_payload.tensor_io import save_tensors, update_metadata
 from node_payload.threads import job_threads
@@ -31,6 +33,7 @@ class NodeTask:
     seed: int
     attempt: int
     out_dir: Path
+    residual_in: Path = Path(RESIDUAL_FILE)  # the lane's residual, if given (relative: cwd)
 
 
 def run_node(task: NodeTask) -> dict[str, Any]:
@@ -82,11 +85,25 @@ def run_node(task: NodeTask) -> dict[str, Any]:
     slow_down(factor, real_seconds)
 
     task.out_dir.mkdir(parents=True, exist_ok=True)
-    save_tensors(
-        task.out_dir / UPDATE_FILE,
-        tamper(config, task.round_, task.node, update_tensors(global_state, model.state_dict())),
-        update_metadata(task.round_, task.node, len(train.y), base_version),
+    update = tamper(
+        config, task.round_, task.node, update_tensors(global_state, model.state_dict())
     )
+    metadata = update_metadata(task.round_, task.node, len(train.y), base_version)
+    compression: dict[str, Any] = {}
+    if config.get("compression", {}).get("method") == "dgc":
+        params = {name for name, _ in model.named_parameters()}
+        compression = compress_job(
+            update,
+            params,
+            config,
+            metadata,
+            task.node,
+            task.round_,
+            task.residual_in,
+            task.out_dir / UPDATE_FILE,
+        )
+    else:
+        save_tensors(task.out_dir / UPDATE_FILE, update, metadata)
     metrics = {
         "round": task.round_,
         "node": task.node,
@@ -110,6 +127,7 @@ def run_node(task: NodeTask) -> dict[str, Any]:
         "real_seconds": real_seconds,
         "slowdown": factor,
         "train_fragments": train_ids,  # for the run's coverage of the training fragments
+        **compression,  # with DGC: update_bytes, kept_fraction, sparsity, residual, ...
     }
     (task.out_dir / METRICS_FILE).write_text(json.dumps(metrics, indent=1) + "\n")
     return metrics

@@ -18,6 +18,7 @@ from safetensors.torch import save_file
 
 MODEL_FORMAT = "dagtrain-model/1"
 UPDATE_FORMAT = "dagtrain-update/1"
+RESIDUAL_FORMAT = "dagtrain-residual/1"
 
 _PICKLE_PROTOCOLS = frozenset(range(2, 6))
 
@@ -139,4 +140,16 @@ def update_metadata(round_: int, node: int, samples: int, base_version: int) -> 
         "node": str(node),
         "samples": str(samples),
         "base_version": str(base_version),
+    }
+
+
+def residual_metadata(run_id: str, lane: int, jobs: int, round_: int) -> dict[str, str]:
+    """Metadata of residual.safetensors: which run and lane it belongs to, how many jobs it
+    has seen (the compression warm-up) and the round or step of the job that wrote it."""
+    return {
+        "format": RESIDUAL_FORMAT,
+        "run_id": run_id,
+        "lane": str(lane),
+        "jobs": str(jobs),
+        "round": str(round_),
     }

@@ -238,6 +238,41 @@ SCHEMA: dict[str, dict[str, Key]] = {
             lambda v: v >= 0 and math.isfinite(v),
         ),
     },
+    "compression": {
+        "method": Key(
+            str,
+            "none",
+            '"none" (dense updates) or "dgc" (Deep Gradient Compression: top-k of each parameter '
+            "tensor, the rest kept per lane as an error-feedback residual)",
+            lambda v: v in {"none", "dgc"},
+        ),
+        "sparsity": Key(
+            float,
+            0.999,
+            "the fraction of each parameter tensor's values a node does not send, in [0, 1)",
+            _between(0, 1, hi_open=True),
+        ),
+        "warmup": Key(
+            int,
+            4,
+            "a lane's first jobs, over which the sparsity rises from 0.75 to its target "
+            "(0 to 1000; 0: none)",
+            _between(0, 1000),
+        ),
+        "momentum": Key(
+            float,
+            0.0,
+            "momentum correction at the nodes, in [0, 1) (0.9 as in DGC, then keep [server] "
+            "momentum 0)",
+            _between(0, 1, hi_open=True),
+        ),
+        "clip_norm": Key(
+            float,
+            0.0,
+            "a node scales its update down to this L2 norm before compressing it (0: off)",
+            lambda v: v >= 0 and math.isfinite(v),
+        ),
+    },
     "resources": {
         "request_cpus": Key(int, 1, "an integer from 1 to 256", _between(1, 256)),
         "request_memory": Key(str, "2GB", 'a size such as "2GB" or "1500MB"', _is_size),
