@@ -14,20 +14,17 @@ from pathlib import Path
 import htcondor2
 
 from node_payload.errors import UserError
+from node_payload.run_config import read_run_config
 from node_payload.run_layout import CONFIG_FILE, DAG_FILE, REPORT_FILE
 from pipeline.rescue import reopen_missing_nodes
 from pipeline.run_status import RunStatus, read_status
 
 # What `dagtrain plan` writes and a submission needs; a partial copy is refused up front.
-RUN_FILES = (
-    DAG_FILE,
-    CONFIG_FILE,
-    "submit/node.sub",
-    "submit/aggregate.sub",
-    "submit/report.sub",
-    "scripts/node_post.sh",
-    "payload/dagtrain.pyz",
-)
+RUN_FILES = (DAG_FILE, CONFIG_FILE, "submit/node.sub", "submit/report.sub", "payload/dagtrain.pyz")
+MODE_FILES = {
+    "sync": ("submit/aggregate.sub", "scripts/node_post.sh"),
+    "async": ("scripts/lane.sh", "async/state.json"),
+}
 SCHEDULER_UNIVERSE = 7  # DAGMan itself runs as a scheduler-universe job
 ACTIVE_JOB = "JobStatus =!= 3 && JobStatus =!= 4"  # neither removed nor completed
 INSTALL_HINT = (
@@ -41,6 +38,9 @@ def check_run_dir(run_dir: Path) -> None:
     if not run_dir.is_dir():
         raise UserError(f"{run_dir}: no such run directory; plan one with `dagtrain plan`")
     missing = [name for name in RUN_FILES if not (run_dir / name).is_file()]
+    if not missing:
+        mode = read_run_config(run_dir / CONFIG_FILE)["run"].get("mode", "sync")
+        missing = [name for name in MODE_FILES[mode] if not (run_dir / name).is_file()]
     if missing:
         raise UserError(
             f"{run_dir}: incomplete run directory, missing {', '.join(missing)}; "
@@ -56,8 +56,9 @@ def check_not_finished(run_dir: Path) -> None:
     with contextlib.suppress(ValueError, OSError):
         data = json.loads(report.read_text())
         if data.get("status") == "completed":
+            done = data.get("summary") or f"{data.get('rounds_completed')} rounds"
             raise UserError(
-                f"{run_dir}: this run already completed ({data.get('rounds_completed')} rounds, "
+                f"{run_dir}: this run already completed ({done}, "
                 f"final held-out accuracy {data.get('final_accuracy')}; see {report}); "
                 "plan a new run directory to train again"
             )

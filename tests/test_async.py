@@ -19,7 +19,7 @@ from aggregation.async_apply import arrive, flush
 from aggregation.async_claim import EXIT_SKIP, MODEL_INPUT, claim
 from aggregation.async_state import lane_length, read_ledger, write_ledger
 from aggregation.staleness import staleness_weight
-from node_payload.errors import EXIT_FATAL
+from node_payload.errors import EXIT_FATAL, UserError
 from node_payload.run_config import read_run_config, schedule_length
 from node_payload.run_layout import CONFIG_FILE, DAG_FILE, lane_job_dir, model_path
 from node_payload.tensor_io import load_tensors, save_tensors, update_metadata
@@ -28,6 +28,7 @@ from pipeline import planner
 from pipeline.local_runner.dag_file import parse_dag
 from pipeline.local_runner.submit_description import load_job
 from pipeline.run_status import read_status, render
+from pipeline.submission import check_run_dir
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -342,3 +343,11 @@ def test_status_shows_lanes_and_the_ledger(async_run: Callable) -> None:
     assert status.lanes == "0/6 updates, version 0"
     assert status.nodes_per_round == lane_length(_config(run_dir))
     assert "lane" in str(render(status).renderables[1].columns[0].header)
+
+
+def test_submit_accepts_an_asynchronous_run_directory(async_run: Callable) -> None:
+    run_dir = async_run()
+    check_run_dir(run_dir)
+    (run_dir / "scripts/lane.sh").unlink()
+    with pytest.raises(UserError, match="missing scripts/lane.sh"):
+        check_run_dir(run_dir)
