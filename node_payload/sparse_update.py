@@ -86,6 +86,8 @@ def decode_gaps(data: np.ndarray) -> np.ndarray:
     parts = (data & 0x7F).astype(np.int64) << (7 * place)
     gaps = np.zeros(len(first), dtype=np.int64)
     np.add.at(gaps, number, parts)
+    if int(gaps.max()) * len(gaps) >= 2**62:  # no int64 overflow in the sum below
+        raise BadSparseUpdate("the index gaps add up beyond any tensor size")
     return np.cumsum(gaps)
 
 
@@ -154,17 +156,18 @@ class UpdateReader:
     def _read_parts(
         self, layout: list[tuple[str, tuple[int, ...]]]
     ) -> tuple[np.ndarray, torch.Tensor]:
+        parts = {}
         for name, dtype in ((INDEX, torch.uint8), (VALUES, torch.float16)):
             if name not in self._lazy.names:
                 raise BadSparseUpdate(f"the sparse update has no {name!r} tensor")
-            tensor = self._lazy.get(name)
-            if tensor.dtype != dtype or tensor.dim() != 1:
+            parts[name] = self._lazy.get(name)
+            if parts[name].dtype != dtype or parts[name].dim() != 1:
                 raise BadSparseUpdate(
-                    f"{name!r} is {tensor.dtype} of shape {tuple(tensor.shape)}, expected a "
-                    f"1-D {dtype}"
+                    f"{name!r} is {parts[name].dtype} of shape {tuple(parts[name].shape)}, "
+                    f"expected a 1-D {dtype}"
                 )
-        positions = decode_gaps(self._lazy.get(INDEX).numpy())
-        values = self._lazy.get(VALUES)
+        positions = decode_gaps(parts[INDEX].numpy())
+        values = parts[VALUES]
         if len(positions) != len(values):
             raise BadSparseUpdate(f"{len(positions)} indices but {len(values)} values")
         total = sum(math.prod(shape) for _, shape in layout)

@@ -81,6 +81,13 @@ def test_metadata_helpers_follow_the_contract():
         "in_channels": "1",
         "image_size": "64",
     }
+    assert tensor_io.residual_metadata("abc123", 4, 7, 9) == {
+        "format": "dagtrain-residual/1",
+        "run_id": "abc123",
+        "lane": "4",
+        "jobs": "7",
+        "round": "9",
+    }
 
 
 def _torch_save(path):
