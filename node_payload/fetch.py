@@ -10,7 +10,6 @@ jitter, so that many nodes do not retry in step) and tries again; only after PAS
 does it give up with DataUnreachable, which the node turns into a retryable exit code.
 """
 
-import hashlib
 import logging
 import random
 import socket
@@ -18,6 +17,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from ftplib import FTP, all_errors, error_perm, error_reply, error_temp
+from hashlib import sha256
 from urllib.parse import parse_qs, unquote, urlsplit
 
 from node_payload.errors import UserError
@@ -130,7 +130,7 @@ class Mirror:
 
 
 def _window(length: int) -> int:
-    """Receive buffer for a read of `length` bytes.
+    """Receive buffer for a read of `length` bytes from a server that knows no range end.
 
     RETR has no end offset: the mirror streams on until the node closes the connection, and
     whatever the node's receive window lets in beyond the read is sent for nothing (with
@@ -140,22 +140,39 @@ def _window(length: int) -> int:
     return min(max(length // 2, WINDOW_MIN), WINDOW_MAX)
 
 
-class _WindowedFTP(FTP):
-    """ftplib's passive data connection, with its receive buffer set before connecting (the
-    window a connection starts with is fixed by its handshake)."""
+class _RangeFTP(FTP):
+    """ftplib with byte-range reads over passive data connections.
 
-    window = WINDOW_MAX
+    A server that lists `RANG STREAM` in FEAT (draft-bryan-ftp-range, as the embedded mirrors
+    do) is told where a read ends and stops there; any other server gets `REST` and a receive
+    window the size of the read, which bounds what it sends past the end before the node closes.
+    """
 
-    def ntransfercmd(self, cmd: str, rest: int | str | None = None) -> tuple[socket.socket, None]:
+    ranged = False
+
+    def learn_features(self) -> None:
+        try:
+            reply = self.sendcmd("FEAT")
+        except error_perm:  # FEAT itself is an extension (RFC 2389)
+            return
+        self.ranged = any(line.strip().upper() == "RANG STREAM" for line in reply.splitlines())
+
+    def open_range(self, path: str, offset: int, length: int) -> socket.socket:
+        """The data connection of a RETR that starts at offset; ends at offset + length if the
+        server knows RANG. The receive buffer is set before connecting (the window a connection
+        starts with is fixed by its handshake)."""
         host, port = self.makepasv()
         conn = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
         try:
-            conn.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, self.window)
+            if not self.ranged:
+                conn.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, _window(length))
             conn.settimeout(self.timeout)
             conn.connect((host, port))
-            if rest is not None:
-                self.sendcmd(f"REST {rest}")
-            resp = self.sendcmd(cmd)
+            if self.ranged and length:
+                self.sendcmd(f"RANG {offset} {offset + length - 1}")  # inclusive end
+            elif offset:
+                self.sendcmd(f"REST {offset}")
+            resp = self.sendcmd(f"RETR {path}")
             if resp[0] == "2":  # some servers answer 200 before 150
                 resp = self.getresp()
             if resp[0] != "1":
@@ -163,7 +180,7 @@ class _WindowedFTP(FTP):
         except BaseException:
             conn.close()
             raise
-        return conn, None
+        return conn
 
 
 class _Session:
@@ -172,7 +189,8 @@ class _Session:
     def __init__(self, mirror: Mirror, stats: FetchStats, timeout_s: float) -> None:
         self.mirror = mirror
         self._stats = stats
-        self._ftp = _WindowedFTP(timeout=mirror.timeout_s or timeout_s)
+        self._buf = bytearray()
+        self._ftp = _RangeFTP(timeout=mirror.timeout_s or timeout_s)
         try:
             self._ftp.connect(mirror.host, mirror.port)
             if mirror.user:
@@ -180,6 +198,7 @@ class _Session:
             else:
                 self._ftp.login()
             self._ftp.voidcmd("TYPE I")
+            self._ftp.learn_features()
         except BaseException:
             self._ftp.close()
             raise
@@ -190,14 +209,18 @@ class _Session:
             raise _BadData(f"no size for {path}")
         return size
 
-    def read(self, path: str, offset: int, length: int) -> bytearray:
-        """Exactly `length` bytes from `offset`; closes the transfer early rather than read on."""
-        buf = bytearray(length)
-        view = memoryview(buf)
+    def read(self, path: str, offset: int, length: int) -> memoryview:
+        """Exactly `length` bytes from `offset`, valid until the next read of this session.
+
+        One receive buffer per session, grown as needed: a fresh buffer per read costs a zeroing
+        and page faults for every byte, which is much of what receiving the byte costs.
+        """
+        if len(self._buf) < length:
+            self._buf = bytearray(length)
+        view = memoryview(self._buf)[:length]
         got = 0
         try:
-            self._ftp.window = _window(length)
-            with self._ftp.transfercmd(f"RETR {self.mirror.remote(path)}", offset or None) as conn:
+            with self._ftp.open_range(self.mirror.remote(path), offset, length) as conn:
                 while got < length:
                     n = conn.recv_into(view[got:])
                     if n == 0:
@@ -212,7 +235,7 @@ class _Session:
                 raise
         if got < length:
             raise _BadData(f"{path}: got {got} of {length} bytes from offset {offset}")
-        return buf
+        return view
 
     def _count(self, n: int) -> None:
         self._stats.bytes_downloaded += n
@@ -352,7 +375,7 @@ def fetch_file(
     result: list[bytes] = []
 
     def run(session: _Session) -> None:
-        result.append(bytes(session.read(path, 0, session.size(path))))
+        result.append(session.read(path, 0, session.size(path)).tobytes())
 
     try:
         parsed = _mirrors(mirrors)
@@ -371,26 +394,32 @@ def _coalesce(frags: list[Fragment]) -> dict[str, list[list[Fragment]]]:
         by_shard.setdefault(frag.shard, []).append(frag)
     groups: dict[str, list[list[Fragment]]] = {}
     for shard, shard_frags in by_shard.items():
-        shard_frags.sort(key=lambda f: (f.offset, f.length))
-        runs = groups[shard] = [[shard_frags[0]]]
-        start, end = shard_frags[0].offset, shard_frags[0].offset + shard_frags[0].length
-        wasted = 0
-        for frag in shard_frags[1:]:
-            frag_end = frag.offset + frag.length
-            gap = max(0, frag.offset - end)
-            useful = max(end, frag_end) - start - wasted - gap
-            if (
+        shard_frags.sort(key=_place)
+        run: list[Fragment] = []
+        runs = groups[shard] = [run]
+        start = end = wasted = 0
+        for frag in shard_frags:
+            offset, frag_end = frag.offset, frag.offset + frag.length
+            gap = offset - end if offset > end else 0
+            new_end = frag_end if frag_end > end else end
+            if run and (
                 gap <= MAX_GAP
-                and wasted + gap <= MAX_WASTE * useful
-                and max(end, frag_end) - start <= MAX_SPAN
+                and wasted + gap <= MAX_WASTE * (new_end - start - wasted - gap)
+                and new_end - start <= MAX_SPAN
             ):
-                runs[-1].append(frag)
-                end = max(end, frag_end)
-                wasted += gap
+                run.append(frag)
+                end, wasted = new_end, wasted + gap
             else:
-                runs.append([frag])
-                start, end, wasted = frag.offset, frag_end, 0
+                if run:
+                    run = []
+                    runs.append(run)
+                run.append(frag)
+                start, end, wasted = offset, frag_end, 0
     return groups
+
+
+def _place(frag: Fragment) -> tuple[int, int]:
+    return frag.offset, frag.length
 
 
 def _range_task(group: list[Fragment], order: list[int], out: dict[int, bytes]) -> _Task:
@@ -399,13 +428,14 @@ def _range_task(group: list[Fragment], order: list[int], out: dict[int, bytes]) 
     end = max(f.offset + f.length for f in group)
 
     def run(session: _Session) -> None:
-        data = memoryview(session.read(shard, offset, end - offset))
+        data = session.read(shard, offset, end - offset)
         got = {}
         for frag in group:
-            blob = bytes(data[frag.offset - offset : frag.offset - offset + frag.length])
-            if not hashlib.sha256(blob).hexdigest().startswith(frag.sha256):  # may be a prefix
+            start = frag.offset - offset
+            blob = data[start : start + frag.length]
+            if not sha256(blob).hexdigest().startswith(frag.sha256):  # may be a prefix
                 raise _BadData(f"sha256 mismatch for fragment {frag.id}")
-            got[frag.id] = blob
+            got[frag.id] = blob.tobytes()  # data is the session's buffer: copied before reuse
         out.update(got)
 
     return _Task(f"{shard} bytes {offset}-{end}", order, run)

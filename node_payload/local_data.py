@@ -115,10 +115,7 @@ def fetch_raw(
     cache: Path | None = None,
 ) -> dict[int, bytes]:
     """Verified encoded bytes (by block id) of the blocks under the given fragments' contexts."""
-    needed: dict[int, Block] = {}
-    for i in ids:
-        for block in manifest.blocks(manifest.fragment(i))[0]:
-            needed[block.id] = block
+    needed = {block.id: block for block in manifest.blocks_under(ids)}
     blobs: dict[int, bytes] = {}
     for id_, block in needed.items():
         data = _cached(cache, block)

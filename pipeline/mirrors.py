@@ -3,6 +3,9 @@
 Local runs and tests need mirrors without an FTP daemon. Each server runs its own pyftpdlib IO
 loop on its own thread, so one mirror can be stopped without disturbing the others (pyftpdlib's
 ThreadedFTPServer shares one stop flag among all its instances) and stopping takes one poll tick.
+
+The mirrors know `RANG start end` (draft-bryan-ftp-range): a node announces where a read ends,
+and the mirror stops there instead of streaming on until the node closes the data connection.
 """
 
 import errno
@@ -11,9 +14,10 @@ import logging
 import socket
 import threading
 from pathlib import Path
+from typing import Any, ClassVar
 
 from pyftpdlib.authorizers import DummyAuthorizer
-from pyftpdlib.handlers import FTPHandler
+from pyftpdlib.handlers import DTPHandler, FTPHandler
 from pyftpdlib.ioloop import IOLoop
 from pyftpdlib.servers import FTPServer
 from rich.console import Console
@@ -37,7 +41,93 @@ def free_ports(k: int) -> list[int]:
             sock.close()
 
 
-def read_only_handler(root: Path, base: type[FTPHandler] = FTPHandler) -> type[FTPHandler]:
+class _RangeProducer:
+    """A RETR's file producer that ends at the announced range end (the send() path)."""
+
+    def __init__(self, producer: Any, end: int) -> None:
+        self._producer = producer
+        self.file = producer.file
+        self.end = end
+
+    def more(self) -> bytes:
+        left = self.end - self.file.tell()
+        return self._producer.more()[:left] if left > 0 else b""
+
+
+class RangeDTPHandler(DTPHandler):
+    """Data channel that treats a RETR's range end as the end of the file (the sendfile path)."""
+
+    _end: int | None = None
+
+    def push_with_producer(self, producer: Any) -> None:
+        self._end = getattr(producer, "end", None)
+        super().push_with_producer(producer)
+
+    def initiate_sendfile(self) -> None:
+        if self._end is not None:  # sendfile of 0 bytes reads as end of file: 226
+            self.ac_out_buffer_size = max(
+                0, min(DTPHandler.ac_out_buffer_size, self._end - self._offset)
+            )
+        super().initiate_sendfile()
+
+
+class RangeFTPHandler(FTPHandler):
+    """FTPHandler with `RANG start end` (inclusive end), announced in FEAT as `RANG STREAM`.
+
+    A range applies to the next RETR only; REST forgets it. Clients that never send RANG see a
+    plain FTP server.
+    """
+
+    dtp_handler = RangeDTPHandler
+    proto_cmds: ClassVar[dict[str, dict[str, Any]]] = {
+        **FTPHandler.proto_cmds,
+        "RANG": {
+            "perm": None,
+            "auth": True,
+            "arg": True,
+            "help": "Syntax: RANG <SP> start <SP> end (byte range of the next RETR).",
+        },
+    }
+    _range_end: int | None = None
+
+    def ftp_FEAT(self, line: str) -> None:
+        if "RANG STREAM" not in self._extra_feats:
+            self._extra_feats.append("RANG STREAM")
+        super().ftp_FEAT(line)
+
+    def ftp_RANG(self, line: str) -> None:
+        if self._current_type == "a":
+            self.respond("501 Ranges are not allowed in ASCII mode.")
+            return
+        try:
+            start, end = (int(part) for part in line.split())
+            if not 0 <= start <= end:
+                raise ValueError
+        except ValueError:
+            self.respond("501 Expected RANG <start> <end>, 0 <= start <= end.")
+            return
+        self._restart_position, self._range_end = start, end + 1
+        self.respond(f"350 Restarting at {start}. Ending at {end}.")
+
+    def ftp_REST(self, line: str) -> None:
+        self._range_end = None
+        super().ftp_REST(line)
+
+    def ftp_RETR(self, file: str) -> str | None:
+        try:
+            return super().ftp_RETR(file)
+        finally:
+            self._range_end = None  # also when the RETR failed
+
+    def push_dtp_data(
+        self, data: Any, isproducer: bool = False, file: Any = None, cmd: str | None = None
+    ) -> None:
+        if cmd == "RETR" and self._range_end is not None:
+            data = _RangeProducer(data, self._range_end)
+        super().push_dtp_data(data, isproducer, file, cmd)
+
+
+def read_only_handler(root: Path, base: type[FTPHandler] = RangeFTPHandler) -> type[FTPHandler]:
     """A handler class for anonymous, list-and-retrieve-only access to root.
 
     A fresh subclass per server: pyftpdlib configures handlers through class attributes.

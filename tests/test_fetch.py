@@ -18,7 +18,7 @@ from pyftpdlib.handlers import FTPHandler
 
 from node_payload.fetch import DataUnreachable, FetchStats, fetch_file, fetch_fragments
 from node_payload.manifest import Block as Fragment
-from pipeline.mirrors import MirrorServer, free_ports, read_only_handler, serve
+from pipeline.mirrors import MirrorServer, RangeFTPHandler, free_ports, read_only_handler, serve
 from tests.dropping_mirror import DroppingFile
 
 SHARD = "shards/s00000.bin"
@@ -264,3 +264,46 @@ def test_small_gaps_are_read_through_within_the_waste_bound(counting, dataset) -
     stats = FetchStats()
     assert fetch_fragments([url], 0, dense_gaps, stats) == expected(root, dense_gaps)
     assert stats.bytes_downloaded == len(dense_gaps) * FRAG  # 1-in-2 gaps: never read
+
+
+def sending_handler(base: type[FTPHandler], sent: list[int]) -> type[FTPHandler]:
+    """base, with the bytes its data channels handed to the network added to sent[0]."""
+    dtp = base.dtp_handler
+
+    class CountingDTP(dtp):
+        def close(self) -> None:
+            if not self._closed:
+                sent[0] += self.tot_bytes_sent
+            super().close()
+
+    return type(f"Sending{base.__name__}", (base,), {"dtp_handler": CountingDTP})
+
+
+def test_plain_server_range_reads_stop_at_the_range_end(counting, dataset, monkeypatch) -> None:
+    monkeypatch.setattr("node_payload.fetch.MAX_GAP", FRAG)
+    url, commands = counting  # a plain pyftpdlib server: no RANG in its FEAT
+    root, frags = dataset
+    wanted = [f for f in frags if f.shard == SHARD][5::7]
+    stats = FetchStats()
+    assert fetch_fragments([url], 0, wanted, stats) == expected(root, wanted)
+    assert "RANG" not in commands
+    assert commands.count("REST") == commands.count("RETR") == len(wanted)
+    assert commands.count("USER") == 1  # every early close left the session in step
+    assert stats.bytes_downloaded == len(wanted) * FRAG
+
+
+def test_ranged_mirror_sends_only_the_ranges(dataset, monkeypatch) -> None:
+    monkeypatch.setattr("node_payload.fetch.MAX_GAP", FRAG)
+    root, frags = dataset
+    sent = [0]
+    commands: list[str] = []
+    base = type("Counting", (CountingHandler, RangeFTPHandler), {"commands": commands})
+    server = MirrorServer(read_only_handler(root, sending_handler(base, sent)))
+    wanted = [f for f in frags if f.shard == SHARD][5::7]
+    try:
+        assert fetch_fragments([server.url], 0, wanted, FetchStats()) == expected(root, wanted)
+    finally:
+        server.close()
+    assert commands.count("RANG") == commands.count("RETR") == len(wanted)
+    assert "REST" not in commands
+    assert sent[0] == len(wanted) * FRAG

@@ -1,4 +1,5 @@
 import hashlib
+import random
 import re
 import time
 
@@ -86,6 +87,38 @@ def test_blocks_cover_the_context():
         (1, 10, 11, H),
     ]
     assert origin == (112, 0)
+
+
+def blocks_one_by_one(manifest: Manifest, ids) -> list:
+    """The per-fragment path: every fragment's blocks, deduplicated, by block id."""
+    blocks = {b.id: b for i in ids for b in manifest.blocks(manifest.fragment(int(i)))[0]}
+    return [blocks[k] for k in sorted(blocks)]
+
+
+def test_blocks_under_matches_the_per_fragment_lookup():
+    doc = make_doc()
+    doc["block"] = 40  # several blocks per context side, partial blocks at the edges
+    doc["sources"] = [source("a/1.png", 0, 300, 200, False), source("b/1.png", 1, 90, 70, False, 1)]
+    for i, src in enumerate(doc["sources"]):
+        pad = 2 * doc["margin"]
+        n = -(-(src["width"] + pad) // 40) * -(-(src["height"] + pad) // 40)
+        src["lengths"] = [10 + (7 * k + i) % 13 for k in range(n)]
+        src["hashes"] = "".join(f"{k:0{HASH_HEX}x}" for k in range(n))
+        src["offset"] = 5 * i
+        doc["shards"][i]["bytes"] = src["offset"] + sum(src["lengths"])
+    manifest = Manifest.from_bytes(encode(doc), "m.json")
+    rng = random.Random(0)
+    everything = range(len(manifest))
+    for ids in ([], [0], list(everything), rng.sample(everything, 50), [3, 3, 1]):
+        assert manifest.blocks_under(ids) == blocks_one_by_one(manifest, ids)
+    with pytest.raises(IndexError, match=str(len(manifest))):
+        manifest.blocks_under([0, len(manifest)])
+
+
+def test_blocks_under_matches_on_a_prepared_dataset(tiny_dataset):
+    manifest = Manifest.load(tiny_dataset / "manifest.json")
+    ids = random.Random(1).sample(range(len(manifest)), 500)
+    assert manifest.blocks_under(ids) == blocks_one_by_one(manifest, ids)
 
 
 def test_files_lists_the_shards():

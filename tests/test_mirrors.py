@@ -9,10 +9,18 @@ from ftplib import FTP, error_perm
 from pathlib import Path
 
 import pytest
+from pyftpdlib.handlers import FTPHandler
 
 from node_payload.errors import UserError
 from pipeline import mirrors as mirrors_module
-from pipeline.mirrors import free_ports, serve, serve_forever
+from pipeline.mirrors import (
+    MirrorServer,
+    RangeFTPHandler,
+    free_ports,
+    read_only_handler,
+    serve,
+    serve_forever,
+)
 
 MANIFEST = b'{"format": "dagtrain-dataset/1"}\n'
 
@@ -119,3 +127,44 @@ def test_serve_forever_prints_urls_until_interrupted(dataset, monkeypatch, capsy
     serve_forever(dataset, 2)
     assert reachable == [MANIFEST]
     assert "Stopped" in capsys.readouterr().out
+
+
+SHARD = bytes(range(256)) * 10  # shards/s00000.bin of the dataset fixture
+
+
+@pytest.mark.parametrize("sendfile", [True, False])
+def test_rang_ends_the_next_retr_at_the_range_end(dataset: Path, sendfile: bool) -> None:
+    base = type("Ranged", (RangeFTPHandler,), {"use_sendfile": sendfile})
+    server = MirrorServer(read_only_handler(dataset, base))
+    ftp = login(server.url)
+    try:
+        assert "RANG STREAM" in ftp.sendcmd("FEAT")
+        ftp.voidcmd("TYPE I")
+        assert ftp.sendcmd("RANG 10 1033").startswith("350")
+        assert retr(ftp, "shards/s00000.bin") == SHARD[10:1034]  # retr reads until the end
+        assert retr(ftp, "shards/s00000.bin") == SHARD  # the range applied to one RETR only
+        ftp.sendcmd("RANG 5 9")
+        ftp.sendcmd("REST 2000")  # REST forgets the range
+        assert retr(ftp, "shards/s00000.bin") == SHARD[2000:]
+        ftp.sendcmd("RANG 5 9")
+        with pytest.raises(error_perm):
+            retr(ftp, "shards/missing.bin")
+        assert retr(ftp, "shards/s00000.bin") == SHARD  # nor does a failed RETR pass it on
+        for bad in ("RANG 9 5", "RANG 5", "RANG -1 5", "RANG a b"):
+            with pytest.raises(error_perm, match="501"):
+                ftp.sendcmd(bad)
+    finally:
+        ftp.close()
+        server.close()
+
+
+def test_plain_handler_does_not_announce_ranges(dataset: Path) -> None:
+    server = MirrorServer(read_only_handler(dataset, FTPHandler))
+    ftp = login(server.url)
+    try:
+        assert "RANG" not in ftp.sendcmd("FEAT")
+        with pytest.raises(error_perm):
+            ftp.sendcmd("RANG 0 9")
+    finally:
+        ftp.close()
+        server.close()
