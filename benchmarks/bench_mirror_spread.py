@@ -3,10 +3,11 @@
 Each of the mirrors (pyftpdlib on loopback) counts the bytes its data connections send; 8 nodes
 then fetch their manifest and local sets exactly as node jobs do (first mirror = node + attempt).
 Prints bytes per mirror and busiest / least busy (target: at most 1.2), both by the bytes the
-nodes read and by the bytes the mirrors put on the wire, which adds what each RETR streams past
-the end of its range before the node closes it.
+nodes read and by the bytes the mirrors put on the wire. The mirrors are the embedded ones, which
+stop a RETR at the range end the node announces (RANG); `--plain` makes them plain pyftpdlib
+servers, which stream past the end of a range until the node closes the data connection.
 
-Run:  python benchmarks/bench_mirror_spread.py [NODES] [MIRRORS] [LOCAL_TRAIN]
+Run:  python benchmarks/bench_mirror_spread.py [NODES] [MIRRORS] [LOCAL_TRAIN] [--plain]
 """
 
 import socket
@@ -16,46 +17,54 @@ import tempfile
 import threading
 from pathlib import Path
 
-from pyftpdlib.handlers import DTPHandler, FTPHandler
+from pyftpdlib.handlers import FTPHandler
 
 from node_payload.fetch import FetchStats
 from node_payload.local_data import fetch_blocks, planned_manifest
 from node_payload.sampling import local_sets
 from pipeline.dataset_prepare import prepare
-from pipeline.mirrors import MirrorServer, read_only_handler
+from pipeline.mirrors import MirrorServer, RangeFTPHandler, read_only_handler
 from pipeline.textures import generate
 
 TCPI_BYTES_SENT = 200  # offset of tcpi_bytes_sent in Linux's struct tcp_info (4.19+)
 
 
-def counting_handler(root: Path, sent: list[int], index: int) -> type[FTPHandler]:
+def counting_handler(
+    root: Path, sent: list[int], index: int, base: type[FTPHandler] = RangeFTPHandler
+) -> type[FTPHandler]:
     """A read-only handler whose data connections add what they sent to sent[index].
 
-    Counted as the bytes the connection put on the wire (Linux TCP_INFO), not the bytes handed
-    to the socket: a RETR closed early leaves data in the server's socket buffer that is never
-    sent and costs no bandwidth.
+    A RETR the node closed early is counted as the bytes its connection put on the wire (Linux
+    TCP_INFO): what was left in the server's socket buffer is never sent and costs no bandwidth.
+    A RETR that ended by itself (at the file's or the announced range's end) sends all it handed
+    to the socket, some of it after the close, so that is what it counts.
     """
     lock = threading.Lock()
 
-    class CountingDTP(DTPHandler):
+    class CountingDTP(base.dtp_handler):
         def close(self) -> None:
             if not self._closed:
-                info = self.socket.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 256)
+                if self.transfer_finished:
+                    n = self.tot_bytes_sent
+                else:
+                    info = self.socket.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 256)
+                    n = struct.unpack_from("Q", info, TCPI_BYTES_SENT)[0]
                 with lock:
-                    sent[index] += struct.unpack_from("Q", info, TCPI_BYTES_SENT)[0]
+                    sent[index] += n
             super().close()
 
-    return read_only_handler(root, type("Counting", (FTPHandler,), {"dtp_handler": CountingDTP}))
+    return read_only_handler(root, type("Counting", (base,), {"dtp_handler": CountingDTP}))
 
 
 def spread(
-    dataset: Path, nodes: int, k: int, n_train: int, seed: int = 0
+    dataset: Path, nodes: int, k: int, n_train: int, seed: int = 0, plain: bool = False
 ) -> tuple[list[int], list[int]]:
     """Bytes each of k mirrors sent while `nodes` node fetches ran (attempt 0, one round), and
     the bytes the nodes kept from each (their reads, without what came after a read's end)."""
     sent = [0] * k
     kept = [0] * k
-    servers = [MirrorServer(counting_handler(dataset, sent, i)) for i in range(k)]
+    base = FTPHandler if plain else RangeFTPHandler
+    servers = [MirrorServer(counting_handler(dataset, sent, i, base)) for i in range(k)]
     try:
         urls = [s.url for s in servers]
         digest = None
@@ -80,9 +89,11 @@ def _mb(counts: list[int]) -> str:
 
 
 def main() -> None:
-    nodes = int(sys.argv[1]) if len(sys.argv) > 1 else 8
-    k = int(sys.argv[2]) if len(sys.argv) > 2 else 3
-    n_train = int(sys.argv[3]) if len(sys.argv) > 3 else 384
+    plain = "--plain" in sys.argv
+    args = [a for a in sys.argv[1:] if a != "--plain"]
+    nodes = int(args[0]) if len(args) > 0 else 8
+    k = int(args[1]) if len(args) > 1 else 3
+    n_train = int(args[2]) if len(args) > 2 else 384
     with tempfile.TemporaryDirectory() as tmp:
         src = generate(
             Path(tmp) / "src", classes=3, images_per_class=4, size=1024, height=768, progress=False
@@ -100,7 +111,7 @@ def main() -> None:
         )
         wire, reads, sent_total, kept_total = [], [], 0, 0
         for seed in range(3):
-            sent, kept = spread(out, nodes, k, n_train, seed)
+            sent, kept = spread(out, nodes, k, n_train, seed, plain)
             wire.append(max(sent) / min(sent))
             reads.append(max(kept) / min(kept))
             sent_total, kept_total = sent_total + sum(sent), kept_total + sum(kept)
