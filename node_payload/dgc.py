@@ -75,6 +75,8 @@ class Residual:
 
 @dataclass
 class Compressed:
+    """One job's output: what goes in the update file, and the lane's state after it."""
+
     dense: dict[str, torch.Tensor]
     sparse: dict[str, sparse_update.SparseTensor]
     residual: Residual
@@ -209,9 +211,8 @@ def _residual_problem(
         return "its tensors are not those of this model and momentum setting"
     for key, tensor in tensors.items():
         if tensor.dtype != torch.float32 or tensor.shape != expected[key].shape:
-            return f"tensor {key!r} is {tensor.dtype} {tuple(tensor.shape)}, not float32 " + str(
-                tuple(expected[key].shape)
-            )
+            want = tuple(expected[key].shape)
+            return f"tensor {key!r} is {tensor.dtype} {tuple(tensor.shape)}, not float32 {want}"
         if not torch.isfinite(tensor).all():
             return f"tensor {key!r} contains NaN or Inf"
     return ""

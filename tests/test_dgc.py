@@ -212,6 +212,11 @@ def _nan(path):
     dgc.save_residual(path, residual, RUN_ID, 0, 1)
 
 
+def _other_shape(path):
+    residual = Residual(v={"w": torch.zeros(25, 40), "b": torch.zeros(7)}, jobs=1)
+    dgc.save_residual(path, residual, RUN_ID, 0, 1)
+
+
 def _other_model(path):
     dgc.save_residual(path, Residual(v={"w": torch.zeros(5, 5)}, jobs=1), RUN_ID, 0, 1)
 
@@ -225,6 +230,7 @@ def _other_model(path):
         (_garbage, "unreadable"),
         (_nan, "tensor 'w::v' contains NaN or Inf"),
         (_other_model, "its tensors are not those of this model"),
+        (_other_shape, "tensor 'w::v' is torch.float32 (25, 40), not float32 (40, 25)"),
     ],
 )
 def test_unusable_residual_is_named_in_one_line_and_replaced_by_zeros(tmp_path, capsys, write, why):
