@@ -10,6 +10,7 @@ servers, which stream past the end of a range until the node closes the data con
 Run:  python benchmarks/bench_mirror_spread.py [NODES] [MIRRORS] [LOCAL_TRAIN] [--plain]
 """
 
+import fcntl
 import socket
 import struct
 import sys
@@ -27,6 +28,8 @@ from pipeline.mirrors import MirrorServer, RangeFTPHandler, read_only_handler
 from pipeline.textures import generate
 
 TCPI_BYTES_SENT = 200  # offset of tcpi_bytes_sent in Linux's struct tcp_info (4.19+)
+TCP_OPEN = (1, 8)  # tcpi_state ESTABLISHED, CLOSE_WAIT: the peer did not reset the connection
+SIOCOUTQNSD = 0x894B  # ioctl: bytes in the send queue not yet sent
 
 
 def counting_handler(
@@ -34,21 +37,20 @@ def counting_handler(
 ) -> type[FTPHandler]:
     """A read-only handler whose data connections add what they sent to sent[index].
 
-    A RETR the node closed early is counted as the bytes its connection put on the wire (Linux
-    TCP_INFO): what was left in the server's socket buffer is never sent and costs no bandwidth.
-    A RETR that ended by itself (at the file's or the announced range's end) sends all it handed
-    to the socket, some of it after the close, so that is what it counts.
+    Counted as the bytes the connection put on the wire (Linux TCP_INFO) plus, while it is still
+    open, the bytes queued but not yet sent (SIOCOUTQNSD), which go out after the close: a RETR
+    the node closed early leaves data in the server's socket buffer that is never sent.
     """
     lock = threading.Lock()
 
     class CountingDTP(base.dtp_handler):
         def close(self) -> None:
             if not self._closed:
-                if self.transfer_finished:
-                    n = self.tot_bytes_sent
-                else:
-                    info = self.socket.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 256)
-                    n = struct.unpack_from("Q", info, TCPI_BYTES_SENT)[0]
+                info = self.socket.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 256)
+                n = struct.unpack_from("Q", info, TCPI_BYTES_SENT)[0]
+                if info[0] in TCP_OPEN:
+                    queued = fcntl.ioctl(self.socket.fileno(), SIOCOUTQNSD, bytes(4))
+                    n += struct.unpack("i", queued)[0]
                 with lock:
                     sent[index] += n
             super().close()
