@@ -8,7 +8,8 @@ from typing import Any
 
 import torch
 
-from aggregation.async_state import Ledger, read_ledger
+from aggregation.async_apply import UPDATE_FILE
+from aggregation.async_state import Ledger, lane_step, read_ledger
 from aggregation.heldout import heldout_tensors
 from aggregation.utilization import node_usage
 from node_payload.model_file import load_model
@@ -28,8 +29,7 @@ def job_metrics(run_dir: Path, ledger: Ledger) -> dict[str, dict[str, Any]]:
     """metrics.json of every job that finished, by job key."""
     found = {}
     for key in ledger.done:
-        lane, step = (int(part) for part in key.split(":"))
-        path = lane_job_dir(run_dir, lane, step) / "metrics.json"
+        path = lane_job_dir(run_dir, *lane_step(key)) / "metrics.json"
         if path.is_file():
             found[key] = json.loads(path.read_text())
     return found
@@ -54,6 +54,14 @@ def _evaluations(run_dir: Path, config: dict[str, Any], ledger: Ledger) -> list[
     return rows
 
 
+def _update_bytes(run_dir: Path, ledger: Ledger) -> int:
+    """Bytes of the updates applied: what the nodes sent that the model took in."""
+    total = 0
+    for key in (key for version in ledger.versions for key in version["updates"]):
+        total += (lane_job_dir(run_dir, *lane_step(key)) / UPDATE_FILE).stat().st_size
+    return total
+
+
 def _outcomes(ledger: Ledger) -> dict[str, dict[str, str]]:
     """Jobs that gave nothing, by kind: rejected updates, failed and removed jobs."""
     kinds: dict[str, dict[str, str]] = {"rejected": {}, "failed": {}}
@@ -73,7 +81,7 @@ def async_report(run_dir: Path, config: dict[str, Any], dag_status: int) -> dict
     lanes = config["run"]["nodes"]
     busy = dict.fromkeys(range(lanes), 0.0)
     for key, metrics in jobs.items():
-        busy[int(key.split(":")[0])] += metrics["seconds"]
+        busy[lane_step(key)[0]] += metrics["seconds"]
     ends = [v["at"] for v in ledger.versions]
     wall = max(ends) - ledger.started_at if ends and ledger.started_at else None
     staleness = [s for v in ledger.versions for s in v["staleness"]]
@@ -94,7 +102,7 @@ def async_report(run_dir: Path, config: dict[str, Any], dag_status: int) -> dict
         "seconds": wall,
         "bytes_downloaded": sum(m["bytes_downloaded"] for m in jobs.values()),
         "mirror_failovers": sum(m["mirror_failovers"] for m in jobs.values()),
-        "update_bytes": sum(m.get("update_bytes", 0) for m in jobs.values()),
+        "update_bytes": _update_bytes(run_dir, ledger),
         "updates_rejected": len(outcomes["rejected"]),
         "rejected": outcomes["rejected"],
         "jobs_failed": outcomes["failed"],
@@ -105,8 +113,7 @@ def async_report(run_dir: Path, config: dict[str, Any], dag_status: int) -> dict
             "histogram": {str(k): n for k, n in sorted(Counter(staleness).items())},
         },
         "jobs_per_lane": {
-            str(lane): sum(1 for key in jobs if int(key.split(":")[0]) == lane)
-            for lane in range(lanes)
+            str(lane): sum(1 for key in jobs if lane_step(key)[0] == lane) for lane in range(lanes)
         },
         **node_usage(busy, wall),
         "evaluations": evaluations,

@@ -35,6 +35,12 @@ def job_key(lane: int, step: int) -> str:
     return f"{lane}:{step}"
 
 
+def lane_step(key: str) -> tuple[int, int]:
+    """The (lane, step) a job key names."""
+    lane, step = key.split(":")
+    return int(lane), int(step)
+
+
 @dataclass
 class Ledger:
     """accepted: updates counted against the budget; claims: jobs handed a model and not yet back (key -> version and time); done: every job

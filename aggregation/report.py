@@ -68,6 +68,8 @@ def build_report(
         "final_accuracy": rounds[-1]["accuracy"] if rounds else None,
         "seconds": sum(r["seconds"] for r in rounds),
         "bytes_downloaded": sum(r["bytes_downloaded"] for r in rounds),
+        # What the nodes sent back: the figure update compression ([compression]) shrinks.
+        "update_bytes": sum(r.get("update_bytes", 0) for r in rounds),
         # Reads moved off a faulty mirror: high counts name a mirror to fix (see node metrics).
         "mirror_failovers": sum(r["mirror_failovers"] for r in rounds),
         # Nodes whose updates were refused or scaled down: a node listed again and again is a

@@ -17,6 +17,7 @@ from pathlib import Path
 from aggregation.async_claim import EXIT_SKIP, MODEL_INPUT
 from aggregation.async_state import Ledger, lane_length, write_ledger
 from aggregation.server_optimizer import ServerOptimizer
+from node_payload.dgc import write_empty_residual
 from node_payload.errors import EXIT_FATAL, UserError
 from node_payload.manifest import Manifest
 from node_payload.model_file import save_model
@@ -25,8 +26,10 @@ from node_payload.run_config import update_budget
 from node_payload.run_layout import (
     DAG_FILE,
     HELDOUT_FILE,
+    RESIDUAL_FILE,
     aggregate_name,
     job_tag,
+    lane_dir,
     lane_job_dir,
     lane_job_name,
     lane_tag,
@@ -151,7 +154,13 @@ def _dag_rounds(plan: Plan) -> list[dict]:
             "tag": round_tag(r),
             "aggregate": aggregate_name(r),
             "jobs": [
-                {"name": node_name(r, n), "index": n, "tag": node_tag(n), "seed": plan.seed(r, n)}
+                {
+                    "name": node_name(r, n),
+                    "index": n,
+                    "tag": node_tag(n),
+                    "lane": lane_tag(n),
+                    "seed": plan.seed(r, n),
+                }
                 for n in range(plan.nodes)
             ],
         }
@@ -198,21 +207,35 @@ def _render_dag(plan: Plan) -> str:
             skip_exit=EXIT_SKIP,
             **common,
         )
-    return render("dagtrain.dag.j2", nodes=plan.nodes, rounds=_dag_rounds(plan), **common)
+    return render(
+        "dagtrain.dag.j2",
+        nodes=plan.nodes,
+        rounds=_dag_rounds(plan),
+        residuals=_compressed(config),
+        **common,
+    )
 
 
-def _job_files(mode: str) -> dict[str, str]:
-    """Where a node job runs and which model it takes, as submit-file text with DAG macros."""
+def _compressed(config: Config) -> bool:
+    """DGC keeps an error-feedback residual per lane (a node, in synchronous mode)."""
+    return config["compression"]["method"] == "dgc"
+
+
+def _job_files(mode: str, compressed: bool) -> dict[str, str]:
+    """Where a node job runs, which model it takes and where its lane's residual comes from
+    (the PRE script puts both in an asynchronous job's directory), as submit-file text."""
     if mode == "async":
         return {
             "job_dir": "lanes/$(ltag)/$(jtag)",
             "model_input": MODEL_INPUT,
             "model_name": MODEL_INPUT,
+            "residual_input": RESIDUAL_FILE if compressed else "",
         }
     return {
         "job_dir": "rounds/$(rtag)/$(ntag)",
         "model_input": "../../../models/global_$(rtag).safetensors",
         "model_name": "global_$(rtag).safetensors",
+        "residual_input": f"../../../lanes/$(ltag)/{RESIDUAL_FILE}" if compressed else "",
     }
 
 
@@ -227,7 +250,7 @@ def _render_files(plan: Plan) -> dict[str, str]:
         "submit/node.sub": render(
             "node.sub.j2",
             mode=mode,
-            **_job_files(mode),
+            **_job_files(mode, _compressed(config)),
             python=execution["python"],
             container_image=execution["container_image"],
             env_tarball=execution["env_tarball"],
@@ -267,11 +290,18 @@ def _initial_model(plan: Plan, run_dir: Path) -> None:
 
 
 def _job_dirs(plan: Plan, run_dir: Path) -> None:
-    """Every node job's initialdir, and for an asynchronous run its ledger at version 0."""
+    """Every node job's initialdir, each lane's empty residual (compressed updates), and for an
+    asynchronous run its ledger at version 0."""
+    if _compressed(plan.config):
+        for lane in range(plan.nodes):
+            lane_dir(run_dir, lane).mkdir(parents=True)
+            write_empty_residual(
+                lane_dir(run_dir, lane) / RESIDUAL_FILE, plan.config["run"]["run_id"], lane
+            )
     if plan.config["run"]["mode"] == "async":
         for lane in range(plan.nodes):
             for step in range(lane_length(plan.config.values)):
-                lane_job_dir(run_dir, lane, step).mkdir(parents=True)
+                lane_job_dir(run_dir, lane, step).mkdir(parents=True, exist_ok=True)
         (run_dir / "async").mkdir()
         write_ledger(run_dir, Ledger(run_id=plan.config["run"]["run_id"]))
         return

@@ -349,5 +349,5 @@ def test_submit_accepts_an_asynchronous_run_directory(async_run: Callable) -> No
     run_dir = async_run()
     check_run_dir(run_dir)
     (run_dir / "scripts/lane.sh").unlink()
-    with pytest.raises(UserError, match="missing scripts/lane.sh"):
+    with pytest.raises(UserError, match=r"missing scripts/lane\.sh"):
         check_run_dir(run_dir)

@@ -49,3 +49,18 @@ def test_success_after_a_missing_mark_clears_it(post_script: Path, tmp_path: Pat
     assert (node_dir / "MISSING").exists()
     _post(post_script, node_dir, 0, 0)
     assert not (node_dir / "MISSING").exists()
+
+
+def test_a_successful_job_hands_its_residual_to_its_lane(post_script: Path, tmp_path: Path) -> None:
+    node_dir, lane_dir = tmp_path / "n000", tmp_path / "l000"
+    node_dir.mkdir()
+    lane_dir.mkdir()
+    (lane_dir / "residual.safetensors").write_bytes(b"round 0")
+    (node_dir / "residual.safetensors").write_bytes(b"round 1")
+    args = [str(post_script), "75", "2", "2", str(node_dir), str(lane_dir)]
+    assert subprocess.run(args).returncode == 0  # a failed job's residual is not the lane's
+    assert (lane_dir / "residual.safetensors").read_bytes() == b"round 0"
+    args[1:3] = ["0", "0"]
+    assert subprocess.run(args).returncode == 0
+    assert (lane_dir / "residual.safetensors").read_bytes() == b"round 1"
+    assert not (node_dir / "residual.safetensors").exists()
