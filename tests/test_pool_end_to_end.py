@@ -187,8 +187,14 @@ def test_pool_runs_an_asynchronous_dag(
     condor_pool: CondorPool, condor_workdir: Path, tiny_config: Callable[..., Path]
 ) -> None:
     """Lanes on the pool: DAGMan runs the PRE scripts (claims, PRE_SKIP past the budget) and the
-    concurrent POST scripts (applies under the lock); every update lands exactly once."""
-    config = tiny_config(run__mode='"async"', async__updates="6", faults__fail="[[0, 1]]")
+    concurrent POST scripts (applies under the lock); every update lands exactly once, and each
+    lane's compression residual travels with its jobs through HTCondor's file transfer."""
+    config = tiny_config(
+        run__mode='"async"',
+        async__updates="6",
+        faults__fail="[[0, 1]]",
+        compression__method='"dgc"',
+    )
     run_dir = _plan(config, condor_workdir / "run")
     with _mirrors(run_dir):
         status = _submit(condor_pool, run_dir)
@@ -202,6 +208,10 @@ def test_pool_runs_an_asynchronous_dag(
     assert report["jobs_failed"] == {"1:0": "failed 3 times, last exit code 75"}
     assert "lane 1 step 0: failed 3 times" in (run_dir / "async/events.log").read_text()
     assert model_path(run_dir, 6).stat().st_size > 0
+    # Lanes 0 and 2 never failed: job j of theirs is the residual's (j + 1)-th job.
+    for metrics in run_dir.glob("lanes/l00[02]/j*/metrics.json"):
+        step = json.loads(metrics.read_text())["round"]
+        assert json.loads(metrics.read_text())["residual_jobs"] == step + 1, metrics
 
 
 def test_dagman_and_condor_submit_accept_the_generated_files(
