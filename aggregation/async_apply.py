@@ -33,7 +33,14 @@ from node_payload.run_layout import (
     model_path,
     server_state_path,
 )
-from node_payload.tensor_io import BadTensorFile, load_tensors, read_metadata, save_tensors
+from node_payload.sparse_update import open_update
+from node_payload.tensor_io import (
+    BadTensorFile,
+    load_tensors,
+    open_lazy,
+    read_metadata,
+    save_tensors,
+)
 
 UPDATE_FILE = "update.safetensors"
 LOG_FILE = "async/events.log"
@@ -120,7 +127,14 @@ def _accept(
         rules["staleness"], staleness, rules["staleness_a"], rules["staleness_b"]
     )
     ledger.buffer.append(
-        {"lane": lane, "step": step, "base_version": base, "staleness": staleness, "weight": weight}
+        {
+            "lane": lane,
+            "step": step,
+            "base_version": base,
+            "staleness": staleness,
+            "weight": weight,
+            "samples": check.samples,
+        }
     )
     ledger.accepted += 1
     outcome = f"accepted, staleness {staleness}, weight {weight:.3g}"
@@ -162,7 +176,10 @@ def step_version(run_dir: Path, config: dict[str, Any], ledger: Ledger) -> int:
     optimizer = ServerOptimizer.from_config(server)
     optimizer.load_state_dict(*load_tensors(server_state_path(run_dir, ledger.version)))
     param_names = {name for name, _ in model.named_parameters()}
-    model.load_state_dict(optimizer.step(global_state, merged.mean_update, param_names))
+    state = optimizer.step(global_state, merged.mean_update, param_names)
+    kept = [entries[i] for i in merged.accepted]
+    state |= _mixed_statistics(run_dir, global_state, param_names, kept)
+    model.load_state_dict(state)
     version = ledger.version + 1
     save_tensors(server_state_path(run_dir, version), *optimizer.state_dict())
     save_model(model_path(run_dir, version), model, {**metadata, "version": str(version)})
@@ -178,6 +195,37 @@ def step_version(run_dir: Path, config: dict[str, Any], ledger: Ledger) -> int:
     ledger.version = version
     ledger.buffer = []
     return version
+
+
+def _mixed_statistics(
+    run_dir: Path,
+    global_state: dict[str, torch.Tensor],
+    params: set[str],
+    entries: list[dict[str, Any]],
+) -> dict[str, torch.Tensor]:
+    """BatchNorm running statistics, mixed rather than stepped: (1 - W) x global + sum of w_i x
+    the node's own statistics, w_i = weight_i x samples_i / total samples, W = sum of w_i <= 1.
+
+    A stale update's statistics delta is relative to an old model: subtracting it from the
+    newest one can drive a running variance below zero (the model then predicts one class).
+    Mixing the nodes' statistics themselves keeps every variance a convex combination of
+    variances.
+    """
+    names = [n for n, t in global_state.items() if n not in params and t.is_floating_point()]
+    if not names:
+        return {}
+    total = sum(e["samples"] for e in entries)
+    shares = [e["weight"] * e["samples"] / total for e in entries]
+    mixed = {n: global_state[n].double() * (1 - sum(shares)) for n in names}
+    for entry, share in zip(entries, shares, strict=True):
+        job_dir = lane_job_dir(run_dir, entry["lane"], entry["step"])
+        with (
+            open_lazy(model_path(run_dir, entry["base_version"])) as base,
+            open_update(job_dir / UPDATE_FILE) as update,
+        ):
+            for n in names:
+                mixed[n] += share * (base.get(n).double() - update.get(n).double())
+    return {n: mixed[n].to(global_state[n].dtype) for n in names}
 
 
 def flush(run_dir: Path, config: dict[str, Any]) -> None:

@@ -351,3 +351,28 @@ def test_submit_accepts_an_asynchronous_run_directory(async_run: Callable) -> No
     (run_dir / "scripts/lane.sh").unlink()
     with pytest.raises(UserError, match=r"missing scripts/lane\.sh"):
         check_run_dir(run_dir)
+
+
+def test_stale_batchnorm_statistics_are_mixed_never_negative(async_run: Callable) -> None:
+    """Subtracting a stale variance delta from a newer model can go below zero; mixing the
+    nodes' own statistics cannot."""
+    run_dir = async_run(server__lr="1.0")
+    config = _config(run_dir)
+    for lane in (0, 1):
+        claim(run_dir, config, lane, 0)
+    variances = {0: 0.1, 1: 0.5}  # each node's own running variance; version 0 has 1.0
+    for lane, local in variances.items():
+        path = lane_job_dir(run_dir, lane, 0) / async_apply.UPDATE_FILE
+        update = _write_update(run_dir, lane, 0, base=0)
+        for name in update:
+            if name.endswith("running_var"):
+                update[name] = torch.full_like(update[name], 1.0 - local)
+        save_tensors(path, update, update_metadata(0, lane, 48, 0))
+    arrive(run_dir, config, 0, 0, 0, 0, 2)
+    arrive(run_dir, config, 1, 0, 0, 0, 2)
+    weight = staleness_weight("polynomial", 1, 0.5, 4)
+    v2, _ = load_tensors(model_path(run_dir, 2))
+    variances_v2 = [t for name, t in v2.items() if name.endswith("running_var")]
+    assert variances_v2
+    for tensor in variances_v2:
+        assert torch.allclose(tensor, torch.full_like(tensor, (1 - weight) * 0.1 + weight * 0.5))
