@@ -13,11 +13,22 @@ without and with the node's manifest download (verified and parsed, never cached
 Reference and node fetch are timed alternately and each pair gives one ratio, median of the
 repeats, because this machine is shared. Decoding the blocks is timed and reported apart.
 
-Run:  python benchmarks/bench_fetch.py [IMAGES_PER_CLASS] [LOCAL_TRAIN] [REPEATS]
+By default the link is unshaped loopback, where the node is bound by this machine's CPU (the
+reference receives at 1.5 GB/s or more, about what sha256 verifies on one core). `--link RATE`
+(a tc rate: 1gbit, 100mbit) emulates a campus LAN instead: the script re-executes itself in a
+private network namespace (`unshare -n`, needs root), where only its own mirror and client run,
+and shapes that namespace's loopback with a token bucket filter (tc tbf) to RATE. Bandwidth only:
+no propagation delay is added (this kernel has no netem), and on loopback both directions share
+the one bucket, so the client's commands and ACKs queue behind data in flight.
+
+Run:  python benchmarks/bench_fetch.py [IMAGES_PER_CLASS] [LOCAL_TRAIN] [REPEATS] [--link RATE]
 """
 
+import argparse
 import json
 import os
+import re
+import shutil
 import signal
 import statistics
 import subprocess
@@ -29,6 +40,7 @@ from contextlib import contextmanager
 from ftplib import FTP
 from itertools import pairwise
 from pathlib import Path
+from typing import NoReturn
 from urllib.parse import urlsplit
 
 from node_payload.fetch import FetchStats
@@ -41,6 +53,83 @@ from pipeline.textures import generate
 
 LARGE = 256 * 2**20  # the plain RETR reference: large enough that its login is negligible
 BLOCK = 2**20  # the reference's recv size: large, so that Python's per-call cost stays out of it
+IN_NETNS = "BENCH_FETCH_IN_NETNS"  # "OUTER_NETNS RATE" once re-executed in a namespace of its own
+LO_PACKET = 65536 + 14  # the largest frame loopback hands to its qdisc (MTU 65536, GSO included)
+UNITS = {"bit": 1, "kbit": 10**3, "mbit": 10**6, "gbit": 10**9}
+
+
+def link_rate(text: str) -> int:
+    """A tc rate such as 1gbit or 100mbit, in bits per second."""
+    match = re.fullmatch(r"(\d+(?:\.\d+)?)(bit|kbit|mbit|gbit)", text.strip().lower())
+    if not match:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected a rate like 1gbit or 100mbit")
+    return int(float(match[1]) * UNITS[match[2]])
+
+
+def tbf_params(rate_bps: int) -> tuple[int, float]:
+    """Burst (bytes) and latency (seconds) of the token bucket that shapes loopback to rate_bps.
+
+    Burst: a real link has no bucket: it serializes at its rate. A full bucket lets `burst`
+    bytes through above the rate after every idle period, a head start worth 10% of a small local
+    set's 4 MB at 500 kB, so the bucket is kept as small as shaping allows: the tokens of one
+    timer period at the rate (tc-tbf(8): rate / HZ, or the bucket overflows between timer ticks
+    and the link runs below its rate; with high-resolution timers the period is the timer's
+    resolution, nanoseconds), and never less than two of the largest loopback frames (a frame
+    larger than the bucket is cut up or dropped). The plain RETR shows whether the link still
+    delivers its rate.
+    Latency: how long a frame may wait in the queue, which bounds the queue (tc sets its limit to
+    rate * latency + burst) as a switch port's buffer does: 10 ms of traffic, and room for at least
+    4 of the largest frames (3 data connections plus control traffic) so that slow rates do not
+    drop every other frame. On loopback the client's commands and ACKs wait in the same queue
+    behind data (a real link is full duplex), so a longer queue adds only that delay.
+    """
+    tick = time.clock_getres(time.CLOCK_MONOTONIC)  # 1 ns with high-resolution timers, else 1/HZ
+    burst = max(int(rate_bps / 8 * tick), 2 * LO_PACKET)
+    latency = max(0.010, 4 * LO_PACKET * 8 / rate_bps)
+    return burst, latency
+
+
+def _fail(message: str) -> NoReturn:
+    sys.exit(f"bench_fetch.py --link: {message}")
+
+
+def enter_shaped_namespace(rate: str) -> None:
+    """Re-execute this script in a private network namespace; there, shape its loopback."""
+    here = os.readlink("/proc/self/ns/net")
+    outer, _, asked = os.environ.get(IN_NETNS, "").partition(" ")
+    if asked != rate or outer == here:  # not yet re-executed in a namespace of its own
+        missing = [tool for tool in ("unshare", "ip", "tc") if shutil.which(tool) is None]
+        if missing:
+            _fail(f"needs {', '.join(missing)} (util-linux, iproute2)")
+        probe = subprocess.run(["unshare", "-n", "true"], capture_output=True, text=True)
+        if probe.returncode != 0:
+            _fail(
+                "cannot create a private network namespace (unshare -n needs root, or "
+                f"CAP_SYS_ADMIN): {probe.stderr.strip() or probe.returncode}"
+            )
+        argv = ["unshare", "-n", "--", sys.executable, os.path.abspath(__file__), *sys.argv[1:]]
+        os.execvpe("unshare", argv, {**os.environ, IN_NETNS: f"{here} {rate}"})
+    burst, latency = tbf_params(link_rate(rate))
+    tbf = ["burst", str(burst), "latency", f"{latency * 1e6:.0f}us"]
+    for command in (
+        ["ip", "link", "set", "lo", "up"],
+        ["tc", "qdisc", "add", "dev", "lo", "root", "tbf", "rate", rate, *tbf],
+    ):
+        done = subprocess.run(command, capture_output=True, text=True)
+        if done.returncode != 0:
+            _fail(f"{' '.join(command)} failed: {done.stderr.strip()}")
+    print(
+        f"link: loopback of a private network namespace shaped by tc tbf rate {rate} burst "
+        f"{burst} B latency {latency * 1e3:.0f} ms (bandwidth only, both directions share it)"
+    )
+
+
+def qdisc_counters() -> str:
+    """The loopback qdisc's sent/dropped/overlimits line."""
+    shown = subprocess.run(
+        ["tc", "-s", "qdisc", "show", "dev", "lo"], capture_output=True, text=True
+    ).stdout
+    return next((line.strip() for line in shown.splitlines() if "Sent" in line), shown.strip())
 
 
 @contextmanager
@@ -88,9 +177,24 @@ def _runs(blocks: list[Block]) -> int:
 
 
 def main() -> None:
-    per_class = int(sys.argv[1]) if len(sys.argv) > 1 else 4
-    n_train = int(sys.argv[2]) if len(sys.argv) > 2 else 384
-    repeats = int(sys.argv[3]) if len(sys.argv) > 3 else 7
+    parser = argparse.ArgumentParser(description=__doc__.partition("\n")[0])
+    parser.add_argument("per_class", nargs="?", type=int, default=4, metavar="IMAGES_PER_CLASS")
+    parser.add_argument("n_train", nargs="?", type=int, default=384, metavar="LOCAL_TRAIN")
+    parser.add_argument("repeats", nargs="?", type=int, default=7, metavar="REPEATS")
+    parser.add_argument(
+        "--link",
+        metavar="RATE",
+        help="emulate a link of this rate (tc syntax: 1gbit, 100mbit) in a private network "
+        "namespace (needs root); default: unshaped loopback",
+    )
+    args = parser.parse_args()
+    if args.link:
+        try:
+            link_rate(args.link)
+        except argparse.ArgumentTypeError as exc:
+            parser.error(f"--link: {exc}")
+        enter_shaped_namespace(args.link.strip().lower())
+    per_class, n_train, repeats = args.per_class, args.n_train, args.repeats
     n_test = n_train // 4
     with tempfile.TemporaryDirectory() as tmp:
         src = generate(
@@ -141,6 +245,15 @@ def main() -> None:
             f"ratio {statistics.median(node_ratios):.2f}\n"
             f"decoding {len(blobs)} blocks {statistics.median(decode_s):.2f} s"
         )
+        if args.link:
+            configured = link_rate(args.link)
+            plain = statistics.median(plains) * 8
+            print(
+                f"plain RETR {plain / 1e6:.0f} Mbit/s = {plain / configured:.2f} of the "
+                f"configured {configured / 1e6:.0f} Mbit/s (payload; range "
+                f"{min(plains) * 8 / configured:.2f} to {max(plains) * 8 / configured:.2f}); "
+                f"loopback qdisc: {qdisc_counters()}"
+            )
 
 
 if __name__ == "__main__":
