@@ -1,8 +1,9 @@
 """Synchronous against asynchronous training on the demo task with node speeds 1, 1, 2, 4.
 
-Four runs of the same work (4 nodes or lanes, 24 updates) on the local runner, the slow nodes
+Six runs of the same work (4 nodes or lanes, 24 updates) on the local runner, the slow nodes
 slowed by [faults] slow (factors 4, 4, 2, 1): synchronous, synchronous with quorum 0.75,
-asynchronous (FedAsync, each update at once) and buffered asynchronous (FedBuff, K = 2).
+asynchronous (FedAsync, each update at once) and buffered asynchronous (FedBuff, K = 2), each
+with [server] lr (the mixing weight alpha) 1 and 0.6.
 Prints each run's wall time, final held-out accuracy and the time it first reached the
 synchronous run's final accuracy; writes results.json and accuracy_vs_time.png to OUT.
 
@@ -27,6 +28,12 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "sync, quorum 0.75": {"run": {"quorum": 0.75}},
     "async": {"run": {"mode": "async"}},
     "async, buffer 2": {"run": {"mode": "async"}, "async": {"buffer": 2}},
+    "async, lr 0.6": {"run": {"mode": "async"}, "server": {"lr": 0.6}},
+    "async, lr 0.6, buffer 2": {
+        "run": {"mode": "async"},
+        "server": {"lr": 0.6},
+        "async": {"buffer": 2},
+    },
 }
 
 

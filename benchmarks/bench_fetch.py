@@ -6,7 +6,7 @@ the machine's 2 cores between both ends and everything else running.
 
 Bytes ratio: bytes downloaded / bytes of the blocks the node's fragments need (what coalescing
 wastes on gaps). Throughput ratio: needed bytes fetched and hash-verified per second, fetched as
-a node job does (train set, then test set, each with its own sessions, logins included) / bytes
+a node job does (train and test set in one fetch, sessions and logins included) / bytes
 per second of one plain RETR (stdlib ftplib, login included, 1 MiB blocks dropped on arrival) of
 a large file from the same mirror: what the mirror and the link can deliver. The ratio is given
 without and with the node's manifest download (verified and parsed, never cached on a node).
@@ -217,8 +217,7 @@ def main() -> None:
                 manifest = planned_manifest([url], 0, digest, manifest_stats)
                 fetching = time.perf_counter()
                 train, test = local_sets(manifest, seed, n_train, n_test)
-                blobs = fetch_raw(manifest, train, [url], 0, stats)
-                blobs.update(fetch_raw(manifest, test, [url], 0, stats))
+                blobs = fetch_raw(manifest, train + test, [url], 0, stats)
                 ended = time.perf_counter()
                 blocks = manifest.blocks_under(train + test)
                 needed = sum(b.length for b in blocks)

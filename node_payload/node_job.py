@@ -11,7 +11,7 @@ import torch
 from node_payload.dgc import compress_job
 from node_payload.faults import inject, slow_down, slowdown, tamper
 from node_payload.fetch import FetchStats
-from node_payload.local_data import load_fragments, planned_manifest
+from node_payload.local_data import Tensors, load_fragments, planned_manifest
 from node_payload.model_file import load_model
 from node_payload.run_config import read_run_config, schedule_length
 from node_payload.run_layout import RESIDUAL_FILE
@@ -52,8 +52,10 @@ def run_node(task: NodeTask) -> dict[str, Any]:
     train_ids, test_ids = local_sets(manifest, task.seed, data["local_train"], data["local_test"])
     image_size = config["model"]["image_size"]
     cache = Path(data["node_cache"]).expanduser() if data.get("node_cache") else None
-    train = load_fragments(manifest, train_ids, mirrors, first, image_size, stats, cache)
-    test = load_fragments(manifest, test_ids, mirrors, first, image_size, stats, cache)
+    # One fetch for both sets: one set of sessions, and reads of both coalesced together.
+    both = load_fragments(manifest, train_ids + test_ids, mirrors, first, image_size, stats, cache)
+    train = Tensors(both.x[: len(train_ids)], both.y[: len(train_ids)])
+    test = Tensors(both.x[len(train_ids) :], both.y[len(train_ids) :])
     fetched_at = time.time()
 
     model, model_meta = load_model(task.model_path)
