@@ -65,7 +65,7 @@ def arrive(
 ) -> int:
     """The POST script's exit code: 0 lets the lane go on, the job's code asks for a retry."""
     where = f"lane {lane} step {step}"
-    if returned not in (0, EXIT_FATAL) and returned > 0 and retry < max_retries:
+    if returned > 0 and returned != EXIT_FATAL and retry < max_retries:
         return returned
     with locked(run_dir) as ledger:
         key = job_key(lane, step)
@@ -77,7 +77,7 @@ def arrive(
             log(run_dir, f"{where}: {ledger.done[key]}")
             return 0
         if returned == EXIT_FATAL:
-            ledger.done[key] = "fatal error"
+            # Not done: once the cause is fixed, a rescue DAG runs this job again.
             log(run_dir, f"{where}: fatal error, see {lane_job_dir(run_dir, lane, step)}/job.err")
             return EXIT_FATAL
         if returned < 0:
