@@ -2,9 +2,9 @@
 
 A node is a remote machine: a stale, corrupt or diverged update must be refused with a reason the
 user can act on, not averaged in. The file is streamed one tensor at a time (memory O(model)).
-A sparse update (node_payload.sparse_update) is checked without densifying it: its positions
-(in range, unique) and values (float16, finite) when it is opened, its shapes against the model,
-and its norm from the sent values.
+A sparse update (node_payload.sparse_update) is checked without densifying it: its packed
+stream (its declared size), positions (in range, unique), values and statistics (finite) when
+it is opened, its tensor names and shapes against the model, and its norm from the sent values.
 """
 
 import math

@@ -23,7 +23,9 @@ Per job, with u and v the lane's momentum and velocity (zero at the start):
    the target (with warmup 4 and a target of 99.9%: 75%, 93.7%, 98.4%, 99.6%, then 99.9%).
 
 Sent dense: tensors that are not parameters (BatchNorm running statistics must be averaged
-whole, integer counters are not gradients) and parameters that are not float32. Small
+whole, integer counters are not gradients) and parameters that are not float32. The float32
+ones among them (the statistics) travel in float16 and are not error-fed: the file loses what
+half precision rounds off them (a relative 2^-11; see node_payload.sparse_update). Small
 parameter tensors (biases, BatchNorm weights) are compressed like the others: sending them dense
 would cost a small CNN as many bytes as all its sparse values at 99.9%.
 

@@ -1,28 +1,41 @@
 """Sparse update files: the few values a compressed update sends, and their positions.
 
 A sparse update is an update file (format dagtrain-update/1) whose metadata says
-`compression = "dgc"`. It holds:
+`compression = "dgc"`. Its model tensors are packed into one uint8 tensor, `::data`, a zlib
+stream of, in this order:
 
-- the tensors sent dense (BatchNorm statistics, integer counters) under their own names;
-- `::idx`, uint8: the ascending flat positions of the sent values, as gaps coded as LEB128
-  varints (7 bits a byte, high bit set on every byte but a number's last). Positions run over
-  the concatenation of the sparse tensors, in the order of metadata `sparse`;
-- `::val`, float16: the sent values, in the same order;
-- metadata `sparse`: JSON `[[name, shape], ...]`, the float32 tensors sent sparse.
+1. the ascending flat positions of the sent values, as gaps coded as LEB128 varints (7 bits a
+   byte, high bit set on every byte but a number's last). Positions run over the
+   concatenation of the sparse tensors, in layout order;
+2. the sent values, float16: first every value's high byte, then every low byte;
+3. the float32 tensors sent dense (BatchNorm running statistics), concatenated in layout order
+   and rounded to float16 (clamped to its range), high bytes then low bytes;
+4. the int64 tensors sent dense (BatchNorm counters), concatenated, little-endian.
 
-Why one packed index and value tensor rather than a pair per tensor: each safetensors header
-entry costs about 70 bytes, so a pair per tensor of a small CNN (28 entries) would be 2 KB, as
-much as the values at 99.9% sparsity. Why varint gaps and half precision: a kept value then
-costs about 3.3 bytes at 99% sparsity and 4 at 99.9% (int32 positions and float32 values: 8),
-which the 100x target needs; the node keeps what half precision rounds off in its residual.
+Metadata `layout` is base64 of zlib of the JSON object `{"sparse": [[name, shape], ...],
+"f16": [...], "i64": [...], "sent": number of values, "idx": bytes of positions}`: every
+packed tensor, so the file describes itself and a model mismatch is named by tensor. Tensors of
+other dtypes (parameters that are not float32, say) are stored dense under their own names.
+
+Why all this: each safetensors header entry costs about 70 bytes, and a small CNN's fixed costs
+(a header entry per statistics tensor and counter, the statistics in float32: 3.8 KB) were larger
+than its values at 99% sparsity. Why varint gaps, half precision and the high bytes grouped: a
+kept value then costs about 3 bytes at 99% sparsity (int32 positions and float32 values: 8);
+the high bytes (sign, exponent) of values of similar size repeat, which zlib finds. The node
+keeps what half precision rounds off the sent values in its residual; the statistics lose it
+(a relative 2^-11: see the README).
 
 Names starting with "::" cannot collide with model tensor names (PyTorch names are dotted
-attribute paths). Readers densify one tensor at a time, so the aggregator's memory stays
-O(model); every position is checked (in range, unique) before any tensor is handed out.
+attribute paths). The stream is inflated up to its declared size only; readers densify one
+tensor at a time, so the aggregator's memory stays O(model); every position is checked (in
+range, unique) and every value (finite) before any tensor is handed out.
 """
 
+import base64
+import binascii
 import json
 import math
+import zlib
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -34,10 +47,11 @@ import torch
 from node_payload import tensor_io
 
 COMPRESSION = "dgc"
-INDEX = "::idx"
-VALUES = "::val"
+DATA = "::data"
 MAX_HALF = 65504.0  # the largest finite float16: larger values are clamped, the rest stays behind
 _MAX_VARINT_BYTES = 5  # 35 bits: more than any tensor's position needs
+_GROUPS = ("sparse", "f16", "i64")
+_MAX_DEFLATE_RATIO = 1032  # deflate inflates a byte to at most this many
 
 
 class BadSparseUpdate(tensor_io.BadTensorFile):
@@ -91,21 +105,71 @@ def decode_gaps(data: np.ndarray) -> np.ndarray:
     return np.cumsum(gaps)
 
 
+def _high_then_low(half: np.ndarray) -> bytes:
+    pairs = half.astype("<f2").view(np.uint8).reshape(-1, 2)
+    return pairs[:, 1].tobytes() + pairs[:, 0].tobytes()
+
+
+def _from_high_then_low(data: bytes) -> np.ndarray:
+    count = len(data) // 2
+    pairs = np.empty((count, 2), dtype=np.uint8)
+    pairs[:, 1] = np.frombuffer(data[:count], dtype=np.uint8)
+    pairs[:, 0] = np.frombuffer(data[count:], dtype=np.uint8)
+    return pairs.reshape(-1).view("<f2").astype(np.float16)
+
+
+def pack(
+    index: np.ndarray, values: np.ndarray, stats: np.ndarray, counters: np.ndarray
+) -> torch.Tensor:
+    """The `::data` tensor: uint8 varints, float16 values and statistics, int64 counters."""
+    raw = (
+        np.asarray(index, dtype=np.uint8).tobytes()
+        + _high_then_low(np.asarray(values, dtype=np.float16))
+        + _high_then_low(np.asarray(stats, dtype=np.float16))
+        + np.asarray(counters, dtype="<i8").tobytes()
+    )
+    return torch.frombuffer(bytearray(zlib.compress(raw, 9)), dtype=torch.uint8)
+
+
+def encode_layout(layout: Mapping[str, object]) -> str:
+    text = json.dumps(layout, separators=(",", ":")).encode()
+    return base64.b64encode(zlib.compress(text, 9)).decode("ascii")
+
+
+def decode_layout(text: str) -> dict[str, object]:
+    """The JSON object of metadata layout (no checks beyond its being JSON)."""
+    inflate = zlib.decompressobj()
+    raw = inflate.decompress(base64.b64decode(text, validate=True), 1 << 20)
+    return json.loads(raw)
+
+
 def encode(
     dense: Mapping[str, torch.Tensor], sparse: Mapping[str, SparseTensor]
 ) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """The tensors and the extra metadata of a sparse update file."""
-    offset, positions, values, layout = 0, [], [], []
+    offset, positions, values = 0, [], []
+    layout: dict[str, object] = {group: [] for group in _GROUPS}
     for name, part in sparse.items():
         positions.append(part.positions.to(torch.int64) + offset)
         values.append(part.values.to(torch.float16))
-        layout.append([name, list(part.shape)])
+        layout["sparse"].append([name, list(part.shape)])
         offset += math.prod(part.shape)
     flat = torch.cat(positions).numpy() if positions else np.zeros(0, dtype=np.int64)
-    tensors = dict(dense)
-    tensors[INDEX] = torch.from_numpy(encode_gaps(flat))
-    tensors[VALUES] = torch.cat(values) if values else torch.zeros(0, dtype=torch.float16)
-    metadata = {"compression": COMPRESSION, "sparse": json.dumps(layout, separators=(",", ":"))}
+    index = encode_gaps(flat)
+    tensors, stats, counters = {}, [np.zeros(0, dtype=np.float16)], [np.zeros(0, dtype=np.int64)]
+    for name, tensor in dense.items():
+        if tensor.dtype == torch.float32:
+            layout["f16"].append([name, list(tensor.shape)])
+            stats.append(tensor.flatten().clamp(-MAX_HALF, MAX_HALF).half().numpy())
+        elif tensor.dtype == torch.int64:
+            layout["i64"].append([name, list(tensor.shape)])
+            counters.append(tensor.flatten().numpy())
+        else:
+            tensors[name] = tensor
+    sent = torch.cat(values).numpy() if values else np.zeros(0, dtype=np.float16)
+    layout["sent"], layout["idx"] = len(sent), len(index)
+    tensors[DATA] = pack(index, sent, np.concatenate(stats), np.concatenate(counters))
+    metadata = {"compression": COMPRESSION, "layout": encode_layout(layout)}
     return tensors, metadata
 
 
@@ -125,12 +189,14 @@ class UpdateReader:
 
     names are the model tensor names the file covers. For a sparse tensor, shape() and values()
     describe the sent part without densifying it (validation computes norms from the values).
+    Packed dense tensors come back as float32 (statistics) or int64 (counters).
     """
 
     def __init__(self, lazy: tensor_io.LazyTensors) -> None:
         self._lazy = lazy
         self.metadata = lazy.metadata
         self._layout: dict[str, tuple[tuple[int, ...], int, int, int]] = {}
+        self._packed: dict[str, tuple[np.ndarray, tuple[int, ...], int]] = {}
         compression = self.metadata.get("compression")
         if compression is None:
             self.names: list[str] = list(lazy.names)
@@ -139,38 +205,62 @@ class UpdateReader:
             raise BadSparseUpdate(
                 f"metadata compression is {compression!r}, expected {COMPRESSION!r} or none"
             )
-        layout = _parse_layout(self.metadata.get("sparse"))
-        dense = [name for name in lazy.names if name not in (INDEX, VALUES)]
-        both = sorted(set(dense) & {name for name, _ in layout})
+        layout, sent, index_bytes = _parse_layout(self.metadata.get("layout"))
+        own = [name for name in lazy.names if name != DATA]
+        packed = [name for group in _GROUPS for name, _ in layout[group]]
+        both = sorted(set(own) & set(packed))
         if both:
-            raise BadSparseUpdate(f"tensor {both[0]!r} is in the file both dense and sparse")
-        self._positions, self._values = self._read_parts(layout)
+            raise BadSparseUpdate(f"tensor {both[0]!r} is in the file both packed and by name")
+        sizes = {group: sum(math.prod(shape) for _, shape in layout[group]) for group in _GROUPS}
+        raw = self._inflate(index_bytes + 2 * sent + 2 * sizes["f16"] + 8 * sizes["i64"])
+        self._positions = decode_gaps(np.frombuffer(raw[:index_bytes], dtype=np.uint8))
+        cut = index_bytes + 2 * sent
+        self._values = torch.from_numpy(_from_high_then_low(raw[index_bytes:cut]))
+        self._check_parts(sent, sizes["sparse"])
+        stats = _from_high_then_low(raw[cut : cut + 2 * sizes["f16"]])
+        if not np.isfinite(stats).all():
+            raise BadSparseUpdate("the statistics sent dense contain NaN or Inf")
+        counters = np.frombuffer(raw[cut + 2 * sizes["f16"] :], dtype="<i8").astype(np.int64)
         offset = 0
-        for name, shape in layout:
+        for name, shape in layout["sparse"]:
             size = math.prod(shape)
             lo, hi = np.searchsorted(self._positions, [offset, offset + size])
             self._layout[name] = (shape, offset, int(lo), int(hi))
             offset += size
-        self.names = dense + [name for name, _ in layout]
+        for group, array in (("f16", stats), ("i64", counters)):
+            offset = 0
+            for name, shape in layout[group]:
+                self._packed[name] = (array, shape, offset)
+                offset += math.prod(shape)
+        self.names = own + packed
 
-    def _read_parts(
-        self, layout: list[tuple[str, tuple[int, ...]]]
-    ) -> tuple[np.ndarray, torch.Tensor]:
-        parts = {}
-        for name, dtype in ((INDEX, torch.uint8), (VALUES, torch.float16)):
-            if name not in self._lazy.names:
-                raise BadSparseUpdate(f"the sparse update has no {name!r} tensor")
-            parts[name] = self._lazy.get(name)
-            if parts[name].dtype != dtype or parts[name].dim() != 1:
-                raise BadSparseUpdate(
-                    f"{name!r} is {parts[name].dtype} of shape {tuple(parts[name].shape)}, "
-                    f"expected a 1-D {dtype}"
-                )
-        positions = decode_gaps(parts[INDEX].numpy())
-        values = parts[VALUES]
-        if len(positions) != len(values):
-            raise BadSparseUpdate(f"{len(positions)} indices but {len(values)} values")
-        total = sum(math.prod(shape) for _, shape in layout)
+    def _inflate(self, size: int) -> bytes:
+        if DATA not in self._lazy.names:
+            raise BadSparseUpdate(f"the sparse update has no {DATA!r} tensor")
+        data = self._lazy.get(DATA)
+        if data.dtype != torch.uint8 or data.dim() != 1:
+            raise BadSparseUpdate(
+                f"{DATA!r} is {data.dtype} of shape {tuple(data.shape)}, expected a 1-D uint8"
+            )
+        most = _MAX_DEFLATE_RATIO * len(data) + 64
+        if size > most:
+            raise BadSparseUpdate(
+                f"the layout says {size} bytes, more than {len(data)} zlib bytes can hold"
+            )
+        inflate = zlib.decompressobj()
+        try:
+            raw = inflate.decompress(data.numpy().tobytes(), size + 1)
+        except zlib.error as err:
+            raise BadSparseUpdate(f"{DATA!r} is not a zlib stream ({err})") from None
+        if len(raw) != size or not inflate.eof:
+            what = f"{len(raw)} bytes" if len(raw) <= size else "more bytes"
+            raise BadSparseUpdate(f"{DATA!r} holds {what}, the layout says {size}")
+        return raw
+
+    def _check_parts(self, sent: int, total: int) -> None:
+        positions, values = self._positions, self._values
+        if len(positions) != sent:
+            raise BadSparseUpdate(f"{len(positions)} indices but {sent} values")
         if len(positions) and positions[-1] >= total:
             raise BadSparseUpdate(
                 f"index {positions[-1]} is out of range: the sparse tensors hold {total} values"
@@ -181,7 +271,6 @@ class UpdateReader:
             raise BadSparseUpdate(f"index {where} appears more than once")
         if not torch.isfinite(values).all():
             raise BadSparseUpdate("the sent values contain NaN or Inf")
-        return positions, values
 
     def is_sparse(self, name: str) -> bool:
         return name in self._layout
@@ -195,6 +284,10 @@ class UpdateReader:
 
     def get(self, name: str) -> torch.Tensor:
         """The dense tensor: sparse ones are float32 with zeros where nothing was sent."""
+        if name in self._packed:
+            array, shape, offset = self._packed[name]
+            part = torch.from_numpy(array[offset : offset + math.prod(shape)].copy())
+            return (part.float() if part.dtype == torch.float16 else part).reshape(shape)
         if name not in self._layout:
             return self._lazy.get(name)
         shape, offset, lo, hi = self._layout[name]
@@ -203,28 +296,39 @@ class UpdateReader:
         return dense.reshape(shape)
 
 
-def _parse_layout(text: str | None) -> list[tuple[str, tuple[int, ...]]]:
-    problem = BadSparseUpdate(f"metadata sparse is {text!r}, expected JSON [[name, shape], ...]")
+def _parse_layout(
+    text: str | None,
+) -> tuple[dict[str, list[tuple[str, tuple[int, ...]]]], int, int]:
+    """metadata layout -> the tensors of each group, the number of values, the index bytes."""
+    expected = 'base64 of zlib of {"sparse", "f16", "i64": [[name, shape], ...], "sent", "idx"}'
+    problem = BadSparseUpdate(f"metadata layout is not {expected}")
     try:
-        raw = json.loads(text or "")
-    except json.JSONDecodeError:
+        raw = decode_layout(text or "")
+    except (binascii.Error, zlib.error, ValueError):
         raise problem from None
-    if not isinstance(raw, list):
+    if not isinstance(raw, dict) or set(raw) != {*_GROUPS, "sent", "idx"}:
         raise problem
-    layout = []
-    for entry in raw:
-        if not (
-            isinstance(entry, list)
-            and len(entry) == 2
-            and isinstance(entry[0], str)
-            and isinstance(entry[1], list)
-            and all(type(n) is int and n >= 0 for n in entry[1])
-        ):
+    if not all(type(raw[key]) is int and raw[key] >= 0 for key in ("sent", "idx")):
+        raise problem
+    layout = {}
+    for group in _GROUPS:
+        if not isinstance(raw[group], list):
             raise problem
-        layout.append((entry[0], tuple(entry[1])))
-    if len({name for name, _ in layout}) != len(layout):
-        raise BadSparseUpdate("metadata sparse names a tensor twice")
-    return layout
+        layout[group] = []
+        for entry in raw[group]:
+            if not (
+                isinstance(entry, list)
+                and len(entry) == 2
+                and isinstance(entry[0], str)
+                and isinstance(entry[1], list)
+                and all(type(n) is int and n >= 0 for n in entry[1])
+            ):
+                raise problem
+            layout[group].append((entry[0], tuple(entry[1])))
+    names = [name for group in _GROUPS for name, _ in layout[group]]
+    if len(set(names)) != len(names):
+        raise BadSparseUpdate("metadata layout names a tensor twice")
+    return layout, raw["sent"], raw["idx"]
 
 
 @contextmanager

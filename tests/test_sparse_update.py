@@ -1,4 +1,4 @@
-import json
+import zlib
 
 import numpy as np
 import pytest
@@ -8,7 +8,7 @@ from torch import nn
 from aggregation.merge import merge_updates
 from aggregation.validate import validate_update
 from node_payload import sparse_update, tensor_io
-from node_payload.sparse_update import INDEX, VALUES, SparseTensor
+from node_payload.sparse_update import DATA, SparseTensor
 
 ROUND = 2
 BOUND = 1000.0
@@ -42,7 +42,9 @@ def _parts(global_state, seed: int, kept: int = 3):
         values = (torch.randn(kept, generator=gen) * 0.1).half()
         sparse[name] = SparseTensor(shape, positions, values)
     dense = {
-        name: torch.randn(t.shape, generator=gen) * 0.1 if t.is_floating_point() else t + seed
+        name: (torch.randn(t.shape, generator=gen) * 0.1).half().float()
+        if t.is_floating_point()
+        else t + seed
         for name, t in global_state.items()
         if name not in SPARSE
     }
@@ -107,7 +109,22 @@ def test_sparse_round_trip_is_exact(tmp_path, global_state):
     for name, tensor in expected.items():
         assert tensors[name].dtype == tensor.dtype and torch.equal(tensors[name], tensor), name
     assert meta["compression"] == "dgc" and meta["samples"] == "100"
-    assert [name for name, _ in json.loads(meta["sparse"])] == list(SPARSE)
+    layout = sparse_update.decode_layout(meta["layout"])
+    assert [name for name, _ in layout["sparse"]] == list(SPARSE)
+    assert [name for name, _ in layout["i64"]] == ["bn.num_batches_tracked"]
+
+
+def test_statistics_travel_in_half_precision(tmp_path, global_state):
+    """Running means and variances lose what float16 rounds off (relative 2^-11), stay
+    positive and finite, and beyond float16's range are clamped."""
+    dense, sparse = _parts(global_state, 1)
+    var = torch.tensor([1e-4, 0.3, 1.7, 25.0, 4e3, 1e5, 2e-5, 1.0])
+    dense["bn.running_var"], dense["bn.running_mean"] = var, -var
+    tensors, _ = sparse_update.load_update(_write(tmp_path, 0, dense, sparse))
+    got = tensors["bn.running_var"]
+    assert got.dtype == torch.float32 and (got > 0).all() and torch.isfinite(got).all()
+    assert torch.allclose(got[:5], var[:5], rtol=2**-11, atol=0)
+    assert got[5] == sparse_update.MAX_HALF and torch.equal(tensors["bn.running_mean"], -got)
 
 
 def test_dense_files_read_as_before(tmp_path, global_state):
@@ -137,12 +154,47 @@ def test_valid_sparse_update_is_accepted_with_the_norm_of_its_values(tmp_path, g
     assert check.norm == pytest.approx(norm, rel=1e-12)
 
 
-def _set_idx(positions):
+def _unpack(tensors, meta):
+    """A sparse file's parts: layout, index varints, values, statistics, counters."""
+    layout = sparse_update.decode_layout(meta["layout"])
+    raw = zlib.decompress(tensors[DATA].numpy().tobytes())
+    cut = layout["idx"] + 2 * layout["sent"]
+    stats_bytes = 2 * sum(int(np.prod(shape)) for _, shape in layout["f16"])
+    halves = sparse_update._from_high_then_low
+    return {
+        "layout": layout,
+        "index": np.frombuffer(raw[: layout["idx"]], dtype=np.uint8).copy(),
+        "values": halves(raw[layout["idx"] : cut]).copy(),
+        "stats": halves(raw[cut : cut + stats_bytes]).copy(),
+        "counters": np.frombuffer(raw[cut + stats_bytes :], dtype="<i8").copy(),
+    }
+
+
+def _repack(tensors, meta, parts) -> None:
+    parts["layout"]["idx"], parts["layout"]["sent"] = len(parts["index"]), len(parts["values"])
+    meta["layout"] = sparse_update.encode_layout(parts["layout"])
+    tensors[DATA] = sparse_update.pack(
+        parts["index"], parts["values"], parts["stats"], parts["counters"]
+    )
+
+
+def _edit(edit):
+    """A change of the packed parts, kept consistent with the layout's counts."""
+
     def change(tensors, meta):
-        tensors[INDEX] = torch.from_numpy(sparse_update.encode_gaps(np.array(positions)))
-        tensors[VALUES] = torch.ones(len(positions), dtype=torch.float16)
+        parts = _unpack(tensors, meta)
+        edit(parts)
+        _repack(tensors, meta, parts)
 
     return change
+
+
+def _set_idx(positions):
+    def edit(parts):
+        parts["index"] = sparse_update.encode_gaps(np.array(positions))
+        parts["values"] = np.ones(len(positions), dtype=np.float16)
+
+    return _edit(edit)
 
 
 def _total(global_state) -> int:
@@ -153,40 +205,75 @@ def _out_of_range(global_state):
     return _set_idx([0, _total(global_state)])
 
 
-def _duplicate(tensors, meta):
-    tensors[INDEX] = torch.tensor([3, 0, 4], dtype=torch.uint8)  # positions 3, 3, 7
-    tensors[VALUES] = torch.ones(3, dtype=torch.float16)
+@_edit
+def _duplicate(parts):
+    parts["index"] = np.array([3, 0, 4], dtype=np.uint8)  # positions 3, 3, 7
+    parts["values"] = np.ones(3, dtype=np.float16)
 
 
-def _wrong_shape(tensors, meta):
-    layout = json.loads(meta["sparse"])
-    layout[3][1] = [8, 5]
-    meta["sparse"] = json.dumps(layout)
+@_edit
+def _wrong_shape(parts):
+    parts["layout"]["sparse"][3][1] = [8, 5]
 
 
-def _nan_value(tensors, meta):
-    tensors[VALUES][1] = float("nan")
+@_edit
+def _wrong_stats_shape(parts):
+    parts["layout"]["f16"][0][1] = [4, 2]
 
 
-def _int32_index(tensors, meta):
-    tensors[INDEX] = tensors[INDEX].to(torch.int32)
+@_edit
+def _other_model(parts):
+    parts["layout"]["f16"][0][0] = "bn2.running_mean"
 
 
-def _float32_values(tensors, meta):
-    tensors[VALUES] = tensors[VALUES].float()
+@_edit
+def _nan_value(parts):
+    parts["values"][1] = np.nan
 
 
-def _cut_varint(tensors, meta):
-    tensors[INDEX] = torch.tensor([0x85], dtype=torch.uint8)
-    tensors[VALUES] = torch.ones(1, dtype=torch.float16)
+@_edit
+def _inf_statistic(parts):
+    parts["stats"][2] = np.inf
 
 
-def _count_mismatch(tensors, meta):
-    tensors[VALUES] = tensors[VALUES][:-1].clone()
+def _not_uint8(tensors, meta):
+    tensors[DATA] = tensors[DATA].to(torch.int32)
 
 
-def _no_values(tensors, meta):
-    del tensors[VALUES]
+def _not_zlib(tensors, meta):
+    tensors[DATA] = torch.arange(40, dtype=torch.uint8)
+
+
+def _short_data(tensors, meta):
+    layout = sparse_update.decode_layout(meta["layout"])
+    layout["sent"] += 1
+    meta["layout"] = sparse_update.encode_layout(layout)
+
+
+def _huge_layout(tensors, meta):
+    layout = sparse_update.decode_layout(meta["layout"])
+    layout["sent"] = 2**70
+    meta["layout"] = sparse_update.encode_layout(layout)
+
+
+def _long_data(tensors, meta):
+    raw = zlib.decompress(tensors[DATA].numpy().tobytes()) + bytes(10**6)
+    tensors[DATA] = torch.frombuffer(bytearray(zlib.compress(raw)), dtype=torch.uint8)
+
+
+@_edit
+def _cut_varint(parts):
+    parts["index"] = np.array([0x85], dtype=np.uint8)
+    parts["values"] = np.ones(1, dtype=np.float16)
+
+
+@_edit
+def _count_mismatch(parts):
+    parts["values"] = parts["values"][:-1]
+
+
+def _no_data(tensors, meta):
+    del tensors[DATA]
 
 
 def _both(tensors, meta):
@@ -194,7 +281,13 @@ def _both(tensors, meta):
 
 
 def _bad_layout(tensors, meta):
-    meta["sparse"] = '{"fc.bias": [5]}'
+    meta["layout"] = '{"fc.bias": [5]}'
+
+
+@_edit
+def _named_twice(parts):
+    parts["layout"]["i64"].append(["fc.bias", [5]])
+    parts["counters"] = np.concatenate([parts["counters"], np.zeros(5, dtype=np.int64)])
 
 
 def _other_compression(tensors, meta):
@@ -207,14 +300,21 @@ def _other_compression(tensors, meta):
         ("out_of_range", "is out of range: the sparse tensors hold"),
         (_duplicate, "index 3 appears more than once"),
         (_wrong_shape, "tensor 'fc.weight' has shape (8, 5), expected (5, 8)"),
+        (_wrong_stats_shape, "tensor 'bn.running_mean' has shape (4, 2), expected (8,)"),
+        (_other_model, "tensor 'bn.running_mean' is missing"),
         (_nan_value, "the sent values contain NaN or Inf"),
-        (_int32_index, "'::idx' is torch.int32"),
-        (_float32_values, "'::val' is torch.float32"),
+        (_inf_statistic, "the statistics sent dense contain NaN or Inf"),
+        (_not_uint8, "'::data' is torch.int32"),
+        (_not_zlib, "'::data' is not a zlib stream"),
+        (_short_data, "'::data' holds"),
+        (_huge_layout, "zlib bytes can hold"),
+        (_long_data, "'::data' holds more bytes, the layout says"),
         (_cut_varint, "ends in the middle of a number"),
         (_count_mismatch, "indices but"),
-        (_no_values, "has no '::val' tensor"),
-        (_both, "tensor 'fc.bias' is in the file both dense and sparse"),
-        (_bad_layout, "metadata sparse is"),
+        (_no_data, "has no '::data' tensor"),
+        (_both, "tensor 'fc.bias' is in the file both packed and by name"),
+        (_bad_layout, "metadata layout is not"),
+        (_named_twice, "metadata layout names a tensor twice"),
         (_other_compression, "metadata compression is 'powersgd'"),
     ],
 )
