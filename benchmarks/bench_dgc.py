@@ -1,12 +1,12 @@
 """Deep Gradient Compression against dense updates on the demo task (synchronous, 4 nodes).
 
-Four runs of the same work: dense float32 updates, DGC at 99% and at 99.9% sparsity (warm-up
-over the first 4 jobs of each lane, error feedback per lane), and 99.9% with DGC's momentum
-correction (momentum 0.9 on the nodes' accumulated updates). Prints the bytes the nodes sent per
-round (update files as the aggregation read them) over the run and after the warm-up, the ratios
-to dense, and the final held-out accuracy; writes results.json to OUT. ROUNDS and LOCAL_STEPS
-change the demo's 6 x 45 (DGC compresses each job's update, so more, shorter rounds give error
-feedback more chances).
+Five runs of the same work: dense float32 updates, DGC at 99% (with and without the warm-up)
+and at 99.9% sparsity (warm-up over the first 4 jobs of each lane, error feedback per lane), and
+99.9% with DGC's momentum correction (momentum 0.9 on the nodes' accumulated updates). Prints
+the bytes the nodes sent per round (update files as the aggregation read them) over the run and
+after the warm-up, the ratios to dense, and the final held-out accuracy; writes results.json to
+OUT. ROUNDS and LOCAL_STEPS change the demo's 6 x 45 (DGC compresses each job's update, so more,
+shorter rounds give error feedback more chances).
 
 Run:  python benchmarks/bench_dgc.py [OUT] [ROUNDS] [LOCAL_STEPS] [SLOTS]
 """
@@ -27,6 +27,7 @@ WARMUP = 4  # [compression] warmup's default: rounds whose sparsity is still ris
 VARIANTS: dict[str, dict[str, Any]] = {
     "dense": {"method": "none"},
     "dgc 99%": {"method": "dgc", "sparsity": 0.99},
+    "dgc 99%, no warm-up": {"method": "dgc", "sparsity": 0.99, "warmup": 0},
     "dgc 99.9%": {"method": "dgc", "sparsity": 0.999},
     "dgc 99.9%, momentum 0.9": {"method": "dgc", "sparsity": 0.999, "momentum": 0.9},
 }
