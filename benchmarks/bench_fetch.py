@@ -148,8 +148,12 @@ def mirror_process(dataset: Path) -> Iterator[str]:
         else:
             raise RuntimeError(f"dagtrain serve exited with {proc.wait()} before serving")
     finally:
-        proc.send_signal(signal.SIGINT)
-        proc.wait()
+        proc.send_signal(signal.SIGINT)  # Ctrl-C; ignored when this runs in a background job
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.terminate()
+            proc.wait()
 
 
 def plain_retr(url: str, path: str) -> int:
