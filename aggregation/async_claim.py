@@ -3,8 +3,9 @@
 Runs on the submit host right before DAGMan submits the job, so the job starts from the newest
 version there is at that moment (the staleness the POST script measures counts the versions
 applied while the job queued and ran). A job is skipped (DAGMan PRE_SKIP: the node counts as
-done without running) once the update budget is spoken for or the time budget has passed; the
-rest of its lane then skips too, in milliseconds each.
+done without running) once the update budget is spoken for or the time budget has passed. Each
+later job of the lane asks again (a skip takes milliseconds), so budget that a failed job gives
+back goes to whichever lane asks next.
 """
 
 import os

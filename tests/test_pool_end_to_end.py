@@ -208,10 +208,13 @@ def test_pool_runs_an_asynchronous_dag(
     assert report["jobs_failed"] == {"1:0": "failed 3 times, last exit code 75"}
     assert "lane 1 step 0: failed 3 times" in (run_dir / "async/events.log").read_text()
     assert model_path(run_dir, 6).stat().st_size > 0
-    # Lanes 0 and 2 never failed: job j of theirs is the residual's (j + 1)-th job.
-    for metrics in run_dir.glob("lanes/l00[02]/j*/metrics.json"):
-        step = json.loads(metrics.read_text())["round"]
-        assert json.loads(metrics.read_text())["residual_jobs"] == step + 1, metrics
+    # Lanes 0 and 2 never failed: the residual counts each job they ran (a job skipped while the
+    # budget was spoken for runs nothing; a later one may run once lane 1 gave its share back).
+    for lane in ("l000", "l002"):
+        ran = sorted(run_dir.glob(f"lanes/{lane}/j*/metrics.json"))
+        assert [json.loads(m.read_text())["residual_jobs"] for m in ran] == list(
+            range(1, len(ran) + 1)
+        )
 
 
 def test_dagman_and_condor_submit_accept_the_generated_files(
