@@ -114,7 +114,7 @@ def _accept(
         return (
             f"rejected: the update starts from version {base}, its job was given {claim['version']}"
         )
-    model, _ = load_model(model_path(run_dir, ledger.version))
+    model, metadata = load_model(model_path(run_dir, ledger.version))
     expected = {"round": step, "node": lane, "base_version": base}
     check = validate_update(
         path, model.state_dict(), step, lane, config["server"]["max_update_norm"], expected
@@ -139,15 +139,22 @@ def _accept(
     ledger.accepted += 1
     outcome = f"accepted, staleness {staleness}, weight {weight:.3g}"
     if len(ledger.buffer) >= rules["buffer"] or ledger.accepted >= update_budget(config):
-        outcome += f"; applied as version {step_version(run_dir, config, ledger)}"
+        version = step_version(run_dir, config, ledger, model, metadata)
+        outcome += f"; applied as version {version}"
     return outcome
 
 
-def step_version(run_dir: Path, config: dict[str, Any], ledger: Ledger) -> int:
-    """Merge the buffer into the next version; model and server state are written before the
-    ledger, so a kill in between only makes a rerun write the same files again."""
+def step_version(
+    run_dir: Path,
+    config: dict[str, Any],
+    ledger: Ledger,
+    model: torch.nn.Module,
+    metadata: dict[str, str],
+) -> int:
+    """Merge the buffer into the next version of `model` (the ledger's current version, as
+    loaded by the caller); model and server state are written before the ledger, so a kill in
+    between only makes a rerun write the same files again."""
     torch.set_num_threads(1)
-    model, metadata = load_model(model_path(run_dir, ledger.version))
     global_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
     entries = ledger.buffer
     server = config["server"]
@@ -232,7 +239,8 @@ def flush(run_dir: Path, config: dict[str, Any]) -> None:
     """Apply what is left in the buffer when the lanes have ended (the FINAL node calls this)."""
     with locked(run_dir) as ledger:
         if ledger.buffer:
-            version = step_version(run_dir, config, ledger)
+            model, metadata = load_model(model_path(run_dir, ledger.version))
+            version = step_version(run_dir, config, ledger, model, metadata)
             log(
                 run_dir,
                 f"the last {len(ledger.versions[-1]['updates'])} buffered updates: version {version}",

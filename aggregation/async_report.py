@@ -6,8 +6,6 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from aggregation.async_apply import UPDATE_FILE
 from aggregation.async_state import Ledger, lane_step, read_ledger
 from aggregation.heldout import heldout_tensors
@@ -75,7 +73,6 @@ def _outcomes(ledger: Ledger) -> dict[str, dict[str, str]]:
 
 def async_report(run_dir: Path, config: dict[str, Any], dag_status: int) -> dict[str, Any]:
     ledger = read_ledger(run_dir)
-    torch.set_num_threads(max(1, torch.get_num_threads()))
     evaluations = _evaluations(run_dir, config, ledger)
     jobs = job_metrics(run_dir, ledger)
     lanes = config["run"]["nodes"]
