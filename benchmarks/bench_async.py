@@ -12,15 +12,10 @@ Run:  python benchmarks/bench_async.py [OUT] [SLOTS]
 
 import json
 import sys
-import tomllib
 from pathlib import Path
 from typing import Any
 
-from pipeline import planner
-from pipeline.config import from_dict
-from pipeline.demo import DEMO_CONFIG
-from pipeline.local_run import run_local
-from pipeline.textures import generate
+from pipeline.demo import run_demo_variant
 
 SLOW = [[0, 4.0], [1, 4.0], [2, 2.0]]  # speeds 1, 1, 2, 4 relative to node 3
 VARIANTS: dict[str, dict[str, Any]] = {
@@ -35,15 +30,6 @@ VARIANTS: dict[str, dict[str, Any]] = {
         "async": {"buffer": 2},
     },
 }
-
-
-def _config(overrides: dict[str, Any]) -> dict[str, Any]:
-    raw = tomllib.loads(DEMO_CONFIG)
-    raw["faults"] = {"slow": SLOW}
-    raw.setdefault("async", {})["evaluations"] = 100
-    for table, keys in overrides.items():
-        raw.setdefault(table, {}).update(keys)
-    return raw
 
 
 def _curve(report: dict[str, Any]) -> list[tuple[float, float]]:
@@ -81,19 +67,15 @@ def _plot(results: dict[str, Any], path: Path) -> None:
 def main() -> None:
     out = Path(sys.argv[1] if len(sys.argv) > 1 else "bench-async").resolve()
     slots = int(sys.argv[2]) if len(sys.argv) > 2 else 4
-    source = out / "data" / "textures"
-    if not source.is_dir():
-        generate(source, classes=6, images_per_class=8, size=1000, seed=1)
     results: dict[str, Any] = {}
-    for name, overrides in VARIANTS.items():
-        run_dir = out / name.replace(", ", "-").replace(" ", "_")
-        if not (run_dir / "report.json").is_file():
-            raw = _config(overrides)
-            raw["data"] |= {"source": str(source), "dataset": str(out / "data" / "dataset")}
-            config = from_dict(raw, f"bench_async {name}", out)
-            planner.write(planner.make_plan(config), run_dir)
-            run_local(run_dir, slots=slots, show_progress=False)
-        report = json.loads((run_dir / "report.json").read_text())
+    for name, variant in VARIANTS.items():
+        overrides = {
+            **variant,
+            "faults": {"slow": SLOW},
+            "async": {"evaluations": 100, **variant.get("async", {})},
+        }
+        dirname = name.replace(", ", "-").replace(" ", "_")
+        report = run_demo_variant(out, dirname, overrides, slots)
         results[name] = {
             "wall_seconds": report["wall_seconds"],
             "final_accuracy": report["final_accuracy"],

@@ -13,15 +13,10 @@ Run:  python benchmarks/bench_dgc.py [OUT] [ROUNDS] [LOCAL_STEPS] [SLOTS]
 
 import json
 import sys
-import tomllib
 from pathlib import Path
 from typing import Any
 
-from pipeline import planner
-from pipeline.config import from_dict
-from pipeline.demo import DEMO_CONFIG
-from pipeline.local_run import run_local
-from pipeline.textures import generate
+from pipeline.demo import run_demo_variant
 
 WARMUP = 4  # [compression] warmup's default: rounds whose sparsity is still rising
 VARIANTS: dict[str, dict[str, Any]] = {
@@ -38,23 +33,15 @@ def main() -> None:
     rounds = int(sys.argv[2]) if len(sys.argv) > 2 else 6
     local_steps = int(sys.argv[3]) if len(sys.argv) > 3 else 45
     slots = int(sys.argv[4]) if len(sys.argv) > 4 else 2
-    source = out / "data" / "textures"
-    if not source.is_dir():
-        generate(source, classes=6, images_per_class=8, size=1000, seed=1)
     results: dict[str, Any] = {}
     for name, compression in VARIANTS.items():
         tag = name.replace(",", "").replace(" ", "-").replace("%", "")
-        run_dir = out / f"{tag}-{rounds}x{local_steps}"
-        if not (run_dir / "report.json").is_file():
-            raw = tomllib.loads(DEMO_CONFIG)
-            raw["run"] |= {"rounds": rounds, "quorum": 1.0}
-            raw["train"]["local_steps"] = local_steps
-            raw["data"] |= {"source": str(source), "dataset": str(out / "data" / "dataset")}
-            raw["compression"] = compression
-            config = from_dict(raw, f"bench_dgc {name}", out)
-            planner.write(planner.make_plan(config), run_dir)
-            run_local(run_dir, slots=slots, show_progress=False)
-        report = json.loads((run_dir / "report.json").read_text())
+        overrides = {
+            "run": {"rounds": rounds, "quorum": 1.0},
+            "train": {"local_steps": local_steps},
+            "compression": compression,
+        }
+        report = run_demo_variant(out, f"{tag}-{rounds}x{local_steps}", overrides, slots)
         after_warmup = [r["update_bytes"] for r in report["rounds"][WARMUP:]]
         results[name] = {
             "bytes_per_round": report["update_bytes"] / report["rounds_completed"],

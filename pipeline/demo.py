@@ -3,14 +3,17 @@
 Everything lands under one folder; running the demo again resumes or reuses what is there.
 """
 
+import json
+import tomllib
 from pathlib import Path
 from typing import Any
 
 from rich.console import Console
 
-from node_payload.run_layout import DAG_FILE
+from node_payload.run_layout import DAG_FILE, REPORT_FILE
+from pipeline import planner
+from pipeline.config import from_dict
 from pipeline.local_run import run_local
-from pipeline.planner import plan_from_file
 from pipeline.textures import generate
 
 DEMO_CONFIG = """\
@@ -48,17 +51,39 @@ momentum = 0.0
 """
 
 
-def run_demo(out: Path, slots: int = 2) -> dict[str, Any]:
-    console = Console(stderr=True)
-    out.mkdir(parents=True, exist_ok=True)
+def demo_textures(out: Path) -> Path:
+    """The demo's source images, out/data/textures (the path DEMO_CONFIG names), made once."""
     source = out / "data" / "textures"
     if not source.is_dir():
-        console.print("generating procedural texture images ...")
+        Console(stderr=True).print("generating procedural texture images ...")
         generate(source, classes=6, images_per_class=8, size=1000, seed=1)
+    return source
+
+
+def run_demo(out: Path, slots: int = 2) -> dict[str, Any]:
+    out.mkdir(parents=True, exist_ok=True)
+    demo_textures(out)
     config_path = out / "demo.toml"
     if not config_path.is_file():
         config_path.write_text(DEMO_CONFIG)
     run_dir = out / "run"
     if not (run_dir / DAG_FILE).is_file():
-        plan_from_file(config_path, run_dir)
+        planner.plan_from_file(config_path, run_dir)
     return run_local(run_dir, slots=slots)
+
+
+def run_demo_variant(
+    out: Path, name: str, overrides: dict[str, dict[str, Any]], slots: int
+) -> dict[str, Any]:
+    """The demo with some config keys changed, planned into out/name and run; a run that already
+    has its report is read back. For benchmarks that compare settings on the demo task."""
+    run_dir = out / name
+    if not (run_dir / REPORT_FILE).is_file():
+        raw = tomllib.loads(DEMO_CONFIG)
+        for table, keys in overrides.items():
+            raw.setdefault(table, {}).update(keys)
+        raw["data"] |= {"source": str(demo_textures(out)), "dataset": str(out / "data/dataset")}
+        config = from_dict(raw, f"demo variant {name}", out)
+        planner.write(planner.make_plan(config), run_dir)
+        run_local(run_dir, slots=slots, show_progress=False)
+    return json.loads((run_dir / REPORT_FILE).read_text())
