@@ -32,6 +32,10 @@ def _positive(v: float) -> bool:
     return v > 0
 
 
+def _non_negative(v: float) -> bool:
+    return v >= 0 and math.isfinite(v)
+
+
 def _between(lo: float, hi: float, lo_open: bool = False, hi_open: bool = False) -> Rule:
     def rule(v: float) -> bool:
         above = v > lo if lo_open else v >= lo
@@ -235,7 +239,7 @@ SCHEMA: dict[str, dict[str, Key]] = {
             float,
             0.0,
             "updates with a larger L2 norm are scaled down to it (0: off)",
-            lambda v: v >= 0 and math.isfinite(v),
+            _non_negative,
         ),
     },
     "compression": {
@@ -270,7 +274,7 @@ SCHEMA: dict[str, dict[str, Key]] = {
             float,
             0.0,
             "a node scales its update down to this L2 norm before compressing it (0: off)",
-            lambda v: v >= 0 and math.isfinite(v),
+            _non_negative,
         ),
     },
     "resources": {
