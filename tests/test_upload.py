@@ -7,6 +7,7 @@ import filecmp
 import socket
 import threading
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import quote
@@ -62,9 +63,9 @@ def no_leftover_servers() -> Iterator[None]:
     assert not [t.name for t in threading.enumerate() if t.name.startswith("ftp-mirror")]
 
 
-@pytest.fixture
-def ftp_mirror(tmp_path: Path) -> Iterator[FtpMirror]:
-    home = tmp_path / "ftp-home"
+@contextmanager
+def writable_mirror(home: Path) -> Iterator[FtpMirror]:
+    """A pyftpdlib server with a writable user "up" whose home is `home`, recording commands."""
     home.mkdir()
     authorizer = DummyAuthorizer()
     authorizer.add_user("up", PASSWORD, str(home), perm="elradfmwMT")
@@ -77,6 +78,12 @@ def ftp_mirror(tmp_path: Path) -> Iterator[FtpMirror]:
         yield FtpMirror(server, home / "data" / "set", commands)
     finally:
         server.close()
+
+
+@pytest.fixture
+def ftp_mirror(tmp_path: Path) -> Iterator[FtpMirror]:
+    with writable_mirror(tmp_path / "ftp-home") as mirror:
+        yield mirror
 
 
 def same_tree(a: Path, b: Path) -> bool:
@@ -174,19 +181,8 @@ def test_other_dataset_is_refused_then_replaced(
 
 @pytest.fixture
 def ftp_mirror_2(tmp_path: Path) -> Iterator[FtpMirror]:
-    home = tmp_path / "ftp-home-2"
-    home.mkdir()
-    authorizer = DummyAuthorizer()
-    authorizer.add_user("up", PASSWORD, str(home), perm="elradfmwMT")
-    commands: list[tuple[str, str]] = []
-    handler = type(
-        "Writable", (RecordingHandler,), {"authorizer": authorizer, "commands": commands}
-    )
-    server = MirrorServer(handler)
-    try:
-        yield FtpMirror(server, home / "data" / "set", commands)
-    finally:
-        server.close()
+    with writable_mirror(tmp_path / "ftp-home-2") as mirror:
+        yield mirror
 
 
 def test_bad_mirrors_and_datasets_are_named(tiny_dataset: Path, tmp_path: Path) -> None:
