@@ -5,7 +5,9 @@ UserError naming the table, the key, the value and what is allowed. The resolved
 key filled in) is what the run directory stores and what every job reads.
 """
 
+import json
 import math
+import re
 import tomllib
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -43,6 +45,20 @@ def _between(lo: float, hi: float, lo_open: bool = False, hi_open: bool = False)
         return above and below and math.isfinite(v)
 
     return rule
+
+
+_NAME = re.compile(r"[A-Za-z0-9._-]{1,64}")
+_NAME_RULE = "1 to 64 of the characters A-Z a-z 0-9 . _ - (it names files and DAG lines)"
+
+
+def _is_name(v: str) -> bool:
+    return bool(_NAME.fullmatch(v)) and v not in {".", ".."}
+
+
+def _fits_a_submit_line(v: str) -> bool:
+    """Paths and image names are written into submit files: a newline or a quote would start a
+    new command there."""
+    return not any(c in v for c in "\"'") and all(c.isprintable() for c in v)
 
 
 def _is_size(v: str) -> bool:
@@ -91,7 +107,7 @@ def _node_slowdowns(v: list) -> bool:
 
 SCHEMA: dict[str, dict[str, Key]] = {
     "run": {
-        "name": Key(str, "dagtrain", "a short name without spaces", lambda v: v and " " not in v),
+        "name": Key(str, "dagtrain", _NAME_RULE, _is_name),
         "mode": Key(
             str,
             "sync",
@@ -110,7 +126,12 @@ SCHEMA: dict[str, dict[str, Key]] = {
             _between(0, 10**6),
         ),
         "seed": Key(int, 0, "a non-negative integer", lambda v: v >= 0),
-        "run_id": Key(str, "", "filled in by the planner: tells this run's files from another's"),
+        "run_id": Key(
+            str,
+            "",
+            "filled in by the planner: tells this run's files from another's",
+            lambda v: not v or _is_name(v),
+        ),
     },
     "async": {
         "updates": Key(
@@ -174,6 +195,7 @@ SCHEMA: dict[str, dict[str, Key]] = {
             str,
             "",
             "a directory on execute nodes keeping verified blocks between rounds (empty: off)",
+            _fits_a_submit_line,
         ),
         "local_train": Key(int, 384, "a positive number of fragments", _positive),
         "local_test": Key(int, 96, "a positive number of fragments", _positive),
@@ -184,7 +206,7 @@ SCHEMA: dict[str, dict[str, Key]] = {
         "manifest_sha256": Key(str, "", "filled in by the planner"),
     },
     "model": {
-        "arch": Key(str, "smallcnn", '"smallcnn" or a torchvision classifier name'),
+        "arch": Key(str, "smallcnn", '"smallcnn" or a torchvision classifier name', _is_name),
         "in_channels": Key(int, 0, "1 or 3 (0: from the dataset)", lambda v: v in (0, 1, 3)),
         "image_size": Key(
             int, 0, "an integer from 8 to 1024 (0: the tile size)", _between(0, 1024)
@@ -309,18 +331,26 @@ SCHEMA: dict[str, dict[str, Key]] = {
             "an absolute path to a Python with torch on the execute nodes (inside the container "
             "with container_image; default: the planner's own Python, or /usr/bin/python3 in a "
             "container)",
+            _fits_a_submit_line,
         ),
         "container_image": Key(
-            str, "", 'an image for HTCondor\'s container_image ("docker://..." or a .sif path)'
+            str,
+            "",
+            'an image for HTCondor\'s container_image ("docker://..." or a .sif path)',
+            _fits_a_submit_line,
         ),
         "env_tarball": Key(
-            str, "", "a .tar.gz of a Python environment with torch (conda-pack or venv)"
+            str,
+            "",
+            "a .tar.gz of a Python environment with torch (conda-pack or venv)",
+            _fits_a_submit_line,
         ),
         "submit_python": Key(
             str,
             "",
             "an absolute path to a Python with torch on the submit host, for the aggregation and "
             "report jobs (default: the planner's own Python)",
+            _fits_a_submit_line,
         ),
     },
 }
@@ -351,6 +381,8 @@ def _check_value(origin: str, table: str, name: str, key: Key, value: Any) -> An
         raise UserError(f"{where} is not allowed; expected {key.allowed}")
     if not isinstance(value, kinds):
         raise UserError(f"{where} has the wrong type; expected {key.allowed}")
+    if isinstance(value, float) and not math.isfinite(value):
+        raise UserError(f"{where} is not a finite number; expected {key.allowed}")
     if not key.rule(value):
         raise UserError(f"{where} is not allowed; expected {key.allowed}")
     return value
@@ -439,8 +471,8 @@ def _toml_value(value: Any) -> str:
     if isinstance(value, int | float):
         return repr(value)
     if isinstance(value, str):
-        escaped = value.replace("\\", "\\\\").replace('"', '\\"')
-        return f'"{escaped}"'
+        # A JSON string is a TOML basic string once DEL, which TOML also escapes, is escaped.
+        return json.dumps(value).replace("\x7f", "\\u007f")
     if isinstance(value, list):
         return "[" + ", ".join(_toml_value(v) for v in value) + "]"
     raise TypeError(f"cannot write {value!r} as TOML")
