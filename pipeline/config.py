@@ -188,6 +188,11 @@ SCHEMA: dict[str, dict[str, Key]] = {
                 and int(p[2]) >= 1
             ),
         ),
+        "skip_bad_images": Key(
+            bool,
+            False,
+            "true: preparing skips (and names) unreadable images instead of stopping at the first",
+        ),
         "lossless": Key(
             bool, False, "true: PNG blocks; false: JPEG quality 90 (about 10x smaller)"
         ),

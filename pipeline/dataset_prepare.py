@@ -194,7 +194,10 @@ def _cut(job: tuple[Path, str, int, int, bool, Path]) -> _BadImage | None:
 
 def _skip_or_fail(error: _BadImage, on_bad_image: str) -> None:
     if on_bad_image != "skip":
-        raise UserError(f"{error}; fix or remove the file, or prepare with on_bad_image='skip'")
+        raise UserError(
+            f"{error}; fix or remove the file, or skip unreadable images: "
+            "`dagtrain prepare --skip-bad-images`, or [data] skip_bad_images = true for `dagtrain plan`"
+        )
     log.warning("skipping %s", error)
 
 

@@ -19,6 +19,7 @@ from aggregation.async_state import Ledger, lane_length, write_ledger
 from aggregation.server_optimizer import ServerOptimizer
 from node_payload.dgc import write_empty_residual
 from node_payload.errors import EXIT_FATAL, UserError
+from node_payload.fetch import Mirror
 from node_payload.manifest import Manifest
 from node_payload.model_file import save_model
 from node_payload.models import build_model
@@ -92,6 +93,7 @@ def _dataset(config: Config) -> tuple[Path, Manifest]:
             seed=config["run"]["seed"],
             angles=data["angles"],
             lossless=data["lossless"],
+            on_bad_image="skip" if data["skip_bad_images"] else "fail",
         )
     else:
         manifest = Manifest.load(dataset_dir / "manifest.json")
@@ -318,12 +320,27 @@ def _check_target(run_dir: Path) -> None:
         )
 
 
+def _holds_credentials(config: Config) -> bool:
+    """Mirror passwords are in config.toml: its mode is then 0600, as for ~/.netrc."""
+    return any(Mirror.parse(url).password for url in config["data"]["mirrors"])
+
+
+def _staging_dir(run_dir: Path) -> Path:
+    try:
+        run_dir.parent.mkdir(parents=True, exist_ok=True)
+        return Path(tempfile.mkdtemp(prefix=f".{run_dir.name}.", dir=run_dir.parent))
+    except OSError as exc:
+        raise UserError(
+            f"{run_dir}: cannot create the run directory there ({exc.strerror}); choose an --out "
+            "in a folder you can write to"
+        ) from None
+
+
 def write(plan: Plan, run_dir: Path) -> Path:
     """Write the run directory atomically: everything appears at once, or nothing does."""
     run_dir = run_dir.resolve()
     _check_target(run_dir)
-    run_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{run_dir.name}.", dir=run_dir.parent))
+    staging = _staging_dir(run_dir)
     try:
         for relative, text in _render_files(plan).items():
             target = staging / relative
@@ -331,6 +348,8 @@ def write(plan: Plan, run_dir: Path) -> Path:
             target.write_text(text)
         for script in (staging / "scripts").iterdir():
             script.chmod(0o755)
+        if _holds_credentials(plan.config):
+            (staging / "config.toml").chmod(0o600)
         (staging / "payload").mkdir()
         write_payload(staging / "payload")
         (staging / "models").mkdir()

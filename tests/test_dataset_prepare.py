@@ -183,8 +183,10 @@ def test_out_dir_with_other_files_is_refused_but_an_empty_one_is_used(src, tmp_p
 def test_corrupt_image_is_named_or_skipped(src, tmp_path, caplog):
     bad = src / "beta" / "img2.png"
     bad.write_bytes(bad.read_bytes()[:3000])  # header intact, pixel data truncated
-    with pytest.raises(UserError, match=r"beta/img2\.png"):
+    with pytest.raises(UserError, match=r"beta/img2\.png") as error:
         run(src, tmp_path / "out")
+    assert "dagtrain prepare --skip-bad-images" in str(error.value)
+    assert "[data] skip_bad_images = true" in str(error.value)
     assert not (tmp_path / "out").exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["src"]
     with caplog.at_level(logging.WARNING):

@@ -1,5 +1,6 @@
 """The planner writes a run directory that HTCondor accepts and that never overwrites a run."""
 
+import os
 import re
 import shutil
 import subprocess
@@ -182,3 +183,43 @@ def test_node_job_throttle_is_a_maxjobs_command(
     assert re.search(r"^MAXJOBS train 5$", dag, re.M)
     assert re.search(r"^CATEGORY train_r000_n000 train$", dag, re.M)
     assert not re.search(r"^CATEGORY train \d+$", dag, re.M)
+
+
+def test_config_with_mirror_passwords_is_private(
+    tiny_config: Callable[..., Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("pipeline.planner.check_mirrors", lambda *_args, **_kw: None)
+    url = '["ftp://reader:s3cret@127.0.0.1:2121/data"]'
+    secret = plan_from_file(tiny_config(data__mirrors=url), tmp_path / "secret")
+    assert (secret / "config.toml").stat().st_mode & 0o777 == 0o600
+    plain = plan_from_file(tiny_config(), tmp_path / "plain")
+    assert (plain / "config.toml").stat().st_mode & 0o077 != 0
+
+
+def test_an_unwritable_out_is_one_message(tiny_config: Callable[..., Path], tmp_path: Path) -> None:
+    locked = tmp_path / "locked"
+    locked.mkdir(mode=0o500)
+    if os.access(locked, os.W_OK):  # root writes anywhere: use a path under a file instead
+        locked = tmp_path / "a-file"
+        locked.write_text("")
+    with pytest.raises(UserError, match=r"cannot create the run directory there .*--out"):
+        plan_from_file(tiny_config(), locked / "run")
+
+
+def test_bad_images_can_be_skipped_when_planning(
+    tiny_source: Path, tmp_path: Path, tiny_config: Callable[..., Path]
+) -> None:
+    source = tmp_path / "images"
+    shutil.copytree(tiny_source, source)
+    junk = next(source.iterdir()) / "junk.png"
+    junk.write_bytes(b"not an image")
+    text = tiny_config().read_text().replace("[data]\n", f'[data]\nsource = "{source}"\n', 1)
+    text = "\n".join(line for line in text.splitlines() if not line.startswith("dataset ="))
+    path = tmp_path / "skip.toml"
+    path.write_text(text)
+    with pytest.raises(UserError, match=r"junk\.png.*skip_bad_images = true"):
+        plan_from_file(path, tmp_path / "refused")
+    path.write_text(text.replace("[data]\n", "[data]\nskip_bad_images = true\n", 1))
+    run_dir = plan_from_file(path, tmp_path / "run")
+    sources = config_mod.load(run_dir / "config.toml")["data"]["dataset"]
+    assert "junk.png" not in (Path(sources) / "manifest.json").read_text()
