@@ -29,6 +29,7 @@ from typing import Any
 import numpy as np
 
 from node_payload.errors import UserError
+from node_payload.manifest_limits import MAX_MANIFEST_BYTES, size_problem
 
 FORMAT = "dagtrain-dataset/2"
 MODES = ("L", "RGB")
@@ -47,6 +48,7 @@ _SOURCE_KEYS = {
 _SHARD_KEYS = {"path", "bytes", "sha256"}
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 _HEXES = re.compile(r"[0-9a-f]*")
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 
 
 def stride_for(tile: int, overlap: float) -> int:
@@ -163,6 +165,7 @@ class Manifest:
 
     @classmethod
     def from_bytes(cls, data: bytes, origin: str) -> "Manifest":
+        _check_length(len(data), origin)
         try:
             doc = json.loads(data)
         except (UnicodeDecodeError, json.JSONDecodeError) as exc:
@@ -173,6 +176,7 @@ class Manifest:
     @classmethod
     def load(cls, path: Path) -> "Manifest":
         try:
+            _check_length(Path(path).stat().st_size, str(path))
             data = Path(path).read_bytes()
         except OSError as exc:
             raise UserError(f"cannot read dataset manifest {path}: {exc.strerror}") from None
@@ -304,16 +308,33 @@ def _fail(origin: str, message: str) -> UserError:
     return UserError(f"{origin}: {message}; re-run `dagtrain prepare` to rebuild the dataset")
 
 
+def _check_length(n: int, origin: str) -> None:
+    """Nodes never read a manifest longer than MAX_MANIFEST_BYTES: refuse to plan with one."""
+    if n > MAX_MANIFEST_BYTES:
+        raise _fail(
+            origin, f"the manifest is {n} bytes, more than the {MAX_MANIFEST_BYTES} allowed"
+        )
+
+
 def _is_int(value: Any, minimum: int = 0) -> bool:
     return type(value) is int and value >= minimum
 
 
 def _relative_path(value: Any) -> bool:
-    """True for a non-empty POSIX path that stays inside the dataset root."""
-    if not isinstance(value, str) or not value or "\\" in value or "\0" in value:
+    """True for a non-empty, normalised POSIX path that stays inside the dataset root.
+
+    Shard paths become FTP commands: a control character (CR LF) would end the command.
+    """
+    if not isinstance(value, str) or "\\" in value or _CONTROL.search(value):
         return False
     path = PurePosixPath(value)
-    return not path.is_absolute() and ".." not in path.parts and not re.match(r"[A-Za-z]:", value)
+    return (
+        str(path) == value
+        and path.parts != ()
+        and not path.is_absolute()
+        and ".." not in path.parts
+        and not re.match(r"[A-Za-z]:", value)
+    )
 
 
 def _validate(doc: Any, origin: str) -> None:
@@ -328,6 +349,9 @@ def _validate(doc: Any, origin: str) -> None:
     _validate_parameters(doc, origin)
     _validate_shards(doc, origin)
     _validate_sources(doc, origin)
+    problem = size_problem(doc)
+    if problem:
+        raise _fail(origin, problem)
 
 
 def _validate_parameters(doc: dict[str, Any], origin: str) -> None:

@@ -42,6 +42,7 @@ from node_payload.manifest import (
     margin_for,
     stride_for,
 )
+from node_payload.manifest_limits import MAX_BLOCK
 
 log = logging.getLogger(__name__)
 
@@ -83,6 +84,12 @@ def _check_parameters(tile: int, overlap: float, holdout: float, seed: int, work
         raise UserError(f"tile must be a positive number of pixels, not {tile}")
     if not 0 <= overlap <= 0.9:
         raise UserError(f"overlap must be from 0 to 0.9, not {overlap}")
+    block = block_for(stride_for(tile, overlap))
+    if block > MAX_BLOCK:
+        raise UserError(
+            f"tile {tile} with overlap {overlap} makes blocks of {block} px, more than the "
+            f"{MAX_BLOCK} px a dataset may have: lower the tile or raise the overlap"
+        )
     if not 0 <= holdout < 1:
         raise UserError(f"holdout must be in [0, 1), not {holdout}")
     if seed < 0:
