@@ -8,20 +8,27 @@ reads to other mirrors, spread over all of them so that no single neighbour take
 mirror's whole load; after every mirror failed a read, the node pauses (exponential backoff with
 jitter, so that many nodes do not retry in step) and tries again; only after PASSES such passes
 does it give up with DataUnreachable, which the node turns into a retryable exit code.
+
+Mirrors are untrusted: no size a mirror claims is believed beyond what the manifest can need
+(a byte range is read to its manifest length, a manifest to MAX_MANIFEST_BYTES), and buffers
+grow with the bytes that arrive. A mirror caught lying (an impossible SIZE, more bytes than it
+said, another manifest than the planned one) is named once and not asked again by that fetch.
 """
 
 import logging
 import random
+import re
 import socket
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from ftplib import FTP, all_errors, error_perm, error_reply, error_temp
+from ftplib import FTP, all_errors, error_perm, error_proto, error_reply, error_temp
 from hashlib import sha256
 from urllib.parse import parse_qs, unquote, urlsplit
 
 from node_payload.errors import UserError
 from node_payload.manifest import Block as Fragment  # fetched units are stored blocks
+from node_payload.manifest_limits import MAX_MANIFEST_BYTES
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +44,11 @@ BACKOFF_S = 0.5  # pause before the second pass, doubled for each later one
 BACKOFF_MAX_S = 8.0  # bounded: DAGMan retries the whole node (on another mirror) for long outages
 WINDOW_MIN, WINDOW_MAX = 4 * 1024, 4 * 1024 * 1024
 _EARLY_CLOSE = ("426", "451")  # replies of a server whose transfer the client closed on purpose
+# Real servers answer in a few lines (FEAT, a banner); a reply that runs on is not buffered.
+MAX_REPLY = 64 * 1024
+CHUNK = 256 * 1024  # receive size of a whole-file read, which grows its buffer as bytes arrive
+_SIZE_REPLY = re.compile(r"213 ([0-9]{1,30})")
+_LINE_END = re.compile(r"[\r\n]")  # would end an FTP command early: ftplib refuses them
 
 
 @dataclass
@@ -55,6 +67,14 @@ class DataUnreachable(Exception):
 
 class _BadData(Exception):
     """The mirror answered, but with the wrong bytes; its session stays usable."""
+
+
+class MirrorLied(_BadData):
+    """The mirror claimed what cannot be: no later read of the same fetch asks it again."""
+
+
+class LoginRefused(error_perm):
+    """The mirror refused the URL's user and password (530): a config error, not an outage."""
 
 
 def redact(url: str) -> str:
@@ -115,12 +135,19 @@ class Mirror:
             raise UserError(f"mirror {label}: not a valid URL ({exc})") from None
         if parts.scheme != "ftp" or not parts.hostname:
             raise UserError(f"mirror {label}: expected ftp://[user[:password]@]host[:port][/path]")
+        user, password = unquote(parts.username or ""), unquote(parts.password or "")
+        root = unquote(parts.path.strip("/"))
+        if any(_LINE_END.search(part) for part in (user, password, root)):
+            raise UserError(  # else a bare ValueError from ftplib on every node
+                f"mirror {label}: a line break (%0D or %0A) in its user, password or path; "
+                "fix the URL in [data] mirrors"
+            )
         return cls(
             host=parts.hostname,
             port=port,
-            user=unquote(parts.username or ""),
-            password=unquote(parts.password or ""),
-            root=unquote(parts.path.strip("/")),
+            user=user,
+            password=password,
+            root=root,
             label=label,
             timeout_s=_timeout(parts.query, label),
         )
@@ -150,6 +177,29 @@ class _RangeFTP(FTP):
 
     ranged = False
 
+    def getmultiline(self) -> str:
+        """ftplib's reply reader, bounded: a server streaming reply lines would fill memory."""
+        line = self.getline()
+        if line[3:4] != "-":
+            return line
+        lines, size = [line], len(line)
+        while True:
+            nextline = self.getline()
+            lines.append(nextline)
+            size += len(nextline) + 1
+            if nextline[:3] == line[:3] and nextline[3:4] != "-":
+                return "\n".join(lines)
+            if size > MAX_REPLY:
+                raise error_proto(f"a reply of more than {MAX_REPLY} bytes")
+
+    def claimed_size(self, path: str) -> int:
+        """What SIZE says, parsed here: ftplib's int() of the reply raises a bare ValueError."""
+        reply = self.sendcmd(f"SIZE {path}")
+        match = _SIZE_REPLY.fullmatch(reply.strip())
+        if not match:
+            raise _BadData(f"no size for {path} (SIZE answered {reply[:80]!r})")
+        return int(match[1])
+
     def learn_features(self) -> None:
         try:
             reply = self.sendcmd("FEAT")
@@ -157,18 +207,19 @@ class _RangeFTP(FTP):
             return
         self.ranged = any(line.strip().upper() == "RANG STREAM" for line in reply.splitlines())
 
-    def open_range(self, path: str, offset: int, length: int) -> socket.socket:
+    def open_range(self, path: str, offset: int, length: int | None) -> socket.socket:
         """The data connection of a RETR that starts at offset; ends at offset + length if the
-        server knows RANG. The receive buffer is set before connecting (the window a connection
-        starts with is fixed by its handshake)."""
+        server knows RANG (length None: the whole file, whose end the caller checks). The
+        receive buffer is set before connecting (the window a connection starts with is fixed by
+        its handshake)."""
         host, port = self.makepasv()
         conn = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
         try:
-            if not self.ranged:
+            if length is not None and not self.ranged:
                 conn.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, _window(length))
             conn.settimeout(self.timeout)
             conn.connect((host, port))
-            if self.ranged and length:
+            if self.ranged and length:  # None or 0: no range end to announce
                 self.sendcmd(f"RANG {offset} {offset + length - 1}")  # inclusive end
             elif offset:
                 self.sendcmd(f"REST {offset}")
@@ -193,27 +244,57 @@ class _Session:
         self._ftp = _RangeFTP(timeout=mirror.timeout_s or timeout_s)
         try:
             self._ftp.connect(mirror.host, mirror.port)
-            if mirror.user:
-                self._ftp.login(mirror.user, mirror.password)
-            else:
-                self._ftp.login()
+            self._login()
             self._ftp.voidcmd("TYPE I")
             self._ftp.learn_features()
         except BaseException:
             self._ftp.close()
             raise
 
-    def size(self, path: str) -> int:
-        size = self._ftp.size(self.mirror.remote(path))
-        if size is None:
-            raise _BadData(f"no size for {path}")
-        return size
+    def _login(self) -> None:
+        user = self.mirror.user or "anonymous"
+        try:
+            self._ftp.login(user, self.mirror.password)
+        except error_perm as exc:
+            if not str(exc).startswith("530"):
+                raise
+            raise LoginRefused(
+                f"login as {user!r} refused ({exc}); check the user and password of this mirror "
+                "in [data] mirrors"
+            ) from None
+
+    def read_file(self, path: str, limit: int) -> bytes:
+        """The whole file, believing its SIZE only up to `limit`.
+
+        The buffer grows with the bytes that arrive; one byte past the SIZE proves it a lie.
+        """
+        claimed = self._ftp.claimed_size(self.mirror.remote(path))
+        if claimed > limit:
+            raise MirrorLied(f"SIZE says {path} is {claimed} bytes, more than {limit} allowed")
+        data = bytearray()
+        try:
+            with self._ftp.open_range(self.mirror.remote(path), 0, None) as conn:
+                while len(data) <= claimed:
+                    chunk = conn.recv(min(CHUNK, claimed + 1 - len(data)))
+                    if not chunk:
+                        break
+                    data += chunk
+        finally:
+            self._count(len(data))
+        if len(data) > claimed:
+            raise MirrorLied(f"sent more of {path} than the {claimed} bytes its SIZE says")
+        self._ftp.voidresp()
+        if len(data) < claimed:
+            raise _BadData(f"{path}: got {len(data)} of the {claimed} bytes its SIZE says")
+        return bytes(data)
 
     def read(self, path: str, offset: int, length: int) -> memoryview:
         """Exactly `length` bytes from `offset`, valid until the next read of this session.
 
         One receive buffer per session, grown as needed: a fresh buffer per read costs a zeroing
-        and page faults for every byte, which is much of what receiving the byte costs.
+        and page faults for every byte, which is much of what receiving the byte costs. Lengths
+        come from the validated manifest (at most MAX_SPAN, or one block of plausible size),
+        never from the mirror, and no byte past `length` is read.
         """
         if len(self._buf) < length:
             self._buf = bytearray(length)
@@ -284,15 +365,23 @@ class _Pool:
         self._timeout_s = timeout_s
         self._sessions: dict[int, _Session] = {}
         self._broken: dict[int, str] = {}
+        self._lied: dict[int, str] = {}
 
     def run(self, task: _Task, m: int) -> str | None:
         """Run task on mirror m: None on success, else why it failed."""
+        if m in self._lied:
+            return f"skipped, it lied: {self._lied[m]}"
         if m in self._broken:
             return f"skipped, connection broke: {self._broken[m]}"
         try:
             if m not in self._sessions:
                 self._sessions[m] = _Session(self.mirrors[m], self._stats, self._timeout_s)
             task.run(self._sessions[m])
+        except MirrorLied as exc:
+            reason = self._lied[m] = str(exc)
+            self._sessions.pop(m).close()
+            log.warning("mirror %s lied: %s; not asking it again", self.mirrors[m].label, reason)
+            return reason
         except (_BadData, error_perm) as exc:
             if m not in self._sessions:
                 return self._break(m, exc)
@@ -313,6 +402,9 @@ class _Pool:
     def next_attempt(self) -> None:
         self._broken.clear()
 
+    def all_lied(self) -> bool:
+        return len(self._lied) == len(self.mirrors)
+
     def close(self) -> None:
         for session in self._sessions.values():
             session.close()
@@ -332,6 +424,8 @@ def _with_failover(
     attempts = passes * len(mirrors)
     try:
         for attempt in range(attempts):
+            if pool.all_lied():
+                break
             if attempt and attempt % len(mirrors) == 0:
                 time.sleep(backoff_delay(attempt // len(mirrors)))
             pool.next_attempt()
@@ -344,7 +438,7 @@ def _with_failover(
                     failed.append(task)
             if not failed:
                 return
-            if attempt + 1 < attempts:
+            if attempt + 1 < attempts and not pool.all_lied():
                 stats.failovers += len(failed)
             pending = failed
     finally:
@@ -369,13 +463,18 @@ def fetch_file(
     stats: FetchStats,
     timeout_s: float = 20.0,
     passes: int = PASSES,
+    expected_sha256: str = "",
 ) -> bytes:
-    """A whole file (the manifest) from the first mirror that serves all of it."""
+    """A whole file (the manifest) from the first mirror that serves all of it; given its
+    sha256, the first that serves that very file (the manifest the run was planned with)."""
     started = time.monotonic()
     result: list[bytes] = []
 
     def run(session: _Session) -> None:
-        result.append(session.read(path, 0, session.size(path)).tobytes())
+        data = session.read_file(path, MAX_MANIFEST_BYTES)
+        if expected_sha256 and sha256(data).hexdigest() != expected_sha256:
+            raise MirrorLied(f"serves a different {path} than the run was planned with")
+        result.append(data)
 
     try:
         parsed = _mirrors(mirrors)
@@ -384,6 +483,24 @@ def fetch_file(
     finally:
         stats.seconds += time.monotonic() - started
     return result[0]
+
+
+def probe_file(url: str, path: str, timeout_s: float) -> bytes:
+    """One attempt at a whole file (the manifest) on one mirror, for the plan-time check.
+
+    Raises MirrorLied or LoginRefused, which no wait will cure, apart from DataUnreachable.
+    """
+    mirror = Mirror.parse(url)
+    try:
+        session = _Session(mirror, FetchStats(), timeout_s)
+        try:
+            return session.read_file(path, MAX_MANIFEST_BYTES)
+        finally:
+            session.close()
+    except (MirrorLied, LoginRefused):
+        raise
+    except (_BadData, *all_errors) as exc:
+        raise DataUnreachable(_reason(exc)) from None
 
 
 def _coalesce(frags: list[Fragment]) -> dict[str, list[list[Fragment]]]:

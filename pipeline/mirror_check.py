@@ -1,8 +1,9 @@
 """Plan-time check that the mirrors serve the dataset the run is planned with.
 
 A mirror that cannot be reached now may be back when the nodes run (they fail over), so it only
-gets a warning. A mirror that serves another manifest would make every node that starts there
-fail over or, worse, train on another dataset: planning refuses it, naming it.
+gets a warning, as does one refusing the login (nodes skip it too; the message names the user to
+fix). A mirror that serves another manifest, or lies about its size, would make every node that
+starts there fail over or, worse, train on another dataset: planning refuses it, naming it.
 """
 
 import hashlib
@@ -12,7 +13,7 @@ from rich.console import Console
 from rich.markup import escape
 
 from node_payload.errors import UserError
-from node_payload.fetch import DataUnreachable, FetchStats, Mirror, fetch_file
+from node_payload.fetch import DataUnreachable, LoginRefused, Mirror, MirrorLied, probe_file
 
 MANIFEST = "manifest.json"
 TIMEOUT_S = 10.0
@@ -21,10 +22,19 @@ TIMEOUT_S = 10.0
 def _served_digest(url: str, timeout_s: float) -> str | Exception:
     """The sha256 of the mirror's manifest, or why it could not be read (one attempt)."""
     try:
-        data = fetch_file([url], 0, MANIFEST, FetchStats(), timeout_s=timeout_s, passes=1)
-    except DataUnreachable as exc:
+        data = probe_file(url, MANIFEST, timeout_s)
+    except (DataUnreachable, LoginRefused, MirrorLied) as exc:
         return exc
     return hashlib.sha256(data).hexdigest()
+
+
+def _warn(console: Console, label: str, answer: Exception) -> None:
+    """One line: a refused login names its user (LoginRefused says so), others are outages."""
+    what = f": {answer}" if isinstance(answer, LoginRefused) else f" is unreachable now: {answer}"
+    console.print(
+        f"[yellow]warning:[/] mirror {escape(label)}{escape(what)} (nodes will skip it)",
+        soft_wrap=True,
+    )
 
 
 def check_mirrors(mirrors: list[str], manifest_sha256: str, timeout_s: float = TIMEOUT_S) -> None:
@@ -36,16 +46,20 @@ def check_mirrors(mirrors: list[str], manifest_sha256: str, timeout_s: float = T
     with ThreadPoolExecutor(min(len(mirrors), 8)) as pool:
         answers = list(pool.map(lambda url: _served_digest(url, timeout_s), mirrors))
     console = Console(stderr=True)
-    different = []
+    different, lying = [], []
     for label, answer in zip(labels, answers, strict=True):
-        if isinstance(answer, Exception):
-            console.print(
-                f"[yellow]warning:[/] mirror {escape(label)} is unreachable now "
-                f"(nodes will skip it): {escape(str(answer))}",
-                soft_wrap=True,
-            )
+        if isinstance(answer, MirrorLied):
+            lying.append(f"{label}: {answer}")
+        elif isinstance(answer, Exception):
+            _warn(console, label, answer)
         elif answer != manifest_sha256:
             different.append(label)
+    if lying:
+        raise UserError(
+            f"[data] mirrors: {'; '.join(lying)}; upload this dataset to "
+            f"{'it' if len(lying) == 1 else 'them'} with `dagtrain upload DATASET URL "
+            "--replace`, or remove it from the list"
+        )
     if different:
         raise UserError(
             f"[data] mirrors: {', '.join(different)} serve{'s' if len(different) == 1 else ''} a "
