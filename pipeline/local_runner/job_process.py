@@ -22,6 +22,7 @@ from typing import IO
 import classad2
 
 from .event_log import UserLog
+from .parent_death import die_with_runner
 from .sandbox import command_path, should_transfer_output, stage_in, stage_out
 from .submit_description import JobSpec
 
@@ -170,6 +171,7 @@ class JobProcess:
                 [command_path(spec, self.sandbox), *spec.arguments],
                 cwd=cwd, env=self._environment(cwd), stdin=subprocess.DEVNULL,
                 stdout=stdout, stderr=stderr, start_new_session=True,
+                preexec_fn=die_with_runner(),
             )  # fmt: skip
         self.log.executing()
         self.on_running()

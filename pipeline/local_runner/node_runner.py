@@ -17,6 +17,7 @@ from pathlib import Path
 
 from .dag_file import Node, Script
 from .job_process import JobProcess, JobResult
+from .parent_death import die_with_runner
 from .status_file import POSTRUN, PRERUN, READY, SUBMITTED
 from .submit_description import load_job
 
@@ -141,7 +142,7 @@ def _run_cancellable(command: list[str], cwd: Path, cancel: threading.Event) -> 
     try:
         proc = subprocess.Popen(
             command, cwd=cwd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL, start_new_session=True,
+            stderr=subprocess.DEVNULL, start_new_session=True, preexec_fn=die_with_runner(),
         )  # fmt: skip
     except OSError:
         return 1  # DAGMan counts a script it cannot start as a failed script

@@ -7,6 +7,7 @@ which is also where `on_event` callbacks are made, so callers never see concurre
 from __future__ import annotations
 
 import queue
+import shutil
 import signal
 import threading
 import time
@@ -236,6 +237,9 @@ class _Scheduler:
 
     def run(self) -> DagResult:
         self.work.mkdir(parents=True, exist_ok=True)
+        # Scratch directories of jobs whose runner was killed (its jobs died with it); nothing
+        # else uses them, as one runner at a time runs a DAG (pipeline.run_lock).
+        shutil.rmtree(self.work / "sandbox", ignore_errors=True)
         self.done = self._initially_done()
         for name in self.done:
             self._set_state(name, DONE)
