@@ -10,6 +10,7 @@ from rich.console import Console
 from rich.markup import escape
 
 from node_payload.errors import UserError
+from pipeline.run_summary import RunStopped
 
 if TYPE_CHECKING:
     from pipeline.remote import SshOptions
@@ -35,7 +36,10 @@ def _run(args: argparse.Namespace) -> int:
     from pipeline.local_run import run_local
 
     report = run_local(
-        args.run_dir.resolve(), slots=args.slots, slow_slots=dict(args.slow_slot or [])
+        args.run_dir.resolve(),
+        slots=args.slots,
+        slow_slots=dict(args.slow_slot or []),
+        force=args.force,
     )
     return 0 if report["status"] == "completed" else 1
 
@@ -67,10 +71,12 @@ def _submit(args: argparse.Namespace) -> int:
     run_dir = args.run_dir.resolve()
     if args.remote:
         from pipeline.remote import submit_remote
+        from pipeline.run_lock import RunLock
 
-        cluster, where = submit_remote(
-            run_dir, _ssh(args), args.remote_dir, maxjobs=args.maxjobs, maxidle=args.maxidle
-        )
+        with RunLock(run_dir, "submit"):  # the copy must not be taken mid-run
+            cluster, where = submit_remote(
+                run_dir, _ssh(args), args.remote_dir, maxjobs=args.maxjobs, maxidle=args.maxidle
+            )
     else:
         from pipeline.submission import submit
 
@@ -160,7 +166,7 @@ def _prepare(args: argparse.Namespace) -> int:
 def _demo(args: argparse.Namespace) -> int:
     from pipeline.demo import run_demo
 
-    report = run_demo(args.out.resolve(), slots=args.slots)
+    report = run_demo(args.out.resolve(), slots=args.slots, force=args.force)
     return 0 if report["status"] == "completed" else 1
 
 
@@ -177,6 +183,17 @@ def _remote_options(command: argparse.ArgumentParser) -> None:
     )
     command.add_argument(
         "--identity", type=Path, help="private key file (default: ssh-agent and ~/.ssh keys)"
+    )
+
+
+def _force_option(command: argparse.ArgumentParser) -> None:
+    command.add_argument(
+        "--force",
+        action="store_true",
+        help="train again from the first round, even a run that completed (which is otherwise "
+        "only reported): deletes the run's results (report, round outputs and job logs, models "
+        "after the initial one, rescue DAGs, the runner's journal); the planned files and the "
+        "dataset are kept",
     )
 
 
@@ -203,6 +220,7 @@ def parser() -> argparse.ArgumentParser:
         help="node jobs in slot SLOT (0..SLOTS-1) work FACTOR times as long: a local stand-in "
         "for slower machines (on a pool: [faults] slow); repeatable",
     )
+    _force_option(run)
     run.set_defaults(func=_run)
 
     submit = commands.add_parser("submit", help="submit a planned run to HTCondor (DAGMan)")
@@ -270,6 +288,7 @@ def parser() -> argparse.ArgumentParser:
     demo = commands.add_parser("demo", help="generate data, plan and run a demo on this machine")
     demo.add_argument("--out", type=Path, default=Path("demo-run"))
     demo.add_argument("--slots", type=int, default=2)
+    _force_option(demo)
     demo.set_defaults(func=_demo)
     return root
 
@@ -281,6 +300,9 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as exc:
         console.print("[bold red]error:[/]", escape(str(exc)), highlight=False, soft_wrap=True)
         return 2
+    except RunStopped as exc:
+        console.print(f"[yellow]{escape(str(exc))}[/]", highlight=False, soft_wrap=True)
+        return exc.exit_code
     except KeyboardInterrupt:
         console.print("[yellow]interrupted[/]: finished rounds and models are kept")
         return 130

@@ -60,7 +60,8 @@ def demo_textures(out: Path) -> Path:
     return source
 
 
-def run_demo(out: Path, slots: int = 2) -> dict[str, Any]:
+def run_demo(out: Path, slots: int = 2, force: bool = False) -> dict[str, Any]:
+    """A finished demo is reported, not rerun (`force` trains it again on the same dataset)."""
     out.mkdir(parents=True, exist_ok=True)
     demo_textures(out)
     config_path = out / "demo.toml"
@@ -69,7 +70,7 @@ def run_demo(out: Path, slots: int = 2) -> dict[str, Any]:
     run_dir = out / "run"
     if not (run_dir / DAG_FILE).is_file():
         planner.plan_from_file(config_path, run_dir)
-    return run_local(run_dir, slots=slots)
+    return run_local(run_dir, slots=slots, force=force)
 
 
 def run_demo_variant(

@@ -2,19 +2,24 @@
 
 import json
 import math
+import signal
 from pathlib import Path
 from typing import Any
 
 from rich.console import Console
+from rich.markup import escape
 
 from node_payload.errors import UserError
 from node_payload.faults import SLOWDOWN_VARIABLE
 from node_payload.run_config import read_run_config, update_budget
 from node_payload.run_layout import CONFIG_FILE, DAG_FILE, REPORT_FILE
-from pipeline.local_runner import run_dag
+from pipeline.local_runner import DagInterrupted, run_dag
 from pipeline.mirrors import serve
 from pipeline.progress import RunProgress
 from pipeline.rescue import reopen_missing_nodes
+from pipeline.run_lock import RunLock
+from pipeline.run_reset import reset_run
+from pipeline.run_summary import RunStopped, summary_line
 
 
 def mirror_ports(mirrors: list[str]) -> list[int]:
@@ -22,14 +27,27 @@ def mirror_ports(mirrors: list[str]) -> list[int]:
     return [int(url.rsplit(":", 1)[1].split("/")[0]) for url in mirrors]
 
 
+def completed_report(run_dir: Path) -> dict[str, Any] | None:
+    """The report of a run that completed, else None."""
+    try:
+        report = json.loads((run_dir / REPORT_FILE).read_text())
+    except (OSError, ValueError):
+        return None
+    return report if report.get("status") == "completed" else None
+
+
 def run_local(
     run_dir: Path,
     slots: int = 2,
     show_progress: bool = True,
     slow_slots: dict[int, float] | None = None,
+    force: bool = False,
 ) -> dict[str, Any]:
     """Run (or resume) a planned run; returns report.json written by the DAG's FINAL node.
 
+    A completed run is not run again: its report is returned as it is, unless `force` resets the
+    run to its planned state first (pipeline.run_reset). One process at a time runs a run
+    directory (pipeline.run_lock); SIGINT or SIGTERM stop it resumably (RunStopped).
     `slow_slots` (slot -> factor >= 1) makes node jobs started in those slots work that many
     times as long: a local stand-in for slower machines (on a pool, use `[faults] slow`).
     """
@@ -47,6 +65,40 @@ def run_local(
         raise UserError(f"{run_dir}: not a run directory (no {DAG_FILE}); plan one first")
     config = read_run_config(run_dir / CONFIG_FILE)
     console = Console(stderr=True, quiet=not show_progress)
+    with RunLock(run_dir, "run") as lock:
+        if lock.stale is not None:
+            console.print(
+                escape(f"taking over from {lock.stale.describe()}, which ended without "
+                       "releasing the run"), highlight=False, soft_wrap=True,
+            )  # fmt: skip
+        done = completed_report(run_dir)
+        if done is not None and not force:
+            console.print(summary_line(done, run_dir, reused=True), highlight=False, soft_wrap=True)
+            return done
+        if force:
+            reset_run(run_dir, config)
+        try:
+            _execute(run_dir, config, slots, slot_environment, console)
+        except DagInterrupted as exc:
+            raise RunStopped(run_dir, exc.exit_code) from None
+        except KeyboardInterrupt:
+            raise RunStopped(run_dir, 128 + signal.SIGINT) from None
+    report_path = run_dir / REPORT_FILE
+    if not report_path.is_file():
+        raise UserError(f"{run_dir}: the run ended without {REPORT_FILE}; see report.err")
+    report = json.loads(report_path.read_text())
+    console.print(summary_line(report, run_dir), highlight=False, soft_wrap=True)
+    return report
+
+
+def _execute(
+    run_dir: Path,
+    config: dict[str, Any],
+    slots: int,
+    slot_environment: dict[int, dict[str, str]],
+    console: Console,
+) -> None:
+    """Missing nodes reopened, embedded mirrors up, then the DAG with a live progress table."""
     reopened = reopen_missing_nodes(run_dir)
     if reopened:
         console.print(f"resuming: missing nodes run again: {', '.join(reopened)}")
@@ -69,12 +121,3 @@ def run_local(
     finally:
         if mirrors is not None:
             mirrors.close()
-    report_path = run_dir / REPORT_FILE
-    if not report_path.is_file():
-        raise UserError(f"{run_dir}: the run ended without {REPORT_FILE}; see report.err")
-    report = json.loads(report_path.read_text())
-    console.print(
-        f"[bold]{report['status']}[/]: {report['summary']}, final held-out accuracy "
-        f"{report['final_accuracy']}; report: {report_path}"
-    )
-    return report

@@ -42,6 +42,8 @@ class RunProgress:
     def __exit__(self, *exc: object) -> None:
         self.live.update(self._table())
         self.live.__exit__(*exc)
+        if not self.live.console.is_terminal:  # rich ends the last frame only on a terminal
+            self.live.console.line()
 
     def on_event(self, event: object) -> None:
         node, kind = getattr(event, "node", ""), getattr(event, "kind", "")

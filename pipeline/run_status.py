@@ -30,6 +30,7 @@ from node_payload.run_config import read_run_config, update_budget
 from node_payload.run_layout import (
     ASYNC_STATE,
     CONFIG_FILE,
+    DAG_FILE,
     MISSING_MARK,
     REPORT_FILE,
     STATUS_FILE,
@@ -43,6 +44,8 @@ from node_payload.run_layout import (
     round_metrics_path,
     round_tag,
 )
+from pipeline.local_runner.journal import journal_path
+from pipeline.run_lock import recorded_holder
 
 # NodeStatus and DagStatus codes of the NODE_STATUS_FILE (DAGMan manual).
 NOT_READY, READY, PRERUN, SUBMITTED, POSTRUN, DONE, ERROR, FUTILE = range(8)
@@ -58,6 +61,7 @@ _JOB_EVENTS = {
     htcondor2.JobEventType.JOB_ABORTED: "ended",
 }
 _ACTIVE = ("idle", "running", "held")
+STOPPED = "stopped (resumable)"
 
 
 @dataclass
@@ -74,7 +78,8 @@ class RoundStatus:
 
 @dataclass
 class RunStatus:
-    """A run as its files describe it; `state` is not started, running, done or failed."""
+    """A run as its files describe it; `state` is not started, running, done, failed or
+    STOPPED."""
 
     run_dir: Path
     name: str
@@ -87,7 +92,7 @@ class RunStatus:
 
     @property
     def ended(self) -> bool:
-        return self.state in ("done", "failed")
+        return self.state in ("done", "failed", STOPPED)
 
     @property
     def accuracy(self) -> list[float]:
@@ -201,6 +206,21 @@ def _lane_progress(run_dir: Path, config: dict) -> str:
     return f"{ledger['accepted']}/{update_budget(config)} updates, version {ledger['version']}"
 
 
+def _stopped(run_dir: Path) -> bool:
+    """A local run stopped before its DAG ended (Ctrl-C, SIGTERM, a killed runner): the local
+    runner keeps its journal exactly then, and no live process holds the run's lock. Its status
+    file still says failed (or running, when the runner was killed)."""
+    return journal_path(run_dir / DAG_FILE).is_file() and recorded_holder(run_dir) is None
+
+
+def _settle(rounds: list[RoundStatus]) -> None:
+    """Nothing runs in a stopped run: jobs its files show as active wait for the resume."""
+    for r in rounds:
+        r.nodes["waiting"] += sum(r.nodes.pop(state, 0) for state in _ACTIVE)
+        if r.aggregate in _ACTIVE:
+            r.aggregate = "waiting"
+
+
 def read_status(run_dir: Path) -> RunStatus:
     """The run's status now; works on a run directory or on a copy of its small files."""
     if not (run_dir / CONFIG_FILE).is_file():
@@ -216,12 +236,15 @@ def read_status(run_dir: Path) -> RunStatus:
     else:
         per_row = run["nodes"]
         rounds = [_round(run_dir, r, per_row, ads) for r in range(run["rounds"])]
+    stopped = _stopped(run_dir)
+    if stopped:
+        _settle(rounds)
     report = run_dir / REPORT_FILE
     return RunStatus(
         run_dir=run_dir,
         name=run["name"],
         nodes_per_round=per_row,
-        state=_dag_state(head, rounds),
+        state=STOPPED if stopped else _dag_state(head, rounds),
         rounds=rounds,
         report_status=json.loads(report.read_text())["status"] if report.is_file() else None,
         updated=int(head["Timestamp"]) if head is not None and "Timestamp" in head else None,

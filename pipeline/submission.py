@@ -17,6 +17,7 @@ from node_payload.errors import UserError
 from node_payload.run_config import read_run_config
 from node_payload.run_layout import CONFIG_FILE, DAG_FILE, REPORT_FILE
 from pipeline.rescue import reopen_missing_nodes
+from pipeline.run_lock import RunLock
 from pipeline.run_status import RunStatus, read_status
 
 # What `dagtrain plan` writes and a submission needs; a partial copy is refused up front.
@@ -105,6 +106,11 @@ def submit(run_dir: Path, maxjobs: int | None = None, maxidle: int | None = None
     """Submit (or resubmit after a failure) a planned run; returns DAGMan's cluster id."""
     run_dir = run_dir.resolve()
     check_run_dir(run_dir)
+    with RunLock(run_dir, "submit"):  # not while `dagtrain run` runs it here
+        return _submit(run_dir, maxjobs, maxidle)
+
+
+def _submit(run_dir: Path, maxjobs: int | None, maxidle: int | None) -> int:
     check_not_finished(run_dir)
     options = dag_options(maxjobs, maxidle)
     if shutil.which("condor_dagman") is None:

@@ -1,0 +1,59 @@
+"""`dagtrain run --force`: a run directory back to the state `dagtrain plan` left it in.
+
+A run resumes from whatever says a node is done: the runner's journal, rescue DAGs, and the
+outputs the next jobs read (models, round metrics, an asynchronous run's ledger, DGC residuals).
+Redoing a run therefore clears all of them, not just report.json; the planned files (DAG, submit
+files, config, payload, held-out set, the initial model) and the dataset, which lives outside the
+run directory, stay as they are.
+"""
+
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+from aggregation.async_state import Ledger, write_ledger
+from node_payload.dgc import write_empty_residual
+from node_payload.run_layout import (
+    DAG_FILE,
+    PLOT_FILE,
+    REPORT_FILE,
+    RESIDUAL_FILE,
+    STATUS_FILE,
+    lane_dir,
+)
+from pipeline.local_runner.journal import rescue_files
+
+# The FINAL node's files and the runner's own state (journal, sandboxes, cluster counter).
+RUN_OUTPUTS = (REPORT_FILE, PLOT_FILE, "report.log", "report.out", "report.err", STATUS_FILE)
+RUNNER_DIR = ".local_runner"
+# Models after the initial one: global_r001..., server_r001...
+_LATER_MODEL = re.compile(r"(global|server)_r0*[1-9]\d*\.safetensors")
+
+
+def _remove_files(top: Path) -> None:
+    """Every file below `top`; the directories stay (they are the jobs' planned initialdirs)."""
+    if top.is_dir():
+        for path in sorted(top.rglob("*")):
+            if path.is_file() or path.is_symlink():
+                path.unlink()
+
+
+def reset_run(run_dir: Path, config: dict[str, Any]) -> None:
+    """Delete what the run produced and restore the ledger and residuals it started from."""
+    for name in RUN_OUTPUTS:
+        (run_dir / name).unlink(missing_ok=True)
+    for rescue in rescue_files(run_dir / DAG_FILE):
+        rescue.unlink()
+    shutil.rmtree(run_dir / RUNNER_DIR, ignore_errors=True)
+    for model in (run_dir / "models").glob("*.safetensors"):
+        if _LATER_MODEL.fullmatch(model.name):
+            model.unlink()
+    for outputs in ("rounds", "lanes", "async"):
+        _remove_files(run_dir / outputs)
+    run_id = config["run"]["run_id"]
+    if config["compression"]["method"] == "dgc":
+        for lane in range(config["run"]["nodes"]):
+            write_empty_residual(lane_dir(run_dir, lane) / RESIDUAL_FILE, run_id, lane)
+    if config["run"]["mode"] == "async":
+        write_ledger(run_dir, Ledger(run_id=run_id))
