@@ -37,8 +37,9 @@ class QuorumNotMet(UserError):
             f"missing nodes: {_nodes(missing)}",
             f"rejected nodes: {_nodes(sorted(rejected))}",
             *(f"  node {node}: {reason}" for node, reason in sorted(rejected.items())),
-            f"Fix the cause (see rounds/r{round_:03d}/n*/job.err and the reasons above), then run "
-            "condor_submit_dag again: the rescue DAG resumes at this round.",
+            f"Fix the cause (see rounds/r{round_:03d}/n*/job.err and the reasons above), then "
+            "resume with `dagtrain submit RUN_DIR` on a pool or `dagtrain run RUN_DIR` on one "
+            "machine: the missing nodes run again and the rescue DAG resumes at this round.",
         ]
         super().__init__("\n".join(lines))
 

@@ -32,7 +32,9 @@ def _post(script: Path, node_dir: Path, ret: int, retry: int, max_retries: int =
         (75, 2, 0, True),  # last try failed: counts as missing, the DAG goes on
         (EXIT_FATAL, 0, EXIT_FATAL, False),  # bad config: fail the node (no retry: UNLESS-EXIT)
         (-1002, 0, 0, True),  # removed at the deadline: missing at once, no retry
-        (-9, 0, 0, True),  # killed by a signal
+        (-1001, 0, 0, True),  # never submitted
+        (-9, 0, 1, False),  # killed by a signal (the volunteer's machine): retried
+        (-9, 2, 0, True),  # ... until the last try
     ],
 )
 def test_post_script_decisions(
@@ -41,6 +43,13 @@ def test_post_script_decisions(
     node_dir = tmp_path / "n000"
     assert _post(post_script, node_dir, ret, retry) == expected
     assert (node_dir / "MISSING").exists() == missing
+
+
+def test_missing_marks_say_what_happened(post_script: Path, tmp_path: Path) -> None:
+    _post(post_script, tmp_path / "a", -9, 2)
+    assert (tmp_path / "a/MISSING").read_text() == "failed 3 times, last killed by signal 9\n"
+    _post(post_script, tmp_path / "b", 75, 2)
+    assert (tmp_path / "b/MISSING").read_text() == "failed 3 times, last exit code 75\n"
 
 
 def test_success_after_a_missing_mark_clears_it(post_script: Path, tmp_path: Path) -> None:
