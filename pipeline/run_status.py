@@ -1,8 +1,8 @@
 """What a run is doing, read from the files DAGMan (or the local runner) and the jobs write.
 
-The NODE_STATUS_FILE says which nodes are done, failed, queued and how often they were retried;
-it is rewritten only every few seconds, so the nodes' job event logs (read with
-htcondor2.JobEventLog) refine a queued node into idle, running or held. Round metrics come from
+The NODE_STATUS_FILE says which nodes are done, failed or queued; it is rewritten only every few
+seconds, so the nodes' job event logs (read with htcondor2.JobEventLog) refine a queued node into
+idle, running or held, and count its tries across submissions of the DAG. Round metrics come from
 rounds/rRRR/round.json. dagman.out is never parsed: its format is meant for people, not tools.
 Both a pool and the local runner write these files in the same format, so one view serves both.
 """
@@ -124,18 +124,35 @@ def read_status_file(path: Path) -> tuple[dict[str, classad2.ClassAd], classad2.
     return nodes, head
 
 
-def job_state(log: Path) -> str | None:
-    """The state of the latest job in a user log: idle, running, held, ended (None: no log)."""
+@dataclass(frozen=True)
+class JobHistory:
+    """What a node's user log says: its latest job's state and how often it was submitted.
+
+    Submissions count every try of every submission of the DAG, so retries survive a rescue
+    resume (the status file's RetryCount starts again at 0 with each DAGMan).
+    """
+
+    state: str | None = None
+    submissions: int = 0
+
+    @property
+    def retries(self) -> int:
+        return max(self.submissions - 1, 0)
+
+
+def job_history(log: Path) -> JobHistory:
+    """Read a user log once (no log: no job yet)."""
     if not log.is_file():
-        return None
-    state = None
+        return JobHistory()
+    state, submissions = None, 0
     events = htcondor2.JobEventLog(str(log))
     try:
         for event in events.events(stop_after=0):
             state = _JOB_EVENTS.get(event.type, state)
+            submissions += event.type == htcondor2.JobEventType.SUBMIT
     finally:
         events.close()
-    return state
+    return JobHistory(state, submissions)
 
 
 def node_state(status: int | None, job: str | None) -> str:
@@ -171,13 +188,14 @@ def _round(run_dir: Path, index: int, nodes: int, ads: dict[str, classad2.ClassA
     for n in range(nodes):
         ad = ads.get(node_name(index, n))
         code = ad.get("NodeStatus") if ad is not None else None
-        status.nodes[node_state(code, job_state(node_dir(run_dir, index, n) / "job.log"))] += 1
-        status.retries += int(ad.get("RetryCount", 0)) if ad is not None else 0
+        history = job_history(node_dir(run_dir, index, n) / "job.log")
+        status.nodes[node_state(code, history.state)] += 1
+        status.retries += history.retries
         status.missing += (node_dir(run_dir, index, n) / MISSING_MARK).is_file()
     ad = ads.get(aggregate_name(index))
     status.aggregate = node_state(
         ad.get("NodeStatus") if ad is not None else None,
-        job_state(round_dir(run_dir, index) / "aggregate.log"),
+        job_history(round_dir(run_dir, index) / "aggregate.log").state,
     )
     metrics = round_metrics_path(run_dir, index)
     if metrics.is_file():
@@ -191,9 +209,9 @@ def _lane(run_dir: Path, lane: int, jobs: int, ads: dict[str, classad2.ClassAd])
     for step in range(jobs):
         ad = ads.get(lane_job_name(lane, step))
         code = ad.get("NodeStatus") if ad is not None else None
-        log = lane_job_dir(run_dir, lane, step) / "job.log"
-        status.nodes[node_state(code, job_state(log))] += 1
-        status.retries += int(ad.get("RetryCount", 0)) if ad is not None else 0
+        history = job_history(lane_job_dir(run_dir, lane, step) / "job.log")
+        status.nodes[node_state(code, history.state)] += 1
+        status.retries += history.retries
     return status
 
 

@@ -77,6 +77,23 @@ def dag_options(maxjobs: int | None, maxidle: int | None) -> dict[str, int]:
     return options
 
 
+# What a 23.x schedd answers bindings of 24.x or later, which bind FS authentication to its address.
+_CHANNEL_BINDING = "Directory name doesn't match"
+
+
+def _refused(what: str, exc: htcondor2.HTCondorException) -> UserError:
+    """One message; a client/schedd version mismatch names the setting that fixes it."""
+    if _CHANNEL_BINDING not in str(exc):
+        return UserError(f"{what}: {exc}")
+    return UserError(
+        f"{what}: the schedd refused this client's FS authentication. The htcondor bindings here "
+        f"({htcondor2.version().split()[1]}) bind it to the server's address, which schedds "
+        "before 24.0 do not; set SEC_FS_ENFORCE_CHANNEL_BINDING = False in this client's HTCondor "
+        "configuration (or export _CONDOR_SEC_FS_ENFORCE_CHANNEL_BINDING=False), or install the "
+        "bindings of the schedd's version (pip install 'htcondor==X.Y.*')"
+    )
+
+
 def _schedd() -> htcondor2.Schedd:
     try:
         return htcondor2.Schedd()
@@ -94,7 +111,7 @@ def running_dagman(schedd: htcondor2.Schedd, run_dir: Path) -> int | None:
             f"JobUniverse == {SCHEDULER_UNIVERSE} && {ACTIVE_JOB}", ["ClusterId", "Iwd"]
         )
     except htcondor2.HTCondorException as exc:
-        raise UserError(f"cannot reach the HTCondor schedd: {exc}") from None
+        raise _refused("cannot reach the HTCondor schedd", exc) from None
     for ad in ads:
         with contextlib.suppress(OSError, KeyError):
             if os.path.samefile(ad["Iwd"], run_dir):
@@ -132,7 +149,7 @@ def _submit(run_dir: Path, maxjobs: int | None, maxidle: int | None) -> int:
         try:
             result = schedd.submit(description)
         except htcondor2.HTCondorException as exc:
-            raise UserError(f"the HTCondor schedd refused the DAG of {run_dir}: {exc}") from None
+            raise _refused(f"the HTCondor schedd refused the DAG of {run_dir}", exc) from None
     return result.cluster()
 
 

@@ -29,6 +29,7 @@ from pipeline.local_runner.dag_file import parse_dag
 from pipeline.local_runner.submit_description import load_job
 from pipeline.run_status import read_status, render
 from pipeline.submission import check_run_dir
+from tests.timing import wait_s
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -204,7 +205,7 @@ def test_concurrent_arrivals_lose_no_update(async_run: Callable) -> None:
         )
         for lane in range(4)
     ]
-    assert [p.wait(timeout=120) for p in procs] == [0] * 4
+    assert [p.wait(timeout=wait_s(120, 16)) for p in procs] == [0] * 4
     ledger = read_ledger(run_dir)
     assert ledger.version == 4
     assert sorted(u for v in ledger.versions for u in v["updates"]) == [
@@ -330,8 +331,8 @@ def test_async_run_lets_fast_lanes_work_more_and_resumes_after_a_kill(
     assert (run_dir / "accuracy.png").stat().st_size > 0
 
 
-def _wait_for(condition: Callable[[], bool], timeout_s: float = 180) -> None:
-    deadline = time.monotonic() + timeout_s
+def _wait_for(condition: Callable[[], bool]) -> None:
+    deadline = time.monotonic() + wait_s(180, 30)
     while not condition():
         assert time.monotonic() < deadline, "timed out"
         time.sleep(0.2)

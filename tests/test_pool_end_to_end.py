@@ -24,12 +24,17 @@ from pipeline.local_runner.dag_file import Node, parse_dag
 from pipeline.local_runner.job_process import THREAD_VARIABLES
 from pipeline.mirrors import serve
 from pipeline.rescue import reopen_missing_nodes
+from pipeline.run_status import job_history
 from tests.condor_pool.pool import CondorPool
+from tests.timing import wait_s
 
 pytestmark = pytest.mark.pool
 
-# Short enough to keep the tests quick, long enough for a healthy tiny node job to finish.
-DEADLINE_S = 20
+
+def _deadline_s() -> int:
+    """Short enough to keep the tests quick, long enough for a healthy tiny node job to finish,
+    from its queueing (4 nodes on the pool's slots: two jobs one after the other, and more)."""
+    return round(wait_s(20, 4))
 
 
 def _plan(config_path: Path, run_dir: Path) -> Path:
@@ -44,12 +49,12 @@ def _mirrors(run_dir: Path) -> Iterator[None]:
         yield
 
 
-def _submit(pool: CondorPool, run_dir: Path, timeout_s: float = 240) -> int:
+def _submit(pool: CondorPool, run_dir: Path) -> int:
     """condor_submit_dag dagtrain.dag from the run directory; returns DAGMan's exit status."""
     pool.own(run_dir)
     dag = run_dir / DAG_FILE
     pool.submit_dag(dag)
-    return pool.wait_dag(dag, timeout_s)
+    return pool.wait_dag(dag, wait_s(240, 40))
 
 
 def _report(run_dir: Path) -> dict:
@@ -128,7 +133,7 @@ def test_pool_round_goes_on_at_quorum_without_failed_and_removed_nodes(
         run__rounds="1",
         run__quorum="0.5",
         run__retries="1",
-        run__node_deadline_s=str(DEADLINE_S),
+        run__node_deadline_s=str(_deadline_s()),
         faults__fail="[[0, 1]]",
         faults__hang="[[0, 2]]",
     )
@@ -143,6 +148,11 @@ def test_pool_round_goes_on_at_quorum_without_failed_and_removed_nodes(
     assert "removed" in (nodes / "n002/MISSING").read_text()
     assert _executions(nodes / "n001/job.log") == 2
     assert "PeriodicRemove expression" in (nodes / "n002/job.log").read_text()
+    # A failed job's output comes back as the local runner's does: the POST script points there.
+    assert (
+        "injected failure ([faults] fail) for round 0 node 1"
+        in (nodes / "n001/job.err").read_text()
+    )
 
 
 @pytest.mark.slow
@@ -152,7 +162,7 @@ def test_pool_below_quorum_stops_and_rescue_reruns_only_missing_nodes(
     config = tiny_config(
         run__quorum="1.0",
         run__retries="1",
-        run__node_deadline_s=str(DEADLINE_S),
+        run__node_deadline_s=str(_deadline_s()),
         faults__fail="[[0, 1]]",
         faults__hang="[[0, 2]]",
     )
@@ -180,6 +190,8 @@ def test_pool_below_quorum_stops_and_rescue_reruns_only_missing_nodes(
     assert (finished / "metrics.json").read_bytes() == metrics
     assert _executions(finished / "job.log") == 1
     assert _executions(run_dir / "rounds/r000/n001/job.log") == 3  # 2 failed tries, then 1
+    # Its retries are counted across both DAGMan submissions, not from the newest one only.
+    assert job_history(run_dir / "rounds/r000/n001/job.log").retries == 2
 
 
 @pytest.mark.slow
@@ -294,7 +306,7 @@ def test_job_environment_matches_local_runner(
 
     condor_pool.own(condor_workdir)
     condor_pool.submit_dag(dag)
-    assert condor_pool.wait_dag(dag) == 0
+    assert condor_pool.wait_dag(dag, wait_s(120, 10)) == 0
     assert run_dag(local / dag.name, slots=2).ok
     for name in ("vanilla.txt", "local.txt"):
         assert (local / name).read_text() == (condor_workdir / name).read_text(), name

@@ -34,6 +34,7 @@ from pipeline.run_status import (
 from pipeline.run_status import render as render_status
 from pipeline.submission import dag_options, submit
 from tests.condor_pool.pool import CondorPool
+from tests.timing import wait_s
 
 NODE_SUB = """universe = vanilla
 executable = /bin/sh
@@ -151,6 +152,11 @@ def test_status_mid_run_combines_status_file_and_job_logs(tmp_path: Path) -> Non
         n: UserLog(node_dir(run, 0, n) / "job.log", 10 + n, f"train_r000_n{n:03d}")
         for n in range(5)
     }
+    for n in (1, 3):  # a first try that failed: DAGMan's RETRY submits a new job
+        earlier = UserLog(node_dir(run, 0, n) / "job.log", 5 + n, f"train_r000_n{n:03d}")
+        earlier.submitted()
+        earlier.executing()
+        earlier.terminated(75, None)
     for log in logs.values():
         log.submitted()
     logs[1].executing()
@@ -159,7 +165,8 @@ def test_status_mid_run_combines_status_file_and_job_logs(tmp_path: Path) -> Non
     logs[3].executing()
     logs[3].terminated(0, None)
     states = [SUBMITTED, SUBMITTED, SUBMITTED, DONE, ERROR]
-    nodes = [NodeState(f"train_r000_n{n:03d}", s, retry_count=n % 2) for n, s in enumerate(states)]
+    # The status file's RetryCount restarts with each DAGMan (rescue): the logs count the tries.
+    nodes = [NodeState(f"train_r000_n{n:03d}", s, retry_count=0) for n, s in enumerate(states)]
     nodes.append(NodeState("aggregate_r000", NOT_READY))
     write(run / STATUS_FILE, render(run / DAG_FILE, SUBMITTED, nodes, time.time() + 10))
     (node_dir(run, 0, 4) / "MISSING").write_text("failed 2 times\n")
@@ -306,7 +313,8 @@ def test_remote_options_need_remote(tmp_path: Path, capsys: pytest.CaptureFixtur
 # ---------------------------------------------------------------- on the pool
 
 
-def _dagtrain(pool: CondorPool, cwd: Path, *args: str, timeout_s: float = 60):
+def _dagtrain(pool: CondorPool, cwd: Path, *args: str, timeout_s: float | None = None):
+    timeout_s = timeout_s or wait_s(60, 4)
     return pool.run([sys.executable, "-m", "pipeline.cli", *args], cwd=cwd, timeout_s=timeout_s)
 
 
@@ -342,7 +350,7 @@ def test_submit_with_maxjobs_runs_one_job_at_a_time(
     assert again.returncode == 2
     assert f"already submitted and still running as DAGMan job {cluster}" in again.stderr
 
-    watch = _dagtrain(condor_pool, run, "status", str(run), "--watch", timeout_s=120)
+    watch = _dagtrain(condor_pool, run, "status", str(run), "--watch", timeout_s=wait_s(120, 10))
     print(f"maxjobs 1 DAG: {time.monotonic() - started:.1f} s")
     assert watch.returncode == 0, watch.stderr
     assert "done: round 1/1, 0 retries, held-out accuracy 0.500; report: completed" in watch.stdout
@@ -361,7 +369,7 @@ def test_status_of_a_failed_pool_run(condor_pool: CondorPool, condor_workdir: Pa
     condor_pool.own(condor_workdir)
     proc = _dagtrain(condor_pool, run, "submit", str(run))
     assert proc.returncode == 0, proc.stderr
-    deadline = time.monotonic() + 90
+    deadline = time.monotonic() + wait_s(90, 8)
     while not (status := read_status(run)).ended:
         assert time.monotonic() < deadline, _text(status)
         time.sleep(1)
@@ -372,3 +380,23 @@ def test_status_of_a_failed_pool_run(condor_pool: CondorPool, condor_workdir: Pa
     assert status.rounds[1].nodes["waiting"] == 2
     shown = _dagtrain(condor_pool, run, "status", str(run))
     assert shown.returncode == 1 and "failed: round 1/2, 1 retries" in shown.stdout
+
+
+@pytest.mark.pool
+def test_submit_names_the_setting_a_version_mismatch_needs(
+    condor_pool: CondorPool, condor_workdir: Path
+) -> None:
+    """These bindings are newer than the pool's 23.9 schedd: with channel binding enforced (the
+    bindings' default), FS authentication fails, and the message says what to set."""
+    run = fake_run(condor_workdir / "run", rounds=1, nodes=1)
+    condor_pool.own(condor_workdir)
+    enforce = "_CONDOR_SEC_FS_ENFORCE_CHANNEL_BINDING=True"
+    proc = condor_pool.run(
+        ["env", enforce, sys.executable, "-m", "pipeline.cli", "submit", str(run)],
+        cwd=run,
+        timeout_s=wait_s(60, 4),
+    )
+    assert proc.returncode == 2, proc.stderr
+    assert "SEC_FS_ENFORCE_CHANNEL_BINDING = False" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert not (run / f"{DAG_FILE}.condor.sub").exists()

@@ -22,7 +22,8 @@ SUPPORTED = {
     "should_transfer_files", "when_to_transfer_output", "success_exit_code",
     "transfer_input_files", "transfer_output_files", "transfer_output_remaps", "log", "output",
     "error", "request_cpus", "request_memory", "request_disk", "request_gpus", "periodic_remove",
-    "allowed_job_duration", "notification", "getenv", "max_retries",
+    "allowed_job_duration", "notification", "getenv", "max_retries", "stream_output",
+    "stream_error",
 }  # fmt: skip
 TRANSFER_WHEN = ("ON_EXIT", "ON_SUCCESS", "ON_EXIT_OR_EVICT")
 _UNITS = {"": 1, "K": 1 / 1024, "KB": 1 / 1024, "M": 1, "MB": 1, "G": 1024, "GB": 1024,
