@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 
 from node_payload.errors import UserError
-from node_payload.manifest_limits import MAX_MANIFEST_BYTES, size_problem
+from node_payload.manifest_limits import MAX_BLOCK, MAX_MANIFEST_BYTES, size_problem
 
 FORMAT = "dagtrain-dataset/2"
 MODES = ("L", "RGB")
@@ -367,6 +367,10 @@ def _validate_parameters(doc: dict[str, Any], origin: str) -> None:
         raise _fail(origin, f"margin {doc['margin']!r} is too small for tile {doc['tile']}")
     if not _is_int(doc["block"], 1):
         raise _fail(origin, f"block must be a positive integer, not {doc['block']!r}")
+    if doc["block"] > MAX_BLOCK:
+        raise _fail(
+            origin, f"block is {doc['block']} px, more than the {MAX_BLOCK} px any dataset uses"
+        )
     angles = doc["angles"]
     if not (
         isinstance(angles, list) and len(angles) == 3 and all(_is_int(a) for a in angles)

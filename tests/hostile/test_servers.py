@@ -1,0 +1,379 @@
+"""Hostile mirrors and manifests: real pyftpdlib servers on loopback that lie.
+
+A mirror is anyone's FTP server and a manifest anyone's file. Each lie must end in one of three
+ways, never in a traceback or a buffer the size of a claim: the node fails over to the next
+mirror with one log line naming the mirror and the lie (exit 75 when every mirror lies), the plan
+refuses the mirror or manifest naming it and the numbers, or the lie has no effect because the
+node never asked (a shard's SIZE, bytes past a read's end).
+"""
+
+import io
+import json
+import shutil
+import threading
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from pyftpdlib.authorizers import DummyAuthorizer
+from pyftpdlib.filesystems import AbstractedFS
+from pyftpdlib.handlers import FTPHandler
+
+from node_payload import fetch
+from node_payload.cli import main as node_main
+from node_payload.errors import EXIT_RETRYABLE, UserError
+from node_payload.fetch import DataUnreachable, FetchStats, fetch_fragments
+from node_payload.local_data import fetch_raw, planned_manifest
+from node_payload.manifest import Manifest, encode
+from node_payload.manifest_limits import MAX_DATASET_BYTES, MAX_MANIFEST_BYTES
+from node_payload.run_config import read_run_config
+from node_payload.run_layout import model_path
+from pipeline.cli import main
+from pipeline.mirror_check import check_mirrors
+from pipeline.mirrors import MirrorServer, RangeFTPHandler, read_only_handler, serve
+from pipeline.planner import plan_from_file
+
+TB = 10**12
+
+
+@pytest.fixture(autouse=True)
+def no_leftover_servers() -> Iterator[None]:
+    yield
+    assert not [t.name for t in threading.enumerate() if t.name.startswith("ftp-mirror")]
+
+
+@pytest.fixture
+def mirror(tiny_dataset: Path) -> Iterator[Callable[..., str]]:
+    """Starts a mirror of the tiny dataset (or of `root`) with a handler class; returns its URL."""
+    servers: list[MirrorServer] = []
+
+    def start(base: type[FTPHandler], root: Path = tiny_dataset, port: int = 0, **attrs) -> str:
+        """attrs override the handler's class attributes, the read-only authorizer included."""
+        handler = type(base.__name__, (read_only_handler(root, base),), attrs)
+        servers.append(MirrorServer(handler, port))
+        return servers[-1].url
+
+    yield start
+    for server in servers:
+        server.stop()
+    for server in servers:
+        server.close()
+
+
+def warnings(caplog: pytest.LogCaptureFixture) -> list[str]:
+    """The fetch's own log lines (pyftpdlib's go to its own logger)."""
+    return [r.getMessage() for r in caplog.records if r.name == fetch.__name__]
+
+
+def digest(dataset: Path) -> str:
+    return Manifest.load(dataset / "manifest.json").digest()
+
+
+class LyingSize(RangeFTPHandler):
+    """Answers SIZE of the files whose name ends with `lie_about` with `claim`."""
+
+    lie_about = "manifest.json"
+    claim = str(TB)
+
+    def ftp_SIZE(self, path: str) -> None:
+        if path.endswith(self.lie_about):
+            self.respond(f"213 {self.claim}")
+        else:
+            super().ftp_SIZE(path)
+
+
+class _EndlessFile(io.FileIO):
+    """A shard that never ends and never moves: whatever range is asked, 0xAA bytes forever."""
+
+    def read(self, size: int = -1) -> bytes:
+        return b"\xaa" * (size if size > 0 else 65536)
+
+
+class _EndlessFS(AbstractedFS):
+    def open(self, filename: str, mode: str) -> io.FileIO:
+        if "/shards/" in filename:
+            return _EndlessFile(filename, "rb")
+        return super().open(filename, mode)
+
+
+class EndlessShards(RangeFTPHandler):
+    """Announces RANG STREAM, then sends past every range end (and the wrong bytes)."""
+
+    use_sendfile = False  # sendfile would bypass the file object's read()
+    abstracted_fs = _EndlessFS
+
+
+def another_dataset(dataset: Path, dest: Path) -> Path:
+    """The same shards under a manifest that differs (another seed): another dataset."""
+    other = shutil.copytree(dataset, dest)
+    doc = json.loads((other / "manifest.json").read_bytes())
+    doc["seed"] += 1
+    (other / "manifest.json").write_bytes(encode(doc))
+    return other
+
+
+@pytest.mark.parametrize(
+    ("claim", "lie"),
+    [
+        (str(TB), f"SIZE says manifest.json is {TB} bytes, more than {MAX_MANIFEST_BYTES}"),
+        ("-5", "no size for manifest.json (SIZE answered '213 -5')"),
+        ("12abc", "no size for manifest.json (SIZE answered '213 12abc')"),
+    ],
+)
+def test_a_mirror_lying_about_the_manifest_size_is_passed_over_in_one_line(
+    tiny_dataset: Path, mirror: Callable[..., str], caplog, claim: str, lie: str
+) -> None:
+    liar = mirror(LyingSize, claim=claim)
+    good = mirror(RangeFTPHandler)
+    stats = FetchStats()
+    manifest = planned_manifest([liar, good], 0, digest(tiny_dataset), stats)
+    assert manifest.digest() == digest(tiny_dataset)
+    (line,) = warnings(caplog)
+    assert liar in line and lie in line
+    assert stats.failovers == 1
+    assert liar not in stats.per_mirror_bytes  # not one byte read on the strength of the claim
+
+
+def test_a_mirror_sending_more_of_the_manifest_than_its_size_is_passed_over(
+    tiny_dataset: Path, mirror: Callable[..., str], caplog
+) -> None:
+    half = (tiny_dataset / "manifest.json").stat().st_size // 2
+    liar = mirror(LyingSize, claim=str(half))
+    good = mirror(RangeFTPHandler)
+    stats = FetchStats()
+    planned_manifest([liar, good], 0, digest(tiny_dataset), stats)
+    (line,) = warnings(caplog)
+    assert liar in line and f"sent more of manifest.json than the {half} bytes" in line
+    assert stats.per_mirror_bytes[liar] == half + 1  # one byte past the claim proves the lie
+
+
+def test_a_mirror_serving_another_manifest_is_passed_over_in_one_line(
+    tiny_dataset: Path, mirror: Callable[..., str], tmp_path: Path, caplog
+) -> None:
+    stale = mirror(RangeFTPHandler, another_dataset(tiny_dataset, tmp_path / "other"))
+    good = mirror(RangeFTPHandler)
+    stats = FetchStats()
+    manifest = planned_manifest([stale, good], 0, digest(tiny_dataset), stats)
+    assert manifest.digest() == digest(tiny_dataset)
+    (line,) = warnings(caplog)
+    assert stale in line and "serves a different manifest.json than the run was planned" in line
+
+
+def test_a_mirror_lying_about_a_shard_size_is_never_asked(
+    tiny_dataset: Path, mirror: Callable[..., str]
+) -> None:
+    """Shard reads take their lengths from the manifest alone: the lie is never heard."""
+    commands: list[str] = []
+
+    class Recording(LyingSize):
+        lie_about = ".bin"
+
+        def pre_process_command(self, line: str, cmd: str, arg: str) -> None:
+            commands.append(cmd)
+            super().pre_process_command(line, cmd, arg)
+
+    liar = mirror(Recording)
+    manifest = Manifest.load(tiny_dataset / "manifest.json")
+    ids = list(range(0, len(manifest), 9))
+    stats = FetchStats()
+    blobs = fetch_raw(manifest, ids, [liar], 0, stats)
+    assert set(blobs) == {b.id for b in manifest.blocks_under(ids)}
+    assert stats.failovers == 0 and "RETR" in commands and "SIZE" not in commands
+
+
+def test_a_mirror_sending_past_the_range_end_is_read_only_to_it(
+    tiny_dataset: Path, mirror: Callable[..., str], caplog
+) -> None:
+    endless = mirror(EndlessShards)
+    good = mirror(RangeFTPHandler)
+    manifest = Manifest.load(tiny_dataset / "manifest.json")
+    (block, *_), _ = manifest.blocks(manifest.fragment(0))
+    stats = FetchStats()
+    got = fetch_fragments([endless, good], 0, [block], stats, timeout_s=5)
+    shard = (tiny_dataset / block.shard).read_bytes()
+    assert got == {block.id: shard[block.offset : block.offset + block.length]}
+    assert stats.per_mirror_bytes[endless] == block.length  # nothing past what was asked
+    (line,) = warnings(caplog)
+    assert endless in line and f"sha256 mismatch for fragment {block.id}" in line
+
+
+def test_a_mirror_whose_reply_never_ends_is_passed_over(
+    tiny_dataset: Path, mirror: Callable[..., str], caplog
+) -> None:
+    chatty = mirror(RangeFTPHandler, banner=("x" * 70 + "\r\n") * 2000)  # a 142 KB greeting
+    good = mirror(RangeFTPHandler)
+    planned_manifest([chatty, good], 0, digest(tiny_dataset), FetchStats())
+    (line,) = warnings(caplog)
+    assert chatty in line and f"a reply of more than {fetch.MAX_REPLY} bytes" in line
+
+
+def test_a_node_exits_75_at_once_when_every_mirror_lies(
+    tiny_config: Callable[..., Path],
+    tiny_dataset: Path,
+    mirror: Callable[..., str],
+    tmp_path: Path,
+    caplog,
+    capsys,
+    monkeypatch,
+) -> None:
+    run_dir = plan_from_file(tiny_config(data__embedded_mirrors="3"), tmp_path / "run")
+    urls = read_run_config(run_dir / "config.toml")["data"]["mirrors"]
+    ports = [int(url.rsplit(":", 1)[1]) for url in urls]
+    half = (tiny_dataset / "manifest.json").stat().st_size // 2
+    mirror(LyingSize, port=ports[0])
+    mirror(LyingSize, port=ports[1], claim=str(half))
+    mirror(RangeFTPHandler, another_dataset(tiny_dataset, tmp_path / "other"), port=ports[2])
+    pauses: list[float] = []
+    monkeypatch.setattr(fetch.time, "sleep", pauses.append)
+    args = ["--config", str(run_dir / "config.toml"), "--model", str(model_path(run_dir, 0))]
+    args += ["--round", "0", "--node", "0", "--seed", "1", "--out", str(tmp_path / "n0")]
+    assert node_main(args) == EXIT_RETRYABLE
+    assert "data unreachable, retry later" in capsys.readouterr().err
+    lines = warnings(caplog)
+    assert len(lines) == 3  # one per mirror
+    for url, lie in zip(
+        urls,
+        [f"{TB} bytes", f"than the {half} bytes its SIZE says", "serves a different"],
+        strict=True,
+    ):
+        assert any(url in line and lie in line for line in lines), (url, lines)
+    assert pauses == []  # a lie does not heal: no pass over the same mirrors again
+    assert not (tmp_path / "n0" / "update.safetensors").exists()
+
+
+def test_plan_refuses_a_mirror_lying_about_the_manifest_size(
+    tiny_config: Callable[..., Path], mirror: Callable[..., str], tmp_path: Path, capsys
+) -> None:
+    liar, good = mirror(LyingSize), mirror(RangeFTPHandler)
+    config = tiny_config(data__mirrors=json.dumps([liar, good]))
+    assert main(["plan", str(config), "--out", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err
+    assert liar in err and f"manifest.json is {TB} bytes" in err and "Traceback" not in err
+    assert good not in err
+    assert not (tmp_path / "run").exists()
+
+
+def test_plan_refuses_a_mirror_with_another_manifest(
+    tiny_config: Callable[..., Path], tiny_dataset: Path, tmp_path: Path, capsys
+) -> None:
+    other = another_dataset(tiny_dataset, tmp_path / "other")
+    with serve(tiny_dataset, k=1) as good, serve(other, k=1) as stale:
+        mirrors = json.dumps([*good.urls, *stale.urls])
+        config = tiny_config(data__mirrors=mirrors)
+        assert main(["plan", str(config), "--out", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err
+    assert stale.urls[0] in err and good.urls[0] not in err
+    assert "different manifest.json" in err and "dagtrain upload" in err
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_refused_login_names_the_mirror_and_the_user(
+    tiny_dataset: Path, mirror: Callable[..., str], caplog, capsys
+) -> None:
+    authorizer = DummyAuthorizer()
+    authorizer.add_user("alice", "right", str(tiny_dataset.parent), perm="elr")
+    base = mirror(FTPHandler, authorizer=authorizer, auth_failed_timeout=0)
+    url = base.replace("ftp://", "ftp://alice:wrong@") + f"/{tiny_dataset.name}"
+    label = base.replace("ftp://", "ftp://alice@") + f"/{tiny_dataset.name}"
+    good = mirror(RangeFTPHandler)
+
+    check_mirrors([url, good], digest(tiny_dataset))
+    err = capsys.readouterr().err
+    assert label in err and "login as 'alice' refused" in err
+    assert "[data] mirrors" in err and "unreachable" not in err and "wrong" not in err
+
+    planned_manifest([url, good], 0, digest(tiny_dataset), FetchStats())  # nodes skip it
+    (line,) = warnings(caplog)
+    assert label in line and "login as 'alice' refused" in line
+
+
+def dataset_with(tiny_dataset: Path, dest: Path, edit: Callable[[dict[str, Any]], None]) -> Path:
+    copy = shutil.copytree(tiny_dataset, dest)
+    doc = json.loads((copy / "manifest.json").read_bytes())
+    edit(doc)
+    (copy / "manifest.json").write_bytes(encode(doc))
+    return copy
+
+
+def test_plan_refuses_a_manifest_claiming_terabytes(
+    tiny_config: Callable[..., Path], tiny_dataset: Path, tmp_path: Path, capsys
+) -> None:
+    def claim(doc: dict[str, Any]) -> None:
+        doc["shards"][0]["bytes"] = 48 * TB
+
+    dataset = dataset_with(tiny_dataset, tmp_path / "big", claim)
+    config = tiny_config(data__dataset=json.dumps(str(dataset)))
+    assert main(["plan", str(config), "--out", str(tmp_path / "run")]) == 2
+    err = " ".join(capsys.readouterr().err.split())  # as one line, however it was wrapped
+    assert f"the shards claim {48 * TB} bytes in all, more than the {MAX_DATASET_BYTES}" in err
+    assert "manifest.json" in err and "Traceback" not in err
+    assert not (tmp_path / "run").exists()
+
+
+def _terabyte_block(doc: dict[str, Any]) -> None:
+    doc["sources"][0]["lengths"][3] = TB
+    doc["shards"][doc["sources"][0]["shard"]]["bytes"] += TB
+
+
+def _swollen_shard(doc: dict[str, Any]) -> None:
+    doc["shards"][0]["bytes"] = 10**11
+
+
+def _huge_blocks(doc: dict[str, Any]) -> None:
+    doc["block"] = 100_000
+
+
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        (_terabyte_block, rf"block 3 claims {TB} bytes, more than a \d+ x \d+ \w+ block can take"),
+        (_swollen_shard, rf"claims {10**11} bytes, more than the blocks of its sources can take"),
+        (_huge_blocks, "block is 100000 px, more than the 4096 px"),
+    ],
+)
+def test_implausible_manifest_sizes_are_refused_with_the_numbers(
+    tiny_dataset: Path, edit: Callable[[dict[str, Any]], None], message: str
+) -> None:
+    doc = json.loads((tiny_dataset / "manifest.json").read_bytes())
+    edit(doc)
+    with pytest.raises(UserError, match=message):
+        Manifest.from_bytes(encode(doc), "ds/manifest.json")
+
+
+def test_a_manifest_longer_than_the_cap_is_refused_to_plan_and_to_fetch(
+    tiny_dataset: Path, mirror: Callable[..., str], monkeypatch
+) -> None:
+    size = (tiny_dataset / "manifest.json").stat().st_size
+    monkeypatch.setattr("node_payload.manifest.MAX_MANIFEST_BYTES", size - 1)
+    with pytest.raises(UserError, match=rf"the manifest is {size} bytes, more than the {size - 1}"):
+        Manifest.load(tiny_dataset / "manifest.json")
+    monkeypatch.setattr("node_payload.fetch.MAX_MANIFEST_BYTES", size - 1)
+    with pytest.raises(DataUnreachable, match=rf"manifest.json is {size} bytes, more than"):
+        planned_manifest([mirror(RangeFTPHandler)], 0, "", FetchStats())
+
+
+@pytest.mark.parametrize(
+    "path",
+    [
+        "../outside.bin",
+        "shards/../../x.bin",
+        "..",
+        "/etc/passwd",
+        "C:x",
+        "shards\\..\\..\\x.bin",
+        "shards/s\x00.bin",
+        "shards/s.bin\r\nDELE manifest.json",
+        "",
+        ".",
+        "./shards/s00000.bin",
+        "shards//s00000.bin",
+    ],
+)
+@pytest.mark.parametrize("kind", ["shards", "sources"])
+def test_manifest_paths_must_stay_inside_the_root(tiny_dataset: Path, kind: str, path: str) -> None:
+    doc = json.loads((tiny_dataset / "manifest.json").read_bytes())
+    doc[kind][0]["path"] = path
+    with pytest.raises(UserError) as error:
+        Manifest.from_bytes(encode(doc), "data/manifest.json")
+    assert "data/manifest.json" in str(error.value) and repr(path) in str(error.value)
