@@ -10,9 +10,9 @@ jitter, so that many nodes do not retry in step) and tries again; only after PAS
 does it give up with DataUnreachable, which the node turns into a retryable exit code.
 
 Mirrors are untrusted: no size a mirror claims is believed beyond what the manifest can need
-(a byte range is read to its manifest length, a manifest to MAX_MANIFEST_BYTES), and buffers
-grow with the bytes that arrive. A mirror caught lying (an impossible SIZE, more bytes than it
-said, another manifest than the planned one) is named once and not asked again by that fetch.
+(a byte range is read to its manifest length and no further, a manifest to MAX_MANIFEST_BYTES),
+and a manifest's buffer grows with the bytes that arrive. A mirror caught lying (an impossible
+SIZE, another manifest than the planned one) is named once and not asked again by that fetch.
 """
 
 import logging
@@ -46,7 +46,7 @@ WINDOW_MIN, WINDOW_MAX = 4 * 1024, 4 * 1024 * 1024
 _EARLY_CLOSE = ("426", "451")  # replies of a server whose transfer the client closed on purpose
 # Real servers answer in a few lines (FEAT, a banner); a reply that runs on is not buffered.
 MAX_REPLY = 64 * 1024
-CHUNK = 256 * 1024  # receive size of a whole-file read, which grows its buffer as bytes arrive
+CHUNK = 2**20  # receive size of a whole-file read: few calls, and memory follows what arrives
 _SIZE_REPLY = re.compile(r"213 ([0-9]{1,30})")
 _LINE_END = re.compile(r"[\r\n]")  # would end an FTP command early: ftplib refuses them
 
@@ -207,19 +207,18 @@ class _RangeFTP(FTP):
             return
         self.ranged = any(line.strip().upper() == "RANG STREAM" for line in reply.splitlines())
 
-    def open_range(self, path: str, offset: int, length: int | None) -> socket.socket:
+    def open_range(self, path: str, offset: int, length: int) -> socket.socket:
         """The data connection of a RETR that starts at offset; ends at offset + length if the
-        server knows RANG (length None: the whole file, whose end the caller checks). The
-        receive buffer is set before connecting (the window a connection starts with is fixed by
-        its handshake)."""
+        server knows RANG. The receive buffer is set before connecting (the window a connection
+        starts with is fixed by its handshake)."""
         host, port = self.makepasv()
         conn = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
         try:
-            if length is not None and not self.ranged:
+            if not self.ranged:
                 conn.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, _window(length))
             conn.settimeout(self.timeout)
             conn.connect((host, port))
-            if self.ranged and length:  # None or 0: no range end to announce
+            if self.ranged and length:
                 self.sendcmd(f"RANG {offset} {offset + length - 1}")  # inclusive end
             elif offset:
                 self.sendcmd(f"REST {offset}")
@@ -266,27 +265,27 @@ class _Session:
     def read_file(self, path: str, limit: int) -> bytes:
         """The whole file, believing its SIZE only up to `limit`.
 
-        The buffer grows with the bytes that arrive; one byte past the SIZE proves it a lie.
+        Received chunk by chunk, not into a buffer of the claimed size: a mirror that claims
+        much and sends little costs what it sent. Bytes past the SIZE are never read; a file cut
+        short by a lying SIZE fails the caller's hash check.
         """
         claimed = self._ftp.claimed_size(self.mirror.remote(path))
         if claimed > limit:
             raise MirrorLied(f"SIZE says {path} is {claimed} bytes, more than {limit} allowed")
-        data = bytearray()
+        parts: list[bytes] = []
+        got = 0
         try:
-            with self._ftp.open_range(self.mirror.remote(path), 0, None) as conn:
-                while len(data) <= claimed:
-                    chunk = conn.recv(min(CHUNK, claimed + 1 - len(data)))
+            with self._ftp.open_range(self.mirror.remote(path), 0, claimed) as conn:
+                while got < claimed:
+                    chunk = conn.recv(min(CHUNK, claimed - got))
                     if not chunk:
                         break
-                    data += chunk
+                    parts.append(chunk)
+                    got += len(chunk)
         finally:
-            self._count(len(data))
-        if len(data) > claimed:
-            raise MirrorLied(f"sent more of {path} than the {claimed} bytes its SIZE says")
-        self._ftp.voidresp()
-        if len(data) < claimed:
-            raise _BadData(f"{path}: got {len(data)} of the {claimed} bytes its SIZE says")
-        return bytes(data)
+            self._count(got)
+        self._end_read(path, offset=0, length=claimed, got=got)
+        return b"".join(parts)
 
     def read(self, path: str, offset: int, length: int) -> memoryview:
         """Exactly `length` bytes from `offset`, valid until the next read of this session.
@@ -309,6 +308,11 @@ class _Session:
                     got += n
         finally:
             self._count(got)
+        self._end_read(path, offset, length, got)
+        return view
+
+    def _end_read(self, path: str, offset: int, length: int, got: int) -> None:
+        """The transfer's reply: an early close is fine once every byte asked for arrived."""
         try:
             self._ftp.voidresp()
         except error_temp as exc:
@@ -316,7 +320,6 @@ class _Session:
                 raise
         if got < length:
             raise _BadData(f"{path}: got {got} of {length} bytes from offset {offset}")
-        return view
 
     def _count(self, n: int) -> None:
         self._stats.bytes_downloaded += n
@@ -472,8 +475,12 @@ def fetch_file(
 
     def run(session: _Session) -> None:
         data = session.read_file(path, MAX_MANIFEST_BYTES)
-        if expected_sha256 and sha256(data).hexdigest() != expected_sha256:
-            raise MirrorLied(f"serves a different {path} than the run was planned with")
+        served = sha256(data).hexdigest() if expected_sha256 else ""
+        if served != expected_sha256:
+            raise MirrorLied(
+                f"serves a different {path} than the run was planned with ({len(data)} bytes, "
+                f"sha256 {served[:12]}..., planned {expected_sha256[:12]}...)"
+            )
         result.append(data)
 
     try:
