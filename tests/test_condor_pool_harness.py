@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from tests.condor_pool.pool import CondorPool
+from tests.timing import wait_s
 
 pytestmark = pytest.mark.pool
 
@@ -158,8 +159,9 @@ def test_missing_output_of_failed_job(
         condor_pool.run(["condor_rm", "-all"], cwd=condor_workdir)
 
 
-def _first_outcome(log: Path, timeout_s: float = 60) -> str:
+def _first_outcome(log: Path) -> str:
     """'held' or 'exit N', from the first hold (012) or termination (005) event in a user log."""
+    timeout_s = wait_s(60, 6)
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         text = log.read_text() if log.exists() else ""

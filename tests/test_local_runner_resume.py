@@ -12,6 +12,7 @@ from pathlib import Path
 from test_local_runner_helpers import dag, job
 
 from pipeline.local_runner import run_dag
+from tests.timing import wait_s
 
 RUNNER = """
 import sys
@@ -41,7 +42,7 @@ def _start(path: Path) -> subprocess.Popen[bytes]:
 
 
 def _wait_for(path: Path) -> None:
-    deadline = time.monotonic() + 15
+    deadline = time.monotonic() + wait_s(15, 2)
     while not path.exists():
         assert time.monotonic() < deadline, f"{path} never appeared"
         time.sleep(0.05)
@@ -79,7 +80,7 @@ def test_sigterm_kills_jobs_and_exits_nonzero(tmp_path: Path) -> None:
     proc = _start(path)
     _wait_for(tmp_path / "b.pid")
     proc.send_signal(signal.SIGTERM)
-    _, err = proc.communicate(timeout=15)
+    _, err = proc.communicate(timeout=wait_s(15, 2))
     assert proc.returncode == 128 + signal.SIGTERM
     assert b"run again to resume" in err
     pid = int((tmp_path / "b.pid").read_text())
