@@ -495,7 +495,8 @@ def fetch_file(
 def probe_file(url: str, path: str, timeout_s: float) -> bytes:
     """One attempt at a whole file (the manifest) on one mirror, for the plan-time check.
 
-    Raises MirrorLied or LoginRefused, which no wait will cure, apart from DataUnreachable.
+    A lie (MirrorLied) or a refused login (LoginRefused) is raised as such, since no wait cures
+    it; any other fault is DataUnreachable, since the mirror may be back when the nodes run.
     """
     mirror = Mirror.parse(url)
     try:
