@@ -63,10 +63,13 @@ def arrive(
     retry: int,
     max_retries: int,
 ) -> int:
-    """The POST script's exit code: 0 lets the lane go on, the job's code asks for a retry."""
+    """The POST script's exit code: 0 lets the lane go on, the job's code asks for a retry
+    (1 for a job killed by a signal, $RETURN -N: the machine killed it, trying again may help;
+    -1001 and -1002, never submitted or removed at the deadline or held, are not retried)."""
     where = f"lane {lane} step {step}"
-    if returned > 0 and returned != EXIT_FATAL and retry < max_retries:
-        return returned
+    killed = -1000 < returned < 0
+    if (killed or (returned > 0 and returned != EXIT_FATAL)) and retry < max_retries:
+        return max(returned, 1)  # an exit code cannot be negative
     with locked(run_dir) as ledger:
         key = job_key(lane, step)
         if key in ledger.done:
@@ -80,7 +83,9 @@ def arrive(
             # Not done: once the cause is fixed, a rescue DAG runs this job again.
             log(run_dir, f"{where}: fatal error, see {lane_job_dir(run_dir, lane, step)}/job.err")
             return EXIT_FATAL
-        if returned < 0:
+        if killed:
+            ledger.done[key] = f"failed {retry + 1} times, last killed by signal {-returned}"
+        elif returned < 0:
             ledger.done[key] = f"removed (deadline passed or held; DAGMan code {returned})"
         else:
             ledger.done[key] = f"failed {retry + 1} times, last exit code {returned}"

@@ -228,7 +228,7 @@ def test_an_update_newer_than_the_model_is_rejected_and_the_run_goes_on(
     tensors, _ = load_tensors(path)
     save_tensors(path, tensors, update_metadata(0, 0, 48, 5))
     assert arrive(run_dir, config, 0, 0, 0, 0, 2) == 0
-    assert "newer than the global model (version 0)" in _events(run_dir)
+    assert "base_version is '5', not a version of the global model (0 to 0)" in _events(run_dir)
     ledger = read_ledger(run_dir)
     assert ledger.version == 0 and ledger.accepted == 0 and not ledger.claims
 
@@ -264,6 +264,21 @@ def test_a_failing_job_is_retried_then_its_lane_goes_on(async_run: Callable) -> 
     assert arrive(run_dir, config, 1, 0, EXIT_FATAL, 0, 2) == EXIT_FATAL
     assert "1:0" not in read_ledger(run_dir).done  # fixed and resumed, the job runs again
 
+
+def test_a_job_killed_by_a_signal_is_retried_like_a_failed_one(async_run: Callable) -> None:
+    """$RETURN -9: the machine killed the job; -1001/-1002 (never submitted, removed) are not
+    retried."""
+    run_dir = async_run()
+    config = _config(run_dir)
+    claim(run_dir, config, 0, 0)
+    assert arrive(run_dir, config, 0, 0, -9, 0, 2) == 1  # DAGMan retries
+    assert "0:0" in read_ledger(run_dir).claims  # still held for the retry
+    assert arrive(run_dir, config, 0, 0, -9, 2, 2) == 0  # last try: the lane goes on
+    assert read_ledger(run_dir).done["0:0"] == "failed 3 times, last killed by signal 9"
+    for step, code in ((1, -1001), (2, -1002)):
+        claim(run_dir, config, 0, step)
+        assert arrive(run_dir, config, 0, step, code, 0, 2) == 0
+        assert read_ledger(run_dir).done[f"0:{step}"].startswith("removed")
 
 def test_an_arrival_seen_twice_is_applied_once(async_run: Callable) -> None:
     run_dir = async_run()
