@@ -40,6 +40,7 @@ def _run(args: argparse.Namespace) -> int:
         slots=args.slots,
         slow_slots=dict(args.slow_slot or []),
         force=args.force,
+        serial=args.serial,
     )
     return 0 if report["status"] == "completed" else 1
 
@@ -219,6 +220,13 @@ def parser() -> argparse.ArgumentParser:
         metavar="SLOT=FACTOR",
         help="node jobs in slot SLOT (0..SLOTS-1) work FACTOR times as long: a local stand-in "
         "for slower machines (on a pool: [faults] slow); repeatable",
+    )
+    run.add_argument(
+        "--serial",
+        action="store_true",
+        help="one node at a time (PRE script, job, POST script) in a fixed order: the models "
+        "never depend on timing, an asynchronous run's included, however the run is stopped, "
+        "resumed or its jobs killed",
     )
     _force_option(run)
     run.set_defaults(func=_run)

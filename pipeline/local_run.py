@@ -42,6 +42,7 @@ def run_local(
     show_progress: bool = True,
     slow_slots: dict[int, float] | None = None,
     force: bool = False,
+    serial: bool = False,
 ) -> dict[str, Any]:
     """Run (or resume) a planned run; returns report.json written by the DAG's FINAL node.
 
@@ -50,6 +51,8 @@ def run_local(
     directory (pipeline.run_lock); SIGINT or SIGTERM stop it resumably (RunStopped).
     `slow_slots` (slot -> factor >= 1) makes node jobs started in those slots work that many
     times as long: a local stand-in for slower machines (on a pool, use `[faults] slow`).
+    `serial` runs one node at a time in a fixed order, so that the models never depend on
+    timing, an asynchronous run's included (pipeline.local_runner.serial_order).
     """
     for slot, factor in (slow_slots or {}).items():
         if not 0 <= slot < slots or not (math.isfinite(factor) and factor >= 1):
@@ -78,7 +81,7 @@ def run_local(
         if force:
             reset_run(run_dir, config)
         try:
-            _execute(run_dir, config, slots, slot_environment, console)
+            _execute(run_dir, config, slots, slot_environment, console, serial)
         except DagInterrupted as exc:
             raise RunStopped(run_dir, exc.exit_code) from None
         except KeyboardInterrupt:
@@ -97,6 +100,7 @@ def _execute(
     slots: int,
     slot_environment: dict[int, dict[str, str]],
     console: Console,
+    serial: bool,
 ) -> None:
     """Missing nodes reopened, embedded mirrors up, then the DAG with a live progress table."""
     reopened = reopen_missing_nodes(run_dir)
@@ -117,6 +121,7 @@ def _execute(
                 slots=slots,
                 on_event=p.on_event,
                 slot_environment=slot_environment,
+                serial=serial,
             )
     finally:
         if mirrors is not None:

@@ -22,6 +22,7 @@ from . import status_file
 from .dag_file import Dag, parse_dag
 from .journal import Journal, journal_path, read_journal, read_rescue, rescue_files, write_rescue
 from .node_runner import NodeContext, NodeRunner, Outcome
+from .serial_order import serial_ranks
 from .slots import SlotPool
 from .status_file import DONE, ERROR, FUTILE, NOT_READY, READY, NodeState
 
@@ -66,6 +67,7 @@ class _Scheduler:
         slots: int,
         on_event: Callable[[NodeEvent], None] | None,
         slot_environment: dict[int, dict[str, str]],
+        serial: bool,
     ) -> None:
         if slots < 1:
             raise UserError(f"slots must be at least 1, got {slots}")
@@ -86,6 +88,7 @@ class _Scheduler:
         self.error: BaseException | None = None
         self.cluster_lock = threading.Lock()
         self.last_status_write = 0.0
+        self.ranks = serial_ranks(dag) if serial else None
 
     # ----- state shared with node threads (read-only or locked) -----
     def next_cluster(self) -> int:
@@ -124,7 +127,7 @@ class _Scheduler:
         return done - ({self.dag.final} if self.dag.final else set())
 
     def _ready(self) -> list[str]:
-        return [
+        ready = [
             n.name
             for n in self.dag.nodes.values()
             if not n.final
@@ -133,6 +136,10 @@ class _Scheduler:
             and n.name not in self.threads
             and n.parents <= self.done
         ]
+        if self.ranks is None:
+            return ready
+        # Serial: one node at a time, PRE script to POST script, its retries in its turn.
+        return [] if self.threads or not ready else [min(ready, key=self.ranks.__getitem__)]
 
     def _start(self, name: str) -> None:
         ctx = NodeContext(
@@ -306,13 +313,18 @@ def run_dag(
     slots: int,
     on_event: Callable[[NodeEvent], None] | None = None,
     slot_environment: dict[int, dict[str, str]] | None = None,
+    serial: bool = False,
 ) -> DagResult:
     """Run a DAG file locally as DAGMan + a schedd would; see the package docstring.
 
     `slot_environment` gives the jobs started in a slot (0..slots-1) extra environment
-    variables, so one slot can play a different machine (e.g. a slower one).
+    variables, so one slot can play a different machine (e.g. a slower one). `serial` runs one
+    node at a time in a fixed order (serial_order), so that the outcome never depends on
+    timing: DAGMan makes no such promise, it is the local runner's own.
     """
-    scheduler = _Scheduler(parse_dag(Path(dag_path)), slots, on_event, slot_environment or {})
+    scheduler = _Scheduler(
+        parse_dag(Path(dag_path)), slots, on_event, slot_environment or {}, serial
+    )
     in_main = threading.current_thread() is threading.main_thread()
     previous = {}
     if in_main:
