@@ -19,10 +19,13 @@ from typing import Any
 import torch
 
 from aggregation.async_state import Ledger, job_key, locked
+from aggregation.buffers import is_mean, is_variance
+from aggregation.job_plan import JobPlan
 from aggregation.merge import merge_updates
+from aggregation.model_check import BrokenModel, check_next_model
 from aggregation.server_optimizer import ServerOptimizer
 from aggregation.staleness import staleness_weight
-from aggregation.validate import validate_update
+from aggregation.validate import check_file, parse_count, shown, validate_update
 from node_payload.errors import EXIT_FATAL, UserError
 from node_payload.model_file import load_model, save_model
 from node_payload.run_config import update_budget
@@ -70,27 +73,35 @@ def arrive(
     killed = -1000 < returned < 0
     if (killed or (returned > 0 and returned != EXIT_FATAL)) and retry < max_retries:
         return max(returned, 1)  # an exit code cannot be negative
-    with locked(run_dir) as ledger:
-        key = job_key(lane, step)
-        if key in ledger.done:
+    try:
+        with locked(run_dir) as ledger:
+            key = job_key(lane, step)
+            if key in ledger.done:
+                return 0
+            claim = ledger.claims.pop(key, None)
+            if returned == 0:
+                ledger.done[key] = _accept(run_dir, config, ledger, lane, step, claim)
+                log(run_dir, f"{where}: {ledger.done[key]}")
+                return 0
+            if returned == EXIT_FATAL:
+                # Not done: once the cause is fixed, a rescue DAG runs this job again.
+                log(
+                    run_dir,
+                    f"{where}: fatal error, see {lane_job_dir(run_dir, lane, step)}/job.err",
+                )
+                return EXIT_FATAL
+            if killed:
+                ledger.done[key] = f"failed {retry + 1} times, last killed by signal {-returned}"
+            elif returned < 0:
+                ledger.done[key] = f"removed (deadline passed or held; DAGMan code {returned})"
+            else:
+                ledger.done[key] = f"failed {retry + 1} times, last exit code {returned}"
+            log(run_dir, f"{where}: {ledger.done[key]}; the lane goes on with its next job")
             return 0
-        claim = ledger.claims.pop(key, None)
-        if returned == 0:
-            ledger.done[key] = _accept(run_dir, config, ledger, lane, step, claim)
-            log(run_dir, f"{where}: {ledger.done[key]}")
-            return 0
-        if returned == EXIT_FATAL:
-            # Not done: once the cause is fixed, a rescue DAG runs this job again.
-            log(run_dir, f"{where}: fatal error, see {lane_job_dir(run_dir, lane, step)}/job.err")
-            return EXIT_FATAL
-        if killed:
-            ledger.done[key] = f"failed {retry + 1} times, last killed by signal {-returned}"
-        elif returned < 0:
-            ledger.done[key] = f"removed (deadline passed or held; DAGMan code {returned})"
-        else:
-            ledger.done[key] = f"failed {retry + 1} times, last exit code {returned}"
-        log(run_dir, f"{where}: {ledger.done[key]}; the lane goes on with its next job")
-        return 0
+    except BrokenModel as exc:
+        # The ledger is not saved: the arrival never happened, and DAGMan stops the lane.
+        log(run_dir, f"{where}: fatal: {exc}")
+        return EXIT_FATAL
 
 
 def _accept(
@@ -106,23 +117,35 @@ def _accept(
     if (job_dir / RESIDUAL_FILE).is_file():
         os.replace(job_dir / RESIDUAL_FILE, lane_dir(run_dir, lane) / RESIDUAL_FILE)
     path = job_dir / UPDATE_FILE
+    problem = check_file(path)
+    if problem:
+        return f"rejected: {problem}"
     try:
-        base = int(read_metadata(path).get("base_version", "-1"))
-    except (BadTensorFile, OSError, ValueError) as exc:
+        text = read_metadata(path).get("base_version")
+    except (BadTensorFile, OSError) as exc:
         return f"rejected: {exc}"
-    if base > ledger.version:
+    base = parse_count(text, ledger.version)
+    if base is None:
         return (
-            f"rejected: the update says it starts from version {base}, newer than the global "
-            f"model (version {ledger.version})"
+            f"rejected: metadata base_version is {shown(text)}, not a version of the global "
+            f"model (0 to {ledger.version})"
         )
     if claim is not None and base != claim["version"]:
         return (
             f"rejected: the update starts from version {base}, its job was given {claim['version']}"
         )
     model, metadata = load_model(model_path(run_dir, ledger.version))
+    state = model.state_dict()
     expected = {"round": step, "node": lane, "base_version": base}
     check = validate_update(
-        path, model.state_dict(), step, lane, config["server"]["max_update_norm"], expected
+        path,
+        state,
+        step,
+        lane,
+        config["server"]["max_update_norm"],
+        expected,
+        plan=JobPlan.from_config(config),
+        base=_buffers_of(run_dir, base, state),
     )
     if not check.ok:
         return f"rejected: {check.reason}"
@@ -163,6 +186,8 @@ def step_version(
     global_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
     entries = ledger.buffer
     server = config["server"]
+    plan = JobPlan.from_config(config)
+    bases = {v: _buffers_of(run_dir, v, global_state) for v in {e["base_version"] for e in entries}}
     merged = merge_updates(
         global_state,
         [
@@ -179,6 +204,8 @@ def step_version(
             for i, e in enumerate(entries)
         },
         scales={i: e["weight"] for i, e in enumerate(entries)},
+        plan=plan,
+        bases={i: bases[e["base_version"]] for i, e in enumerate(entries)},
     )
     if not merged.accepted:
         raise UserError(
@@ -191,8 +218,10 @@ def step_version(
     state = optimizer.step(global_state, merged.mean_update, param_names)
     kept = [entries[i] for i in merged.accepted]
     state |= _mixed_statistics(run_dir, global_state, param_names, kept)
-    model.load_state_dict(state)
     version = ledger.version + 1
+    applied = ", ".join(job_key(e["lane"], e["step"]) for e in kept)
+    check_next_model(state, version, plan.steps, f"updates {applied} (lane:step)")
+    model.load_state_dict(state)
     save_tensors(server_state_path(run_dir, version), *optimizer.state_dict())
     save_model(model_path(run_dir, version), model, {**metadata, "version": str(version)})
     ledger.versions.append(
@@ -241,12 +270,30 @@ def _mixed_statistics(
 
 
 def flush(run_dir: Path, config: dict[str, Any]) -> None:
-    """Apply what is left in the buffer when the lanes have ended (the FINAL node calls this)."""
-    with locked(run_dir) as ledger:
-        if ledger.buffer:
-            model, metadata = load_model(model_path(run_dir, ledger.version))
-            version = step_version(run_dir, config, ledger, model, metadata)
-            log(
-                run_dir,
-                f"the last {len(ledger.versions[-1]['updates'])} buffered updates: version {version}",
-            )
+    """Apply what is left in the buffer when the lanes have ended (the FINAL node calls this);
+    a step that would break the model is logged and not applied, and the report goes on."""
+    try:
+        with locked(run_dir) as ledger:
+            if ledger.buffer:
+                model, metadata = load_model(model_path(run_dir, ledger.version))
+                version = step_version(run_dir, config, ledger, model, metadata)
+                log(
+                    run_dir,
+                    f"the last {len(ledger.versions[-1]['updates'])} buffered updates: "
+                    f"version {version}",
+                )
+    except BrokenModel as exc:
+        log(run_dir, f"the last buffered updates: {exc}")
+
+
+def _buffers_of(
+    run_dir: Path, version: int, state: dict[str, torch.Tensor]
+) -> dict[str, torch.Tensor]:
+    """The running statistics and integer tensors of model `version`: what an update that
+    started from it is checked against (aggregation.buffers)."""
+    with open_lazy(model_path(run_dir, version)) as model:
+        return {
+            name: model.get(name)
+            for name, tensor in state.items()
+            if is_mean(name) or is_variance(name) or not tensor.is_floating_point()
+        }

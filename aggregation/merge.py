@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 
+from aggregation.job_plan import JobPlan
 from aggregation.robust import robust_merge
 from aggregation.validate import validate_update
 from node_payload import sparse_update
@@ -82,19 +83,33 @@ def merge_updates(
     clip_norm: float = 0.0,
     expected: Mapping[int, Mapping[str, int]] | None = None,
     scales: Mapping[int, float] | None = None,
+    *,
+    plan: JobPlan,
+    bases: Mapping[int, Mapping[str, torch.Tensor]] | None = None,
 ) -> MergeResult:
-    """Validate each (node, path) in node order, clip accepted updates whose L2 norm exceeds
-    clip_norm (0: never), and combine them by rule ("mean": weighted by sample count).
+    """Validate each (node, path) in node order against the plan, clip accepted updates whose
+    L2 norm exceeds clip_norm (0: never), and combine them by rule ("mean": weighted by sample
+    count).
 
     An asynchronous buffer keys its updates by arrival, gives each one's metadata in expected
-    (see validate_update) and its staleness weight in scales: the mean is then
-    sum(scale * samples * update) / sum(samples), so a stale update counts for less.
+    (see validate_update), the buffers of the model it started from in bases and its staleness
+    weight in scales: the mean is then sum(scale * samples * update) / sum(samples), so a stale
+    update counts for less.
     """
     mean = WeightedMean(global_state)
     result = MergeResult(mean_update={})
     kept: list[tuple[Path, float]] = []
     for node, path in updates:
-        check = validate_update(path, global_state, round_, node, bound, (expected or {}).get(node))
+        check = validate_update(
+            path,
+            global_state,
+            round_,
+            node,
+            bound,
+            (expected or {}).get(node),
+            plan=plan,
+            base=(bases or {}).get(node),
+        )
         if not math.isnan(check.norm):
             result.norms[node] = check.norm
         if not check.ok:

@@ -14,7 +14,9 @@ from typing import Any
 import torch
 
 from aggregation.heldout import heldout_tensors, training_coverage
+from aggregation.job_plan import JobPlan
 from aggregation.merge import merge_updates
+from aggregation.model_check import check_next_model
 from aggregation.quorum import QuorumNotMet, required_updates
 from aggregation.server_optimizer import ServerOptimizer
 from node_payload.errors import UserError
@@ -70,9 +72,11 @@ def aggregate_round(run_dir: Path, config: dict[str, Any], round_: int) -> dict[
     global_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
 
     present = [(n, node_dir(run_dir, round_, n) / UPDATE_FILE) for n in range(nodes)]
-    updates = [(n, path) for n, path in present if path.is_file()]
-    missing = [n for n, path in present if not path.is_file()]
+    # A symbolic link, even a dangling one, is something a node sent: validation rejects it.
+    updates = [(n, path) for n, path in present if path.is_file() or path.is_symlink()]
+    missing = [n for n, path in present if (n, path) not in updates]
     server = config["server"]
+    plan = JobPlan.from_config(config)
     merged = merge_updates(
         global_state,
         updates,
@@ -81,6 +85,7 @@ def aggregate_round(run_dir: Path, config: dict[str, Any], round_: int) -> dict[
         server["rule"],
         server["trim"],
         server["clip_norm"],
+        plan=plan,
     )
     for node, reason in sorted(merged.rejected.items()):
         print(f"round {round_} node {node}: rejected: {reason}", flush=True)
@@ -103,7 +108,12 @@ def aggregate_round(run_dir: Path, config: dict[str, Any], round_: int) -> dict[
 
     optimizer = _optimizer(config, run_dir, round_)
     param_names = {name for name, _ in model.named_parameters()}
-    model.load_state_dict(optimizer.step(global_state, merged.mean_update, param_names))
+    state = optimizer.step(global_state, merged.mean_update, param_names)
+    nodes_used = ", ".join(map(str, merged.accepted))
+    check_next_model(
+        state, round_ + 1, plan.steps, f"round {round_}'s updates from nodes {nodes_used}"
+    )
+    model.load_state_dict(state)
     save_tensors(server_state_path(run_dir, round_ + 1), *optimizer.state_dict())
     save_model(next_model, model, {**metadata, "version": str(round_ + 1)})
 

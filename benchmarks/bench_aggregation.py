@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 
+from aggregation.job_plan import JobPlan
 from aggregation.merge import merge_updates
 from node_payload.tensor_io import load_tensors, save_tensors, update_metadata
 
@@ -48,7 +49,8 @@ def measure(directory: Path) -> dict[str, float]:
     update_bytes = sum(p.stat().st_size for _, p in paths)
     baseline_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     started = time.perf_counter()
-    result = merge_updates(global_state, iter(paths), bound=1e12, round_=0)
+    plan = JobPlan(samples=100 + NODES, steps=1)
+    result = merge_updates(global_state, iter(paths), bound=1e12, round_=0, plan=plan)
     seconds = time.perf_counter() - started
     assert len(result.accepted) == NODES
     model_mb = sum(v.numel() * v.element_size() for v in global_state.values()) / 1e6

@@ -192,7 +192,7 @@ class UpdateReader:
     Packed dense tensors come back as float32 (statistics) or int64 (counters).
     """
 
-    def __init__(self, lazy: tensor_io.LazyTensors) -> None:
+    def __init__(self, lazy: tensor_io.LazyTensors, max_bytes: int | None = None) -> None:
         self._lazy = lazy
         self.metadata = lazy.metadata
         self._layout: dict[str, tuple[tuple[int, ...], int, int, int]] = {}
@@ -212,7 +212,7 @@ class UpdateReader:
         if both:
             raise BadSparseUpdate(f"tensor {both[0]!r} is in the file both packed and by name")
         sizes = {group: sum(math.prod(shape) for _, shape in layout[group]) for group in _GROUPS}
-        raw = self._inflate(index_bytes + 2 * sent + 2 * sizes["f16"] + 8 * sizes["i64"])
+        raw = self._inflate(index_bytes + 2 * sent + 2 * sizes["f16"] + 8 * sizes["i64"], max_bytes)
         self._positions = decode_gaps(np.frombuffer(raw[:index_bytes], dtype=np.uint8))
         cut = index_bytes + 2 * sent
         self._values = torch.from_numpy(_from_high_then_low(raw[index_bytes:cut]))
@@ -234,7 +234,12 @@ class UpdateReader:
                 offset += math.prod(shape)
         self.names = own + packed
 
-    def _inflate(self, size: int) -> bytes:
+    def _inflate(self, size: int, max_bytes: int | None) -> bytes:
+        """The stream, inflated to exactly its declared size, which must fit max_bytes."""
+        if max_bytes is not None and size > max_bytes:
+            raise BadSparseUpdate(
+                f"the layout says {size} bytes, more than the {max_bytes} the model can need"
+            )
         if DATA not in self._lazy.names:
             raise BadSparseUpdate(f"the sparse update has no {DATA!r} tensor")
         data = self._lazy.get(DATA)
@@ -332,10 +337,13 @@ def _parse_layout(
 
 
 @contextmanager
-def open_update(path: Path) -> Iterator[UpdateReader]:
-    """Open a dense or sparse update for streaming; raises BadTensorFile (BadSparseUpdate)."""
+def open_update(path: Path, max_bytes: int | None = None) -> Iterator[UpdateReader]:
+    """Open a dense or sparse update for streaming; raises BadTensorFile (BadSparseUpdate).
+
+    max_bytes bounds the packed stream before it is inflated (the validator gives what the
+    global model's tensors can need), so a small file cannot claim gigabytes."""
     with tensor_io.open_lazy(path) as lazy:
-        yield UpdateReader(lazy)
+        yield UpdateReader(lazy, max_bytes)
 
 
 def load_update(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:

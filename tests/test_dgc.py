@@ -6,10 +6,12 @@ import math
 import pytest
 import torch
 
+from aggregation.job_plan import JobPlan
 from aggregation.validate import validate_update
 from node_payload import dgc, model_file, node_job, sparse_update, tensor_io
 from node_payload.dgc import DgcSettings, Residual
 from node_payload.models import build_model
+from node_payload.run_config import read_run_config
 from node_payload.run_layout import RESIDUAL_FILE
 from pipeline import config
 
@@ -291,7 +293,7 @@ def test_compress_job_writes_update_and_residual_that_validate(tmp_path):
     assert metrics["sparsity"] == pytest.approx(0.9371, abs=1e-4)
     assert metrics["update_bytes"] == (job / "update.s").stat().st_size
     assert 0.06 < metrics["kept_fraction"] < 0.07
-    check = validate_update(job / "update.s", state, 3, 2, 1000.0)
+    check = validate_update(job / "update.s", state, 3, 2, 1000.0, plan=JobPlan(384, 20))
     assert check.ok, check.reason
     assert tensor_io.read_metadata(job / RESIDUAL_FILE)["jobs"] == "2"
     again, found = dgc.load_residual(
@@ -359,7 +361,11 @@ def test_node_job_with_dgc_writes_a_sparse_update_and_the_lanes_residual(tmp_pat
     assert first["residual"] == "none" and first["sparsity"] == 0.75
     assert tensor_io.read_metadata(task.out_dir / RESIDUAL_FILE)["jobs"] == "1"
     model, _ = model_file.load_model(tmp_path / "global.safetensors")
-    assert validate_update(task.out_dir / "update.safetensors", model.state_dict(), 1, 2, 1e3).ok
+    plan = JobPlan.from_config(read_run_config(task.config_path))
+    check = validate_update(
+        task.out_dir / "update.safetensors", model.state_dict(), 1, 2, 1e3, plan=plan
+    )
+    assert check.ok, check.reason
     second = node_job.run_node(dataclasses.replace(task, round_=2))
     assert second["residual"] == "loaded" and second["sparsity"] == dgc.sparsity_at(1, 0.99, 4)
     assert second["update_bytes"] == (task.out_dir / "update.safetensors").stat().st_size

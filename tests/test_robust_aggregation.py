@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 
+from aggregation.job_plan import JobPlan
 from aggregation.merge import merge_updates
 from aggregation.report import build_report
 from aggregation.robust import reduce_stack, robust_merge, trimmed_count
@@ -26,7 +27,8 @@ from pipeline.planner import plan_from_file
 
 ROUND = 2
 BOUND = 1e6
-SHAPES = {"w": (5, 3), "b": (5,), "count": ()}
+PLAN = JobPlan(samples=600, steps=20)
+SHAPES = {"w": (5, 3), "b": (5,), "bn.num_batches_tracked": ()}
 
 
 def _update(seed: int, scale: float = 0.1) -> dict[str, torch.Tensor]:
@@ -34,11 +36,11 @@ def _update(seed: int, scale: float = 0.1) -> dict[str, torch.Tensor]:
     return {
         "w": torch.randn(SHAPES["w"], generator=gen) * scale,
         "b": torch.randn(SHAPES["b"], generator=gen) * scale,
-        "count": torch.tensor(10 + seed),
+        "bn.num_batches_tracked": torch.tensor(10 + seed),
     }
 
 
-GLOBAL = {"w": torch.zeros(5, 3), "b": torch.zeros(5), "count": torch.tensor(0)}
+GLOBAL = {"w": torch.zeros(5, 3), "b": torch.zeros(5), "bn.num_batches_tracked": torch.tensor(0)}
 
 
 def _write(directory: Path, node: int, tensors: dict[str, torch.Tensor], samples: int = 50):
@@ -93,7 +95,7 @@ def test_cutting_everything_is_refused():
 def test_robust_merge_of_files_matches_numpy_and_ignores_samples(tmp_path, rule):
     updates = [_update(seed) for seed in range(6)]
     written = [_write(tmp_path, n, u, samples=10 + 100 * n) for n, u in enumerate(updates)]
-    result = merge_updates(GLOBAL, written, BOUND, ROUND, rule, trim=0.2)
+    result = merge_updates(GLOBAL, written, BOUND, ROUND, rule, trim=0.2, plan=PLAN)
 
     assert result.accepted == list(range(6)) and result.samples == sum(
         10 + 100 * n for n in range(6)
@@ -104,7 +106,9 @@ def test_robust_merge_of_files_matches_numpy_and_ignores_samples(tmp_path, rule)
         expected = ordered[cut : 6 - cut].mean(axis=0).astype(np.float32)
         np.testing.assert_array_equal(result.mean_update[name].numpy(), expected)
         assert result.mean_update[name].dtype == torch.float32
-    assert result.mean_update["count"] == 12  # the lower median of the counters 10..15
+    assert (
+        result.mean_update["bn.num_batches_tracked"] == 12
+    )  # the lower median of the counters 10..15
 
 
 def test_robust_merge_reads_one_tensor_name_at_a_time(tmp_path, monkeypatch):
@@ -146,8 +150,8 @@ def test_one_bad_node_stays_within_the_good_ones(tmp_path, attack, rule):
     good = [_update(seed, scale=1.0) for seed in range(5)]
     bad = ATTACKS[attack](_update(5, scale=1.0))
     written = [_write(tmp_path, n, u) for n, u in enumerate([*good, bad])]
-    robust = merge_updates(GLOBAL, written, BOUND, ROUND, rule, trim=0.2).mean_update
-    plain = merge_updates(GLOBAL, written, BOUND, ROUND).mean_update
+    robust = merge_updates(GLOBAL, written, BOUND, ROUND, rule, trim=0.2, plan=PLAN).mean_update
+    plain = merge_updates(GLOBAL, written, BOUND, ROUND, plan=PLAN).mean_update
     for name in ("w", "b"):
         stack = torch.stack([u[name] for u in good])
         low, high = stack.min(dim=0).values, stack.max(dim=0).values
@@ -162,7 +166,7 @@ def test_clipping_scales_large_updates_and_names_them(tmp_path):
     norms = [_norm(u) for u in updates]
     clip = 2.0
     assert norms[0] < clip and norms[1] < clip < norms[2]
-    result = merge_updates(GLOBAL, written, BOUND, ROUND, clip_norm=clip)
+    result = merge_updates(GLOBAL, written, BOUND, ROUND, clip_norm=clip, plan=PLAN)
 
     assert result.accepted == [0, 1, 2]
     assert result.clipped == {2: pytest.approx(norms[2])}
@@ -178,7 +182,7 @@ def test_clipping_scales_large_updates_and_names_them(tmp_path):
 def test_clipped_update_has_the_clip_norm(tmp_path):
     written = [_write(tmp_path, 0, _update(0, scale=50.0))]
     for rule in ("mean", "median"):
-        result = merge_updates(GLOBAL, written, BOUND, ROUND, rule, clip_norm=3.0)
+        result = merge_updates(GLOBAL, written, BOUND, ROUND, rule, clip_norm=3.0, plan=PLAN)
         assert _norm(result.mean_update) == pytest.approx(3.0, rel=1e-6)
 
 
@@ -187,7 +191,7 @@ def test_validation_rejects_before_clipping_and_robust_rules(tmp_path):
     nan["w"][0, 0] = math.nan
     huge = _update(2, scale=1e7)
     written = [_write(tmp_path, n, u) for n, u in enumerate([_update(0), nan, huge, _update(3)])]
-    result = merge_updates(GLOBAL, written, BOUND, ROUND, "median", clip_norm=1.0)
+    result = merge_updates(GLOBAL, written, BOUND, ROUND, "median", clip_norm=1.0, plan=PLAN)
     assert result.accepted == [0, 3]
     assert "NaN" in result.rejected[1] and "exceeds the bound" in result.rejected[2]
     assert set(result.clipped) <= {0, 3}
@@ -208,7 +212,8 @@ def test_tamper_scales_flips_and_poisons_only_the_chosen_node():
     assert tamper(config, 0, 2, update) is update
     assert tamper(config, 1, 0, update) is update
     scaled = tamper(config, 1, 2, update)
-    assert torch.equal(scaled["w"], update["w"] * 100) and scaled["count"] == update["count"]
+    assert torch.equal(scaled["w"], update["w"] * 100)
+    assert scaled["bn.num_batches_tracked"] == update["bn.num_batches_tracked"]
     assert torch.equal(tamper(config, 1, 3, update)["b"], -update["b"])
     poisoned = tamper(config, 1, 4, update)
     assert int(torch.isnan(poisoned["w"]).sum()) == 1
@@ -284,7 +289,10 @@ def test_round_json_names_rejected_and_clipped_nodes(planned: tuple[Path, dict])
     for node, scale in enumerate([0.001, 1.0, math.nan]):
         torch.manual_seed(node)
         update = {
-            name: torch.randn_like(t) * scale if t.is_floating_point() else t.clone()
+            # BatchNorm statistics stay small: a running variance of 1 - N(0, 1) is refused
+            name: torch.randn_like(t) * scale * (0.001 if "running" in name else 1.0)
+            if t.is_floating_point()
+            else t.clone()
             for name, t in global_state.items()
         }
         tensor_io.save_tensors(
