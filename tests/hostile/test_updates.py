@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from aggregation import async_apply
-from aggregation.async_apply import arrive
+from aggregation.async_apply import arrive, flush
 from aggregation.async_claim import claim
 from aggregation.async_state import read_ledger
 from aggregation.buffers import VAR_FACTOR
@@ -796,3 +796,22 @@ def test_a_symlinked_arrival_is_rejected_unread(async_run, tmp_path):
     assert read_ledger(run_dir).done["0:0"] == (
         f"rejected: {link} is a symbolic link (to {outside}), not a file a node returned"
     )
+
+
+def test_a_final_flush_that_would_break_the_model_is_logged_and_saves_nothing(
+    tiny_config: Callable[..., Path], tmp_path: Path
+):
+    path = tiny_config(
+        run__mode='"async"', async__buffer="2", server__lr="2.0", server__max_update_norm="1e40"
+    )
+    run_dir = planner.write(planner.make_plan(config_mod.load(path)), tmp_path / "run")
+    config = read_run_config(run_dir / CONFIG_FILE)
+    claim(run_dir, config, 0, 0)
+    assert _arrive(run_dir, config, _node_update(model_path(run_dir, 0), _past_float32)) == 0
+    assert read_ledger(run_dir).done["0:0"] == "accepted, staleness 0, weight 1"  # buffered
+    flush(run_dir, config)
+    assert "the last buffered updates: the server step on updates 0:0 (lane:step) would break" in (
+        (run_dir / async_apply.LOG_FILE).read_text()
+    )
+    _nothing_saved(run_dir, 1)
+    assert len(read_ledger(run_dir).buffer) == 1
