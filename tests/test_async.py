@@ -280,6 +280,7 @@ def test_a_job_killed_by_a_signal_is_retried_like_a_failed_one(async_run: Callab
         assert arrive(run_dir, config, 0, step, code, 0, 2) == 0
         assert read_ledger(run_dir).done[f"0:{step}"].startswith("removed")
 
+
 def test_an_arrival_seen_twice_is_applied_once(async_run: Callable) -> None:
     run_dir = async_run()
     config = _config(run_dir)
