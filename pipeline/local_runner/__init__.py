@@ -18,6 +18,10 @@ on an execute node without a shared file system (the strictest case); a vanilla 
 /usr/local/bin:/usr/bin:/bin unless `environment` sets it; PRE/POST script output is
 discarded (DAGMan without DEBUG); SIGINT/SIGTERM stop the run without running FINAL, so a
 rerun resumes instead of reporting on a half-finished DAG.
+
+Serial runs (`run_dag(serial=True)`): one node at a time, PRE script to POST script, in an order
+fixed by the DAG and its finished nodes (serial_order), so the outcome never depends on timing;
+DAGMan makes no promise about order, this is the local runner's own.
 """
 
 from .job_process import REMOVED_RETURN
