@@ -86,6 +86,10 @@ class NodeRunner:
             self.ctx.release_slot(node, slot)
         if result.removed:
             self.ctx.emit(node.name, "removed", attempt, result.return_value)
+        if self.ctx.cancel.is_set():
+            # Stopped by the runner's interrupt, not by the node: no POST script may count it
+            # (as missing, say); the resumed run runs the node again.
+            return False, result.return_value
         if node.post is None:
             return result.return_value == 0, result.return_value
         self.ctx.set_state(node.name, POSTRUN, "", attempt)
