@@ -15,6 +15,8 @@ PLAN = JobPlan(samples=100, steps=10)
 
 
 class Tiny(nn.Module):
+    """Every kind of tensor a real model has: parameters, BatchNorm statistics, a counter."""
+
     def __init__(self) -> None:
         super().__init__()
         self.conv = nn.Conv2d(3, 8, 3, bias=False)

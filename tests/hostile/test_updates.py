@@ -17,7 +17,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from torch import nn
 
 from aggregation import async_apply
 from aggregation.async_apply import arrive, flush
@@ -45,21 +44,12 @@ from node_payload.sparse_update import DATA, SparseTensor
 from pipeline import config as config_mod
 from pipeline import planner
 from pipeline.mirrors import serve
+from tests.test_sparse_update import Tiny
 
 ROUND = 3
 BOUND = 100.0
 PLAN = JobPlan(samples=100, steps=40)
 INT64_MAX = 2**63 - 1
-
-
-class Tiny(nn.Module):
-    """Every kind of tensor a real model has: parameters, BatchNorm statistics, a counter."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.conv = nn.Conv2d(3, 8, 3, bias=False)
-        self.bn = nn.BatchNorm2d(8)
-        self.fc = nn.Linear(8, 5)
 
 
 SPARSE = ("conv.weight", "bn.weight", "bn.bias", "fc.weight", "fc.bias")
