@@ -26,18 +26,18 @@ from aggregation.model_check import BrokenModel, check_next_model
 from aggregation.server_optimizer import ServerOptimizer
 from aggregation.staleness import staleness_weight
 from aggregation.validate import check_file, parse_count, shown, validate_update
-from node_payload.errors import EXIT_FATAL, UserError
-from node_payload.model_file import load_model, save_model
-from node_payload.run_config import update_budget
-from node_payload.run_layout import (
+from node_payload.common.errors import EXIT_FATAL, UserError
+from node_payload.common.model_file import load_model, save_model
+from node_payload.common.run_config import update_budget
+from node_payload.common.run_layout import (
     RESIDUAL_FILE,
     lane_dir,
     lane_job_dir,
     model_path,
     server_state_path,
 )
-from node_payload.sparse_update import open_update
-from node_payload.tensor_io import (
+from node_payload.common.sparse_update import open_update
+from node_payload.common.tensor_io import (
     BadTensorFile,
     load_tensors,
     open_lazy,

@@ -15,8 +15,8 @@ from pathlib import Path
 from typing import Any
 
 from aggregation.async_state import job_key, locked
-from node_payload.run_config import update_budget
-from node_payload.run_layout import RESIDUAL_FILE, lane_dir, lane_job_dir, model_path
+from node_payload.common.run_config import update_budget
+from node_payload.common.run_layout import RESIDUAL_FILE, lane_dir, lane_job_dir, model_path
 
 EXIT_SKIP = 99  # the DAG's PRE_SKIP code: any other non-zero exit is a failed PRE script
 MODEL_INPUT = "global.safetensors"  # the name the job's submit file transfers

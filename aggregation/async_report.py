@@ -10,9 +10,9 @@ from aggregation.async_apply import UPDATE_FILE
 from aggregation.async_state import Ledger, lane_step, read_ledger
 from aggregation.heldout import heldout_tensors
 from aggregation.utilization import node_usage
-from node_payload.model_file import load_model
-from node_payload.run_config import update_budget
-from node_payload.run_layout import lane_job_dir, model_path
+from node_payload.common.model_file import load_model
+from node_payload.common.run_config import update_budget
+from node_payload.common.run_layout import lane_job_dir, model_path
 from node_payload.train import evaluate
 
 

@@ -19,9 +19,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from node_payload.errors import UserError
-from node_payload.run_config import update_budget
-from node_payload.run_layout import ASYNC_LOCK, ASYNC_STATE
+from node_payload.common.errors import UserError
+from node_payload.common.run_config import update_budget
+from node_payload.common.run_layout import ASYNC_LOCK, ASYNC_STATE
 
 
 def lane_length(config: dict[str, Any]) -> int:

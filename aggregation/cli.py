@@ -4,8 +4,8 @@ import argparse
 from pathlib import Path
 
 from aggregation.round_step import aggregate_round
-from node_payload.job_exit import run_job
-from node_payload.run_config import read_run_config
+from node_payload.common.job_exit import run_job
+from node_payload.common.run_config import read_run_config
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -10,10 +10,10 @@ from pathlib import Path
 
 import torch
 
+from node_payload.common.run_layout import HELDOUT_FILE, node_dir
+from node_payload.common.tensor_io import load_tensors, save_tensors
 from node_payload.fetch import FetchStats
 from node_payload.local_data import load_fragments, planned_manifest
-from node_payload.run_layout import HELDOUT_FILE, node_dir
-from node_payload.tensor_io import load_tensors, save_tensors
 
 CACHE_FILE = "data/heldout_cache.safetensors"
 

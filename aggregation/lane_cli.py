@@ -9,8 +9,8 @@ import sys
 from pathlib import Path
 
 from aggregation.async_claim import claim
-from node_payload.errors import UserError
-from node_payload.run_config import read_run_config
+from node_payload.common.errors import UserError
+from node_payload.common.run_config import read_run_config
 
 
 def main(argv: list[str] | None = None) -> int:

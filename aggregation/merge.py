@@ -16,7 +16,7 @@ import torch
 from aggregation.job_plan import JobPlan
 from aggregation.robust import robust_merge
 from aggregation.validate import validate_update
-from node_payload import sparse_update
+from node_payload.common import sparse_update
 
 
 class WeightedMean:

@@ -12,7 +12,7 @@ from collections.abc import Mapping
 import torch
 
 from aggregation.buffers import is_counter, is_variance
-from node_payload.errors import UserError
+from node_payload.common.errors import UserError
 
 
 class BrokenModel(UserError):

@@ -3,7 +3,7 @@
 import math
 from fractions import Fraction
 
-from node_payload.errors import UserError
+from node_payload.common.errors import UserError
 
 
 def required_updates(nodes: int, quorum: float) -> int:

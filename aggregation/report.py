@@ -10,8 +10,8 @@ from typing import Any
 from aggregation.async_apply import flush
 from aggregation.async_report import async_report
 from aggregation.utilization import node_usage
-from node_payload.run_config import read_run_config
-from node_payload.run_layout import PLOT_FILE, REPORT_FILE, node_dir, round_metrics_path
+from node_payload.common.run_config import read_run_config
+from node_payload.common.run_layout import PLOT_FILE, REPORT_FILE, node_dir, round_metrics_path
 
 
 def collect(run_dir: Path, rounds: int) -> list[dict[str, Any]]:

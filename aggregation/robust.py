@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from node_payload import sparse_update
+from node_payload.common import sparse_update
 
 RULES = ("mean", "median", "trimmed_mean")
 

@@ -19,17 +19,17 @@ from aggregation.merge import merge_updates
 from aggregation.model_check import check_next_model
 from aggregation.quorum import QuorumNotMet, required_updates
 from aggregation.server_optimizer import ServerOptimizer
-from node_payload.errors import UserError
-from node_payload.model_file import load_model, save_model
-from node_payload.run_layout import (
+from node_payload.common.errors import UserError
+from node_payload.common.model_file import load_model, save_model
+from node_payload.common.run_layout import (
     MISSING_MARK,
     model_path,
     node_dir,
     round_metrics_path,
     server_state_path,
 )
-from node_payload.tensor_io import load_tensors, save_tensors
-from node_payload.threads import job_threads
+from node_payload.common.tensor_io import load_tensors, save_tensors
+from node_payload.common.threads import job_threads
 from node_payload.train import evaluate
 
 UPDATE_FILE = "update.safetensors"

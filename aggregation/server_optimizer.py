@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-from node_payload.errors import UserError
+from node_payload.common.errors import UserError
 
 SERVER_FORMAT = "dagtrain-server/1"
 KINDS = ("sgd", "adam")

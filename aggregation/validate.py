@@ -2,7 +2,7 @@
 
 A node is a remote machine: a stale, corrupt, diverged or hostile update must be refused with a
 reason the user can act on, not averaged in. The file is streamed one tensor at a time (memory
-O(model)). A sparse update (node_payload.sparse_update) is checked without densifying it: its
+O(model)). A sparse update (node_payload.common.sparse_update) is checked without densifying it: its
 packed stream (its declared size, at most what the model's tensors can need), positions (in
 range, unique), values and statistics (finite) when it is opened, its tensor names and shapes
 against the model, and its norm from the sent values. BatchNorm statistics and counters are
@@ -21,7 +21,7 @@ import torch
 
 from aggregation.buffers import check_integer, check_statistics, is_mean, is_variance
 from aggregation.job_plan import JobPlan
-from node_payload import sparse_update, tensor_io
+from node_payload.common import sparse_update, tensor_io
 
 _UINT = re.compile(r"[0-9]+")
 _BYTES_PER_VALUE = 8  # the most a packed value takes: a 5-byte position and 2 bytes, or an int64

@@ -16,7 +16,7 @@ import torch
 
 from aggregation.job_plan import JobPlan
 from aggregation.merge import merge_updates
-from node_payload.tensor_io import load_tensors, save_tensors, update_metadata
+from node_payload.common.tensor_io import load_tensors, save_tensors, update_metadata
 
 NODES = 8
 

@@ -43,10 +43,10 @@ from pathlib import Path
 from typing import NoReturn
 from urllib.parse import urlsplit
 
+from node_payload.common.manifest import Block, Manifest
 from node_payload.fetch import FetchStats
 from node_payload.fragments import decode
 from node_payload.local_data import fetch_raw, planned_manifest
-from node_payload.manifest import Block, Manifest
 from node_payload.sampling import local_sets
 from pipeline.dataset_prepare import prepare
 from pipeline.textures import generate

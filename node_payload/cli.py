@@ -3,7 +3,7 @@
 import argparse
 from pathlib import Path
 
-from node_payload.job_exit import run_job
+from node_payload.common.job_exit import run_job
 from node_payload.node_job import NodeTask, run_node
 
 

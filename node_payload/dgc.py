@@ -25,7 +25,7 @@ Per job, with u and v the lane's momentum and velocity (zero at the start):
 Sent dense: tensors that are not parameters (BatchNorm running statistics must be averaged
 whole, integer counters are not gradients) and parameters that are not float32. The float32
 ones among them (the statistics) travel in float16 and are not error-fed: the file loses what
-half precision rounds off them (a relative 2^-11; see node_payload.sparse_update). Small
+half precision rounds off them (a relative 2^-11; see node_payload.common.sparse_update). Small
 parameter tensors (biases, BatchNorm weights) are compressed like the others: sending them dense
 would cost a small CNN as many bytes as all its sparse values at 99.9%.
 
@@ -45,8 +45,8 @@ from typing import Any
 
 import torch
 
-from node_payload import sparse_update, tensor_io
-from node_payload.run_layout import RESIDUAL_FILE
+from node_payload.common import sparse_update, tensor_io
+from node_payload.common.run_layout import RESIDUAL_FILE
 
 START_SPARSITY = 0.75
 

@@ -26,9 +26,9 @@ from ftplib import FTP, all_errors, error_perm, error_proto, error_reply, error_
 from hashlib import sha256
 from urllib.parse import parse_qs, unquote, urlsplit
 
-from node_payload.errors import UserError
-from node_payload.manifest import Block as Fragment  # fetched units are stored blocks
-from node_payload.manifest_limits import MAX_MANIFEST_BYTES
+from node_payload.common.errors import UserError
+from node_payload.common.manifest import Block as Fragment  # fetched units are stored blocks
+from node_payload.common.manifest_limits import MAX_MANIFEST_BYTES
 
 log = logging.getLogger(__name__)
 

@@ -5,7 +5,7 @@ import io
 import numpy as np
 from PIL import Image
 
-from node_payload.manifest import Fragment, Manifest
+from node_payload.common.manifest import Fragment, Manifest
 
 
 def decode(data: bytes, mode: str) -> np.ndarray:

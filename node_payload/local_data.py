@@ -15,9 +15,9 @@ import numpy as np
 import torch
 
 from node_payload.batches import to_tensor
+from node_payload.common.manifest import Block, Manifest
 from node_payload.fetch import FetchStats, fetch_file, fetch_fragments
 from node_payload.fragments import cut, decode
-from node_payload.manifest import Block, Manifest
 
 MANIFEST = "manifest.json"
 CONNECTIONS = 3  # parallel FTP sessions per node: hides per-read round trips, stays polite

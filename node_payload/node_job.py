@@ -8,16 +8,16 @@ from typing import Any
 
 import torch
 
+from node_payload.common.model_file import load_model
+from node_payload.common.run_config import read_run_config, schedule_length
+from node_payload.common.run_layout import RESIDUAL_FILE
+from node_payload.common.tensor_io import save_tensors, update_metadata
+from node_payload.common.threads import job_threads
 from node_payload.dgc import compress_job
 from node_payload.faults import inject, slow_down, slowdown, tamper
 from node_payload.fetch import FetchStats
 from node_payload.local_data import Tensors, load_fragments, planned_manifest
-from node_payload.model_file import load_model
-from node_payload.run_config import read_run_config, schedule_length
-from node_payload.run_layout import RESIDUAL_FILE
 from node_payload.sampling import local_sets
-from node_payload.tensor_io import save_tensors, update_metadata
-from node_payload.threads import job_threads
 from node_payload.train import evaluate, round_lr, steps_for, train_local, update_tensors
 
 UPDATE_FILE = "update.safetensors"

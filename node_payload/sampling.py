@@ -7,7 +7,7 @@ A node's local test must measure generalisation to unseen images, not to unseen 
 it trained on, so per class the non-holdout source images are split into train sources and test
 sources. Held-out sources are reserved for the global held-out test and never reach a node.
 
-Fragment ids of one source form a contiguous range (see node_payload.manifest), so draws work on
+Fragment ids of one source form a contiguous range (see node_payload.common.manifest), so draws work on
 counts and offsets and never materialise the millions of (position, angle) fragments.
 
 A node's local set is drawn as whole *chunks*, bands of whole position rows of one source (at
@@ -23,8 +23,8 @@ import math
 
 import numpy as np
 
-from node_payload.errors import UserError
-from node_payload.manifest import Manifest
+from node_payload.common.errors import UserError
+from node_payload.common.manifest import Manifest
 
 _FIX = "lower [data] local_train/local_test or add more source images"
 # Positions per chunk: with tile 256 / stride 128 (16 positions a row) a chunk is 4 position rows,

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING
 from rich.console import Console
 from rich.markup import escape
 
-from node_payload.errors import UserError
+from node_payload.common.errors import UserError
 from pipeline.run_summary import RunStopped
 
 if TYPE_CHECKING:

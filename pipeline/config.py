@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from node_payload.errors import UserError
+from node_payload.common.errors import UserError
 from node_payload.fetch import Mirror
 
 Rule = Callable[[Any], bool]

@@ -3,7 +3,7 @@
 Pixels are stored once: every source image is reflection-padded by the manifest's margin (so that
 tiles at the border still have a full rotation context) and cut into non-overlapping blocks,
 each encoded on its own (JPEG quality 90, or PNG with `lossless`) and stored contiguously in a
-shard of about 64 MB. The manifest describes fragments as an index (see node_payload.manifest).
+shard of about 64 MB. The manifest describes fragments as an index (see node_payload.common.manifest).
 
 Positions: stride s = max(1, round(tile * (1 - overlap))); a W x H image has
 nx = (W - tile) // s + 1 by ny = (H - tile) // s + 1 tile positions at x = 0, s, 2s, ... (the
@@ -33,8 +33,8 @@ import numpy as np
 from PIL import Image
 from rich.progress import track
 
-from node_payload.errors import UserError
-from node_payload.manifest import (
+from node_payload.common.errors import UserError
+from node_payload.common.manifest import (
     FORMAT,
     HASH_HEX,
     Manifest,
@@ -42,7 +42,7 @@ from node_payload.manifest import (
     margin_for,
     stride_for,
 )
-from node_payload.manifest_limits import MAX_BLOCK
+from node_payload.common.manifest_limits import MAX_BLOCK
 
 log = logging.getLogger(__name__)
 

@@ -10,7 +10,7 @@ from typing import Any
 
 from rich.console import Console
 
-from node_payload.run_layout import DAG_FILE, REPORT_FILE
+from node_payload.common.run_layout import DAG_FILE, REPORT_FILE
 from pipeline import planner
 from pipeline.config import from_dict
 from pipeline.local_run import run_local

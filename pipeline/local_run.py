@@ -9,10 +9,10 @@ from typing import Any
 from rich.console import Console
 from rich.markup import escape
 
-from node_payload.errors import UserError
+from node_payload.common.errors import UserError
+from node_payload.common.run_config import read_run_config, update_budget
+from node_payload.common.run_layout import CONFIG_FILE, DAG_FILE, REPORT_FILE
 from node_payload.faults import SLOWDOWN_VARIABLE
-from node_payload.run_config import read_run_config, update_budget
-from node_payload.run_layout import CONFIG_FILE, DAG_FILE, REPORT_FILE
 from pipeline.local_runner import DagInterrupted, run_dag
 from pipeline.mirrors import serve
 from pipeline.progress import RunProgress

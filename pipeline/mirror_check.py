@@ -12,7 +12,7 @@ from concurrent.futures import ThreadPoolExecutor
 from rich.console import Console
 from rich.markup import escape
 
-from node_payload.errors import UserError
+from node_payload.common.errors import UserError
 from node_payload.fetch import DataUnreachable, LoginRefused, Mirror, MirrorLied, probe_file
 
 MANIFEST = "manifest.json"

@@ -22,7 +22,7 @@ from pyftpdlib.ioloop import IOLoop
 from pyftpdlib.servers import FTPServer
 from rich.console import Console
 
-from node_payload.errors import UserError
+from node_payload.common.errors import UserError
 
 HOST = "127.0.0.1"
 POLL_S = 0.05  # longest wait of close() for a server thread to notice the stop request

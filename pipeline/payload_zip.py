@@ -31,7 +31,11 @@ def _sources() -> list[tuple[str, Path]]:
     files = []
     for package in (node_payload, aggregation):
         root = Path(package.__file__).parent
-        files += [(f"{root.name}/{p.name}", p) for p in sorted(root.glob("*.py"))]
+        files += [
+            (p.relative_to(root.parent).as_posix(), p)
+            for p in sorted(root.rglob("*.py"))
+            if "__pycache__" not in p.parts
+        ]
     return files
 
 

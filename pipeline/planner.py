@@ -17,14 +17,12 @@ from pathlib import Path
 from aggregation.async_claim import EXIT_SKIP, MODEL_INPUT
 from aggregation.async_state import Ledger, lane_length, write_ledger
 from aggregation.server_optimizer import ServerOptimizer
-from node_payload.dgc import write_empty_residual
-from node_payload.errors import EXIT_FATAL, UserError
-from node_payload.fetch import Mirror
-from node_payload.manifest import Manifest
-from node_payload.model_file import save_model
-from node_payload.models import build_model
-from node_payload.run_config import update_budget
-from node_payload.run_layout import (
+from node_payload.common.errors import EXIT_FATAL, UserError
+from node_payload.common.manifest import Manifest
+from node_payload.common.model_file import save_model
+from node_payload.common.models import build_model
+from node_payload.common.run_config import update_budget
+from node_payload.common.run_layout import (
     DAG_FILE,
     HELDOUT_FILE,
     RESIDUAL_FILE,
@@ -41,8 +39,10 @@ from node_payload.run_layout import (
     round_tag,
     server_state_path,
 )
+from node_payload.common.tensor_io import model_metadata, save_tensors
+from node_payload.dgc import write_empty_residual
+from node_payload.fetch import Mirror
 from node_payload.sampling import check_capacity, heldout_set, node_seed
-from node_payload.tensor_io import model_metadata, save_tensors
 from pipeline import config as config_mod
 from pipeline.config import Config
 from pipeline.dataset_prepare import prepare

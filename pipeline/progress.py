@@ -10,7 +10,7 @@ from rich.console import Console
 from rich.live import Live
 from rich.table import Table
 
-from node_payload.run_layout import ASYNC_STATE, round_metrics_path
+from node_payload.common.run_layout import ASYNC_STATE, round_metrics_path
 
 _NODE = re.compile(r"^(train|aggregate)_r(\d+)")
 

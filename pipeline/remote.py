@@ -20,9 +20,15 @@ from types import TracebackType
 
 import paramiko
 
-from node_payload.errors import UserError
-from node_payload.run_config import read_run_config
-from node_payload.run_layout import CONFIG_FILE, DAG_FILE, MISSING_MARK, REPORT_FILE, STATUS_FILE
+from node_payload.common.errors import UserError
+from node_payload.common.run_config import read_run_config
+from node_payload.common.run_layout import (
+    CONFIG_FILE,
+    DAG_FILE,
+    MISSING_MARK,
+    REPORT_FILE,
+    STATUS_FILE,
+)
 from pipeline.rescue import reopen_missing_nodes
 from pipeline.run_status import RunStatus, read_status
 from pipeline.submission import (

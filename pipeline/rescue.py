@@ -11,8 +11,8 @@ import os
 import re
 from pathlib import Path
 
-from node_payload.run_config import read_run_config
-from node_payload.run_layout import (
+from node_payload.common.run_config import read_run_config
+from node_payload.common.run_layout import (
     CONFIG_FILE,
     DAG_FILE,
     MISSING_MARK,

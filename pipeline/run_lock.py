@@ -22,7 +22,7 @@ from datetime import datetime
 from pathlib import Path
 from types import TracebackType
 
-from node_payload.errors import UserError
+from node_payload.common.errors import UserError
 
 LOCK_FILE = "runner.lock"
 

@@ -13,8 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from aggregation.async_state import Ledger, write_ledger
-from node_payload.dgc import write_empty_residual
-from node_payload.run_layout import (
+from node_payload.common.run_layout import (
     DAG_FILE,
     PLOT_FILE,
     REPORT_FILE,
@@ -22,6 +21,7 @@ from node_payload.run_layout import (
     STATUS_FILE,
     lane_dir,
 )
+from node_payload.dgc import write_empty_residual
 from pipeline.local_runner.journal import rescue_files
 
 # The FINAL node's files and the runner's own state (journal, sandboxes, cluster counter).

@@ -25,9 +25,9 @@ from rich.table import Table
 from rich.text import Text
 
 from aggregation.async_state import lane_length
-from node_payload.errors import UserError
-from node_payload.run_config import read_run_config, update_budget
-from node_payload.run_layout import (
+from node_payload.common.errors import UserError
+from node_payload.common.run_config import read_run_config, update_budget
+from node_payload.common.run_layout import (
     ASYNC_STATE,
     CONFIG_FILE,
     DAG_FILE,

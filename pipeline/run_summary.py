@@ -7,7 +7,7 @@ from typing import Any
 
 from rich.markup import escape
 
-from node_payload.run_layout import REPORT_FILE, round_dir
+from node_payload.common.run_layout import REPORT_FILE, round_dir
 
 
 def resume_command(run_dir: Path) -> str:

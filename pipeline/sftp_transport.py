@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from urllib.parse import unquote, urlsplit
 
-from node_payload.errors import UserError
+from node_payload.common.errors import UserError
 from node_payload.fetch import redact
 from pipeline.remote import SshOptions, SshSession, Target
 

@@ -13,9 +13,9 @@ from pathlib import Path
 
 import htcondor2
 
-from node_payload.errors import UserError
-from node_payload.run_config import read_run_config
-from node_payload.run_layout import CONFIG_FILE, DAG_FILE, REPORT_FILE
+from node_payload.common.errors import UserError
+from node_payload.common.run_config import read_run_config
+from node_payload.common.run_layout import CONFIG_FILE, DAG_FILE, REPORT_FILE
 from pipeline.rescue import reopen_missing_nodes
 from pipeline.run_lock import RunLock
 from pipeline.run_status import RunStatus, read_status

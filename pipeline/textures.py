@@ -13,7 +13,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 from rich.progress import track
 
-from node_payload.errors import UserError
+from node_payload.common.errors import UserError
 
 Pattern = Callable[[np.random.Generator, int], np.ndarray]
 

@@ -39,9 +39,9 @@ from rich.progress import (
     TransferSpeedColumn,
 )
 
-from node_payload.errors import UserError
+from node_payload.common.errors import UserError
+from node_payload.common.manifest import DataFile, Manifest
 from node_payload.fetch import Mirror, redact
-from node_payload.manifest import DataFile, Manifest
 from pipeline.sftp_transport import SftpTransport, parse_sftp_url
 
 MANIFEST = "manifest.json"

@@ -12,8 +12,9 @@ from aggregation.merge import merge_updates
 from aggregation.quorum import QuorumNotMet, required_updates
 from aggregation.server_optimizer import ServerOptimizer
 from aggregation.validate import validate_update
-from node_payload import dgc, sparse_update, tensor_io
-from node_payload.errors import UserError
+from node_payload import dgc
+from node_payload.common import sparse_update, tensor_io
+from node_payload.common.errors import UserError
 
 ROUND = 3
 BOUND = 100.0

@@ -19,10 +19,10 @@ from aggregation.async_apply import arrive, flush
 from aggregation.async_claim import EXIT_SKIP, MODEL_INPUT, claim
 from aggregation.async_state import lane_length, read_ledger, write_ledger
 from aggregation.staleness import staleness_weight
-from node_payload.errors import EXIT_FATAL, UserError
-from node_payload.run_config import read_run_config, schedule_length
-from node_payload.run_layout import CONFIG_FILE, DAG_FILE, lane_job_dir, model_path
-from node_payload.tensor_io import load_tensors, save_tensors, update_metadata
+from node_payload.common.errors import EXIT_FATAL, UserError
+from node_payload.common.run_config import read_run_config, schedule_length
+from node_payload.common.run_layout import CONFIG_FILE, DAG_FILE, lane_job_dir, model_path
+from node_payload.common.tensor_io import load_tensors, save_tensors, update_metadata
 from pipeline import config as config_mod
 from pipeline import planner
 from pipeline.local_runner.dag_file import parse_dag

@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from node_payload.errors import UserError
+from node_payload.common.errors import UserError
 from pipeline import config
 
 

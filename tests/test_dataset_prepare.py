@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from node_payload.errors import UserError
+from node_payload.common.errors import UserError
+from node_payload.common.manifest import Manifest
 from node_payload.fragments import cut, decode
-from node_payload.manifest import Manifest
 from pipeline import dataset_prepare
 from pipeline.dataset_prepare import prepare
 from pipeline.textures import generate

@@ -8,11 +8,12 @@ import torch
 
 from aggregation.job_plan import JobPlan
 from aggregation.validate import validate_update
-from node_payload import dgc, model_file, node_job, sparse_update, tensor_io
+from node_payload import dgc, node_job
+from node_payload.common import model_file, sparse_update, tensor_io
+from node_payload.common.models import build_model
+from node_payload.common.run_config import read_run_config
+from node_payload.common.run_layout import RESIDUAL_FILE
 from node_payload.dgc import DgcSettings, Residual
-from node_payload.models import build_model
-from node_payload.run_config import read_run_config
-from node_payload.run_layout import RESIDUAL_FILE
 from pipeline import config
 
 RUN_ID = "run-a"

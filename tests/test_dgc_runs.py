@@ -9,9 +9,9 @@ import htcondor2
 import pytest
 
 from aggregation.async_claim import claim
-from node_payload.run_config import read_run_config
-from node_payload.run_layout import CONFIG_FILE, RESIDUAL_FILE, lane_dir, lane_job_dir
-from node_payload.tensor_io import read_metadata
+from node_payload.common.run_config import read_run_config
+from node_payload.common.run_layout import CONFIG_FILE, RESIDUAL_FILE, lane_dir, lane_job_dir
+from node_payload.common.tensor_io import read_metadata
 from pipeline import config as config_mod
 from pipeline import planner
 from pipeline.cli import main

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from node_payload.run_layout import model_path
-from node_payload.tensor_io import load_tensors
+from node_payload.common.run_layout import model_path
+from node_payload.common.tensor_io import load_tensors
 from pipeline.cli import main
 
 

@@ -16,8 +16,8 @@ from pyftpdlib.authorizers import DummyAuthorizer
 from pyftpdlib.filesystems import AbstractedFS
 from pyftpdlib.handlers import FTPHandler
 
+from node_payload.common.manifest import Block as Fragment
 from node_payload.fetch import DataUnreachable, FetchStats, fetch_file, fetch_fragments
-from node_payload.manifest import Block as Fragment
 from pipeline.mirrors import MirrorServer, RangeFTPHandler, free_ports, read_only_handler, serve
 from tests.dropping_mirror import DroppingFile
 

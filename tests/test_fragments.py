@@ -1,8 +1,8 @@
 import numpy as np
 import pytest
 
+from node_payload.common.manifest import margin_for
 from node_payload.fragments import rotate_crop
-from node_payload.manifest import margin_for
 
 
 @pytest.mark.parametrize("tile", [32, 64, 256])

@@ -9,8 +9,8 @@ from test_local_runner_helpers import dag, job
 
 from aggregation.report import build_report, busy_seconds, wall_seconds
 from node_payload import faults
-from node_payload.errors import UserError
-from node_payload.run_layout import node_dir
+from node_payload.common.errors import UserError
+from node_payload.common.run_layout import node_dir
 from pipeline.cli import main
 from pipeline.config import from_dict
 from pipeline.local_run import run_local

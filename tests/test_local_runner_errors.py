@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 from test_local_runner_helpers import dag, job
 
-from node_payload.errors import UserError
+from node_payload.common.errors import UserError
 from pipeline.local_runner import run_dag
 
 

@@ -5,8 +5,8 @@ import time
 
 import pytest
 
-from node_payload.errors import UserError
-from node_payload.manifest import FORMAT, HASH_HEX, Fragment, Manifest, encode, margin_for
+from node_payload.common.errors import UserError
+from node_payload.common.manifest import FORMAT, HASH_HEX, Fragment, Manifest, encode, margin_for
 
 H = "ab" * (HASH_HEX // 2)
 

@@ -15,10 +15,10 @@ from pyftpdlib.filesystems import AbstractedFS
 from pyftpdlib.handlers import FTPHandler
 
 from node_payload import fetch
-from node_payload.errors import UserError
+from node_payload.common.errors import UserError
+from node_payload.common.manifest import Manifest
 from node_payload.fetch import FetchStats, Mirror, backoff_delay, fetch_fragments
 from node_payload.local_data import fetch_blocks, planned_manifest
-from node_payload.manifest import Manifest
 from node_payload.sampling import local_sets
 from pipeline.cli import main
 from pipeline.mirror_check import check_mirrors

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from pyftpdlib.handlers import FTPHandler
 
-from node_payload.errors import UserError
+from node_payload.common.errors import UserError
 from pipeline import mirrors as mirrors_module
 from pipeline.mirrors import (
     MirrorServer,

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from node_payload.errors import EXIT_FATAL
+from node_payload.common.errors import EXIT_FATAL
 from pipeline.render import render
 
 

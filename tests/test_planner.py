@@ -10,8 +10,8 @@ from pathlib import Path
 import htcondor2
 import pytest
 
-from node_payload.errors import EXIT_FATAL, UserError
-from node_payload.model_file import load_model
+from node_payload.common.errors import EXIT_FATAL, UserError
+from node_payload.common.model_file import load_model
 from pipeline import config as config_mod
 from pipeline.planner import make_plan, plan_from_file, write
 from pipeline.render import dag_var

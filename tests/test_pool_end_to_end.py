@@ -13,9 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from node_payload.run_config import read_run_config
-from node_payload.run_layout import CONFIG_FILE, DAG_FILE, REPORT_FILE, model_path
-from node_payload.tensor_io import load_tensors
+from node_payload.common.run_config import read_run_config
+from node_payload.common.run_layout import CONFIG_FILE, DAG_FILE, REPORT_FILE, model_path
+from node_payload.common.tensor_io import load_tensors
 from pipeline import config as config_mod
 from pipeline import planner
 from pipeline.local_run import mirror_ports, run_local

@@ -12,9 +12,9 @@ import paramiko
 import pytest
 from test_submit_status import fake_run
 
-from node_payload.errors import UserError
-from node_payload.run_config import read_run_config
-from node_payload.run_layout import CONFIG_FILE, DAG_FILE
+from node_payload.common.errors import UserError
+from node_payload.common.run_config import read_run_config
+from node_payload.common.run_layout import CONFIG_FILE, DAG_FILE
 from pipeline import cli, planner
 from pipeline import config as config_mod
 from pipeline.mirrors import serve

@@ -15,11 +15,11 @@ from aggregation.merge import merge_updates
 from aggregation.report import build_report
 from aggregation.robust import reduce_stack, robust_merge, trimmed_count
 from aggregation.round_step import aggregate_round
-from node_payload import tensor_io
-from node_payload.errors import UserError
+from node_payload.common import tensor_io
+from node_payload.common.errors import UserError
+from node_payload.common.run_config import read_run_config
+from node_payload.common.run_layout import model_path, node_dir, round_metrics_path
 from node_payload.faults import tamper
-from node_payload.run_config import read_run_config
-from node_payload.run_layout import model_path, node_dir, round_metrics_path
 from pipeline.cli import main
 from pipeline.config import from_dict
 from pipeline.mirrors import serve

@@ -10,11 +10,11 @@ import torch
 
 from aggregation.quorum import QuorumNotMet
 from aggregation.round_step import aggregate_round
-from node_payload.manifest import Manifest
-from node_payload.model_file import load_model
-from node_payload.run_config import read_run_config
-from node_payload.run_layout import model_path, node_dir, round_metrics_path
-from node_payload.tensor_io import load_tensors, save_tensors, update_metadata
+from node_payload.common.manifest import Manifest
+from node_payload.common.model_file import load_model
+from node_payload.common.run_config import read_run_config
+from node_payload.common.run_layout import model_path, node_dir, round_metrics_path
+from node_payload.common.tensor_io import load_tensors, save_tensors, update_metadata
 from pipeline.mirrors import serve
 from pipeline.planner import plan_from_file
 

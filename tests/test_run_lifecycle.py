@@ -20,8 +20,8 @@ from pathlib import Path
 import pytest
 from test_submit_status import fake_run
 
-from node_payload.errors import UserError
-from node_payload.run_layout import REPORT_FILE, node_dir
+from node_payload.common.errors import UserError
+from node_payload.common.run_layout import REPORT_FILE, node_dir
 from pipeline import cli
 from pipeline.run_lock import LOCK_FILE, RunLock, process_identity
 from pipeline.run_status import STOPPED, read_status

@@ -4,8 +4,8 @@ from collections import Counter
 
 import pytest
 
-from node_payload.errors import UserError
-from node_payload.manifest import FORMAT, HASH_HEX, Manifest, encode, margin_for
+from node_payload.common.errors import UserError
+from node_payload.common.manifest import FORMAT, HASH_HEX, Manifest, encode, margin_for
 from node_payload.sampling import (
     CHUNK_POSITIONS,
     check_capacity,

@@ -6,8 +6,8 @@ from torch import nn
 from aggregation.job_plan import JobPlan
 from aggregation.merge import merge_updates
 from aggregation.validate import validate_update
-from node_payload import sparse_update, tensor_io
-from node_payload.sparse_update import SparseTensor
+from node_payload.common import sparse_update, tensor_io
+from node_payload.common.sparse_update import SparseTensor
 
 ROUND = 2
 BOUND = 1000.0

@@ -17,8 +17,8 @@ import htcondor2
 import pytest
 from rich.console import Console
 
-from node_payload.errors import UserError
-from node_payload.run_layout import DAG_FILE, REPORT_FILE, STATUS_FILE, node_dir
+from node_payload.common.errors import UserError
+from node_payload.common.run_layout import DAG_FILE, REPORT_FILE, STATUS_FILE, node_dir
 from pipeline import cli
 from pipeline.local_runner import run_dag
 from pipeline.local_runner.event_log import UserLog

@@ -1,8 +1,8 @@
 import pytest
 import torch
 
-from node_payload import tensor_io
-from node_payload.tensor_io import BadTensorFile
+from node_payload.common import tensor_io
+from node_payload.common.tensor_io import BadTensorFile
 
 
 def _tensors() -> dict[str, torch.Tensor]:

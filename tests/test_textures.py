@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from node_payload.errors import UserError
+from node_payload.common.errors import UserError
 from pipeline.textures import FAMILIES, generate
 
 

@@ -17,8 +17,8 @@ import pytest
 from pyftpdlib.authorizers import DummyAuthorizer
 from pyftpdlib.handlers import FTPHandler
 
-from node_payload.errors import UserError
-from node_payload.manifest import Manifest
+from node_payload.common.errors import UserError
+from node_payload.common.manifest import Manifest
 from pipeline.cli import main
 from pipeline.mirrors import MirrorServer, free_ports
 from pipeline.remote import Target

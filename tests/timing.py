@@ -19,7 +19,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 _PROBE = """
 import torch, torchvision
-from node_payload.models import build_model
+from node_payload.common.models import build_model
 torch.set_num_threads(1)
 model = build_model("smallcnn", 4, 3, seed=0)
 optimizer = torch.optim.SGD(model.parameters(), lr=0.01)

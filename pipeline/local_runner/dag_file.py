@@ -11,7 +11,7 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from node_payload.errors import UserError
+from node_payload.common.errors import UserError
 
 KEYWORDS = {
     "JOB", "FINAL", "VARS", "PARENT", "CHILD", "RETRY", "SCRIPT", "PRE_SKIP", "CATEGORY",

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from node_payload.errors import UserError
+from node_payload.common.errors import UserError
 
 
 def _split_new_syntax(text: str, origin: str) -> list[str]:

@@ -13,7 +13,7 @@ import os
 import re
 from pathlib import Path
 
-from node_payload.errors import UserError
+from node_payload.common.errors import UserError
 
 
 def journal_path(dag_file: Path) -> Path:

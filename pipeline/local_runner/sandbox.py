@@ -10,7 +10,7 @@ import os
 import shutil
 from pathlib import Path
 
-from node_payload.errors import UserError
+from node_payload.common.errors import UserError
 
 from .submit_description import JobSpec
 

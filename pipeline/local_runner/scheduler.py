@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
 
-from node_payload.errors import UserError
+from node_payload.common.errors import UserError
 
 from . import status_file
 from .dag_file import Dag, parse_dag

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import htcondor2
 
-from node_payload.errors import UserError
+from node_payload.common.errors import UserError
 
 from .job_args import parse_arguments, parse_environment
 

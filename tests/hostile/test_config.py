@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from node_payload.errors import UserError
+from node_payload.common.errors import UserError
 from pipeline import config
 from pipeline.planner import plan_from_file
 

@@ -22,13 +22,13 @@ from pyftpdlib.handlers import FTPHandler
 
 from node_payload import fetch
 from node_payload.cli import main as node_main
-from node_payload.errors import EXIT_RETRYABLE, UserError
+from node_payload.common.errors import EXIT_RETRYABLE, UserError
+from node_payload.common.manifest import Manifest, encode
+from node_payload.common.manifest_limits import MAX_DATASET_BYTES, MAX_MANIFEST_BYTES
+from node_payload.common.run_config import read_run_config
+from node_payload.common.run_layout import model_path
 from node_payload.fetch import DataUnreachable, FetchStats, fetch_fragments
 from node_payload.local_data import fetch_raw, planned_manifest
-from node_payload.manifest import Manifest, encode
-from node_payload.manifest_limits import MAX_DATASET_BYTES, MAX_MANIFEST_BYTES
-from node_payload.run_config import read_run_config
-from node_payload.run_layout import model_path
 from pipeline.cli import main
 from pipeline.mirror_check import check_mirrors
 from pipeline.mirrors import MirrorServer, RangeFTPHandler, read_only_handler, serve
@@ -347,7 +347,7 @@ def test_a_manifest_longer_than_the_cap_is_refused_to_plan_and_to_fetch(
     tiny_dataset: Path, mirror: Callable[..., str], monkeypatch
 ) -> None:
     size = (tiny_dataset / "manifest.json").stat().st_size
-    monkeypatch.setattr("node_payload.manifest.MAX_MANIFEST_BYTES", size - 1)
+    monkeypatch.setattr("node_payload.common.manifest.MAX_MANIFEST_BYTES", size - 1)
     with pytest.raises(UserError, match=rf"the manifest is {size} bytes, more than the {size - 1}"):
         Manifest.load(tiny_dataset / "manifest.json")
     monkeypatch.setattr("node_payload.fetch.MAX_MANIFEST_BYTES", size - 1)

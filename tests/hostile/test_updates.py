@@ -29,10 +29,10 @@ from aggregation.model_check import BrokenModel, check_next_model
 from aggregation.quorum import QuorumNotMet
 from aggregation.round_step import aggregate_round
 from aggregation.validate import validate_update
-from node_payload import sparse_update, tensor_io
-from node_payload.errors import EXIT_FATAL
-from node_payload.run_config import read_run_config
-from node_payload.run_layout import (
+from node_payload.common import sparse_update, tensor_io
+from node_payload.common.errors import EXIT_FATAL
+from node_payload.common.run_config import read_run_config
+from node_payload.common.run_layout import (
     CONFIG_FILE,
     lane_job_dir,
     model_path,
@@ -40,7 +40,7 @@ from node_payload.run_layout import (
     round_metrics_path,
     server_state_path,
 )
-from node_payload.sparse_update import DATA, SparseTensor
+from node_payload.common.sparse_update import DATA, SparseTensor
 from pipeline import config as config_mod
 from pipeline import planner
 from pipeline.mirrors import serve

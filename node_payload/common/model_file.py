@@ -4,9 +4,9 @@ from pathlib import Path
 
 from torch import nn
 
-from node_payload.errors import UserError
-from node_payload.models import build_model
-from node_payload.tensor_io import MODEL_FORMAT, load_tensors, save_tensors
+from node_payload.common.errors import UserError
+from node_payload.common.models import build_model
+from node_payload.common.tensor_io import MODEL_FORMAT, load_tensors, save_tensors
 
 
 def save_model(path: Path, model: nn.Module, metadata: dict[str, str]) -> None:

@@ -44,7 +44,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from node_payload import tensor_io
+from node_payload.common import tensor_io
 
 COMPRESSION = "dgc"
 DATA = "::data"

@@ -4,7 +4,7 @@ import torch
 import torchvision
 from torch import nn
 
-from node_payload.errors import UserError
+from node_payload.common.errors import UserError
 
 SMALL_CNN = "smallcnn"
 

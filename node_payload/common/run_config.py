@@ -5,7 +5,7 @@ import tomllib
 from pathlib import Path
 from typing import Any
 
-from node_payload.errors import UserError
+from node_payload.common.errors import UserError
 
 
 def read_run_config(path: Path) -> dict[str, Any]:

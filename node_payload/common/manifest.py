@@ -28,8 +28,8 @@ from typing import Any
 
 import numpy as np
 
-from node_payload.errors import UserError
-from node_payload.manifest_limits import MAX_BLOCK, MAX_MANIFEST_BYTES, size_problem
+from node_payload.common.errors import UserError
+from node_payload.common.manifest_limits import MAX_BLOCK, MAX_MANIFEST_BYTES, size_problem
 
 FORMAT = "dagtrain-dataset/2"
 MODES = ("L", "RGB")

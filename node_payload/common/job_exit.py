@@ -3,9 +3,9 @@
 import sys
 from collections.abc import Callable
 
-from node_payload.errors import EXIT_FATAL, EXIT_OK, EXIT_RETRYABLE, UserError
+from node_payload.common.errors import EXIT_FATAL, EXIT_OK, EXIT_RETRYABLE, UserError
+from node_payload.common.tensor_io import BadTensorFile
 from node_payload.fetch import DataUnreachable
-from node_payload.tensor_io import BadTensorFile
 
 
 def run_job(where: str, work: Callable[[], str]) -> int:
