@@ -28,7 +28,7 @@ from aggregation.staleness import staleness_weight
 from aggregation.validate import check_file, parse_count, shown, validate_update
 from node_payload.common.errors import EXIT_FATAL, UserError
 from node_payload.common.model_file import load_model, save_model
-from node_payload.common.run_config import update_budget
+from node_payload.common.run_config import RunConfig
 from node_payload.common.run_layout import (
     RESIDUAL_FILE,
     lane_dir,
@@ -59,7 +59,7 @@ def log(run_dir: Path, message: str) -> None:
 
 def arrive(
     run_dir: Path,
-    config: dict[str, Any],
+    config: RunConfig,
     lane: int,
     step: int,
     returned: int,
@@ -106,7 +106,7 @@ def arrive(
 
 def _accept(
     run_dir: Path,
-    config: dict[str, Any],
+    config: RunConfig,
     ledger: Ledger,
     lane: int,
     step: int,
@@ -142,18 +142,16 @@ def _accept(
         state,
         step,
         lane,
-        config["server"]["max_update_norm"],
+        config.server.max_update_norm,
         expected,
         plan=JobPlan.from_config(config),
         base=_buffers_of(run_dir, base, state),
     )
     if not check.ok:
         return f"rejected: {check.reason}"
-    rules = config["async"]
+    rules = config.async_
     staleness = ledger.version - base
-    weight = staleness_weight(
-        rules["staleness"], staleness, rules["staleness_a"], rules["staleness_b"]
-    )
+    weight = staleness_weight(rules.staleness, staleness, rules.staleness_a, rules.staleness_b)
     ledger.buffer.append(
         {
             "lane": lane,
@@ -166,7 +164,7 @@ def _accept(
     )
     ledger.accepted += 1
     outcome = f"accepted, staleness {staleness}, weight {weight:.3g}"
-    if len(ledger.buffer) >= rules["buffer"] or ledger.accepted >= update_budget(config):
+    if len(ledger.buffer) >= rules.buffer or ledger.accepted >= config.update_budget:
         version = step_version(run_dir, config, ledger, model, metadata)
         outcome += f"; applied as version {version}"
     return outcome
@@ -174,7 +172,7 @@ def _accept(
 
 def step_version(
     run_dir: Path,
-    config: dict[str, Any],
+    config: RunConfig,
     ledger: Ledger,
     model: torch.nn.Module,
     metadata: dict[str, str],
@@ -185,7 +183,7 @@ def step_version(
     torch.set_num_threads(1)
     global_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
     entries = ledger.buffer
-    server = config["server"]
+    server = config.server
     plan = JobPlan.from_config(config)
     bases = {v: _buffers_of(run_dir, v, global_state) for v in {e["base_version"] for e in entries}}
     merged = merge_updates(
@@ -194,11 +192,11 @@ def step_version(
             (i, lane_job_dir(run_dir, e["lane"], e["step"]) / UPDATE_FILE)
             for i, e in enumerate(entries)
         ],
-        server["max_update_norm"],
+        server.max_update_norm,
         0,
-        server["rule"],
-        server["trim"],
-        server["clip_norm"],
+        server.rule,
+        server.trim,
+        server.clip_norm,
         expected={
             i: {"round": e["step"], "node": e["lane"], "base_version": e["base_version"]}
             for i, e in enumerate(entries)
@@ -269,7 +267,7 @@ def _mixed_statistics(
     return {n: mixed[n].to(global_state[n].dtype) for n in names}
 
 
-def flush(run_dir: Path, config: dict[str, Any]) -> None:
+def flush(run_dir: Path, config: RunConfig) -> None:
     """Apply what is left in the buffer when the lanes have ended (the FINAL node calls this);
     a step that would break the model is logged and not applied, and the report goes on."""
     try:

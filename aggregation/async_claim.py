@@ -12,17 +12,16 @@ import os
 import shutil
 import time
 from pathlib import Path
-from typing import Any
 
 from aggregation.async_state import job_key, locked
-from node_payload.common.run_config import update_budget
+from node_payload.common.run_config import RunConfig
 from node_payload.common.run_layout import RESIDUAL_FILE, lane_dir, lane_job_dir, model_path
 
 EXIT_SKIP = 99  # the DAG's PRE_SKIP code: any other non-zero exit is a failed PRE script
 MODEL_INPUT = "global.safetensors"  # the name the job's submit file transfers
 
 
-def claim(run_dir: Path, config: dict[str, Any], lane: int, step: int) -> int:
+def claim(run_dir: Path, config: RunConfig, lane: int, step: int) -> int:
     """0 when the job may run (its model is in place), EXIT_SKIP when it must not."""
     key = job_key(lane, step)
     with locked(run_dir) as ledger:
@@ -31,10 +30,10 @@ def claim(run_dir: Path, config: dict[str, Any], lane: int, step: int) -> int:
             ledger.started_at = now
         if key in ledger.done:
             why = f"already finished ({ledger.done[key]})"
-        elif ledger.accepted + ledger.in_flight() - (key in ledger.claims) >= update_budget(config):
+        elif ledger.accepted + ledger.in_flight() - (key in ledger.claims) >= config.update_budget:
             why = "the update budget is spoken for"
-        elif 0 < config["async"]["time_budget_s"] < ledger.elapsed(now):
-            why = f"the time budget of {config['async']['time_budget_s']} s has passed"
+        elif 0 < config.async_.time_budget_s < ledger.elapsed(now):
+            why = f"the time budget of {config.async_.time_budget_s} s has passed"
         else:
             ledger.claims[key] = {"version": ledger.version, "at": now}
             _place_inputs(run_dir, lane, step, ledger.version)

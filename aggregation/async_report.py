@@ -11,7 +11,7 @@ from aggregation.async_state import Ledger, lane_step, read_ledger
 from aggregation.heldout import heldout_tensors
 from aggregation.utilization import node_usage
 from node_payload.common.model_file import load_model
-from node_payload.common.run_config import update_budget
+from node_payload.common.run_config import RunConfig
 from node_payload.common.run_layout import lane_job_dir, model_path
 from node_payload.train import evaluate
 
@@ -33,12 +33,12 @@ def job_metrics(run_dir: Path, ledger: Ledger) -> dict[str, dict[str, Any]]:
     return found
 
 
-def _evaluations(run_dir: Path, config: dict[str, Any], ledger: Ledger) -> list[dict[str, Any]]:
+def _evaluations(run_dir: Path, config: RunConfig, ledger: Ledger) -> list[dict[str, Any]]:
     x, y = heldout_tensors(run_dir, config, 0)
     made_at = {v["version"]: v["at"] for v in ledger.versions}
     start = ledger.started_at or 0.0
     rows = []
-    for version in evaluated_versions(ledger.version, config["async"]["evaluations"]):
+    for version in evaluated_versions(ledger.version, config.async_.evaluations):
         model, _ = load_model(model_path(run_dir, version))
         loss, accuracy = evaluate(model, x, y)
         rows.append(
@@ -71,11 +71,11 @@ def _outcomes(ledger: Ledger) -> dict[str, dict[str, str]]:
     return kinds
 
 
-def async_report(run_dir: Path, config: dict[str, Any], dag_status: int) -> dict[str, Any]:
+def async_report(run_dir: Path, config: RunConfig, dag_status: int) -> dict[str, Any]:
     ledger = read_ledger(run_dir)
     evaluations = _evaluations(run_dir, config, ledger)
     jobs = job_metrics(run_dir, ledger)
-    lanes = config["run"]["nodes"]
+    lanes = config.run.nodes
     busy = dict.fromkeys(range(lanes), 0.0)
     for key, metrics in jobs.items():
         busy[lane_step(key)[0]] += metrics["seconds"]
@@ -84,15 +84,15 @@ def async_report(run_dir: Path, config: dict[str, Any], dag_status: int) -> dict
     staleness = [s for v in ledger.versions for s in v["staleness"]]
     outcomes = _outcomes(ledger)
     return {
-        "run": config["run"]["name"],
+        "run": config.run.name,
         "mode": "async",
         "status": "completed" if dag_status == 0 else "failed",
         "dag_status": dag_status,
         "summary": (
-            f"{ledger.accepted}/{update_budget(config)} updates in {ledger.version} versions"
+            f"{ledger.accepted}/{config.update_budget} updates in {ledger.version} versions"
         ),
         "nodes": lanes,
-        "update_budget": update_budget(config),
+        "update_budget": config.update_budget,
         "updates_accepted": ledger.accepted,
         "versions": ledger.version,
         "final_accuracy": evaluations[-1]["accuracy"] if ledger.version else None,

@@ -20,15 +20,15 @@ from pathlib import Path
 from typing import Any
 
 from node_payload.common.errors import UserError
-from node_payload.common.run_config import update_budget
+from node_payload.common.run_config import RunConfig
 from node_payload.common.run_layout import ASYNC_LOCK, ASYNC_STATE
 
 
-def lane_length(config: dict[str, Any]) -> int:
+def lane_length(config: RunConfig) -> int:
     """Jobs written per lane: a fast lane may take up to 4x its share of the budget, so that
     the budget is spent by whichever lanes are fast, while the DAG stays O(budget) in size."""
-    budget, lanes = update_budget(config), config["run"]["nodes"]
-    return config["async"]["lane_jobs"] or min(budget, 4 * math.ceil(budget / lanes))
+    budget, lanes = config.update_budget, config.run.nodes
+    return config.async_.lane_jobs or min(budget, 4 * math.ceil(budget / lanes))
 
 
 def job_key(lane: int, step: int) -> str:

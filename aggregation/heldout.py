@@ -10,6 +10,7 @@ from pathlib import Path
 
 import torch
 
+from node_payload.common.run_config import RunConfig
 from node_payload.common.run_layout import HELDOUT_FILE, node_dir
 from node_payload.common.tensor_io import load_tensors, save_tensors
 from node_payload.fetch import FetchStats
@@ -19,35 +20,33 @@ CACHE_FILE = "data/heldout_cache.safetensors"
 
 
 def heldout_tensors(
-    run_dir: Path, config: dict, first_mirror: int
+    run_dir: Path, config: RunConfig, first_mirror: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
     cache = run_dir / CACHE_FILE
     if cache.is_file():
         tensors, _ = load_tensors(cache)
         return tensors["x"], tensors["y"]
-    data = config["data"]
+    data = config.data
     planned = json.loads((run_dir / HELDOUT_FILE).read_text())
-    mirrors = data["mirrors"]
+    mirrors = data.mirrors
     stats = FetchStats()
-    manifest = planned_manifest(mirrors, first_mirror, data["manifest_sha256"], stats)
+    manifest = planned_manifest(mirrors, first_mirror, data.manifest_sha256, stats)
     fetched = load_fragments(
-        manifest, planned["fragments"], mirrors, first_mirror, config["model"]["image_size"], stats
+        manifest, planned["fragments"], mirrors, first_mirror, config.model.image_size, stats
     )
     save_tensors(cache, {"x": fetched.x, "y": fetched.y}, {"format": "dagtrain-heldout/1"})
     return fetched.x, fetched.y
 
 
-def training_coverage(run_dir: Path, config: dict, round_: int, first_mirror: int) -> float:
+def training_coverage(run_dir: Path, config: RunConfig, round_: int, first_mirror: int) -> float:
     """Share of training positions (source image, x, y; any angle) in the union of the local
     training sets of rounds 0..round_, from the ids each node lists in its metrics.json.
 
     Positions rather than (position, angle) fragments: with 72 angles, fragments are 72 times
     more numerous and mostly differ by a rotation the model also learns from its neighbours.
     """
-    data = config["data"]
-    manifest = planned_manifest(
-        data["mirrors"], first_mirror, data["manifest_sha256"], FetchStats()
-    )
+    data = config.data
+    manifest = planned_manifest(data.mirrors, first_mirror, data.manifest_sha256, FetchStats())
     total = sum(
         len(ids) // len(manifest.angles)
         for s, ids in manifest.by_source().items()
@@ -55,7 +54,7 @@ def training_coverage(run_dir: Path, config: dict, round_: int, first_mirror: in
     )
     seen: set[int] = set()
     for r in range(round_ + 1):
-        for node in range(config["run"]["nodes"]):
+        for node in range(config.run.nodes):
             path = node_dir(run_dir, r, node) / "metrics.json"
             if path.is_file():
                 ids = json.loads(path.read_text()).get("train_fragments", [])

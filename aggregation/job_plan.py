@@ -5,8 +5,8 @@ carried into the global model, so neither may exceed what the resolved config as
 """
 
 from dataclasses import dataclass
-from typing import Any
 
+from node_payload.common.run_config import RunConfig
 from node_payload.train import steps_for
 
 
@@ -19,9 +19,9 @@ class JobPlan:
     steps: int
 
     @classmethod
-    def from_config(cls, config: dict[str, Any]) -> "JobPlan":
+    def from_config(cls, config: RunConfig) -> "JobPlan":
         """As the node job computes them (node_payload.node_job), from the same keys."""
-        samples = config["data"]["local_train"]
-        train = config["train"]
-        steps = steps_for(train["local_steps"], train["local_epochs"], samples, train["batch_size"])
+        samples = config.data.local_train
+        train = config.train
+        steps = steps_for(train.local_steps, train.local_epochs, samples, train.batch_size)
         return cls(samples, steps)

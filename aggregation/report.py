@@ -10,7 +10,7 @@ from typing import Any
 from aggregation.async_apply import flush
 from aggregation.async_report import async_report
 from aggregation.utilization import node_usage
-from node_payload.common.run_config import read_run_config
+from node_payload.common.run_config import RunConfig, read_run_config
 from node_payload.common.run_layout import PLOT_FILE, REPORT_FILE, node_dir, round_metrics_path
 
 
@@ -48,23 +48,23 @@ def wall_seconds(rounds: list[dict[str, Any]]) -> float | None:
 
 
 def build_report(
-    config: dict[str, Any],
+    config: RunConfig,
     rounds: list[dict[str, Any]],
     dag_status: int,
     busy: dict[int, float] | None = None,
 ) -> dict:
     """The run's report; `busy` (node -> seconds, see busy_seconds) adds node utilization."""
-    planned = config["run"]["rounds"]
+    planned = config.run.rounds
     complete = dag_status == 0 and len(rounds) == planned
     rounds = [_with_counts(r) for r in rounds]
     return {
-        "run": config["run"]["name"],
+        "run": config.run.name,
         "status": "completed" if complete else "failed",
         "dag_status": dag_status,
         "rounds_planned": planned,
         "rounds_completed": len(rounds),
         "summary": f"{len(rounds)}/{planned} rounds",
-        "nodes": config["run"]["nodes"],
+        "nodes": config.run.nodes,
         "final_accuracy": rounds[-1]["accuracy"] if rounds else None,
         "seconds": sum(r["seconds"] for r in rounds),
         "bytes_downloaded": sum(r["bytes_downloaded"] for r in rounds),
@@ -133,13 +133,13 @@ def plot(report: dict, path: Path) -> None:
     plt.close(fig)
 
 
-def write_report(run_dir: Path, config: dict[str, Any], dag_status: int) -> dict:
-    if config["run"]["mode"] == "async":
+def write_report(run_dir: Path, config: RunConfig, dag_status: int) -> dict:
+    if config.is_async:
         flush(run_dir, config)  # the buffer's last arrivals, fewer than `buffer`
         report = async_report(run_dir, config, dag_status)
     else:
-        rounds = collect(run_dir, config["run"]["rounds"])
-        busy = busy_seconds(run_dir, len(rounds), config["run"]["nodes"])
+        rounds = collect(run_dir, config.run.rounds)
+        busy = busy_seconds(run_dir, len(rounds), config.run.nodes)
         report = build_report(config, rounds, dag_status, busy)
     tmp = run_dir / (REPORT_FILE + ".tmp")
     tmp.write_text(json.dumps(report, indent=1) + "\n")

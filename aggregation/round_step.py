@@ -21,6 +21,7 @@ from aggregation.quorum import QuorumNotMet, required_updates
 from aggregation.server_optimizer import ServerOptimizer
 from node_payload.common.errors import UserError
 from node_payload.common.model_file import load_model, save_model
+from node_payload.common.run_config import RunConfig
 from node_payload.common.run_layout import (
     MISSING_MARK,
     model_path,
@@ -44,8 +45,8 @@ def _node_metrics(run_dir: Path, round_: int, nodes: list[int]) -> list[dict[str
     return found
 
 
-def _optimizer(config: dict[str, Any], run_dir: Path, round_: int) -> ServerOptimizer:
-    optimizer = ServerOptimizer.from_config(config["server"])
+def _optimizer(config: RunConfig, run_dir: Path, round_: int) -> ServerOptimizer:
+    optimizer = ServerOptimizer.from_config(config.server)
     state = server_state_path(run_dir, round_)
     try:
         optimizer.load_state_dict(*load_tensors(state))
@@ -60,14 +61,14 @@ def _write_json(path: Path, value: dict[str, Any]) -> None:
     os.replace(tmp, path)
 
 
-def aggregate_round(run_dir: Path, config: dict[str, Any], round_: int) -> dict[str, Any]:
+def aggregate_round(run_dir: Path, config: RunConfig, round_: int) -> dict[str, Any]:
     """Returns the round's metrics; raises QuorumNotMet when too few valid updates arrived."""
     metrics_path = round_metrics_path(run_dir, round_)
     next_model = model_path(run_dir, round_ + 1)
     if metrics_path.is_file() and next_model.is_file():
         return json.loads(metrics_path.read_text())
     torch.set_num_threads(job_threads())
-    nodes = config["run"]["nodes"]
+    nodes = config.run.nodes
     model, metadata = load_model(model_path(run_dir, round_))
     global_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
 
@@ -75,16 +76,16 @@ def aggregate_round(run_dir: Path, config: dict[str, Any], round_: int) -> dict[
     # A symbolic link, even a dangling one, is something a node sent: validation rejects it.
     updates = [(n, path) for n, path in present if path.is_file() or path.is_symlink()]
     missing = [n for n, path in present if (n, path) not in updates]
-    server = config["server"]
+    server = config.server
     plan = JobPlan.from_config(config)
     merged = merge_updates(
         global_state,
         updates,
-        server["max_update_norm"],
+        server.max_update_norm,
         round_,
-        server["rule"],
-        server["trim"],
-        server["clip_norm"],
+        server.rule,
+        server.trim,
+        server.clip_norm,
         plan=plan,
     )
     for node, reason in sorted(merged.rejected.items()):
@@ -92,7 +93,7 @@ def aggregate_round(run_dir: Path, config: dict[str, Any], round_: int) -> dict[
     for node, norm in sorted(merged.clipped.items()):
         print(
             f"round {round_} node {node}: clipped: norm {norm:.4g} scaled down to "
-            f"{server['clip_norm']:.4g}",
+            f"{server.clip_norm:.4g}",
             flush=True,
         )
     for node in missing:
@@ -102,7 +103,7 @@ def aggregate_round(run_dir: Path, config: dict[str, Any], round_: int) -> dict[
             + (f" ({why.read_text().strip()})" if why.is_file() else ""),
             flush=True,
         )
-    required = required_updates(nodes, config["run"]["quorum"])
+    required = required_updates(nodes, config.run.quorum)
     if len(merged.accepted) < required:
         raise QuorumNotMet(round_, len(merged.accepted), required, missing, merged.rejected)
 
@@ -117,7 +118,7 @@ def aggregate_round(run_dir: Path, config: dict[str, Any], round_: int) -> dict[
     save_tensors(server_state_path(run_dir, round_ + 1), *optimizer.state_dict())
     save_model(next_model, model, {**metadata, "version": str(round_ + 1)})
 
-    x, y = heldout_tensors(run_dir, config, round_ % len(config["data"]["mirrors"]))
+    x, y = heldout_tensors(run_dir, config, round_ % len(config.data.mirrors))
     loss, accuracy = evaluate(model, x, y)
     node_metrics = _node_metrics(run_dir, round_, merged.accepted)
     started = min((m["started_at"] for m in node_metrics), default=time.time())
@@ -130,7 +131,7 @@ def aggregate_round(run_dir: Path, config: dict[str, Any], round_: int) -> dict[
         "nodes_missing": missing,
         "nodes_rejected": merged.rejected,
         "nodes_clipped": merged.clipped,
-        "aggregation_rule": server["rule"],
+        "aggregation_rule": server.rule,
         "quorum_required": required,
         "train_samples": merged.samples,
         "update_bytes": sum(dict(updates)[n].stat().st_size for n in merged.accepted),
@@ -138,9 +139,7 @@ def aggregate_round(run_dir: Path, config: dict[str, Any], round_: int) -> dict[
         / max(len(node_metrics), 1),
         "bytes_downloaded": sum(m["bytes_downloaded"] for m in node_metrics),
         "mirror_failovers": sum(m["mirror_failovers"] for m in node_metrics),
-        "coverage": training_coverage(
-            run_dir, config, round_, round_ % len(config["data"]["mirrors"])
-        ),
+        "coverage": training_coverage(run_dir, config, round_, round_ % len(config.data.mirrors)),
         "started_at": started,  # with seconds: the report's wall time and node utilization
         "seconds": time.time() - started,
     }

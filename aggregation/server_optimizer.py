@@ -6,11 +6,11 @@ optimizer's state is saved beside each global model so a resumed DAG continues e
 """
 
 from collections.abc import Mapping
-from typing import Any
 
 import torch
 
 from node_payload.common.errors import UserError
+from node_payload.common.run_config import ServerTable
 
 SERVER_FORMAT = "dagtrain-server/1"
 KINDS = ("sgd", "adam")
@@ -58,16 +58,16 @@ class ServerOptimizer:
         self._buffers: dict[str, torch.Tensor] = {}
 
     @classmethod
-    def from_config(cls, server: Mapping[str, Any]) -> "ServerOptimizer":
+    def from_config(cls, server: ServerTable) -> "ServerOptimizer":
         """Build from the run config's [server] table."""
         return cls(
-            server["optimizer"],
-            server["lr"],
-            server["momentum"],
-            server["nesterov"],
-            server["beta1"],
-            server["beta2"],
-            server["eps"],
+            server.optimizer,
+            server.lr,
+            server.momentum,
+            server.nesterov,
+            server.beta1,
+            server.beta2,
+            server.eps,
         )
 
     def step(

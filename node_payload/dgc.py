@@ -46,6 +46,7 @@ from typing import Any
 import torch
 
 from node_payload.common import sparse_update, tensor_io
+from node_payload.common.run_config import CompressionTable
 from node_payload.common.run_layout import RESIDUAL_FILE
 
 START_SPARSITY = 0.75
@@ -61,8 +62,8 @@ class DgcSettings:
     clip_norm: float = 0.0
 
     @classmethod
-    def from_config(cls, table: Mapping[str, Any]) -> "DgcSettings":
-        return cls(table["sparsity"], table["warmup"], table["momentum"], table["clip_norm"])
+    def from_config(cls, table: CompressionTable) -> "DgcSettings":
+        return cls(table.sparsity, table.warmup, table.momentum, table.clip_norm)
 
 
 @dataclass
@@ -245,8 +246,8 @@ def compress_job(
 ) -> dict[str, Any]:
     """The node's DGC step: read the lane's residual, write the sparse update at update_path and
     the new residual.safetensors beside it; returns the metrics to add to metrics.json."""
-    settings = DgcSettings.from_config(config["compression"])
-    run_id = config["run"]["run_id"]
+    settings = DgcSettings.from_config(config.compression)
+    run_id = config.run.run_id
     reference = {n: update[n] for n in compressed_names(update, params)}
     residual, found = load_residual(residual_in, run_id, lane, round_, reference, settings.momentum)
     result = compress(update, params, residual, settings)

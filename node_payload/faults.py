@@ -11,29 +11,29 @@ synchronous and asynchronous runs can be compared on heterogeneous nodes with th
 
 import os
 import time
-from typing import Any
 
 import torch
 
+from node_payload.common.run_config import RunConfig
 from node_payload.fetch import DataUnreachable
 
 
-def inject(config: dict[str, Any], round_: int, node: int) -> None:
-    faults = config.get("faults", {})
-    if [round_, node] in faults.get("fail", []):
+def inject(config: RunConfig, round_: int, node: int) -> None:
+    faults = config.faults
+    if (round_, node) in faults.fail:
         raise DataUnreachable(f"injected failure ([faults] fail) for round {round_} node {node}")
-    if [round_, node] in faults.get("hang", []):
-        time.sleep(2 * config["run"]["node_deadline_s"] + 60)
+    if (round_, node) in faults.hang:
+        time.sleep(2 * config.run.node_deadline_s + 60)
 
 
 SLOWDOWN_VARIABLE = "DAGTRAIN_SLOWDOWN"
 
 
-def slowdown(config: dict[str, Any], node: int) -> float:
+def slowdown(config: RunConfig, node: int) -> float:
     """How many times as long this node's work should take: `[faults] slow` (travels in the
     config, so it acts on a pool too) times the local runner's per-slot DAGTRAIN_SLOWDOWN."""
     factor = 1.0
-    for n, f in config.get("faults", {}).get("slow", []):
+    for n, f in config.faults.slow:
         if n == node:
             factor *= f
     return factor * float(os.environ.get(SLOWDOWN_VARIABLE) or 1)
@@ -46,16 +46,16 @@ def slow_down(factor: float, elapsed: float) -> None:
 
 
 def tamper(
-    config: dict[str, Any], round_: int, node: int, update: dict[str, torch.Tensor]
+    config: RunConfig, round_: int, node: int, update: dict[str, torch.Tensor]
 ) -> dict[str, torch.Tensor]:
     """The update as this node would send it under `[faults] scale` and `nan`."""
-    faults = config.get("faults", {})
-    for r, n, factor in faults.get("scale", []):
+    faults = config.faults
+    for r, n, factor in faults.scale:
         if (r, n) == (round_, node):
             update = {
                 name: t * factor if t.is_floating_point() else t for name, t in update.items()
             }
-    if [round_, node] in faults.get("nan", []):
+    if (round_, node) in faults.nan:
         name = next(name for name, t in update.items() if t.is_floating_point())
         update = {**update, name: update[name].clone()}
         update[name].view(-1)[0] = torch.nan

@@ -24,11 +24,11 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from ftplib import FTP, all_errors, error_perm, error_proto, error_reply, error_temp
 from hashlib import sha256
-from urllib.parse import parse_qs, unquote, urlsplit
 
 from node_payload.common.errors import UserError
 from node_payload.common.manifest import Block as Fragment  # fetched units are stored blocks
 from node_payload.common.manifest_limits import MAX_MANIFEST_BYTES
+from node_payload.common.mirror_url import Mirror
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +48,6 @@ _EARLY_CLOSE = ("426", "451")  # replies of a server whose transfer the client c
 MAX_REPLY = 64 * 1024
 CHUNK = 2**20  # receive size of a whole-file read: few calls, and memory follows what arrives
 _SIZE_REPLY = re.compile(r"213 ([0-9]{1,30})")
-_LINE_END = re.compile(r"[\r\n]")  # would end an FTP command early: ftplib refuses them
 
 
 @dataclass
@@ -77,83 +76,12 @@ class LoginRefused(error_perm):
     """The mirror refused the URL's user and password (530): a config error, not an outage."""
 
 
-def redact(url: str) -> str:
-    """The URL without its password, for log lines, error messages and stats keys."""
-    parts = urlsplit(url)
-    userinfo, at, hostport = parts.netloc.rpartition("@")
-    netloc = f"{userinfo.partition(':')[0]}@{hostport}" if at else hostport
-    return parts._replace(netloc=netloc).geturl()
-
-
 def backoff_delay(passed: int, base_s: float = BACKOFF_S) -> float:
     """Pause after `passed` failed passes: base_s doubled per pass, capped, times 0.5 to 1.
 
     The jitter keeps the nodes of a round, which all saw the same outage, from retrying in step.
     """
     return min(BACKOFF_MAX_S, base_s * 2 ** (passed - 1)) * random.uniform(0.5, 1.0)
-
-
-def _timeout(query: str, label: str) -> float | None:
-    """`?timeout=SECONDS`: a per-mirror read timeout (a far mirror may need longer)."""
-    params = parse_qs(query, keep_blank_values=True)
-    unknown = sorted(set(params) - {"timeout"})
-    if unknown:
-        raise UserError(f"mirror {label}: unknown URL parameter {unknown[0]!r} (allowed: timeout)")
-    if "timeout" not in params:
-        return None
-    try:
-        value = float(params["timeout"][-1])
-    except ValueError:
-        value = 0.0
-    if not 0 < value <= 3600:
-        raise UserError(f"mirror {label}: timeout must be a number of seconds in (0, 3600]")
-    return value
-
-
-@dataclass(frozen=True)
-class Mirror:
-    """A parsed mirror URL `ftp://[user[:password]@]host[:port][/path][?timeout=S]`.
-
-    path = dataset root, relative to the login directory (RFC 1738).
-    """
-
-    host: str
-    port: int
-    user: str
-    password: str
-    root: str
-    label: str
-    timeout_s: float | None = None
-
-    @classmethod
-    def parse(cls, url: str) -> "Mirror":
-        label = redact(url)
-        try:
-            parts = urlsplit(url)
-            port = parts.port or 21
-        except ValueError as exc:
-            raise UserError(f"mirror {label}: not a valid URL ({exc})") from None
-        if parts.scheme != "ftp" or not parts.hostname:
-            raise UserError(f"mirror {label}: expected ftp://[user[:password]@]host[:port][/path]")
-        user, password = unquote(parts.username or ""), unquote(parts.password or "")
-        root = unquote(parts.path.strip("/"))
-        if any(_LINE_END.search(part) for part in (user, password, root)):
-            raise UserError(  # else a bare ValueError from ftplib on every node
-                f"mirror {label}: a line break (%0D or %0A) in its user, password or path; "
-                "fix the URL in [data] mirrors"
-            )
-        return cls(
-            host=parts.hostname,
-            port=port,
-            user=user,
-            password=password,
-            root=root,
-            label=label,
-            timeout_s=_timeout(parts.query, label),
-        )
-
-    def remote(self, path: str) -> str:
-        return f"{self.root}/{path}" if self.root else path
 
 
 def _window(length: int) -> int:

@@ -9,7 +9,7 @@ from typing import Any
 import torch
 
 from node_payload.common.model_file import load_model
-from node_payload.common.run_config import read_run_config, schedule_length
+from node_payload.common.run_config import read_run_config
 from node_payload.common.run_layout import RESIDUAL_FILE
 from node_payload.common.tensor_io import save_tensors, update_metadata
 from node_payload.common.threads import job_threads
@@ -43,15 +43,15 @@ def run_node(task: NodeTask) -> dict[str, Any]:
     inject(config, task.round_, task.node)
     threads = job_threads()
     torch.set_num_threads(threads)
-    data, train_cfg = config["data"], config["train"]
-    mirrors = data["mirrors"]
+    data, train_cfg = config.data, config.train
+    mirrors = data.mirrors
     first = (task.node + task.attempt) % len(mirrors)
     stats = FetchStats()
 
-    manifest = planned_manifest(mirrors, first, data["manifest_sha256"], stats)
-    train_ids, test_ids = local_sets(manifest, task.seed, data["local_train"], data["local_test"])
-    image_size = config["model"]["image_size"]
-    cache = Path(data["node_cache"]).expanduser() if data.get("node_cache") else None
+    manifest = planned_manifest(mirrors, first, data.manifest_sha256, stats)
+    train_ids, test_ids = local_sets(manifest, task.seed, data.local_train, data.local_test)
+    image_size = config.model.image_size
+    cache = Path(data.node_cache).expanduser() if data.node_cache else None
     # One fetch for both sets: one set of sessions, and reads of both coalesced together.
     both = load_fragments(manifest, train_ids + test_ids, mirrors, first, image_size, stats, cache)
     train = Tensors(both.x[: len(train_ids)], both.y[: len(train_ids)])
@@ -62,23 +62,23 @@ def run_node(task: NodeTask) -> dict[str, Any]:
     base_version = int(model_meta["version"])
     global_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
     # Where the run is in its schedule: the round, or (asynchronous) the model's version.
-    position = base_version if config["run"]["mode"] == "async" else task.round_
-    lr = round_lr(train_cfg["lr"], train_cfg["lr_schedule"], position, schedule_length(config))
+    position = base_version if config.is_async else task.round_
+    lr = round_lr(train_cfg.lr, train_cfg.lr_schedule, position, config.schedule_length)
     result = train_local(
         model,
         train.x,
         train.y,
         steps=steps_for(
-            train_cfg["local_steps"],
-            train_cfg["local_epochs"],
+            train_cfg.local_steps,
+            train_cfg.local_epochs,
             len(train.y),
-            train_cfg["batch_size"],
+            train_cfg.batch_size,
         ),
-        batch_size=train_cfg["batch_size"],
+        batch_size=train_cfg.batch_size,
         lr=lr,
-        momentum=train_cfg["momentum"],
-        weight_decay=train_cfg["weight_decay"],
-        augment=train_cfg["augment"],
+        momentum=train_cfg.momentum,
+        weight_decay=train_cfg.weight_decay,
+        augment=train_cfg.augment,
         seed=task.seed,
     )
     test_loss, test_accuracy = evaluate(model, test.x, test.y)
@@ -92,7 +92,7 @@ def run_node(task: NodeTask) -> dict[str, Any]:
     )
     metadata = update_metadata(task.round_, task.node, len(train.y), base_version)
     compression: dict[str, Any] = {}
-    if config.get("compression", {}).get("method") == "dgc":
+    if config.compressed:
         params = {name for name, _ in model.named_parameters()}
         compression = compress_job(
             update,

@@ -10,7 +10,7 @@ from rich.console import Console
 from rich.markup import escape
 
 from node_payload.common.errors import UserError
-from node_payload.common.run_config import read_run_config, update_budget
+from node_payload.common.run_config import RunConfig, read_run_config
 from node_payload.common.run_layout import CONFIG_FILE, DAG_FILE, REPORT_FILE
 from node_payload.faults import SLOWDOWN_VARIABLE
 from pipeline.local_runner import DagInterrupted, run_dag
@@ -96,7 +96,7 @@ def run_local(
 
 def _execute(
     run_dir: Path,
-    config: dict[str, Any],
+    config: RunConfig,
     slots: int,
     slot_environment: dict[int, dict[str, str]],
     console: Console,
@@ -106,16 +106,12 @@ def _execute(
     reopened = reopen_missing_nodes(run_dir)
     if reopened:
         console.print(f"resuming: missing nodes run again: {', '.join(reopened)}")
-    data = config["data"]
-    mirrors = (
-        serve(Path(data["dataset"]), mirror_ports(data["mirrors"]))
-        if data.get("embedded")
-        else None
-    )
+    data = config.data
+    mirrors = serve(Path(data.dataset), mirror_ports(data.mirrors)) if data.embedded else None
     try:
-        budget = update_budget(config) if config["run"]["mode"] == "async" else None
-        run = config["run"]
-        with RunProgress(run_dir, run["rounds"], run["nodes"], console, budget) as p:
+        budget = config.update_budget if config.is_async else None
+        run = config.run
+        with RunProgress(run_dir, run.rounds, run.nodes, console, budget) as p:
             run_dag(
                 run_dir / DAG_FILE,
                 slots=slots,

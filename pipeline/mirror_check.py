@@ -13,7 +13,8 @@ from rich.console import Console
 from rich.markup import escape
 
 from node_payload.common.errors import UserError
-from node_payload.fetch import DataUnreachable, LoginRefused, Mirror, MirrorLied, probe_file
+from node_payload.common.mirror_url import Mirror
+from node_payload.fetch import DataUnreachable, LoginRefused, MirrorLied, probe_file
 
 MANIFEST = "manifest.json"
 TIMEOUT_S = 10.0

@@ -11,7 +11,7 @@ import secrets
 import shutil
 import sys
 import tempfile
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 from aggregation.async_claim import EXIT_SKIP, MODEL_INPUT
@@ -19,9 +19,16 @@ from aggregation.async_state import Ledger, lane_length, write_ledger
 from aggregation.server_optimizer import ServerOptimizer
 from node_payload.common.errors import EXIT_FATAL, UserError
 from node_payload.common.manifest import Manifest
+from node_payload.common.mirror_url import Mirror
 from node_payload.common.model_file import save_model
 from node_payload.common.models import build_model
-from node_payload.common.run_config import update_budget
+from node_payload.common.run_config import (
+    DataTable,
+    ExecutionTable,
+    ModelTable,
+    RunConfig,
+    to_toml,
+)
 from node_payload.common.run_layout import (
     DAG_FILE,
     HELDOUT_FILE,
@@ -41,10 +48,8 @@ from node_payload.common.run_layout import (
 )
 from node_payload.common.tensor_io import model_metadata, save_tensors
 from node_payload.dgc import write_empty_residual
-from node_payload.fetch import Mirror
 from node_payload.sampling import check_capacity, heldout_set, node_seed
-from pipeline import config as config_mod
-from pipeline.config import Config
+from pipeline.config import ConfigFile, load
 from pipeline.dataset_prepare import prepare
 from pipeline.mirror_check import check_mirrors
 from pipeline.mirrors import free_ports
@@ -54,99 +59,105 @@ from pipeline.render import render
 STATUS_INTERVAL_S = 10
 
 
-@dataclass
+@dataclass(frozen=True)
 class Plan:
     """Everything a run needs, decided once; `write` turns it into files."""
 
-    config: Config
+    config: RunConfig
     manifest: Manifest
     dataset_dir: Path
     heldout: list[int]
 
     @property
     def nodes(self) -> int:
-        return self.config["run"]["nodes"]
+        return self.config.run.nodes
 
     @property
     def rounds(self) -> int:
-        return self.config["run"]["rounds"]
+        return self.config.run.rounds
 
     def seed(self, round_: int, node: int) -> int:
-        return node_seed(self.config["run"]["seed"], round_, node)
+        return node_seed(self.config.run.seed, round_, node)
 
 
-def _dataset(config: Config) -> tuple[Path, Manifest]:
-    data = config["data"]
-    if data["dataset"]:
-        dataset_dir = config.path("data", "dataset")
+def _dataset(source: ConfigFile) -> tuple[DataTable, Manifest]:
+    """Prepare the images, unless a prepared dataset is named; paths become absolute."""
+    data = source.config.data
+    if data.dataset:
+        dataset_dir = source.path(data.dataset)
     else:
-        source = config.path("data", "source")
-        dataset_dir = source.with_name(source.name + ".prepared")
-    if data["source"]:
-        data["source"] = str(config.path("data", "source"))
+        images = source.path(data.source)
+        dataset_dir = images.with_name(images.name + ".prepared")
+    if data.source:
+        data = replace(data, source=str(source.path(data.source)))
         manifest = prepare(
-            Path(data["source"]),
+            Path(data.source),
             dataset_dir,
-            tile=data["tile"],
-            overlap=data["overlap"],
-            holdout=data["holdout"],
-            seed=config["run"]["seed"],
-            angles=data["angles"],
-            lossless=data["lossless"],
-            on_bad_image="skip" if data["skip_bad_images"] else "fail",
+            tile=data.tile,
+            overlap=data.overlap,
+            holdout=data.holdout,
+            seed=source.config.run.seed,
+            angles=data.angles,
+            lossless=data.lossless,
+            on_bad_image="skip" if data.skip_bad_images else "fail",
         )
     else:
         manifest = Manifest.load(dataset_dir / "manifest.json")
-    data["dataset"] = str(dataset_dir)
-    return dataset_dir, manifest
+    return replace(data, dataset=str(dataset_dir), manifest_sha256=manifest.digest()), manifest
 
 
-def _resolve_model(config: Config, manifest: Manifest) -> None:
-    model = config["model"]
+def _mirrors(data: DataTable, manifest: Manifest) -> DataTable:
+    """Check the user's mirrors serve this dataset, or pick ports for embedded ones."""
+    if data.mirrors:
+        check_mirrors(list(data.mirrors), manifest.digest())
+        return data
+    ports = free_ports(data.embedded_mirrors)
+    return replace(data, mirrors=tuple(f"ftp://127.0.0.1:{p}" for p in ports), embedded=True)
+
+
+def _model(source: ConfigFile, manifest: Manifest) -> ModelTable:
+    model = source.config.model
     channels = 1 if manifest.mode == "L" else 3
-    if model["in_channels"] and model["in_channels"] != channels:
+    if model.in_channels and model.in_channels != channels:
         raise UserError(
-            f"{config.origin}: [model] in_channels = {model['in_channels']} but the dataset's "
+            f"{source.origin}: [model] in_channels = {model.in_channels} but the dataset's "
             f"images are {manifest.mode} ({channels} channel(s)); set in_channels = {channels}"
         )
-    model["in_channels"] = channels
-    model["image_size"] = model["image_size"] or manifest.tile
+    return replace(model, in_channels=channels, image_size=model.image_size or manifest.tile)
 
 
-def _resolve_execution(config: Config) -> None:
+def _execution(source: ConfigFile) -> ExecutionTable:
     """Decide how node jobs find Python, and which Python runs the submit-host jobs."""
-    execution = config["execution"]
-    execution["submit_python"] = execution["submit_python"] or sys.executable
-    if execution["env_tarball"]:
-        tarball = config.path("execution", "env_tarball")
+    execution = source.config.execution
+    execution = replace(execution, submit_python=execution.submit_python or sys.executable)
+    if execution.env_tarball:
+        tarball = source.path(execution.env_tarball)
         if not tarball.is_file():
             raise UserError(
-                f"{config.origin}: [execution] env_tarball = {execution['env_tarball']!r}: "
+                f"{source.origin}: [execution] env_tarball = {execution.env_tarball!r}: "
                 f"no such file ({tarball})"
             )
-        execution["env_tarball"] = str(tarball)
-    elif execution["container_image"]:
-        execution["python"] = execution["python"] or "/usr/bin/python3"
-    else:
-        execution["python"] = execution["python"] or sys.executable
+        return replace(execution, env_tarball=str(tarball))
+    default = "/usr/bin/python3" if execution.container_image else sys.executable
+    return replace(execution, python=execution.python or default)
 
 
-def make_plan(config: Config) -> Plan:
-    """Resolve a validated config into a plan; prepares the dataset when it is not yet prepared."""
-    dataset_dir, manifest = _dataset(config)
-    data = config["data"]
-    data["manifest_sha256"] = manifest.digest()
-    _resolve_model(config, manifest)
-    check_capacity(manifest, data["local_train"], data["local_test"])
-    if data["mirrors"]:
-        check_mirrors(data["mirrors"], manifest.digest())
-    else:
-        data["mirrors"] = [f"ftp://127.0.0.1:{p}" for p in free_ports(data["embedded_mirrors"])]
-        data["embedded"] = True
-    _resolve_execution(config)
-    config["run"]["run_id"] = config["run"]["run_id"] or secrets.token_hex(8)
-    heldout = heldout_set(manifest, data["heldout_test"], config["run"]["seed"])
-    return Plan(config, manifest, dataset_dir, heldout)
+def make_plan(source: ConfigFile) -> Plan:
+    """Resolve a validated config into a plan; prepares the dataset when it is not yet prepared.
+
+    The plan holds a new, resolved config: the user's is never changed.
+    """
+    data, manifest = _dataset(source)
+    check_capacity(manifest, data.local_train, data.local_test)
+    config = replace(
+        source.config,
+        data=_mirrors(data, manifest),
+        model=_model(source, manifest),
+        execution=_execution(source),
+        run=replace(source.config.run, run_id=source.config.run.run_id or secrets.token_hex(8)),
+    )
+    heldout = heldout_set(manifest, data.heldout_test, config.run.seed)
+    return Plan(config, manifest, Path(data.dataset), heldout)
 
 
 def _dag_rounds(plan: Plan) -> list[dict]:
@@ -182,7 +193,7 @@ def _dag_lanes(plan: Plan) -> list[dict]:
                     "tag": job_tag(step),
                     "seed": plan.seed(step, lane),
                 }
-                for step in range(lane_length(plan.config.values))
+                for step in range(lane_length(plan.config))
             ],
         }
         for lane in range(plan.nodes)
@@ -192,20 +203,20 @@ def _dag_lanes(plan: Plan) -> list[dict]:
 def _render_dag(plan: Plan) -> str:
     config = plan.config
     common = {
-        "name": config["run"]["name"],
-        "retries": config["run"]["retries"],
-        "max_node_jobs": config["run"]["max_node_jobs"],
+        "name": config.run.name,
+        "retries": config.run.retries,
+        "max_node_jobs": config.run.max_node_jobs,
         "fatal_exit": EXIT_FATAL,
         "status_interval_s": STATUS_INTERVAL_S,
     }
-    if config["run"]["mode"] == "async":
+    if config.is_async:
         return render(
             "dagtrain_async.dag.j2",
             lanes=_dag_lanes(plan),
-            budget=update_budget(config.values),
-            time_budget_s=config["async"]["time_budget_s"],
-            buffer=config["async"]["buffer"],
-            lane_length=lane_length(config.values),
+            budget=config.update_budget,
+            time_budget_s=config.async_.time_budget_s,
+            buffer=config.async_.buffer,
+            lane_length=lane_length(config),
             skip_exit=EXIT_SKIP,
             **common,
         )
@@ -213,14 +224,9 @@ def _render_dag(plan: Plan) -> str:
         "dagtrain.dag.j2",
         nodes=plan.nodes,
         rounds=_dag_rounds(plan),
-        residuals=_compressed(config),
+        residuals=config.compressed,
         **common,
     )
-
-
-def _compressed(config: Config) -> bool:
-    """DGC keeps an error-feedback residual per lane (a node, in synchronous mode)."""
-    return config["compression"]["method"] == "dgc"
 
 
 def _job_files(mode: str, compressed: bool) -> dict[str, str]:
@@ -243,25 +249,25 @@ def _job_files(mode: str, compressed: bool) -> dict[str, str]:
 
 def _render_files(plan: Plan) -> dict[str, str]:
     config = plan.config
-    resources = config["resources"]
-    execution = config["execution"]
-    submit_python = execution["submit_python"]
-    mode = config["run"]["mode"]
+    resources = config.resources
+    execution = config.execution
+    submit_python = execution.submit_python
+    mode = config.run.mode
     files = {
         DAG_FILE: _render_dag(plan),
         "submit/node.sub": render(
             "node.sub.j2",
             mode=mode,
-            **_job_files(mode, _compressed(config)),
-            python=execution["python"],
-            container_image=execution["container_image"],
-            env_tarball=execution["env_tarball"],
-            env_tarball_name=Path(execution["env_tarball"]).name,
-            deadline_s=config["run"]["node_deadline_s"],
-            **resources,
+            **_job_files(mode, config.compressed),
+            python=execution.python,
+            container_image=execution.container_image,
+            env_tarball=execution.env_tarball,
+            env_tarball_name=Path(execution.env_tarball).name,
+            deadline_s=config.run.node_deadline_s,
+            **asdict(resources),
         ),
         "submit/report.sub": render("report.sub.j2", python=submit_python),
-        "config.toml": config_mod.to_toml(config),
+        "config.toml": to_toml(config),
         HELDOUT_FILE: json.dumps(
             {"manifest_sha256": plan.manifest.digest(), "fragments": plan.heldout}
         )
@@ -272,40 +278,38 @@ def _render_files(plan: Plan) -> dict[str, str]:
     else:
         files["submit/aggregate.sub"] = render("aggregate.sub.j2", python=submit_python)
         files["scripts/node_post.sh"] = render("node_post.sh.j2", fatal_exit=EXIT_FATAL)
-    if execution["env_tarball"]:
+    if execution.env_tarball:
         files["scripts/run_in_env.sh"] = render("run_in_env.sh.j2", fatal_exit=EXIT_FATAL)
     return files
 
 
 def _initial_model(plan: Plan, run_dir: Path) -> None:
-    model_cfg = plan.config["model"]
+    model_cfg = plan.config.model
     classes = len(plan.manifest.classes)
-    model = build_model(
-        model_cfg["arch"], classes, model_cfg["in_channels"], seed=plan.config["run"]["seed"]
-    )
+    model = build_model(model_cfg.arch, classes, model_cfg.in_channels, seed=plan.config.run.seed)
     metadata = model_metadata(
-        0, model_cfg["arch"], classes, model_cfg["in_channels"], model_cfg["image_size"]
+        0, model_cfg.arch, classes, model_cfg.in_channels, model_cfg.image_size
     )
     save_model(model_path(run_dir, 0), model, metadata)
-    optimizer = ServerOptimizer.from_config(plan.config["server"])
+    optimizer = ServerOptimizer.from_config(plan.config.server)
     save_tensors(server_state_path(run_dir, 0), *optimizer.state_dict())
 
 
 def _job_dirs(plan: Plan, run_dir: Path) -> None:
     """Every node job's initialdir, each lane's empty residual (compressed updates), and for an
     asynchronous run its ledger at version 0."""
-    if _compressed(plan.config):
+    if plan.config.compressed:
         for lane in range(plan.nodes):
             lane_dir(run_dir, lane).mkdir(parents=True)
             write_empty_residual(
-                lane_dir(run_dir, lane) / RESIDUAL_FILE, plan.config["run"]["run_id"], lane
+                lane_dir(run_dir, lane) / RESIDUAL_FILE, plan.config.run.run_id, lane
             )
-    if plan.config["run"]["mode"] == "async":
+    if plan.config.is_async:
         for lane in range(plan.nodes):
-            for step in range(lane_length(plan.config.values)):
+            for step in range(lane_length(plan.config)):
                 lane_job_dir(run_dir, lane, step).mkdir(parents=True, exist_ok=True)
         (run_dir / "async").mkdir()
-        write_ledger(run_dir, Ledger(run_id=plan.config["run"]["run_id"]))
+        write_ledger(run_dir, Ledger(run_id=plan.config.run.run_id))
         return
     for r in range(plan.rounds):
         for n in range(plan.nodes):
@@ -320,9 +324,9 @@ def _check_target(run_dir: Path) -> None:
         )
 
 
-def _holds_credentials(config: Config) -> bool:
+def _holds_credentials(config: RunConfig) -> bool:
     """Mirror passwords are in config.toml: its mode is then 0600, as for ~/.netrc."""
-    return any(Mirror.parse(url).password for url in config["data"]["mirrors"])
+    return any(Mirror.parse(url).password for url in config.data.mirrors)
 
 
 def _staging_dir(run_dir: Path) -> Path:
@@ -366,4 +370,4 @@ def write(plan: Plan, run_dir: Path) -> Path:
 
 def plan_from_file(config_path: Path, run_dir: Path) -> Path:
     """`dagtrain plan CONFIG --out RUN_DIR`."""
-    return write(make_plan(config_mod.load(config_path)), run_dir)
+    return write(make_plan(load(config_path)), run_dir)

@@ -80,7 +80,7 @@ def parse_target(text: str) -> Target:
 
 def default_remote_dir(run_dir: Path) -> str:
     """`~/dagtrain-runs/<run name>-<hash of the local path>`: stable, so `status` finds it."""
-    name = read_run_config(run_dir / CONFIG_FILE)["run"]["name"]
+    name = read_run_config(run_dir / CONFIG_FILE).run.name
     digest = hashlib.sha256(str(run_dir.resolve()).encode()).hexdigest()[:8]
     safe = re.sub(r"[^A-Za-z0-9._-]+", "-", name).strip("-") or "run"
     return f"~/dagtrain-runs/{safe}-{digest}"

@@ -34,12 +34,12 @@ def reopen_missing_nodes(run_dir: Path) -> list[str]:
     rescue = newest_rescue(run_dir)
     if rescue is None:
         return []
-    run = read_run_config(run_dir / CONFIG_FILE)["run"]
+    run = read_run_config(run_dir / CONFIG_FILE).run
     reopen = {}
-    for r in range(run["rounds"]):
+    for r in range(run.rounds):
         if round_metrics_path(run_dir, r).is_file():
             continue
-        for n in range(run["nodes"]):
+        for n in range(run.nodes):
             mark = node_dir(run_dir, r, n) / MISSING_MARK
             if mark.is_file():
                 reopen[node_name(r, n)] = mark

@@ -10,9 +10,9 @@ run directory, stay as they are.
 import re
 import shutil
 from pathlib import Path
-from typing import Any
 
 from aggregation.async_state import Ledger, write_ledger
+from node_payload.common.run_config import RunConfig
 from node_payload.common.run_layout import (
     DAG_FILE,
     PLOT_FILE,
@@ -39,7 +39,7 @@ def _remove_files(top: Path) -> None:
                 path.unlink()
 
 
-def reset_run(run_dir: Path, config: dict[str, Any]) -> None:
+def reset_run(run_dir: Path, config: RunConfig) -> None:
     """Delete what the run produced and restore the ledger and residuals it started from."""
     for name in RUN_OUTPUTS:
         (run_dir / name).unlink(missing_ok=True)
@@ -51,9 +51,9 @@ def reset_run(run_dir: Path, config: dict[str, Any]) -> None:
             model.unlink()
     for outputs in ("rounds", "lanes", "async"):
         _remove_files(run_dir / outputs)
-    run_id = config["run"]["run_id"]
-    if config["compression"]["method"] == "dgc":
-        for lane in range(config["run"]["nodes"]):
+    run_id = config.run.run_id
+    if config.compressed:
+        for lane in range(config.run.nodes):
             write_empty_residual(lane_dir(run_dir, lane) / RESIDUAL_FILE, run_id, lane)
-    if config["run"]["mode"] == "async":
+    if config.is_async:
         write_ledger(run_dir, Ledger(run_id=run_id))

@@ -26,7 +26,7 @@ from rich.text import Text
 
 from aggregation.async_state import lane_length
 from node_payload.common.errors import UserError
-from node_payload.common.run_config import read_run_config, update_budget
+from node_payload.common.run_config import RunConfig, read_run_config
 from node_payload.common.run_layout import (
     ASYNC_STATE,
     CONFIG_FILE,
@@ -215,13 +215,13 @@ def _lane(run_dir: Path, lane: int, jobs: int, ads: dict[str, classad2.ClassAd])
     return status
 
 
-def _lane_progress(run_dir: Path, config: dict) -> str:
+def _lane_progress(run_dir: Path, config: RunConfig) -> str:
     """Updates applied against the budget and the model version, from the run's ledger."""
     try:
         ledger = json.loads((run_dir / ASYNC_STATE).read_text())
     except (OSError, ValueError):
         return "no ledger yet"
-    return f"{ledger['accepted']}/{update_budget(config)} updates, version {ledger['version']}"
+    return f"{ledger['accepted']}/{config.update_budget} updates, version {ledger['version']}"
 
 
 def _stopped(run_dir: Path) -> bool:
@@ -244,23 +244,23 @@ def read_status(run_dir: Path) -> RunStatus:
     if not (run_dir / CONFIG_FILE).is_file():
         raise UserError(f"{run_dir}: not a run directory (no {CONFIG_FILE}); plan one first")
     config = read_run_config(run_dir / CONFIG_FILE)
-    run = config["run"]
+    run = config.run
     ads, head = read_status_file(run_dir / STATUS_FILE)
     lanes = None
-    if run.get("mode") == "async":
+    if config.is_async:
         per_row = lane_length(config)
-        rounds = [_lane(run_dir, lane, per_row, ads) for lane in range(run["nodes"])]
+        rounds = [_lane(run_dir, lane, per_row, ads) for lane in range(run.nodes)]
         lanes = _lane_progress(run_dir, config)
     else:
-        per_row = run["nodes"]
-        rounds = [_round(run_dir, r, per_row, ads) for r in range(run["rounds"])]
+        per_row = run.nodes
+        rounds = [_round(run_dir, r, per_row, ads) for r in range(run.rounds)]
     stopped = _stopped(run_dir)
     if stopped:
         _settle(rounds)
     report = run_dir / REPORT_FILE
     return RunStatus(
         run_dir=run_dir,
-        name=run["name"],
+        name=run.name,
         nodes_per_round=per_row,
         state=STOPPED if stopped else _dag_state(head, rounds),
         rounds=rounds,

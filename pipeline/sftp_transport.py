@@ -14,7 +14,7 @@ from pathlib import Path, PurePosixPath
 from urllib.parse import unquote, urlsplit
 
 from node_payload.common.errors import UserError
-from node_payload.fetch import redact
+from node_payload.common.mirror_url import redact
 from pipeline.remote import SshOptions, SshSession, Target
 
 CHUNK = 256 * 1024

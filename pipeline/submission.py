@@ -40,7 +40,7 @@ def check_run_dir(run_dir: Path) -> None:
         raise UserError(f"{run_dir}: no such run directory; plan one with `dagtrain plan`")
     missing = [name for name in RUN_FILES if not (run_dir / name).is_file()]
     if not missing:
-        mode = read_run_config(run_dir / CONFIG_FILE)["run"].get("mode", "sync")
+        mode = read_run_config(run_dir / CONFIG_FILE).run.mode
         missing = [name for name in MODE_FILES[mode] if not (run_dir / name).is_file()]
     if missing:
         raise UserError(

@@ -41,7 +41,7 @@ from rich.progress import (
 
 from node_payload.common.errors import UserError
 from node_payload.common.manifest import DataFile, Manifest
-from node_payload.fetch import Mirror, redact
+from node_payload.common.mirror_url import Mirror, redact
 from pipeline.sftp_transport import SftpTransport, parse_sftp_url
 
 MANIFEST = "manifest.json"

@@ -15,6 +15,7 @@ from aggregation.validate import validate_update
 from node_payload import dgc
 from node_payload.common import sparse_update, tensor_io
 from node_payload.common.errors import UserError
+from node_payload.common.run_config import ServerTable
 
 ROUND = 3
 BOUND = 100.0
@@ -293,8 +294,8 @@ def test_wrong_server_state_is_refused(tmp_path):
 
 
 def test_server_optimizer_from_config_reads_every_key():
-    server = {"optimizer": "adam", "lr": 0.02, "momentum": 0.0, "nesterov": False}
-    opt = ServerOptimizer.from_config(server | {"beta1": 0.5, "beta2": 0.9, "eps": 1e-6})
+    server = ServerTable(optimizer="adam", lr=0.02, beta1=0.5, beta2=0.9, eps=1e-6)
+    opt = ServerOptimizer.from_config(server)
     assert (opt.kind, opt.lr, opt.beta1, opt.beta2, opt.eps) == ("adam", 0.02, 0.5, 0.9, 1e-6)
 
 

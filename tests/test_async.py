@@ -20,7 +20,7 @@ from aggregation.async_claim import EXIT_SKIP, MODEL_INPUT, claim
 from aggregation.async_state import lane_length, read_ledger, write_ledger
 from aggregation.staleness import staleness_weight
 from node_payload.common.errors import EXIT_FATAL, UserError
-from node_payload.common.run_config import read_run_config, schedule_length
+from node_payload.common.run_config import RunConfig, read_run_config
 from node_payload.common.run_layout import CONFIG_FILE, DAG_FILE, lane_job_dir, model_path
 from node_payload.common.tensor_io import load_tensors, save_tensors, update_metadata
 from pipeline import config as config_mod
@@ -85,28 +85,28 @@ def test_staleness_rules(rule: str, staleness: int, weight: float) -> None:
 
 
 def test_lane_length_lets_fast_lanes_take_more_than_their_share() -> None:
-    config = {"run": {"nodes": 4, "rounds": 6}, "async": {"updates": 0, "lane_jobs": 0}}
+    config = RunConfig().with_values("run", nodes=4, rounds=6)
     assert lane_length(config) == 24  # 4 x (24 / 4), at most the budget
-    config["async"] |= {"updates": 1000}
+    config = config.with_values("async", updates=1000)
     assert lane_length(config) == 1000
-    config["run"]["nodes"] = 100
+    config = config.with_values("run", nodes=100)
     assert lane_length(config) == 40
-    config["async"]["lane_jobs"] = 7
+    config = config.with_values("async", lane_jobs=7)
     assert lane_length(config) == 7
 
 
 def test_schedule_spans_the_versions_of_the_budget() -> None:
-    config = {"run": {"mode": "async", "nodes": 4, "rounds": 6}, "async": {"updates": 0}}
-    config["async"]["buffer"] = 4
-    assert schedule_length(config) == 6
-    config["run"]["mode"] = "sync"
-    assert schedule_length(config) == 6
+    config = RunConfig().with_values("run", mode="async", nodes=4, rounds=6)
+    config = config.with_values("async", buffer=4)
+    assert config.schedule_length == 6
+    config = config.with_values("run", mode="sync")
+    assert config.schedule_length == 6
 
 
 def test_planned_dag_chains_lanes_and_skips_past_the_budget(async_run: Callable) -> None:
     run_dir = async_run(async__updates="5")
     dag = parse_dag(run_dir / DAG_FILE)
-    lanes = read_run_config(run_dir / CONFIG_FILE)["run"]["nodes"]
+    lanes = read_run_config(run_dir / CONFIG_FILE).run.nodes
     jobs = [name for name in dag.nodes if name.startswith("train_")]
     assert len(jobs) == lanes * 5 and dag.final is not None
     node = dag.nodes["train_l001_j0003"]
@@ -143,7 +143,7 @@ def test_claims_stop_at_the_update_budget_and_after_the_time_budget(
     ledger.claims.clear()
     ledger.started_at -= 10
     write_ledger(run_dir, ledger)
-    config["async"]["time_budget_s"] = 5
+    config = config.with_values("async", time_budget_s=5)
     assert claim(run_dir, config, 2, 0) == EXIT_SKIP
 
 

@@ -5,21 +5,28 @@ from pathlib import Path
 import pytest
 
 from node_payload.common.errors import UserError
+from node_payload.common.run_config import to_toml
 from pipeline import config
 
 
-def _load(tmp_path: Path, text: str) -> config.Config:
+def _load(tmp_path: Path, text: str) -> config.ConfigFile:
     path = tmp_path / "run.toml"
     path.write_text(text)
     return config.load(path)
 
 
 def test_defaults_are_filled_in(tmp_path: Path) -> None:
-    cfg = _load(tmp_path, '[data]\nsource = "images"\n')
-    assert cfg["run"]["nodes"] == 4
-    assert cfg["server"]["lr"] == 1.0
-    assert cfg["train"]["local_steps"] == 40
-    assert cfg.path("data", "source") == (tmp_path / "images").resolve()
+    loaded = _load(tmp_path, '[data]\nsource = "images"\n')
+    cfg = loaded.config
+    assert cfg.run.nodes == 4
+    assert cfg.server.lr == 1.0
+    assert cfg.train.local_steps == 40
+    assert loaded.path(cfg.data.source) == (tmp_path / "images").resolve()
+
+
+def test_local_epochs_replace_the_default_steps(tmp_path: Path) -> None:
+    cfg = _load(tmp_path, '[data]\nsource = "images"\n[train]\nlocal_epochs = 2.0\n').config
+    assert (cfg.train.local_steps, cfg.train.local_epochs) == (0, 2.0)
 
 
 @pytest.mark.parametrize(
@@ -59,5 +66,5 @@ def test_not_toml_is_one_clear_error(tmp_path: Path) -> None:
 
 def test_resolved_config_round_trips(tmp_path: Path) -> None:
     cfg = _load(tmp_path, '[data]\nsource = "images"\nmirrors = ["ftp://a:1", "ftp://b:2"]\n')
-    again = _load(tmp_path, config.to_toml(cfg))
-    assert again.values == cfg.values
+    again = _load(tmp_path, to_toml(cfg.config))
+    assert again.config == cfg.config

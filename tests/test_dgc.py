@@ -11,7 +11,7 @@ from aggregation.validate import validate_update
 from node_payload import dgc, node_job
 from node_payload.common import model_file, sparse_update, tensor_io
 from node_payload.common.models import build_model
-from node_payload.common.run_config import read_run_config
+from node_payload.common.run_config import RunConfig, read_run_config, to_toml
 from node_payload.common.run_layout import RESIDUAL_FILE
 from node_payload.dgc import DgcSettings, Residual
 from pipeline import config
@@ -37,9 +37,10 @@ def _sent(result: dgc.Compressed, name: str) -> torch.Tensor:
     return flat.reshape(part.shape)
 
 
-def _config(**compression) -> dict:
+def _config(**compression) -> RunConfig:
     table = {"method": "dgc", "sparsity": 0.99, "warmup": 0, "momentum": 0.0, "clip_norm": 0.0}
-    return {"run": {"run_id": RUN_ID}, "compression": table | compression}
+    config = RunConfig().with_values("run", run_id=RUN_ID)
+    return config.with_values("compression", **(table | compression))
 
 
 # --- schedule and counts -------------------------------------------------------------------------
@@ -334,7 +335,7 @@ def _node_task(tmp_path, monkeypatch, method: str) -> node_job.NodeTask:
         "train": {"local_steps": 2, "batch_size": 8, "augment": False},
         "compression": {"method": method, "sparsity": 0.99, "warmup": 4},
     }
-    (tmp_path / "config.toml").write_text(config.to_toml(config.from_dict(raw)))
+    (tmp_path / "config.toml").write_text(to_toml(config.from_dict(raw).config))
     model_file.save_model(
         tmp_path / "global.safetensors",
         build_model("smallcnn", 4, 3, seed=0),

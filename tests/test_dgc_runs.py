@@ -31,7 +31,7 @@ def plan_run(tiny_config: Callable[..., Path], tmp_path: Path) -> Callable[..., 
 
 def test_sync_jobs_take_and_return_their_lanes_residual(plan_run: Callable) -> None:
     run_dir = plan_run(**DGC)
-    run_id = read_run_config(run_dir / CONFIG_FILE)["run"]["run_id"]
+    run_id = read_run_config(run_dir / CONFIG_FILE).run.run_id
     for lane in range(3):
         metadata = read_metadata(lane_dir(run_dir, lane) / RESIDUAL_FILE)
         assert metadata["run_id"] == run_id and metadata["lane"] == str(lane)

@@ -10,6 +10,7 @@ from test_local_runner_helpers import dag, job
 from aggregation.report import build_report, busy_seconds, wall_seconds
 from node_payload import faults
 from node_payload.common.errors import UserError
+from node_payload.common.run_config import RunConfig
 from node_payload.common.run_layout import node_dir
 from pipeline.cli import main
 from pipeline.config import from_dict
@@ -17,13 +18,17 @@ from pipeline.local_run import run_local
 from pipeline.local_runner import run_dag
 
 
+def _run(rounds: int, nodes: int) -> RunConfig:
+    return RunConfig().with_values("run", rounds=rounds, nodes=nodes, name="t")
+
+
 def _config(slow: list) -> dict:
     return {"data": {"source": "images"}, "faults": {"slow": slow}}
 
 
 def test_slow_accepts_node_factor_pairs() -> None:
-    assert from_dict(_config([[1, 3], [0, 1.5]]))["faults"]["slow"] == [[1, 3], [0, 1.5]]
-    assert from_dict({"data": {"source": "images"}})["faults"]["slow"] == []
+    assert from_dict(_config([[1, 3], [0, 1.5]])).config.faults.slow == ((1, 3), (0, 1.5))
+    assert from_dict({"data": {"source": "images"}}).config.faults.slow == ()
 
 
 @pytest.mark.parametrize(
@@ -36,7 +41,7 @@ def test_slow_rejects_bad_pairs(slow: list) -> None:
 
 
 def test_slowdown_combines_config_and_slot(monkeypatch: pytest.MonkeyPatch) -> None:
-    config = {"faults": {"slow": [[1, 3.0]]}}
+    config = RunConfig().with_values("faults", slow=((1, 3.0),))
     monkeypatch.delenv(faults.SLOWDOWN_VARIABLE, raising=False)
     assert faults.slowdown(config, 0) == 1.0
     assert faults.slowdown(config, 1) == 3.0
@@ -82,7 +87,7 @@ def test_report_has_busy_seconds_and_utilization_per_node(tmp_path: Path) -> Non
     busy = busy_seconds(tmp_path, len(rounds), nodes=3)
     assert busy == {0: 5.0, 1: 6.0, 2: 0.0}
 
-    report = build_report({"run": {"rounds": 3, "name": "t", "nodes": 3}}, rounds, 2, busy)
+    report = build_report(_run(rounds=3, nodes=3), rounds, 2, busy)
     assert report["wall_seconds"] == 20.0  # from 1000 to the end of round 1 at 1020
     assert report["node_usage"] == {
         "0": {"busy_seconds": 5.0, "utilization": 0.25},
@@ -96,7 +101,7 @@ def test_rounds_without_start_times_give_no_utilization() -> None:
     old = _round(0, 0.0, 8.0)
     del old["started_at"]
     assert wall_seconds([old]) is None and wall_seconds([]) is None
-    report = build_report({"run": {"rounds": 1, "name": "t", "nodes": 1}}, [old], 0, {0: 4.0})
+    report = build_report(_run(rounds=1, nodes=1), [old], 0, {0: 4.0})
     assert report["node_usage"] == {"0": {"busy_seconds": 4.0, "utilization": None}}
     assert report["mean_utilization"] is None
 

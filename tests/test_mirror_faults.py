@@ -17,7 +17,8 @@ from pyftpdlib.handlers import FTPHandler
 from node_payload import fetch
 from node_payload.common.errors import UserError
 from node_payload.common.manifest import Manifest
-from node_payload.fetch import FetchStats, Mirror, backoff_delay, fetch_fragments
+from node_payload.common.mirror_url import Mirror
+from node_payload.fetch import FetchStats, backoff_delay, fetch_fragments
 from node_payload.local_data import fetch_blocks, planned_manifest
 from node_payload.sampling import local_sets
 from pipeline.cli import main

@@ -115,11 +115,11 @@ def test_python_api_plan_and_write(tiny_config: Callable[..., Path], tmp_path: P
 
 
 def test_embedded_mirrors_are_resolved(run_dir: Path) -> None:
-    resolved = config_mod.load(run_dir / "config.toml")
-    assert resolved["data"]["embedded"] is True
-    assert len(resolved["data"]["mirrors"]) == 2
-    assert all(url.startswith("ftp://127.0.0.1:") for url in resolved["data"]["mirrors"])
-    assert len(resolved["data"]["manifest_sha256"]) == 64
+    resolved = config_mod.load(run_dir / "config.toml").config
+    assert resolved.data.embedded is True
+    assert len(resolved.data.mirrors) == 2
+    assert all(url.startswith("ftp://127.0.0.1:") for url in resolved.data.mirrors)
+    assert len(resolved.data.manifest_sha256) == 64
 
 
 def test_interpreter_path_on_the_nodes(tiny_config: Callable[..., Path], tmp_path: Path) -> None:
@@ -221,5 +221,5 @@ def test_bad_images_can_be_skipped_when_planning(
         plan_from_file(path, tmp_path / "refused")
     path.write_text(text.replace("[data]\n", "[data]\nskip_bad_images = true\n", 1))
     run_dir = plan_from_file(path, tmp_path / "run")
-    sources = config_mod.load(run_dir / "config.toml")["data"]["dataset"]
+    sources = config_mod.load(run_dir / "config.toml").config.data.dataset
     assert "junk.png" not in (Path(sources) / "manifest.json").read_text()

@@ -17,7 +17,7 @@ from aggregation.robust import reduce_stack, robust_merge, trimmed_count
 from aggregation.round_step import aggregate_round
 from node_payload.common import tensor_io
 from node_payload.common.errors import UserError
-from node_payload.common.run_config import read_run_config
+from node_payload.common.run_config import RunConfig, read_run_config
 from node_payload.common.run_layout import model_path, node_dir, round_metrics_path
 from node_payload.faults import tamper
 from pipeline.cli import main
@@ -207,7 +207,7 @@ def test_unknown_rule_is_refused(tmp_path):
 
 
 def test_tamper_scales_flips_and_poisons_only_the_chosen_node():
-    config = {"faults": {"scale": [[1, 2, 100], [1, 3, -1.0]], "nan": [[1, 4]]}}
+    config = RunConfig().with_values("faults", scale=((1, 2, 100), (1, 3, -1.0)), nan=((1, 4),))
     update = _update(0)
     assert tamper(config, 0, 2, update) is update
     assert tamper(config, 1, 0, update) is update
@@ -231,8 +231,8 @@ def test_robust_and_adam_keys_are_validated():
             faults={"scale": [[0, 1, 100], [2, 3, -1.5]], "nan": [[1, 1]]},
         )
     )
-    assert cfg["server"]["beta2"] == 0.99 and cfg["server"]["clip_norm"] == 5.0
-    assert cfg["faults"]["scale"] == [[0, 1, 100], [2, 3, -1.5]]
+    assert cfg.config.server.beta2 == 0.99 and cfg.config.server.clip_norm == 5.0
+    assert cfg.config.faults.scale == ((0, 1, 100), (2, 3, -1.5))
     bad = [
         {"server": {"rule": "mode"}},
         {"server": {"trim": 0.5}},
@@ -263,7 +263,7 @@ def test_report_counts_rejected_and_clipped_updates():
 
     rounds = [round_(0, {"5": "NaN"}, {"2": 900.0}), round_(1, {}, {"2": 800.0, "4": 700.0})]
     rounds.append({k: v for k, v in round_(2, {}, {}).items() if k != "nodes_clipped"})
-    report = build_report({"run": {"rounds": 3, "name": "t", "nodes": 6}}, rounds, 0)
+    report = build_report(RunConfig().with_values("run", rounds=3, name="t", nodes=6), rounds, 0)
     assert [r["updates_rejected"] for r in report["rounds"]] == [1, 0, 0]
     assert [r["updates_clipped"] for r in report["rounds"]] == [1, 2, 0]
     assert report["updates_rejected"] == 1 and report["updates_clipped"] == 3
@@ -278,8 +278,8 @@ def planned(tiny_config: Callable[..., Path], tmp_path: Path) -> Iterator[tuple[
     config_path = tiny_config(run__quorum="0.6", server__rule='"median"', server__clip_norm="5.0")
     run_dir = plan_from_file(config_path, tmp_path / "run")
     config = read_run_config(run_dir / "config.toml")
-    ports = [int(url.rsplit(":", 1)[1]) for url in config["data"]["mirrors"]]
-    with serve(Path(config["data"]["dataset"]), ports):
+    ports = [int(url.rsplit(":", 1)[1]) for url in config.data.mirrors]
+    with serve(Path(config.data.dataset), ports):
         yield run_dir, config
 
 

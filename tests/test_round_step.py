@@ -23,8 +23,8 @@ from pipeline.planner import plan_from_file
 def planned(tiny_config: Callable[..., Path], tmp_path: Path) -> Iterator[tuple[Path, dict]]:
     run_dir = plan_from_file(tiny_config(run__quorum="0.6"), tmp_path / "run")
     config = read_run_config(run_dir / "config.toml")
-    ports = [int(url.rsplit(":", 1)[1]) for url in config["data"]["mirrors"]]
-    with serve(Path(config["data"]["dataset"]), ports):
+    ports = [int(url.rsplit(":", 1)[1]) for url in config.data.mirrors]
+    with serve(Path(config.data.dataset), ports):
         yield run_dir, config
 
 
@@ -102,7 +102,7 @@ _NODE_METRICS = {
 
 def test_round_metrics_report_the_coverage_of_training_positions(planned) -> None:
     run_dir, config = planned
-    manifest = Manifest.load(Path(config["data"]["dataset"]) / "manifest.json")
+    manifest = Manifest.load(Path(config.data.dataset) / "manifest.json")
     training = [s for s, src in enumerate(manifest.sources) if not src.holdout]
     ids = manifest.by_source()[training[0]]
     n_angles = len(manifest.angles)

@@ -11,11 +11,12 @@ from pathlib import Path
 import pytest
 
 from node_payload.common.errors import UserError
+from node_payload.common.run_config import to_toml
 from pipeline import config
 from pipeline.planner import plan_from_file
 
 
-def _load(tmp_path: Path, text: str) -> config.Config:
+def _load(tmp_path: Path, text: str) -> config.ConfigFile:
     path = tmp_path / "run.toml"
     path.write_text('[data]\nsource = "images"\n' + text)
     return config.load(path)
@@ -89,8 +90,8 @@ def test_arch_is_a_plain_name(tmp_path: Path) -> None:
 def test_credentials_with_quotes_and_control_characters_survive_the_resolved_config() -> None:
     mirror = 'ftp://user:p"a\\ss\x7fw\tord@127.0.0.1:2121/data'
     cfg = config.from_dict({"data": {"source": "images", "mirrors": [mirror]}})
-    again = config.from_dict(tomllib.loads(config.to_toml(cfg)))
-    assert again["data"]["mirrors"] == [mirror]
+    again = config.from_dict(tomllib.loads(to_toml(cfg.config)))
+    assert again.config.data.mirrors == (mirror,)
 
 
 def test_an_injecting_name_writes_no_run_directory(

@@ -220,7 +220,7 @@ def test_a_node_exits_75_at_once_when_every_mirror_lies(
     monkeypatch,
 ) -> None:
     run_dir = plan_from_file(tiny_config(data__embedded_mirrors="3"), tmp_path / "run")
-    urls = read_run_config(run_dir / "config.toml")["data"]["mirrors"]
+    urls = read_run_config(run_dir / "config.toml").data.mirrors
     ports = [int(url.rsplit(":", 1)[1]) for url in urls]
     half = (tiny_dataset / "manifest.json").stat().st_size // 2
     mirror(LyingSize, port=ports[0])

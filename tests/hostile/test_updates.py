@@ -31,7 +31,7 @@ from aggregation.round_step import aggregate_round
 from aggregation.validate import validate_update
 from node_payload.common import sparse_update, tensor_io
 from node_payload.common.errors import EXIT_FATAL
-from node_payload.common.run_config import read_run_config
+from node_payload.common.run_config import RunConfig, read_run_config
 from node_payload.common.run_layout import (
     CONFIG_FILE,
     lane_job_dir,
@@ -160,9 +160,9 @@ def test_absent_sample_count_is_rejected(tmp_path, global_state):
 
 
 def test_plan_follows_the_node_jobs_arithmetic():
-    config = {"data": {"local_train": 480}}
-    by_steps = config | {"train": {"local_steps": 45, "local_epochs": 0.0, "batch_size": 32}}
-    by_epochs = config | {"train": {"local_steps": 0, "local_epochs": 2.5, "batch_size": 32}}
+    config = RunConfig().with_values("data", local_train=480)
+    by_steps = config.with_values("train", local_steps=45, local_epochs=0.0, batch_size=32)
+    by_epochs = config.with_values("train", local_steps=0, local_epochs=2.5, batch_size=32)
     assert JobPlan.from_config(by_steps) == JobPlan(samples=480, steps=45)
     assert JobPlan.from_config(by_epochs) == JobPlan(samples=480, steps=38)  # ceil(2.5 * 480 / 32)
 
@@ -644,8 +644,8 @@ def sync_run(tiny_config: Callable[..., Path], tmp_path: Path) -> Iterator[tuple
     """A planned tiny run of 3 nodes (quorum 2), its mirrors serving."""
     run_dir = planner.plan_from_file(tiny_config(run__quorum="0.6"), tmp_path / "run")
     config = read_run_config(run_dir / CONFIG_FILE)
-    ports = [int(url.rsplit(":", 1)[1]) for url in config["data"]["mirrors"]]
-    with serve(Path(config["data"]["dataset"]), ports):
+    ports = [int(url.rsplit(":", 1)[1]) for url in config.data.mirrors]
+    with serve(Path(config.data.dataset), ports):
         yield run_dir, config
 
 
@@ -709,7 +709,7 @@ def test_huge_sample_claims_do_not_stop_the_round(sync_run):
 
 def test_a_step_that_would_break_the_model_fails_the_round_and_saves_nothing(sync_run):
     run_dir, config = sync_run
-    config["server"] |= {"lr": 2.0, "max_update_norm": 1e40}
+    config = config.with_values("server", lr=2.0, max_update_norm=1e40)
     for node in range(3):
         tensor_io.save_tensors(
             node_dir(run_dir, 0, node) / "update.safetensors",
