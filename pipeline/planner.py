@@ -277,7 +277,9 @@ def _render_files(plan: Plan) -> dict[str, str]:
         files["scripts/lane.sh"] = render("lane.sh.j2", python=submit_python)
     else:
         files["submit/aggregate.sub"] = render("aggregate.sub.j2", python=submit_python)
-        files["scripts/node_post.sh"] = render("node_post.sh.j2", fatal_exit=EXIT_FATAL)
+        files["scripts/node_post.sh"] = render(
+            "node_post.sh.j2", fatal_exit=EXIT_FATAL, python=submit_python
+        )
     if execution.env_tarball:
         files["scripts/run_in_env.sh"] = render("run_in_env.sh.j2", fatal_exit=EXIT_FATAL)
     return files
