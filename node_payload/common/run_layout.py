@@ -9,6 +9,18 @@ HELDOUT_FILE = "data/heldout.json"
 REPORT_FILE = "report.json"
 PLOT_FILE = "accuracy.png"
 MISSING_MARK = "MISSING"
+# Folders and the files the planner writes into them; the DAG and the submit files name these.
+ROUNDS_DIR = "rounds"
+LANES_DIR = "lanes"
+MODELS_DIR = "models"
+PAYLOAD_DIR = "payload"
+SCRIPTS_DIR = "scripts"
+NODE_SUBMIT = "submit/node.sub"
+AGGREGATE_SUBMIT = "submit/aggregate.sub"
+REPORT_SUBMIT = "submit/report.sub"
+NODE_POST_SCRIPT = f"{SCRIPTS_DIR}/node_post.sh"
+LANE_SCRIPT = f"{SCRIPTS_DIR}/lane.sh"
+ENV_WRAPPER = f"{SCRIPTS_DIR}/run_in_env.sh"
 
 
 def round_tag(round_: int) -> str:
@@ -28,19 +40,24 @@ def aggregate_name(round_: int) -> str:
 
 
 def round_dir(run_dir: Path, round_: int) -> Path:
-    return run_dir / "rounds" / round_tag(round_)
+    return run_dir / ROUNDS_DIR / round_tag(round_)
 
 
 def node_dir(run_dir: Path, round_: int, node: int) -> Path:
     return round_dir(run_dir, round_) / node_tag(node)
 
 
+def global_model_name(tag: str) -> str:
+    """A global model's file name from its version's tag (or the $(rtag) of a submit file)."""
+    return f"global_{tag}.safetensors"
+
+
 def model_path(run_dir: Path, version: int) -> Path:
-    return run_dir / "models" / f"global_{round_tag(version)}.safetensors"
+    return run_dir / MODELS_DIR / global_model_name(round_tag(version))
 
 
 def server_state_path(run_dir: Path, version: int) -> Path:
-    return run_dir / "models" / f"server_{round_tag(version)}.safetensors"
+    return run_dir / MODELS_DIR / f"server_{round_tag(version)}.safetensors"
 
 
 def round_metrics_path(run_dir: Path, round_: int) -> Path:
@@ -67,7 +84,7 @@ def lane_job_name(lane: int, step: int) -> str:
 
 
 def lane_dir(run_dir: Path, lane: int) -> Path:
-    return run_dir / "lanes" / lane_tag(lane)
+    return run_dir / LANES_DIR / lane_tag(lane)
 
 
 def lane_job_dir(run_dir: Path, lane: int, step: int) -> Path:
