@@ -11,10 +11,10 @@ import hashlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
-from urllib.parse import unquote, urlsplit
+from urllib.parse import unquote
 
 from node_payload.common.errors import UserError
-from node_payload.common.mirror_url import redact
+from node_payload.common.mirror_url import split_url
 from pipeline.remote import SshOptions, SshSession, Target
 
 CHUNK = 256 * 1024
@@ -30,14 +30,7 @@ class SftpUrl:
 
 def parse_sftp_url(url: str) -> SftpUrl:
     """`sftp://user@host:port/srv/data` is /srv/data; `sftp://user@host/~/data` is ~/data."""
-    label = redact(url)
-    try:
-        parts = urlsplit(url)
-        port = parts.port or 22
-    except ValueError as exc:
-        raise UserError(f"mirror {label}: not a valid URL ({exc})") from None
-    if parts.scheme != "sftp" or not parts.hostname:
-        raise UserError(f"mirror {label}: expected {SFTP_FORM}")
+    parts, port, label = split_url(url, "sftp", 22, SFTP_FORM)
     if parts.password is not None:
         raise UserError(
             f"mirror {label}: sftp URLs take no password; the key comes from ssh-agent, "

@@ -5,7 +5,7 @@
 
 import re
 from dataclasses import dataclass
-from urllib.parse import parse_qs, unquote, urlsplit
+from urllib.parse import SplitResult, parse_qs, unquote, urlsplit
 
 from node_payload.common.errors import UserError
 
@@ -18,6 +18,19 @@ def redact(url: str) -> str:
     userinfo, at, hostport = parts.netloc.rpartition("@")
     netloc = f"{userinfo.partition(':')[0]}@{hostport}" if at else hostport
     return parts._replace(netloc=netloc).geturl()
+
+
+def split_url(url: str, scheme: str, default_port: int, form: str) -> tuple[SplitResult, int, str]:
+    """The URL's parts, port and password-free label; a malformed URL is one message naming it."""
+    label = redact(url)
+    try:
+        parts = urlsplit(url)
+        port = parts.port or default_port
+    except ValueError as exc:
+        raise UserError(f"mirror {label}: not a valid URL ({exc})") from None
+    if parts.scheme != scheme or not parts.hostname:
+        raise UserError(f"mirror {label}: expected {form}")
+    return parts, port, label
 
 
 def _timeout(query: str, label: str) -> float | None:
@@ -54,14 +67,7 @@ class Mirror:
 
     @classmethod
     def parse(cls, url: str) -> "Mirror":
-        label = redact(url)
-        try:
-            parts = urlsplit(url)
-            port = parts.port or 21
-        except ValueError as exc:
-            raise UserError(f"mirror {label}: not a valid URL ({exc})") from None
-        if parts.scheme != "ftp" or not parts.hostname:
-            raise UserError(f"mirror {label}: expected ftp://[user[:password]@]host[:port][/path]")
+        parts, port, label = split_url(url, "ftp", 21, "ftp://[user[:password]@]host[:port][/path]")
         user, password = unquote(parts.username or ""), unquote(parts.password or "")
         root = unquote(parts.path.strip("/"))
         if any(_LINE_END.search(part) for part in (user, password, root)):
