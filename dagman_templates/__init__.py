@@ -1,4 +1,5 @@
-"""Jinja2 templates of the DAG, the submit files and the node POST script."""
+"""Jinja2 templates of the submit files and scripts a run directory holds (the DAG file is
+written from its model, pipeline.dag)."""
 
 from pathlib import Path
 

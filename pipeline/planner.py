@@ -1,8 +1,9 @@
 """The planner: a validated config becomes a Plan, and a Plan becomes a run directory.
 
 `make_plan` resolves everything that must be decided once (dataset, mirrors, seeds, held-out
-set, interpreter) and `write` renders the DAG and submit files from dagman_templates/ into a new
-run directory, atomically: a failed write leaves nothing behind and never touches an existing run.
+set, interpreter); the plan's DAG is data (pipeline.dag). `write` writes the DAG, the submit files
+and scripts rendered from dagman_templates/, the config and the initial model into a new run
+directory, atomically: a failed write leaves nothing behind and never touches an existing run.
 """
 
 import json
@@ -11,13 +12,12 @@ import secrets
 import shutil
 import sys
 import tempfile
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
-from aggregation.async_claim import EXIT_SKIP, MODEL_INPUT
 from aggregation.async_state import Ledger, lane_length, write_ledger
 from aggregation.server_optimizer import ServerOptimizer
-from node_payload.common.errors import EXIT_FATAL, UserError
+from node_payload.common.errors import UserError
 from node_payload.common.manifest import Manifest
 from node_payload.common.mirror_url import Mirror
 from node_payload.common.model_file import save_model
@@ -30,33 +30,32 @@ from node_payload.common.run_config import (
     to_toml,
 )
 from node_payload.common.run_layout import (
+    ASYNC_STATE,
+    CONFIG_FILE,
     DAG_FILE,
     HELDOUT_FILE,
+    MODELS_DIR,
+    PAYLOAD_DIR,
     RESIDUAL_FILE,
-    aggregate_name,
-    job_tag,
+    SCRIPTS_DIR,
     lane_dir,
     lane_job_dir,
-    lane_job_name,
-    lane_tag,
     model_path,
     node_dir,
-    node_name,
-    node_tag,
-    round_tag,
     server_state_path,
 )
 from node_payload.common.tensor_io import model_metadata, save_tensors
 from node_payload.dgc import write_empty_residual
 from node_payload.sampling import check_capacity, heldout_set, node_seed
 from pipeline.config import ConfigFile, load
+from pipeline.dag.model import Dag
+from pipeline.dag.run_dag import run_dag
+from pipeline.dag.writer import dag_text
 from pipeline.dataset_prepare import prepare
 from pipeline.mirror_check import check_mirrors
 from pipeline.mirrors import free_ports
 from pipeline.payload_zip import write_payload
-from pipeline.render import render
-
-STATUS_INTERVAL_S = 10
+from pipeline.submit_files import submit_files
 
 
 @dataclass(frozen=True)
@@ -78,6 +77,11 @@ class Plan:
 
     def seed(self, round_: int, node: int) -> int:
         return node_seed(self.config.run.seed, round_, node)
+
+    @property
+    def dag(self) -> Dag:
+        """The run's DAG as data: `write` writes it, and reading the file back gives it again."""
+        return run_dag(self.config)
 
 
 def _dataset(source: ConfigFile) -> tuple[DataTable, Manifest]:
@@ -160,129 +164,15 @@ def make_plan(source: ConfigFile) -> Plan:
     return Plan(config, manifest, Path(data.dataset), heldout)
 
 
-def _dag_rounds(plan: Plan) -> list[dict]:
-    return [
-        {
-            "index": r,
-            "tag": round_tag(r),
-            "aggregate": aggregate_name(r),
-            "jobs": [
-                {
-                    "name": node_name(r, n),
-                    "index": n,
-                    "tag": node_tag(n),
-                    "lane": lane_tag(n),
-                    "seed": plan.seed(r, n),
-                }
-                for n in range(plan.nodes)
-            ],
-        }
-        for r in range(plan.rounds)
-    ]
-
-
-def _dag_lanes(plan: Plan) -> list[dict]:
-    return [
-        {
-            "index": lane,
-            "tag": lane_tag(lane),
-            "jobs": [
-                {
-                    "name": lane_job_name(lane, step),
-                    "step": step,
-                    "tag": job_tag(step),
-                    "seed": plan.seed(step, lane),
-                }
-                for step in range(lane_length(plan.config))
-            ],
-        }
-        for lane in range(plan.nodes)
-    ]
-
-
-def _render_dag(plan: Plan) -> str:
-    config = plan.config
-    common = {
-        "name": config.run.name,
-        "retries": config.run.retries,
-        "max_node_jobs": config.run.max_node_jobs,
-        "fatal_exit": EXIT_FATAL,
-        "status_interval_s": STATUS_INTERVAL_S,
-    }
-    if config.is_async:
-        return render(
-            "dagtrain_async.dag.j2",
-            lanes=_dag_lanes(plan),
-            budget=config.update_budget,
-            time_budget_s=config.async_.time_budget_s,
-            buffer=config.async_.buffer,
-            lane_length=lane_length(config),
-            skip_exit=EXIT_SKIP,
-            **common,
-        )
-    return render(
-        "dagtrain.dag.j2",
-        nodes=plan.nodes,
-        rounds=_dag_rounds(plan),
-        residuals=config.compressed,
-        **common,
-    )
-
-
-def _job_files(mode: str, compressed: bool) -> dict[str, str]:
-    """Where a node job runs, which model it takes and where its lane's residual comes from
-    (the PRE script puts both in an asynchronous job's directory), as submit-file text."""
-    if mode == "async":
-        return {
-            "job_dir": "lanes/$(ltag)/$(jtag)",
-            "model_input": MODEL_INPUT,
-            "model_name": MODEL_INPUT,
-            "residual_input": RESIDUAL_FILE if compressed else "",
-        }
+def _text_files(plan: Plan) -> dict[str, str]:
+    """Every text file of the run directory by its path in it."""
+    heldout = {"manifest_sha256": plan.manifest.digest(), "fragments": plan.heldout}
     return {
-        "job_dir": "rounds/$(rtag)/$(ntag)",
-        "model_input": "../../../models/global_$(rtag).safetensors",
-        "model_name": "global_$(rtag).safetensors",
-        "residual_input": f"../../../lanes/$(ltag)/{RESIDUAL_FILE}" if compressed else "",
+        DAG_FILE: dag_text(plan.dag),
+        CONFIG_FILE: to_toml(plan.config),
+        HELDOUT_FILE: json.dumps(heldout) + "\n",
+        **submit_files(plan.config),
     }
-
-
-def _render_files(plan: Plan) -> dict[str, str]:
-    config = plan.config
-    resources = config.resources
-    execution = config.execution
-    submit_python = execution.submit_python
-    mode = config.run.mode
-    files = {
-        DAG_FILE: _render_dag(plan),
-        "submit/node.sub": render(
-            "node.sub.j2",
-            mode=mode,
-            **_job_files(mode, config.compressed),
-            python=execution.python,
-            container_image=execution.container_image,
-            env_tarball=execution.env_tarball,
-            env_tarball_name=Path(execution.env_tarball).name,
-            deadline_s=config.run.node_deadline_s,
-            **asdict(resources),
-        ),
-        "submit/report.sub": render("report.sub.j2", python=submit_python),
-        "config.toml": to_toml(config),
-        HELDOUT_FILE: json.dumps(
-            {"manifest_sha256": plan.manifest.digest(), "fragments": plan.heldout}
-        )
-        + "\n",
-    }
-    if mode == "async":
-        files["scripts/lane.sh"] = render("lane.sh.j2", python=submit_python)
-    else:
-        files["submit/aggregate.sub"] = render("aggregate.sub.j2", python=submit_python)
-        files["scripts/node_post.sh"] = render(
-            "node_post.sh.j2", fatal_exit=EXIT_FATAL, python=submit_python
-        )
-    if execution.env_tarball:
-        files["scripts/run_in_env.sh"] = render("run_in_env.sh.j2", fatal_exit=EXIT_FATAL)
-    return files
 
 
 def _initial_model(plan: Plan, run_dir: Path) -> None:
@@ -310,7 +200,7 @@ def _job_dirs(plan: Plan, run_dir: Path) -> None:
         for lane in range(plan.nodes):
             for step in range(lane_length(plan.config)):
                 lane_job_dir(run_dir, lane, step).mkdir(parents=True, exist_ok=True)
-        (run_dir / "async").mkdir()
+        (run_dir / ASYNC_STATE).parent.mkdir()
         write_ledger(run_dir, Ledger(run_id=plan.config.run.run_id))
         return
     for r in range(plan.rounds):
@@ -348,17 +238,17 @@ def write(plan: Plan, run_dir: Path) -> Path:
     _check_target(run_dir)
     staging = _staging_dir(run_dir)
     try:
-        for relative, text in _render_files(plan).items():
+        for relative, text in _text_files(plan).items():
             target = staging / relative
             target.parent.mkdir(parents=True, exist_ok=True)
             target.write_text(text)
-        for script in (staging / "scripts").iterdir():
+        for script in (staging / SCRIPTS_DIR).iterdir():
             script.chmod(0o755)
         if _holds_credentials(plan.config):
             (staging / "config.toml").chmod(0o600)
-        (staging / "payload").mkdir()
-        write_payload(staging / "payload")
-        (staging / "models").mkdir()
+        (staging / PAYLOAD_DIR).mkdir()
+        write_payload(staging / PAYLOAD_DIR)
+        (staging / MODELS_DIR).mkdir()
         _initial_model(plan, staging)
         _job_dirs(plan, staging)
         if run_dir.exists():

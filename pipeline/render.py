@@ -1,16 +1,14 @@
-"""Rendering the DAG, submit files and scripts from dagman_templates/ (their single source)."""
+"""Rendering the submit files and scripts from dagman_templates/, their single source.
+
+Strict: a name a template uses but the caller does not give is an error, not an empty string
+in a submit file.
+"""
 
 from typing import Any
 
 import jinja2
 
 from dagman_templates import TEMPLATE_DIR
-
-
-def dag_var(value: object) -> str:
-    """A VARS value for DAGMan: inside double quotes, backslash and quote are escaped."""
-    return str(value).replace("\\", "\\\\").replace('"', '\\"')
-
 
 _ENV = jinja2.Environment(
     loader=jinja2.FileSystemLoader(TEMPLATE_DIR),
@@ -20,7 +18,6 @@ _ENV = jinja2.Environment(
     keep_trailing_newline=True,
     autoescape=False,
 )
-_ENV.filters["dagvar"] = dag_var
 
 
 def render(template: str, **context: Any) -> str:

@@ -13,8 +13,9 @@ import pytest
 from node_payload.common.errors import EXIT_FATAL, UserError
 from node_payload.common.model_file import load_model
 from pipeline import config as config_mod
+from pipeline.dag.writer import dag_var
+from pipeline.local_runner.dag_file import parse_dag
 from pipeline.planner import make_plan, plan_from_file, write
-from pipeline.render import dag_var
 
 DAG_KEYWORDS = {"job", "parent", "child", "retry", "script", "vars", "final", "category"}
 
@@ -66,25 +67,25 @@ def test_gpus_are_requested_only_when_asked(
 
 
 def test_dag_structure(run_dir: Path) -> None:
-    dag = (run_dir / "dagtrain.dag").read_text()
-    jobs = re.findall(r"^JOB (\S+) (\S+)", dag, re.M)
-    names = [name for name, _ in jobs]
-    assert names == [
+    dag = parse_dag(run_dir / "dagtrain.dag")
+    assert list(dag.nodes) == [
         "train_r000_n000", "train_r000_n001", "train_r000_n002", "aggregate_r000",
-        "train_r001_n000", "train_r001_n001", "train_r001_n002", "aggregate_r001",
+        "train_r001_n000", "train_r001_n001", "train_r001_n002", "aggregate_r001", "report",
     ]  # fmt: skip
-    assert not {n.lower() for n in names} & DAG_KEYWORDS
-    for _, submit in jobs:
-        assert (run_dir / submit).is_file()
-    assert re.search(r"^FINAL report submit/report.sub$", dag, re.M)
-    assert (run_dir / "submit/report.sub").is_file()
-    assert "PARENT train_r000_n000 train_r000_n001 train_r000_n002 CHILD aggregate_r000" in dag
-    assert "PARENT aggregate_r000 CHILD train_r001_n000 train_r001_n001 train_r001_n002" in dag
-    assert f"RETRY train_r001_n002 2 UNLESS-EXIT {EXIT_FATAL}" in dag
-    assert re.search(r"^NODE_STATUS_FILE dagtrain.dag.status \d+$", dag, re.M)
-    assert "SCRIPT POST train_r000_n001 scripts/node_post.sh $RETURN $RETRY $MAX_RETRIES" in dag
-    assert not re.search(r"^CATEGORY \S+ \d+$", dag, re.M), "CATEGORY written where MAXJOBS meant"
-    seeds = re.findall(r'seed="(\d+)"', dag)
+    assert not {n.lower() for n in dag.nodes} & DAG_KEYWORDS
+    for node in dag.nodes.values():
+        assert node.submit_file.is_file()
+    assert dag.final == "report" and dag.nodes["report"].submit == "submit/report.sub"
+    assert dag.nodes["aggregate_r000"].parents == {f"train_r000_n00{n}" for n in range(3)}
+    assert dag.nodes["aggregate_r000"].children == {f"train_r001_n00{n}" for n in range(3)}
+    node = dag.nodes["train_r001_n002"]
+    assert (node.retries, node.unless_exit) == (2, EXIT_FATAL)
+    assert dag.status_file == "dagtrain.dag.status" and dag.status_min_update > 0
+    post = dag.nodes["train_r000_n001"].post
+    assert post and [post.executable, *post.args[:3]] == [
+        "scripts/node_post.sh", "$RETURN", "$RETRY", "$MAX_RETRIES",
+    ]  # fmt: skip
+    seeds = [n.vars["seed"] for n in dag.nodes.values() if n.name.startswith("train_")]
     assert len(seeds) == 6 and len(set(seeds)) == 6
 
 
@@ -182,7 +183,7 @@ def test_node_job_throttle_is_a_maxjobs_command(
     dag = (run / "dagtrain.dag").read_text()
     assert re.search(r"^MAXJOBS train 5$", dag, re.M)
     assert re.search(r"^CATEGORY train_r000_n000 train$", dag, re.M)
-    assert not re.search(r"^CATEGORY train \d+$", dag, re.M)
+    assert not re.search(r"^CATEGORY train \d+$", dag, re.M), "CATEGORY written where MAXJOBS meant"
 
 
 def test_config_with_mirror_passwords_is_private(

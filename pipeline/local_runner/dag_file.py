@@ -1,17 +1,18 @@
-"""Parse a DAGMan input file into a graph, rejecting what the local runner cannot honour.
+"""Parse a DAGMan input file into the DAG model, rejecting what the local runner cannot honour.
 
 Only the subset of the DAG language that dagtrain generates (plus the usual companions) is
 accepted; anything else is an error naming file and line, because silently skipping a command
-would make a local run differ from a pool run.
+would make a local run differ from a pool run. The comments at the top of the file and those
+right above a JOB line are kept, as the writer puts them there.
 """
 
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
 from pathlib import Path
 
 from node_payload.common.errors import UserError
+from pipeline.dag.model import Dag, Node, Script
 
 KEYWORDS = {
     "JOB", "FINAL", "VARS", "PARENT", "CHILD", "RETRY", "SCRIPT", "PRE_SKIP", "CATEGORY",
@@ -31,58 +32,14 @@ INERT_CONFIG = {
 _VAR = re.compile(r'\s*((?:[+]|[Mm][Yy]\.)?[A-Za-z0-9_]+)\s*=\s*"((?:[^"\\]|\\.)*)"')
 
 
-@dataclass
-class Script:
-    """A PRE or POST script; arguments keep their $MACRO tokens until run time."""
-
-    executable: str
-    args: list[str]
-    defer_status: int | None = None
-    defer_time: float = 0.0
-
-
-@dataclass
-class Node:
-    name: str
-    submit_file: Path
-    directory: Path  # where DAGMan would run condor_submit for this node
-    final: bool = False
-    done: bool = False
-    vars: dict[str, str] = field(default_factory=dict)
-    retries: int = 0
-    unless_exit: int | None = None
-    pre: Script | None = None
-    post: Script | None = None
-    pre_skip: int | None = None
-    category: str | None = None
-    priority: int = 0
-    abort_on: tuple[int, int | None] | None = None  # (status, DAG return value)
-    parents: set[str] = field(default_factory=set)
-    children: set[str] = field(default_factory=set)
-    order: int = 0
-
-
-@dataclass
-class Dag:
-    path: Path
-    nodes: dict[str, Node]
-    final: str | None = None
-    maxjobs: dict[str, int] = field(default_factory=dict)
-    status_file: Path | None = None
-    status_min_update: float = 60.0
-    max_jobs_submitted: int | None = None
-
-    @property
-    def directory(self) -> Path:
-        return self.path.parent
-
-
 class _Parser:
     def __init__(self, path: Path) -> None:
         self.path = path
-        self.dag = Dag(path=path, nodes={})
+        self.dag = Dag(path=path)
         self.lineno = 0
         self.deferred: list[tuple[int, list[str], str]] = []
+        self.comments: list[str] = []  # the comment lines since the last blank line or command
+        self.in_header = True  # no blank line or command yet
 
     def fail(self, message: str) -> UserError:
         return UserError(f"{self.path}:{self.lineno}: {message}")
@@ -90,7 +47,14 @@ class _Parser:
     def parse(self, text: str) -> Dag:
         for self.lineno, raw in enumerate(text.splitlines(), start=1):
             line = raw.strip()
-            if not line or line.startswith("#"):
+            if line.startswith("#"):
+                self.comments.append(line[2:] if line.startswith("# ") else line[1:])
+                continue
+            if self.in_header:
+                self.dag.comment, self.comments = tuple(self.comments), []
+                self.in_header = False
+            if not line:
+                self.comments = []
                 continue
             words = line.split()
             keyword = words[0].upper()
@@ -103,6 +67,7 @@ class _Parser:
                 raise self.fail(f"DAG command {keyword} is not supported by the local runner")
             else:
                 raise self.fail(f"unknown DAG command {words[0]!r}")
+            self.comments = []
         for lineno, words, line in self.deferred:
             self.lineno = lineno
             getattr(self, "cmd_" + words[0].upper().replace("-", "_"))(words, line)
@@ -136,23 +101,19 @@ class _Parser:
             raise self.fail(f"node name {name!r} is a DAG keyword; rename the node")
         if name in self.dag.nodes:
             raise self.fail(f"duplicate node name {name!r}")
-        directory, done, rest = self.dag.directory, False, words[3:]
+        if final and self.dag.final is not None:
+            raise self.fail("only one FINAL node is allowed")
+        node = Node(name, submit, final=final, comment=tuple(self.comments))
+        rest = words[3:]
         while rest:
             option = rest.pop(0).upper()
             if option == "DIR" and rest:
-                directory = self.dag.directory / rest.pop(0)
+                node.dir = rest.pop(0)
             elif option == "DONE" and not final:
-                done = True
+                node.done = True
             else:
                 raise self.fail(f"unsupported {words[0]} option {option!r}")
-        if final:
-            if self.dag.final is not None:
-                raise self.fail("only one FINAL node is allowed")
-            self.dag.final = name
-        self.dag.nodes[name] = Node(
-            name=name, submit_file=directory / submit, directory=directory, final=final,
-            done=done, order=len(self.dag.nodes),
-        )  # fmt: skip
+        self.dag.add(node)
 
     def cmd_FINAL(self, words: list[str], line: str) -> None:
         self.cmd_JOB(words, line, final=True)
@@ -163,6 +124,7 @@ class _Parser:
     def cmd_CONFIG(self, words: list[str], line: str) -> None:
         if len(words) != 2:
             raise self.fail("expected 'CONFIG file'")
+        self.dag.config = words[1]
         config = self.dag.directory / words[1]
         if not config.is_file():
             raise self.fail(f"CONFIG file {config} does not exist")
@@ -188,9 +150,9 @@ class _Parser:
     def cmd_NODE_STATUS_FILE(self, words: list[str], line: str) -> None:
         if len(words) not in (2, 3, 4) or (len(words) == 4 and words[3].upper() != "ALWAYS-UPDATE"):
             raise self.fail("expected 'NODE_STATUS_FILE file [min_update] [ALWAYS-UPDATE]'")
-        self.dag.status_file = self.dag.directory / words[1]
+        self.dag.status_file = words[1]
         if len(words) >= 3:
-            self.dag.status_min_update = float(self.int_arg(words[2], "minimum update time"))
+            self.dag.status_min_update = self.int_arg(words[2], "minimum update time")
 
     def cmd_DONE(self, words: list[str], line: str) -> None:
         if len(words) != 2:
@@ -213,7 +175,7 @@ class _Parser:
                 raise self.fail(f"VARS name {key!r} may not begin with 'queue'")
             if key.startswith("+"):
                 key = "MY." + key[1:]
-            node.vars[key] = value.replace("$(JOB)", node.name)
+            node.vars[key] = value
             rest = rest[match.end() :]
 
     def cmd_PARENT(self, words: list[str], line: str) -> None:
@@ -224,10 +186,9 @@ class _Parser:
         parents, children = words[1:split], words[split + 1 :]
         if not parents or not children:
             raise self.fail("expected 'PARENT p... CHILD c...'")
-        for p in parents:
-            for c in children:
-                self.node(p, final_ok=False).children.add(c)
-                self.node(c, final_ok=False).parents.add(p)
+        for name in parents + children:
+            self.node(name, final_ok=False)
+        self.dag.connect(parents, children)
 
     def cmd_RETRY(self, words: list[str], line: str) -> None:
         if len(words) not in (3, 5) or (len(words) == 5 and words[3].upper() != "UNLESS-EXIT"):
@@ -239,12 +200,12 @@ class _Parser:
 
     def cmd_SCRIPT(self, words: list[str], line: str) -> None:
         rest = words[1:]
-        defer_status, defer_time = None, 0.0
+        defer_status, defer_time = None, 0
         if rest and rest[0].upper() == "DEFER":
             if len(rest) < 3:
                 raise self.fail("expected 'SCRIPT DEFER status time PRE|POST ...'")
             defer_status = self.int_arg(rest[1], "DEFER status")
-            defer_time = float(self.int_arg(rest[2], "DEFER time"))
+            defer_time = self.int_arg(rest[2], "DEFER time")
             rest = rest[3:]
         if len(rest) < 3 or rest[0].upper() not in ("PRE", "POST"):
             if rest and rest[0].upper() in ("HOLD", "DEBUG"):

@@ -15,7 +15,8 @@ from contextlib import suppress
 from dataclasses import dataclass
 from pathlib import Path
 
-from .dag_file import Node, Script
+from pipeline.dag.model import Node, Script
+
 from .job_process import JobProcess, JobResult
 from .parent_death import die_with_runner
 from .status_file import POSTRUN, PRERUN, READY, SUBMITTED
@@ -102,7 +103,8 @@ class NodeRunner:
         node, ctx = self.node, self.ctx
         cluster = ctx.next_cluster()
         dag_status, failed = ctx.dag_status()
-        variables = {k: v.replace("$(RETRY)", str(attempt)) for k, v in node.vars.items()}
+        dagman = {"$(RETRY)": str(attempt), "$(JOB)": node.name}
+        variables = {k: _expand(v, dagman) for k, v in node.vars.items()}
         if node.final:
             variables |= {"DAG_STATUS": str(dag_status), "FAILED_COUNT": str(failed)}
         spec = load_job(node.submit_file, node.directory, variables, cluster)
@@ -139,6 +141,13 @@ class NodeRunner:
                 return code
             if self.ctx.cancel.wait(script.defer_time):
                 return code
+
+
+def _expand(value: str, macros: dict[str, str]) -> str:
+    """DAGMan's own macros in a VARS value, filled in when the job is submitted."""
+    for macro, text in macros.items():
+        value = value.replace(macro, text)
+    return value
 
 
 def _run_cancellable(command: list[str], cwd: Path, cancel: threading.Event) -> int:

@@ -17,9 +17,10 @@ from pathlib import Path
 from types import FrameType
 
 from node_payload.common.errors import UserError
+from pipeline.dag.model import Dag
 
 from . import status_file
-from .dag_file import Dag, parse_dag
+from .dag_file import parse_dag
 from .journal import Journal, journal_path, read_journal, read_rescue, rescue_files, write_rescue
 from .node_runner import NodeContext, NodeRunner, Outcome
 from .serial_order import serial_ranks
@@ -211,7 +212,7 @@ class _Scheduler:
         else:
             overall = status_file.SUBMITTED
         text = status_file.render(self.dag.path, overall, nodes, now + self.dag.status_min_update)
-        status_file.write(self.dag.status_file, text)
+        status_file.write(self.dag.directory / self.dag.status_file, text)
 
     def _drain(self, journal: Journal) -> None:
         """Start ready nodes and process reports until nothing runs and nothing can start."""

@@ -9,7 +9,7 @@ run take turns and each job starts from the newest model.
 
 from __future__ import annotations
 
-from .dag_file import Dag
+from pipeline.dag.model import Dag
 
 
 def serial_ranks(dag: Dag) -> dict[str, tuple[int, int]]:

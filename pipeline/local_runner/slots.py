@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import threading
 
-from .dag_file import Node
+from pipeline.dag.model import Node
 
 
 class SlotPool:

@@ -1,0 +1,135 @@
+"""The DAG of a run, from its resolved config: synchronous rounds (a layer of node jobs, then
+one aggregation job, rounds chained) or asynchronous lanes (chains of node jobs whose PRE script
+claims the newest model and whose POST script applies the update), and the FINAL report."""
+
+from itertools import pairwise
+from pathlib import Path
+
+from aggregation.async_claim import EXIT_SKIP
+from aggregation.async_state import lane_length
+from node_payload.common.errors import EXIT_FATAL
+from node_payload.common.run_config import RunConfig
+from node_payload.common.run_layout import (
+    AGGREGATE_SUBMIT,
+    CONFIG_FILE,
+    DAG_FILE,
+    LANE_SCRIPT,
+    NODE_POST_SCRIPT,
+    NODE_SUBMIT,
+    REPORT_SUBMIT,
+    STATUS_FILE,
+    aggregate_name,
+    job_tag,
+    lane_dir,
+    lane_job_name,
+    lane_tag,
+    node_dir,
+    node_name,
+    node_tag,
+    round_tag,
+)
+from node_payload.sampling import node_seed
+
+from .model import Dag, Node, Script
+
+STATUS_INTERVAL_S = 10
+TRAIN, AGGREGATE = "train", "aggregate"  # node categories; MAXJOBS throttles TRAIN
+REPORT = "report"
+SUBMIT_HINT = (
+    f"Written by `dagtrain plan`. Submit from this directory:  condor_submit_dag {DAG_FILE}"
+)
+
+
+def run_dag(config: RunConfig) -> Dag:
+    dag = Dag(Path(DAG_FILE), status_file=STATUS_FILE, status_min_update=STATUS_INTERVAL_S)
+    if config.run.max_node_jobs:
+        dag.maxjobs[TRAIN] = config.run.max_node_jobs
+    if config.is_async:
+        _lanes(dag, config)
+    else:
+        _rounds(dag, config)
+    dag.add(Node(REPORT, REPORT_SUBMIT, final=True, comment=("---- report ----",)))
+    return dag
+
+
+def _rounds(dag: Dag, config: RunConfig) -> None:
+    run = config.run
+    dag.comment = (
+        f'dagtrain run "{run.name}": {run.nodes} node jobs x {run.rounds} synchronous rounds.',
+        SUBMIT_HINT,
+        "Round r: node jobs train_rRRR_nNNN (each trains the global model on its own local data),",
+        "then aggregate_rRRR merges their updates into models/global_r{r+1}. The FINAL node writes",
+        "report.json whatever happens.",
+    )
+    waiting_for: list[str] = []
+    for r in range(run.rounds):
+        jobs = [_round_job(config, r, n) for n in range(run.nodes)]
+        jobs[0].comment = (f"---- round {r} ----",)
+        names = [dag.add(job).name for job in jobs]
+        if waiting_for:
+            dag.connect(waiting_for, names)
+        variables = {"round": str(r), "rtag": round_tag(r)}
+        aggregate = Node(aggregate_name(r), AGGREGATE_SUBMIT, vars=variables, category=AGGREGATE)
+        waiting_for = [dag.add(_retried(aggregate, config)).name]
+        dag.connect(names, waiting_for)
+
+
+def _round_job(config: RunConfig, r: int, n: int) -> Node:
+    """Node n's job in round r; with compressed updates, its lane's residual goes with it and
+    the POST script makes the job's new residual the lane's."""
+    variables = {"round": str(r), "rtag": round_tag(r), "node": str(n), "ntag": node_tag(n)}
+    variables |= {"seed": str(node_seed(config.run.seed, r, n)), "attempt": "$(RETRY)"}
+    args = ["$RETURN", "$RETRY", "$MAX_RETRIES", node_dir(Path(), r, n).as_posix()]
+    if config.compressed:
+        variables["ltag"] = lane_tag(n)
+        args.append(lane_dir(Path(), n).as_posix())
+    post = Script(NODE_POST_SCRIPT, args)
+    job = Node(node_name(r, n), NODE_SUBMIT, vars=variables, post=post, category=TRAIN)
+    return _retried(job, config)
+
+
+def _lanes(dag: Dag, config: RunConfig) -> None:
+    run, length = config.run, lane_length(config)
+    budget = f"{config.update_budget} updates in all"
+    if config.async_.time_budget_s:
+        budget += f" or {config.async_.time_budget_s} s"
+    dag.comment = (
+        f'dagtrain run "{run.name}": {run.nodes} asynchronous lanes, {budget}.',
+        SUBMIT_HINT,
+        "Lane l is a chain of node jobs train_lLLL_jJJJJ. Each job's PRE script hands it the newest",
+        "global model, or skips it (PRE_SKIP) while the budget is spoken for; its POST script applies",
+        f"its update at once (every {config.async_.buffer} arrival(s)), under a lock, weighted by "
+        "its staleness.",
+        f"A lane holds at most {length} jobs, so fast lanes can do the work of slow ones.",
+        "The FINAL node applies what is left in the buffer and writes report.json.",
+    )
+    for lane in range(run.nodes):
+        jobs = [_lane_job(config, lane, step) for step in range(length)]
+        jobs[0].comment = (f"---- lane {lane} ----",)
+        names = [dag.add(job).name for job in jobs]
+        for before, after in pairwise(names):
+            dag.connect([before], [after])
+
+
+def _lane_job(config: RunConfig, lane: int, step: int) -> Node:
+    variables = {"round": str(step), "node": str(lane), "ltag": lane_tag(lane)}
+    variables |= {"jtag": job_tag(step), "seed": str(node_seed(config.run.seed, step, lane))}
+    variables["attempt"] = "$(RETRY)"
+    which = ["--config", CONFIG_FILE, "--lane", str(lane), "--step", str(step)]
+    retry = ["--return", "$RETURN", "--retry", "$RETRY", "--max-retries", "$MAX_RETRIES"]
+    job = Node(
+        lane_job_name(lane, step),
+        NODE_SUBMIT,
+        vars=variables,
+        pre=Script(LANE_SCRIPT, ["claim", *which]),
+        pre_skip=EXIT_SKIP,
+        post=Script(LANE_SCRIPT, ["arrive", *which, *retry]),
+        category=TRAIN,
+    )
+    return _retried(job, config)
+
+
+def _retried(node: Node, config: RunConfig) -> Node:
+    """Every job is retried `[run] retries` times, unless it exits fatally (a bad config)."""
+    node.retries, node.unless_exit = config.run.retries, EXIT_FATAL
+    return node

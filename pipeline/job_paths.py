@@ -1,0 +1,66 @@
+"""Where each job's files are, as its submit file names them.
+
+Paths come from the run layout with the DAG's VARS macros ($(rtag) $(ntag) $(ltag) $(jtag))
+where the numbers go; a node job's inputs are made relative to its initialdir here, in one
+place, so no template or module spells out how deep a job's folder is.
+"""
+
+import posixpath
+from dataclasses import dataclass
+
+from aggregation.async_claim import MODEL_INPUT
+from node_payload.common.run_config import RunConfig
+from node_payload.common.run_layout import (
+    CONFIG_FILE,
+    ENV_WRAPPER,
+    LANES_DIR,
+    MODELS_DIR,
+    PAYLOAD_DIR,
+    RESIDUAL_FILE,
+    ROUNDS_DIR,
+    global_model_name,
+)
+from pipeline.payload_zip import PAYLOAD_NAME
+
+PAYLOAD = f"{PAYLOAD_DIR}/{PAYLOAD_NAME}"
+ROUND_DIR = f"{ROUNDS_DIR}/$(rtag)"  # a round's folder: its aggregation job's logs
+
+
+@dataclass(frozen=True)
+class NodeJobFiles:
+    """A node job's folder and files. Its inputs arrive in its scratch folder under their base
+    names, which its arguments use."""
+
+    initialdir: str  # relative to the run directory
+    inputs: tuple[str, ...]  # relative to initialdir, or absolute
+    wrapper: str  # the env_tarball wrapper, relative to initialdir
+    payload: str  # the job payload in its scratch folder
+    model: str  # the global model it trains, in its scratch folder
+    residual: str  # its lane's residual in its scratch folder ("" without compressed updates)
+    tarball: str  # the env_tarball in its scratch folder ("" without one)
+
+
+def node_job_files(config: RunConfig) -> NodeJobFiles:
+    """Synchronous jobs take the round's model and their lane's residual from the run directory;
+    an asynchronous job's PRE script puts both in the job's own folder."""
+    if config.is_async:
+        initialdir = f"{LANES_DIR}/$(ltag)/$(jtag)"
+        model = f"{initialdir}/{MODEL_INPUT}"
+        residual = f"{initialdir}/{RESIDUAL_FILE}"
+    else:
+        initialdir = f"{ROUND_DIR}/$(ntag)"
+        model = f"{MODELS_DIR}/{global_model_name('$(rtag)')}"
+        residual = f"{LANES_DIR}/$(ltag)/{RESIDUAL_FILE}"
+    from_run = [PAYLOAD, CONFIG_FILE, model, *([residual] if config.compressed else [])]
+    inputs = [posixpath.relpath(path, initialdir) for path in from_run]
+    if config.execution.env_tarball:
+        inputs.append(config.execution.env_tarball)
+    return NodeJobFiles(
+        initialdir=initialdir,
+        inputs=tuple(inputs),
+        wrapper=posixpath.relpath(ENV_WRAPPER, initialdir),
+        payload=PAYLOAD_NAME,
+        model=posixpath.basename(model),
+        residual=RESIDUAL_FILE if config.compressed else "",
+        tarball=posixpath.basename(config.execution.env_tarball),
+    )
