@@ -44,8 +44,8 @@ def _plan(config_path: Path, run_dir: Path) -> Path:
 @contextmanager
 def _mirrors(run_dir: Path) -> Iterator[None]:
     """The run's embedded mirrors, on the ports its config.toml names (as `dagtrain run` does)."""
-    data = read_run_config(run_dir / CONFIG_FILE)["data"]
-    with serve(Path(data["dataset"]), mirror_ports(data["mirrors"])):
+    data = read_run_config(run_dir / CONFIG_FILE).data
+    with serve(Path(data.dataset), mirror_ports(data.mirrors)):
         yield
 
 
@@ -247,7 +247,7 @@ def test_dagman_and_condor_submit_accept_the_generated_files(
     assert "--round 1 --node 2" in node["Arguments"] and "--attempt 1" in node["Arguments"]
     assert node["RequestCpus"] == "1" and node["JobMaxRetries"] == "0"
     assert (
-        f"> {read_run_config(run_dir / CONFIG_FILE)['run']['node_deadline_s']}"
+        f"> {read_run_config(run_dir / CONFIG_FILE).run.node_deadline_s}"
         in (node["PeriodicRemove"])
     )
     aggregate = _dry_run(condor_pool, dag.nodes["aggregate_r001"])

@@ -220,9 +220,9 @@ def test_remote_submit_of_a_planned_run(
     config = config_mod.load(tiny_config(run__rounds="1"))
     run = planner.write(planner.make_plan(config), condor_workdir / "planned")
     remote = condor_workdir / "planned-remote"
-    data = read_run_config(run / CONFIG_FILE)["data"]
-    ports = [int(url.rsplit(":", 1)[1]) for url in data["mirrors"]]
-    with serve(Path(data["dataset"]), ports):
+    data = read_run_config(run / CONFIG_FILE).data
+    ports = [int(url.rsplit(":", 1)[1]) for url in data.mirrors]
+    with serve(Path(data.dataset), ports):
         code, _, err = _main(capsys, "submit", str(run), *ssh_args, "--remote-dir", str(remote))
         assert code == 0, err
         code, out, err = _main(
