@@ -11,7 +11,6 @@ Standard library only: PRE scripts import this without torch, so they start in m
 import fcntl
 import json
 import math
-import os
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -19,6 +18,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from node_payload.common.atomic_file import write_text
 from node_payload.common.errors import UserError
 from node_payload.common.run_config import RunConfig
 from node_payload.common.run_layout import ASYNC_LOCK, ASYNC_STATE
@@ -78,14 +78,7 @@ def read_ledger(run_dir: Path) -> Ledger:
 
 
 def write_ledger(run_dir: Path, ledger: Ledger) -> None:
-    path = state_path(run_dir)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
-        json.dump(asdict(ledger), f, indent=1)
-        f.write("\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    write_text(state_path(run_dir), json.dumps(asdict(ledger), indent=1) + "\n")
 
 
 @contextmanager

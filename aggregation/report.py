@@ -2,7 +2,6 @@
 
 import argparse
 import json
-import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -10,6 +9,7 @@ from typing import Any
 from aggregation.async_apply import flush
 from aggregation.async_report import async_report
 from aggregation.utilization import node_usage
+from node_payload.common.atomic_file import write_text
 from node_payload.common.run_config import RunConfig, read_run_config
 from node_payload.common.run_layout import PLOT_FILE, REPORT_FILE, node_dir, round_metrics_path
 
@@ -141,9 +141,7 @@ def write_report(run_dir: Path, config: RunConfig, dag_status: int) -> dict:
         rounds = collect(run_dir, config.run.rounds)
         busy = busy_seconds(run_dir, len(rounds), config.run.nodes)
         report = build_report(config, rounds, dag_status, busy)
-    tmp = run_dir / (REPORT_FILE + ".tmp")
-    tmp.write_text(json.dumps(report, indent=1) + "\n")
-    os.replace(tmp, run_dir / REPORT_FILE)
+    write_text(run_dir / REPORT_FILE, json.dumps(report, indent=1) + "\n")
     if report.get("rounds") or report.get("evaluations"):
         plot(report, run_dir / PLOT_FILE)
     return report

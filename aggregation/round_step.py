@@ -6,7 +6,6 @@ a rerun (DAGMan rescue, local runner resume) produces the same bytes.
 """
 
 import json
-import os
 import time
 from pathlib import Path
 from typing import Any
@@ -19,6 +18,7 @@ from aggregation.merge import merge_updates
 from aggregation.model_check import check_next_model
 from aggregation.quorum import QuorumNotMet, required_updates
 from aggregation.server_optimizer import ServerOptimizer
+from node_payload.common.atomic_file import write_text
 from node_payload.common.errors import UserError
 from node_payload.common.model_file import load_model, save_model
 from node_payload.common.run_config import RunConfig
@@ -53,12 +53,6 @@ def _optimizer(config: RunConfig, run_dir: Path, round_: int) -> ServerOptimizer
     except (FileNotFoundError, ValueError) as exc:
         raise UserError(f"{state}: cannot resume the server optimizer: {exc}") from None
     return optimizer
-
-
-def _write_json(path: Path, value: dict[str, Any]) -> None:
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(value, indent=1) + "\n")
-    os.replace(tmp, path)
 
 
 def aggregate_round(run_dir: Path, config: RunConfig, round_: int) -> dict[str, Any]:
@@ -143,5 +137,5 @@ def aggregate_round(run_dir: Path, config: RunConfig, round_: int) -> dict[str, 
         "started_at": started,  # with seconds: the report's wall time and node utilization
         "seconds": time.time() - started,
     }
-    _write_json(metrics_path, round_metrics)
+    write_text(metrics_path, json.dumps(round_metrics, indent=1) + "\n")
     return round_metrics

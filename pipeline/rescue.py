@@ -7,10 +7,10 @@ resume, for every round not yet aggregated, the MISSING nodes lose their DONE li
 rescue DAG (and their mark), and DAGMan or the local runner runs them again.
 """
 
-import os
 import re
 from pathlib import Path
 
+from node_payload.common.atomic_file import write_text
 from node_payload.common.run_config import read_run_config
 from node_payload.common.run_layout import (
     CONFIG_FILE,
@@ -53,9 +53,7 @@ def reopen_missing_nodes(run_dir: Path) -> list[str]:
             len(words := line.split()) == 2 and words[0].upper() == "DONE" and words[1] in reopen
         )
     ]
-    tmp = rescue.with_name(rescue.name + ".tmp")
-    tmp.write_text("".join(kept))
-    os.replace(tmp, rescue)
+    write_text(rescue, "".join(kept))
     for mark in reopen.values():
         mark.unlink()
     return sorted(reopen)

@@ -5,8 +5,6 @@ safetensors: a pickle or torch.save file could run arbitrary code when loaded an
 """
 
 import json
-import os
-import secrets
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -15,6 +13,8 @@ from typing import Any, BinaryIO
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
+
+from node_payload.common.atomic_file import replacing
 
 MODEL_FORMAT = "dagtrain-model/1"
 UPDATE_FORMAT = "dagtrain-update/1"
@@ -41,18 +41,10 @@ class LazyTensors:
 
 def save_tensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
     """Write atomically: readers (DAGMan retries, a resumed run) see the old file or the new one."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
-    try:
+    with replacing(path) as tmp:
         save_file({k: v.contiguous() for k, v in tensors.items()}, tmp, metadata=metadata)
         with open(tmp, "r+b") as f:
             _sort_metadata(f)
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    _fsync_dir(path.parent)
 
 
 def _sort_metadata(f: BinaryIO) -> None:
@@ -71,15 +63,6 @@ def _sort_metadata(f: BinaryIO) -> None:
         raise ValueError(f"sorted safetensors header is {len(text)} bytes, not at most {size}")
     f.seek(8)
     f.write(text.ljust(size, b" "))
-
-
-def _fsync_dir(directory: Path) -> None:
-    """Make the rename itself durable, so a crash cannot resurrect the previous file."""
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _not_safetensors(path: Path, cause: Exception) -> BadTensorFile:

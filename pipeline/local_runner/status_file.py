@@ -3,12 +3,13 @@ written atomically so a monitor never reads half a file, and identical in shape 
 
 from __future__ import annotations
 
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import classad2
+
+from node_payload.common.atomic_file import write_text
 
 # NodeStatus values from the DAGMan manual ("Capturing the Status of Nodes in a File").
 NOT_READY, READY, PRERUN, SUBMITTED, POSTRUN, DONE, ERROR, FUTILE = range(8)
@@ -61,8 +62,6 @@ def render(dag_file: Path, dag_status: int, nodes: list[NodeState], next_update:
 
 
 def write(path: Path, text: str) -> None:
-    """Write-then-rename: readers see the old file or the new one, never a partial one."""
+    """Readers see the old file or the new one, never a partial one."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    write_text(path, text)
