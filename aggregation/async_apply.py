@@ -30,7 +30,9 @@ from node_payload.common.errors import EXIT_FATAL, UserError
 from node_payload.common.model_file import load_model, save_model
 from node_payload.common.run_config import RunConfig
 from node_payload.common.run_layout import (
+    ASYNC_EVENTS,
     RESIDUAL_FILE,
+    UPDATE_FILE,
     lane_dir,
     lane_job_dir,
     model_path,
@@ -45,15 +47,12 @@ from node_payload.common.tensor_io import (
     save_tensors,
 )
 
-UPDATE_FILE = "update.safetensors"
-LOG_FILE = "async/events.log"
-
 
 def log(run_dir: Path, message: str) -> None:
     """One line on stdout (the POST script's output) and in async/events.log (kept with the run:
     DAGMan does not keep a script's output)."""
     print(message, flush=True)
-    with open(run_dir / LOG_FILE, "a") as f:
+    with open(run_dir / ASYNC_EVENTS, "a") as f:
         f.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {message}\n")
 
 

@@ -6,13 +6,12 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from aggregation.async_apply import UPDATE_FILE
 from aggregation.async_state import Ledger, lane_step, read_ledger
 from aggregation.heldout import heldout_tensors
 from aggregation.utilization import node_usage
 from node_payload.common.model_file import load_model
 from node_payload.common.run_config import RunConfig
-from node_payload.common.run_layout import lane_job_dir, model_path
+from node_payload.common.run_layout import METRICS_FILE, UPDATE_FILE, lane_job_dir, model_path
 from node_payload.train import evaluate
 
 
@@ -27,7 +26,7 @@ def job_metrics(run_dir: Path, ledger: Ledger) -> dict[str, dict[str, Any]]:
     """metrics.json of every job that finished, by job key."""
     found = {}
     for key in ledger.done:
-        path = lane_job_dir(run_dir, *lane_step(key)) / "metrics.json"
+        path = lane_job_dir(run_dir, *lane_step(key)) / METRICS_FILE
         if path.is_file():
             found[key] = json.loads(path.read_text())
     return found

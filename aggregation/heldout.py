@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 
 from node_payload.common.run_config import RunConfig
-from node_payload.common.run_layout import HELDOUT_FILE, node_dir
+from node_payload.common.run_layout import HELDOUT_FILE, METRICS_FILE, node_dir
 from node_payload.common.tensor_io import load_tensors, save_tensors
 from node_payload.fetch import FetchStats
 from node_payload.local_data import load_fragments, planned_manifest
@@ -55,7 +55,7 @@ def training_coverage(run_dir: Path, config: RunConfig, round_: int, first_mirro
     seen: set[int] = set()
     for r in range(round_ + 1):
         for node in range(config.run.nodes):
-            path = node_dir(run_dir, r, node) / "metrics.json"
+            path = node_dir(run_dir, r, node) / METRICS_FILE
             if path.is_file():
                 ids = json.loads(path.read_text()).get("train_fragments", [])
                 seen.update(manifest.position_of(i) for i in ids)

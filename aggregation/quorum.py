@@ -4,6 +4,7 @@ import math
 from fractions import Fraction
 
 from node_payload.common.errors import UserError
+from node_payload.common.run_layout import JOB_ERR, round_nodes
 
 
 def required_updates(nodes: int, quorum: float) -> int:
@@ -27,17 +28,12 @@ class QuorumNotMet(UserError):
         missing: list[int],
         rejected: dict[int, str],
     ) -> None:
-        self.round = round_
-        self.valid = valid
-        self.required = required
-        self.missing = missing
-        self.rejected = rejected
         lines = [
             f"round {round_}: only {valid} valid updates, the quorum needs {required}",
             f"missing nodes: {_nodes(missing)}",
             f"rejected nodes: {_nodes(sorted(rejected))}",
             *(f"  node {node}: {reason}" for node, reason in sorted(rejected.items())),
-            f"Fix the cause (see rounds/r{round_:03d}/n*/job.err and the reasons above), then "
+            f"Fix the cause (see {round_nodes(round_)}/{JOB_ERR} and the reasons above), then "
             "resume with `dagtrain submit RUN_DIR` on a pool or `dagtrain run RUN_DIR` on one "
             "machine: the missing nodes run again and the rescue DAG resumes at this round.",
         ]

@@ -11,7 +11,13 @@ from aggregation.async_report import async_report
 from aggregation.utilization import node_usage
 from node_payload.common.atomic_file import write_text
 from node_payload.common.run_config import RunConfig, read_run_config
-from node_payload.common.run_layout import PLOT_FILE, REPORT_FILE, node_dir, round_metrics_path
+from node_payload.common.run_layout import (
+    METRICS_FILE,
+    PLOT_FILE,
+    REPORT_FILE,
+    node_dir,
+    round_metrics_path,
+)
 
 
 def collect(run_dir: Path, rounds: int) -> list[dict[str, Any]]:
@@ -31,7 +37,7 @@ def busy_seconds(run_dir: Path, rounds: int, nodes: int) -> dict[int, float]:
     busy = dict.fromkeys(range(nodes), 0.0)
     for r in range(rounds):
         for n in busy:
-            path = node_dir(run_dir, r, n) / "metrics.json"
+            path = node_dir(run_dir, r, n) / METRICS_FILE
             if path.is_file():
                 busy[n] += json.loads(path.read_text())["seconds"]
     return busy

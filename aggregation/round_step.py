@@ -23,7 +23,9 @@ from node_payload.common.errors import UserError
 from node_payload.common.model_file import load_model, save_model
 from node_payload.common.run_config import RunConfig
 from node_payload.common.run_layout import (
+    METRICS_FILE,
     MISSING_MARK,
+    UPDATE_FILE,
     model_path,
     node_dir,
     round_metrics_path,
@@ -33,13 +35,11 @@ from node_payload.common.tensor_io import load_tensors, save_tensors
 from node_payload.common.threads import job_threads
 from node_payload.train import evaluate
 
-UPDATE_FILE = "update.safetensors"
-
 
 def _node_metrics(run_dir: Path, round_: int, nodes: list[int]) -> list[dict[str, Any]]:
     found = []
     for node in nodes:
-        path = node_dir(run_dir, round_, node) / "metrics.json"
+        path = node_dir(run_dir, round_, node) / METRICS_FILE
         if path.is_file():
             found.append(json.loads(path.read_text()))
     return found

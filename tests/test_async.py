@@ -14,14 +14,20 @@ from pathlib import Path
 import pytest
 import torch
 
-from aggregation import async_apply
 from aggregation.async_apply import arrive, flush
 from aggregation.async_claim import EXIT_SKIP, MODEL_INPUT, claim
 from aggregation.async_state import lane_length, read_ledger, write_ledger
 from aggregation.staleness import staleness_weight
 from node_payload.common.errors import EXIT_FATAL, UserError
 from node_payload.common.run_config import RunConfig, read_run_config
-from node_payload.common.run_layout import CONFIG_FILE, DAG_FILE, lane_job_dir, model_path
+from node_payload.common.run_layout import (
+    ASYNC_EVENTS,
+    CONFIG_FILE,
+    DAG_FILE,
+    UPDATE_FILE,
+    lane_job_dir,
+    model_path,
+)
 from node_payload.common.tensor_io import load_tensors, save_tensors, update_metadata
 from pipeline import config as config_mod
 from pipeline import planner
@@ -59,7 +65,7 @@ def _write_update(
         for name, t in model.items()
     }
     save_tensors(
-        lane_job_dir(run_dir, lane, step) / async_apply.UPDATE_FILE,
+        lane_job_dir(run_dir, lane, step) / UPDATE_FILE,
         update,
         update_metadata(step, lane, samples, base),
     )
@@ -67,7 +73,7 @@ def _write_update(
 
 
 def _events(run_dir: Path) -> str:
-    return (run_dir / async_apply.LOG_FILE).read_text()
+    return (run_dir / ASYNC_EVENTS).read_text()
 
 
 @pytest.mark.parametrize(
@@ -224,7 +230,7 @@ def test_an_update_newer_than_the_model_is_rejected_and_the_run_goes_on(
     config = _config(run_dir)
     claim(run_dir, config, 0, 0)
     _write_update(run_dir, 0, 0, base=0)
-    path = lane_job_dir(run_dir, 0, 0) / async_apply.UPDATE_FILE
+    path = lane_job_dir(run_dir, 0, 0) / UPDATE_FILE
     tensors, _ = load_tensors(path)
     save_tensors(path, tensors, update_metadata(0, 0, 48, 5))
     assert arrive(run_dir, config, 0, 0, 0, 0, 2) == 0
@@ -380,7 +386,7 @@ def test_stale_batchnorm_statistics_are_mixed_never_negative(async_run: Callable
         claim(run_dir, config, lane, 0)
     variances = {0: 0.1, 1: 0.5}  # each node's own running variance; version 0 has 1.0
     for lane, local in variances.items():
-        path = lane_job_dir(run_dir, lane, 0) / async_apply.UPDATE_FILE
+        path = lane_job_dir(run_dir, lane, 0) / UPDATE_FILE
         update = _write_update(run_dir, lane, 0, base=0)
         for name in update:
             if name.endswith("running_var"):

@@ -8,6 +8,11 @@ CONFIG_FILE = "config.toml"
 HELDOUT_FILE = "data/heldout.json"
 REPORT_FILE = "report.json"
 PLOT_FILE = "accuracy.png"
+# In a node job's folder (rounds/rNNN/nMMM, lanes/lLLL/jJJJJ): what it returns, its error log,
+# and the mark its POST script leaves when it returned nothing.
+UPDATE_FILE = "update.safetensors"
+METRICS_FILE = "metrics.json"
+JOB_ERR = "job.err"
 MISSING_MARK = "MISSING"
 # Folders and the files the planner writes into them; the DAG and the submit files name these.
 ROUNDS_DIR = "rounds"
@@ -29,6 +34,12 @@ def round_tag(round_: int) -> str:
 
 def node_tag(node: int) -> str:
     return f"n{node:03d}"
+
+
+def round_nodes(round_: int) -> str:
+    """A round's node folders (node_tag) as a shell pattern, for messages that send the user
+    there."""
+    return f"{ROUNDS_DIR}/{round_tag(round_)}/n*"
 
 
 def node_name(round_: int, node: int) -> str:
@@ -68,6 +79,7 @@ def round_metrics_path(run_dir: Path, round_: int) -> Path:
 # versions, so "global_r012" is version 12 in either mode.
 ASYNC_STATE = "async/state.json"
 ASYNC_LOCK = "async/lock"
+ASYNC_EVENTS = "async/events.log"
 RESIDUAL_FILE = "residual.safetensors"
 
 

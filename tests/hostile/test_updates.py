@@ -18,7 +18,6 @@ import numpy as np
 import pytest
 import torch
 
-from aggregation import async_apply
 from aggregation.async_apply import arrive, flush
 from aggregation.async_claim import claim
 from aggregation.async_state import read_ledger
@@ -33,7 +32,9 @@ from node_payload.common import sparse_update, tensor_io
 from node_payload.common.errors import EXIT_FATAL
 from node_payload.common.run_config import RunConfig, read_run_config
 from node_payload.common.run_layout import (
+    ASYNC_EVENTS,
     CONFIG_FILE,
+    UPDATE_FILE,
     lane_job_dir,
     model_path,
     node_dir,
@@ -738,7 +739,7 @@ def async_run(tiny_config: Callable[..., Path], tmp_path: Path) -> tuple[Path, d
 
 def _arrive(run_dir: Path, config: dict, update: dict, samples: str = "48") -> int:
     meta = tensor_io.update_metadata(0, 0, 1, 0) | {"samples": samples}
-    tensor_io.save_tensors(lane_job_dir(run_dir, 0, 0) / async_apply.UPDATE_FILE, update, meta)
+    tensor_io.save_tensors(lane_job_dir(run_dir, 0, 0) / UPDATE_FILE, update, meta)
     return arrive(run_dir, config, 0, 0, 0, 0, 2)
 
 
@@ -749,7 +750,7 @@ def test_a_poisoned_arrival_is_rejected_and_the_lane_goes_on(async_run):
     ledger = read_ledger(run_dir)
     assert ledger.version == 0 and "running variance would be -5" in ledger.done["0:0"]
     assert "lane 0 step 0: rejected: tensor 'features.0.1.running_var'" in (
-        (run_dir / async_apply.LOG_FILE).read_text()
+        (run_dir / ASYNC_EVENTS).read_text()
     )
 
 
@@ -769,7 +770,7 @@ def test_an_arrival_that_would_break_the_model_is_fatal_and_saves_nothing(async_
         "model: tensor 'classifier.weight' would hold 384 NaN or Inf values; version 1 is not "
         "saved"
     )
-    assert message in (run_dir / async_apply.LOG_FILE).read_text()
+    assert message in (run_dir / ASYNC_EVENTS).read_text()
     _nothing_saved(run_dir, 1)
     assert read_ledger(run_dir) == before  # not accepted, not done: the ledger is untouched
 
@@ -780,7 +781,7 @@ def test_a_symlinked_arrival_is_rejected_unread(async_run, tmp_path):
     tensor_io.save_tensors(
         outside, _node_update(model_path(run_dir, 0)), tensor_io.update_metadata(0, 0, 48, 0)
     )
-    link = lane_job_dir(run_dir, 0, 0) / async_apply.UPDATE_FILE
+    link = lane_job_dir(run_dir, 0, 0) / UPDATE_FILE
     os.symlink(outside, link)
     assert arrive(run_dir, config, 0, 0, 0, 0, 2) == 0
     assert read_ledger(run_dir).done["0:0"] == (
@@ -801,7 +802,7 @@ def test_a_final_flush_that_would_break_the_model_is_logged_and_saves_nothing(
     assert read_ledger(run_dir).done["0:0"] == "accepted, staleness 0, weight 1"  # buffered
     flush(run_dir, config)
     assert "the last buffered updates: the server step on updates 0:0 (lane:step) would break" in (
-        (run_dir / async_apply.LOG_FILE).read_text()
+        (run_dir / ASYNC_EVENTS).read_text()
     )
     _nothing_saved(run_dir, 1)
     assert len(read_ledger(run_dir).buffer) == 1
