@@ -15,22 +15,20 @@ import math
 from collections.abc import Mapping, Sequence
 from contextlib import ExitStack
 from fractions import Fraction
-from pathlib import Path
 
 import torch
 
-from node_payload.common import sparse_update
-
-RULES = ("mean", "median", "trimmed_mean")
+from aggregation.accepted import Accepted
 
 
-def trimmed_count(n: int, rule: str, trim: float) -> int:
-    """How many values are cut at each end of n: the median keeps the middle one or two.
+def median_cut(n: int) -> int:
+    """How many of n values the median cuts at each end: it keeps the middle one or two."""
+    return (n - 1) // 2
 
-    floor(trim x n) is taken on the decimal the user wrote: in binary 0.29 x 100 is just below 29.
-    """
-    if rule == "median":
-        return (n - 1) // 2
+
+def trimmed_cut(n: int, trim: float) -> int:
+    """floor(trim x n), taken on the decimal the user wrote: in binary 0.29 x 100 is just
+    below 29."""
     return math.floor(Fraction(repr(float(trim))) * n)
 
 
@@ -43,40 +41,19 @@ def reduce_stack(stacked: torch.Tensor, cut: int) -> torch.Tensor:
     return ordered[cut : n - cut].mean(dim=0)
 
 
-def robust_merge(
-    global_state: Mapping[str, torch.Tensor],
-    accepted: Sequence[tuple[Path, float]],
-    rule: str,
-    trim: float,
+def coordinate_wise(
+    reference: Mapping[str, torch.Tensor], updates: Sequence[Accepted], cut: int
 ) -> dict[str, torch.Tensor]:
-    """Combine (path, scale) updates tensor by tensor; scale < 1 for updates that were clipped.
-
-    Floating tensors are reduced in float64; integer tensors (BatchNorm counters) take the lower
-    median, so one node cannot inflate them.
-    """
-    if rule not in RULES[1:]:
-        raise ValueError(f"{rule!r} is not a coordinate-wise rule; use one of {RULES[1:]}")
-    if not accepted:
-        raise ValueError("no accepted updates to combine")
-    cut = trimmed_count(len(accepted), rule, trim)
+    """Combine the updates tensor by tensor, cutting `cut` values at each end of every
+    coordinate; floating tensors are reduced in float64, integer tensors (BatchNorm counters)
+    take the lower median, so one node cannot inflate them."""
     with ExitStack() as stack:
-        files = [stack.enter_context(sparse_update.open_update(path)) for path, _ in accepted]
+        reads = [stack.enter_context(update.reading()) for update in updates]
         merged = {}
-        for name, reference in global_state.items():
-            if reference.is_floating_point():
-                stacked = torch.stack(
-                    [
-                        _scaled(f.get(name), scale)
-                        for f, (_, scale) in zip(files, accepted, strict=True)
-                    ]
-                )
-                merged[name] = reduce_stack(stacked, cut).to(reference.dtype)
+        for name, tensor in reference.items():
+            stacked = torch.stack([read(name) for read in reads])
+            if tensor.is_floating_point():
+                merged[name] = reduce_stack(stacked, cut).to(tensor.dtype)
             else:
-                ordered = torch.stack([f.get(name) for f in files]).sort(dim=0).values
-                merged[name] = ordered[(len(files) - 1) // 2].clone()
+                merged[name] = stacked.sort(dim=0).values[(len(reads) - 1) // 2].clone()
     return merged
-
-
-def _scaled(tensor: torch.Tensor, scale: float) -> torch.Tensor:
-    tensor = tensor.to(torch.float64)
-    return tensor if scale == 1.0 else tensor * scale

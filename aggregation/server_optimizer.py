@@ -1,27 +1,60 @@
-"""The server step: treats the averaged update (global - mean local) as a pseudo-gradient.
+"""The server step: treats the combined update (global - mean local) as a pseudo-gradient.
 
-With lr=1 and no momentum this is plain federated averaging; momentum or Nesterov momentum is
-DiLoCo's outer step; Adam is FedAdam (Reddi et al., "Adaptive Federated Optimization"). The
-optimizer's state is saved beside each global model so a resumed DAG continues exactly.
+Each optimizer is one registered function (SERVER_OPTIMIZERS, chosen by [server] optimizer)
+that turns a parameter's combined delta into the step direction, keeping its own buffers in
+the ServerOptimizer. With lr=1 and no momentum SGD is plain federated averaging; momentum or
+Nesterov momentum is DiLoCo's outer step; Adam is FedAdam (Reddi et al., "Adaptive Federated
+Optimization"). The optimizer's state is saved beside each global model so a resumed DAG
+continues exactly.
 """
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 import torch
 
+from aggregation.registry import Registry
+from aggregation.statistics import next_buffer
 from node_payload.common.errors import UserError
 from node_payload.common.run_config import ServerTable
 
 SERVER_FORMAT = "dagtrain-server/1"
-KINDS = ("sgd", "adam")
+
+# (optimizer, parameter name, its combined delta) -> the direction the lr scales
+Direction = Callable[["ServerOptimizer", str, torch.Tensor], torch.Tensor]
+SERVER_OPTIMIZERS: Registry[Direction] = Registry("server_optimizers", "[server] optimizer")
+
+
+@SERVER_OPTIMIZERS.register("sgd")
+def sgd(optimizer: "ServerOptimizer", name: str, delta: torch.Tensor) -> torch.Tensor:
+    """The delta itself, or with (Nesterov) momentum: a velocity buffer per parameter."""
+    if optimizer.momentum == 0:
+        return delta
+    previous = optimizer.buffers.get(name)
+    buffer = delta.clone() if previous is None else previous * optimizer.momentum + delta
+    optimizer.buffers[name] = buffer
+    return delta + buffer * optimizer.momentum if optimizer.nesterov else buffer
+
+
+@SERVER_OPTIMIZERS.register("adam")
+def adam(optimizer: "ServerOptimizer", name: str, delta: torch.Tensor) -> torch.Tensor:
+    """FedAdam as published: no bias correction, eps (tau) bounds the adaptivity.
+
+    Without bias correction the first steps are about lr * sign(delta) per coordinate, so
+    FedAdam wants a server lr far below 1 (the paper tunes it in 1e-3 .. 1).
+    """
+    buffers = optimizer.buffers
+    m = buffers.get(f"m.{name}", torch.zeros_like(delta))
+    v = buffers.get(f"v.{name}", torch.zeros_like(delta))
+    m = m * optimizer.beta1 + delta * (1 - optimizer.beta1)
+    v = v * optimizer.beta2 + delta * delta * (1 - optimizer.beta2)
+    buffers[f"m.{name}"] = m
+    buffers[f"v.{name}"] = v
+    return m / (v.sqrt() + optimizer.eps)
 
 
 class ServerOptimizer:
-    """SGD with optional (Nesterov) momentum, or Adam, on trainable parameters only.
-
-    BatchNorm running statistics are not gradients: floating buffers are always plainly averaged
-    and integer buffers take the merged value.
-    """
+    """A registered optimizer's hyperparameters and buffers, stepping trainable parameters only;
+    the model's other tensors follow the statistics policy (aggregation.statistics)."""
 
     def __init__(
         self,
@@ -33,8 +66,7 @@ class ServerOptimizer:
         beta2: float = 0.99,
         eps: float = 1e-3,
     ) -> None:
-        if kind not in KINDS:
-            raise UserError(f"server optimizer {kind!r} is not supported; use 'sgd' or 'adam'")
+        self._direction = SERVER_OPTIMIZERS[kind]
         if not lr > 0:
             raise UserError(f"server learning rate {lr} must be positive (1.0 = plain averaging)")
         if not 0 <= momentum < 1:
@@ -55,7 +87,7 @@ class ServerOptimizer:
         self.beta2 = beta2
         self.eps = eps
         self.steps = 0
-        self._buffers: dict[str, torch.Tensor] = {}
+        self.buffers: dict[str, torch.Tensor] = {}
 
     @classmethod
     def from_config(cls, server: ServerTable) -> "ServerOptimizer":
@@ -85,38 +117,12 @@ class ServerOptimizer:
         new_state = {}
         for name, value in global_state.items():
             delta = mean_update[name]
-            if not value.is_floating_point():
-                new_state[name] = delta.clone()
-            elif name in param_names:
-                new_state[name] = value - self._direction(name, delta) * self.lr
+            if name in param_names and value.is_floating_point():
+                new_state[name] = value - self._direction(self, name, delta) * self.lr
             else:
-                new_state[name] = value - delta
+                new_state[name] = next_buffer(value, delta)
         self.steps += 1
         return new_state
-
-    def _direction(self, name: str, delta: torch.Tensor) -> torch.Tensor:
-        if self.kind == "adam":
-            return self._adam(name, delta)
-        if self.momentum == 0:
-            return delta
-        previous = self._buffers.get(name)
-        buffer = delta.clone() if previous is None else previous * self.momentum + delta
-        self._buffers[name] = buffer
-        return delta + buffer * self.momentum if self.nesterov else buffer
-
-    def _adam(self, name: str, delta: torch.Tensor) -> torch.Tensor:
-        """FedAdam as published: no bias correction, eps (tau) bounds the adaptivity.
-
-        Without bias correction the first steps are about lr * sign(delta) per coordinate, so
-        FedAdam wants a server lr far below 1 (the paper tunes it in 1e-3 .. 1).
-        """
-        m = self._buffers.get(f"m.{name}", torch.zeros_like(delta))
-        v = self._buffers.get(f"v.{name}", torch.zeros_like(delta))
-        m = m * self.beta1 + delta * (1 - self.beta1)
-        v = v * self.beta2 + delta * delta * (1 - self.beta2)
-        self._buffers[f"m.{name}"] = m
-        self._buffers[f"v.{name}"] = v
-        return m / (v.sqrt() + self.eps)
 
     def state_dict(self) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
         """Buffers (momentum: by parameter name; Adam: 'm.NAME', 'v.NAME') and metadata."""
@@ -131,7 +137,7 @@ class ServerOptimizer:
             "eps": repr(self.eps),
             "steps": str(self.steps),
         }
-        return dict(self._buffers), metadata
+        return dict(self.buffers), metadata
 
     def load_state_dict(self, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
         """Restore buffers saved by state_dict; the hyperparameters come from the config."""
@@ -141,4 +147,4 @@ class ServerOptimizer:
                 f"kind {metadata.get('kind')!r})"
             )
         self.steps = int(metadata["steps"])
-        self._buffers = {name: tensor.clone() for name, tensor in tensors.items()}
+        self.buffers = {name: tensor.clone() for name, tensor in tensors.items()}

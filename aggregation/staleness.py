@@ -2,20 +2,38 @@
 
 t is the number of model versions applied since the job's model was written. An update
 computed on an old model points where the model used to be; weighting it down keeps fast lanes
-from being dragged back by slow ones, without throwing the slow lanes' work away.
+from being dragged back by slow ones, without throwing the slow lanes' work away. Each function
+takes t and the config's [async] staleness_a and staleness_b.
 """
 
-RULES = ("constant", "polynomial", "hinge")
+from collections.abc import Callable
+
+from aggregation.registry import Registry
+
+StalenessFunction = Callable[[int, float, int], float]
+STALENESS: Registry[StalenessFunction] = Registry("staleness", "[async] staleness")
+
+
+@STALENESS.register("constant")
+def constant(staleness: int, a: float, b: int) -> float:
+    """1: every update counts in full, however old its model."""
+    return 1.0
+
+
+@STALENESS.register("polynomial")
+def polynomial(staleness: int, a: float, b: int) -> float:
+    """(1 + t)^-a: smoothly less for every version missed."""
+    return (1.0 + staleness) ** -a
+
+
+@STALENESS.register("hinge")
+def hinge(staleness: int, a: float, b: int) -> float:
+    """1 while t <= b, then 1 / (a (t - b) + 1): a few versions behind is no staleness at all."""
+    return 1.0 if staleness <= b else 1.0 / (a * (staleness - b) + 1.0)
 
 
 def staleness_weight(rule: str, staleness: int, a: float, b: int) -> float:
-    """constant: 1; polynomial: (1 + t)^-a; hinge: 1 while t <= b, then 1 / (a (t - b) + 1)."""
+    """s(t) of the function named `rule`."""
     if staleness < 0:
         raise ValueError(f"staleness {staleness} is negative")
-    if rule == "constant":
-        return 1.0
-    if rule == "polynomial":
-        return (1.0 + staleness) ** -a
-    if rule == "hinge":
-        return 1.0 if staleness <= b else 1.0 / (a * (staleness - b) + 1.0)
-    raise ValueError(f"unknown staleness rule {rule!r}; expected one of {', '.join(RULES)}")
+    return STALENESS[rule](staleness, a, b)

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from aggregation.registry import REGISTRIES
+from aggregation.choices import REGISTRIES
 from node_payload.common.errors import UserError
 from node_payload.common.run_config import RunConfig, parse, schema, toml_value, with_relations
 

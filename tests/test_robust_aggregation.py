@@ -10,10 +10,12 @@ import numpy as np
 import pytest
 import torch
 
+from aggregation.accepted import Accepted
+from aggregation.combine import COMBINE_RULES
 from aggregation.job_plan import JobPlan
 from aggregation.merge import merge_updates
 from aggregation.report import build_report
-from aggregation.robust import reduce_stack, robust_merge, trimmed_count
+from aggregation.robust import median_cut, reduce_stack, trimmed_cut
 from aggregation.round_step import aggregate_round
 from node_payload.common import tensor_io
 from node_payload.common.errors import UserError
@@ -72,15 +74,15 @@ def _norm(tensors: dict[str, torch.Tensor]) -> float:
     ],
 )
 def test_trimmed_count(n, rule, trim, cut):
-    assert trimmed_count(n, rule, trim) == cut
+    assert (median_cut(n) if rule == "median" else trimmed_cut(n, trim)) == cut
 
 
 @pytest.mark.parametrize("n", [1, 2, 5, 6, 7])
 def test_median_and_trimmed_mean_match_numpy(n):
     values = torch.randn(n, 4, 3, generator=torch.Generator().manual_seed(n), dtype=torch.float64)
-    median = reduce_stack(values, trimmed_count(n, "median", 0.0))
+    median = reduce_stack(values, median_cut(n))
     np.testing.assert_allclose(median.numpy(), np.median(values.numpy(), axis=0), rtol=1e-12)
-    cut = trimmed_count(n, "trimmed_mean", 0.2)
+    cut = trimmed_cut(n, 0.2)
     ordered = np.sort(values.numpy(), axis=0)
     expected = ordered[cut : n - cut].mean(axis=0)
     np.testing.assert_allclose(reduce_stack(values, cut).numpy(), expected, rtol=1e-12)
@@ -130,7 +132,7 @@ def test_robust_merge_reads_one_tensor_name_at_a_time(tmp_path, monkeypatch):
             return self._cm.__exit__(*exc)
 
     monkeypatch.setattr(tensor_io, "open_lazy", Recording)
-    robust_merge(GLOBAL, [(path, 1.0) for _, path in written], "median", 0.0)
+    COMBINE_RULES["median"](GLOBAL, [Accepted(path, 50) for _, path in written], 0.0)
     assert reads == [name for name in GLOBAL for _ in range(4)]
 
 
@@ -199,8 +201,8 @@ def test_validation_rejects_before_clipping_and_robust_rules(tmp_path):
 
 
 def test_unknown_rule_is_refused(tmp_path):
-    with pytest.raises(ValueError, match="not a coordinate-wise rule"):
-        robust_merge(GLOBAL, [(tmp_path / "x", 1.0)], "mode", 0.0)
+    with pytest.raises(UserError, match=r"\[server\] rule = 'mode' is not known"):
+        merge_updates(GLOBAL, [_write(tmp_path, 0, _update(0))], BOUND, ROUND, "mode", plan=PLAN)
 
 
 # --- fault injection and config ------------------------------------------------------------------
