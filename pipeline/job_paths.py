@@ -14,10 +14,12 @@ from node_payload.common.run_layout import (
     CONFIG_FILE,
     ENV_WRAPPER,
     LANES_DIR,
+    METRICS_FILE,
     MODELS_DIR,
     PAYLOAD_DIR,
     RESIDUAL_FILE,
     ROUNDS_DIR,
+    UPDATE_FILE,
     global_model_name,
 )
 from pipeline.payload_zip import PAYLOAD_NAME
@@ -36,7 +38,7 @@ class NodeJobFiles:
     wrapper: str  # the env_tarball wrapper, relative to initialdir
     payload: str  # the job payload in its scratch folder
     model: str  # the global model it trains, in its scratch folder
-    residual: str  # its lane's residual in its scratch folder ("" without compressed updates)
+    outputs: tuple[str, ...]  # what it returns to initialdir from its scratch folder
     tarball: str  # the env_tarball in its scratch folder ("" without one)
 
 
@@ -61,6 +63,6 @@ def node_job_files(config: RunConfig) -> NodeJobFiles:
         wrapper=posixpath.relpath(ENV_WRAPPER, initialdir),
         payload=PAYLOAD_NAME,
         model=posixpath.basename(model),
-        residual=RESIDUAL_FILE if config.compressed else "",
+        outputs=(UPDATE_FILE, METRICS_FILE, *([RESIDUAL_FILE] if config.compressed else [])),
         tarball=posixpath.basename(config.execution.env_tarball),
     )

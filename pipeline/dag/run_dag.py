@@ -112,6 +112,8 @@ def _lanes(dag: Dag, config: RunConfig) -> None:
 
 
 def _lane_job(config: RunConfig, lane: int, step: int) -> Node:
+    """A lane's job `step`: its PRE script hands it the newest model, or skips it once the budget
+    is spoken for; its POST script applies its update."""
     variables = {"round": str(step), "node": str(lane), "ltag": lane_tag(lane)}
     variables |= {"jtag": job_tag(step), "seed": str(node_seed(config.run.seed, step, lane))}
     variables["attempt"] = "$(RETRY)"
