@@ -18,6 +18,7 @@ COMMANDS = {
     "aggregate": "aggregation.cli",
     "lane": "aggregation.lane_cli",
     "report": "aggregation.report",
+    "post": "aggregation.node_post",
 }
 
 if len(sys.argv) < 2 or sys.argv[1] not in COMMANDS:

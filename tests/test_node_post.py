@@ -1,26 +1,43 @@
-"""The node POST script: DAGMan retries a failed node, then the node counts as missing."""
+"""The node POST script: DAGMan retries a failed node, then the node counts as missing.
 
+The script runs, as under DAGMan, from a run directory holding the job payload, and execs the
+payload's torch-free `post` command with the submit host's Python.
+"""
+
+import re
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
 from node_payload.common.errors import EXIT_FATAL
+from node_payload.common.run_layout import NODE_POST_SCRIPT, PAYLOAD_DIR
+from pipeline.payload_zip import write_payload
 from pipeline.render import render
 
 
 @pytest.fixture
 def post_script(tmp_path: Path) -> Path:
-    script = tmp_path / "node_post.sh"
-    script.write_text(render("node_post.sh.j2", fatal_exit=EXIT_FATAL))
+    """scripts/node_post.sh in a run directory (tmp_path) with its payload."""
+    (tmp_path / PAYLOAD_DIR).mkdir()
+    write_payload(tmp_path / PAYLOAD_DIR)
+    script = tmp_path / NODE_POST_SCRIPT
+    script.parent.mkdir()
+    script.write_text(render("node_post.sh.j2", fatal_exit=EXIT_FATAL, python=sys.executable))
     script.chmod(0o755)
     return script
 
 
+def _run(script: Path, *args: object) -> subprocess.CompletedProcess:
+    """The script as DAGMan runs it: from the run directory."""
+    command = [str(script), *map(str, args)]
+    return subprocess.run(command, capture_output=True, cwd=script.parent.parent, text=True)
+
+
 def _post(script: Path, node_dir: Path, ret: int, retry: int, max_retries: int = 2) -> int:
     node_dir.mkdir(exist_ok=True)
-    args = [str(script), str(ret), str(retry), str(max_retries), str(node_dir)]
-    return subprocess.run(args, capture_output=True).returncode
+    return _run(script, ret, retry, max_retries, node_dir).returncode
 
 
 @pytest.mark.parametrize(
@@ -66,10 +83,28 @@ def test_a_successful_job_hands_its_residual_to_its_lane(post_script: Path, tmp_
     lane_dir.mkdir()
     (lane_dir / "residual.safetensors").write_bytes(b"round 0")
     (node_dir / "residual.safetensors").write_bytes(b"round 1")
-    args = [str(post_script), "75", "2", "2", str(node_dir), str(lane_dir)]
-    assert subprocess.run(args).returncode == 0  # a failed job's residual is not the lane's
+    # a failed job's residual is not the lane's
+    assert _run(post_script, 75, 2, 2, node_dir, lane_dir).returncode == 0
     assert (lane_dir / "residual.safetensors").read_bytes() == b"round 0"
-    args[1:3] = ["0", "0"]
-    assert subprocess.run(args).returncode == 0
+    assert _run(post_script, 0, 0, 2, node_dir, lane_dir).returncode == 0
     assert (lane_dir / "residual.safetensors").read_bytes() == b"round 1"
     assert not (node_dir / "residual.safetensors").exists()
+
+
+def test_a_fatal_job_is_named_with_its_error_log(post_script: Path, tmp_path: Path) -> None:
+    (tmp_path / "n002").mkdir()
+    done = _run(post_script, EXIT_FATAL, 0, 2, tmp_path / "n002")
+    assert done.returncode == EXIT_FATAL
+    assert done.stderr == f"fatal error, see {tmp_path / 'n002/job.err'}\n"
+
+
+def test_the_post_script_imports_no_torch(post_script: Path, tmp_path: Path) -> None:
+    """It runs after every node job: it must start in milliseconds, not load torch."""
+    (tmp_path / "n000").mkdir()
+    payload = tmp_path / PAYLOAD_DIR / "dagtrain.pyz"
+    command = [sys.executable, "-X", "importtime", str(payload), "post", "75", "2", "2", "n000"]
+    done = subprocess.run(command, capture_output=True, cwd=tmp_path, text=True)
+    assert done.returncode == 0 and (tmp_path / "n000/MISSING").is_file()
+    imported = [line.rsplit("|", 1)[-1].strip() for line in done.stderr.splitlines()]
+    assert "aggregation.node_post" in imported
+    assert not [name for name in imported if re.match(r"(torch|numpy|safetensors)\b", name)]
