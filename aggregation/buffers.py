@@ -18,7 +18,7 @@ are, so they are checked as statistics, not only as numbers.
   constants of the network and must come back unchanged.
 """
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 import torch
 
@@ -48,34 +48,52 @@ def check_statistics(node: Mapping[str, torch.Tensor], base: Mapping[str, torch.
         if not torch.isfinite(value).all():
             return f"tensor {name!r}: the node's statistics would hold NaN or Inf"
         old = base[name].double()
+        problem = ""
         if is_variance(name):
-            low = int(value.flatten().argmin())
-            if value.flatten()[low] <= 0:
-                return (
-                    f"tensor {name!r}: the node's running variance would be "
-                    f"{value.flatten()[low]:.4g} at index {low}, not positive"
-                )
-            ratio = torch.maximum(value / old, old / value).flatten()
-            worst = int(ratio.argmax())
-            if ratio[worst] > VAR_FACTOR:
-                return (
-                    f"tensor {name!r}: the running variance at index {worst} changes from "
-                    f"{old.flatten()[worst]:.4g} to {value.flatten()[worst]:.4g}, by more than "
-                    f"the factor {VAR_FACTOR:g} allowed in one update"
-                )
-        elif is_mean(name):
-            variance = name[: -len("mean")] + "var"
-            if variance in node:
-                spread = torch.maximum(base[variance].double(), node[variance]).sqrt()
-                shift = ((value - old).abs() / spread).flatten()
-                worst = int(shift.argmax())
-                if shift[worst] > MEAN_SHIFT_STDS:
-                    return (
-                        f"tensor {name!r}: the running mean at index {worst} moves by "
-                        f"{shift[worst]:.4g} standard deviations, more than the "
-                        f"{MEAN_SHIFT_STDS:g} allowed in one update"
-                    )
+            problem = _variance_problem(name, value.flatten(), old.flatten())
+        elif is_mean(name) and (variance := name[: -len("mean")] + "var") in node:
+            spread = torch.maximum(base[variance].double(), node[variance]).sqrt()
+            problem = _mean_problem(name, ((value - old).abs() / spread).flatten())
+        if problem:
+            return problem
     return ""
+
+
+def _variance_problem(name: str, value: torch.Tensor, old: torch.Tensor) -> str:
+    """A running variance (flattened) that is not positive, or moved by more than VAR_FACTOR."""
+    low = int(value.argmin())
+    if value[low] <= 0:
+        return (
+            f"tensor {name!r}: the node's running variance would be {value[low]:.4g} at index "
+            f"{low}, not positive"
+        )
+    return _beyond(
+        torch.maximum(value / old, old / value),
+        VAR_FACTOR,
+        lambda i: (
+            f"tensor {name!r}: the running variance at index {i} changes from "
+            f"{old[i]:.4g} to {value[i]:.4g}, by more than the factor {VAR_FACTOR:g} allowed in "
+            "one update"
+        ),
+    )
+
+
+def _mean_problem(name: str, shift: torch.Tensor) -> str:
+    """A running mean that moved by more than MEAN_SHIFT_STDS (shift: in standard deviations)."""
+    return _beyond(
+        shift,
+        MEAN_SHIFT_STDS,
+        lambda i: (
+            f"tensor {name!r}: the running mean at index {i} moves by {shift[i]:.4g} "
+            f"standard deviations, more than the {MEAN_SHIFT_STDS:g} allowed in one update"
+        ),
+    )
+
+
+def _beyond(measure: torch.Tensor, limit: float, message: Callable[[int], str]) -> str:
+    """message(index) for the coordinate where measure is largest, if that exceeds limit."""
+    worst = int(measure.argmax())
+    return message(worst) if measure[worst] > limit else ""
 
 
 def check_integer(name: str, tensor: torch.Tensor, base: torch.Tensor, steps: int) -> str:
