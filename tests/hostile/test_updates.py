@@ -118,6 +118,13 @@ def _rejected_in_a_merge(tmp_path, global_state, bad: Path) -> str:
     return merged.rejected[1]
 
 
+def _spoiled_in_a_merge(tmp_path, global_state, spoil: Callable[[dict], None], seed: int) -> str:
+    """The reason a merge gives for node 1's honest update once spoil(tensors) changed it."""
+    bad = _honest(global_state, seed)
+    spoil(bad)
+    return _rejected_in_a_merge(tmp_path, global_state, _write(tmp_path, 1, bad))
+
+
 # --- claimed sample counts -----------------------------------------------------------------------
 
 CLAIMS = [
@@ -152,12 +159,18 @@ def test_the_planned_sample_count_itself_is_accepted(tmp_path, global_state):
     assert check.ok and check.samples == 100
 
 
-def test_absent_sample_count_is_rejected(tmp_path, global_state):
+def _rejected_without(tmp_path, global_state, key: str) -> str:
+    """The reason validation gives for an honest update whose metadata lacks key."""
     path = tmp_path / "u.safetensors"
     metadata = tensor_io.update_metadata(ROUND, 1, 10, ROUND)
-    del metadata["samples"]
+    del metadata[key]
     tensor_io.save_tensors(path, _honest(global_state, 1), metadata)
-    assert "metadata samples is None, expected a positive integer" in _rejected(path, global_state)
+    return _rejected(path, global_state)
+
+
+def test_absent_sample_count_is_rejected(tmp_path, global_state):
+    reason = _rejected_without(tmp_path, global_state, "samples")
+    assert "metadata samples is None, expected a positive integer" in reason
 
 
 def test_plan_follows_the_node_jobs_arithmetic():
@@ -187,11 +200,9 @@ def test_stale_or_foreign_metadata_is_rejected(tmp_path, global_state, meta, rea
 
 
 def test_absent_round_is_rejected(tmp_path, global_state):
-    path = tmp_path / "u.safetensors"
-    metadata = tensor_io.update_metadata(ROUND, 1, 10, ROUND)
-    del metadata["round"]
-    tensor_io.save_tensors(path, _honest(global_state, 1), metadata)
-    assert "metadata round is None, expected 3" in _rejected(path, global_state)
+    assert "metadata round is None, expected 3" in _rejected_without(
+        tmp_path, global_state, "round"
+    )
 
 
 # --- tensors -------------------------------------------------------------------------------------
@@ -238,9 +249,7 @@ TENSORS = [
 
 @pytest.mark.parametrize(("corrupt", "reason"), TENSORS)
 def test_bad_tensors_are_rejected_and_left_out(tmp_path, global_state, corrupt, reason):
-    bad = _honest(global_state, 3)
-    corrupt(bad)
-    assert reason in _rejected_in_a_merge(tmp_path, global_state, _write(tmp_path, 1, bad))
+    assert reason in _spoiled_in_a_merge(tmp_path, global_state, corrupt, seed=3)
 
 
 # --- BatchNorm statistics and counters -----------------------------------------------------------
@@ -299,9 +308,7 @@ STATISTICS = [
 
 @pytest.mark.parametrize(("poison", "reason"), STATISTICS)
 def test_poisoned_statistics_and_counters_are_rejected(tmp_path, global_state, poison, reason):
-    bad = _honest(global_state, 1)
-    poison(bad)
-    assert reason in _rejected_in_a_merge(tmp_path, global_state, _write(tmp_path, 1, bad))
+    assert reason in _spoiled_in_a_merge(tmp_path, global_state, poison, seed=1)
 
 
 def test_counter_at_the_plan_and_a_variance_within_the_factor_are_accepted(tmp_path, global_state):
