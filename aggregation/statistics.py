@@ -22,19 +22,21 @@ from collections.abc import Mapping
 
 import torch
 
+from aggregation.buffers import is_mean, is_variance
+
 
 def rebase(
     current: Mapping[str, torch.Tensor], base: Mapping[str, torch.Tensor] | None
 ) -> dict[str, torch.Tensor]:
     """What to add (in float64) to an update's statistics deltas so they are relative to the
-    current model: current - base for each floating tensor of `base` (the non-parameter tensors
-    of the version its job started from); nothing when it started from the current model."""
+    current model: current - base for each running mean and variance of `base` (the version
+    its job started from); nothing when it started from the current model."""
     if base is None:
         return {}
     return {
         name: current[name].double() - tensor.double()
         for name, tensor in base.items()
-        if tensor.is_floating_point()
+        if is_mean(name) or is_variance(name)
     }
 
 
