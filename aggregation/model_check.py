@@ -2,9 +2,9 @@
 
 Every update is validated on its own, but a server step can still break the model that comes
 out of them (a server lr above 1 or Adam can carry finite weights past float32's range), and a
-broken version would be handed to every later job and never recover. Both the synchronous
-round (round_step) and the asynchronous arrival (async_apply) call check_next_model, so a step
-that would break the model is refused the same way in both modes, before any file is written.
+broken version would be handed to every later job and never recover. The aggregation step
+(aggregation.aggregator) calls check_next_model for both modes, so a step that would break the
+model is refused the same way in both, before any file is written.
 """
 
 from collections.abc import Mapping
