@@ -10,7 +10,7 @@ import torch
 
 from node_payload.common.model_file import load_model
 from node_payload.common.run_config import read_run_config
-from node_payload.common.run_layout import RESIDUAL_FILE, UPDATE_FILE
+from node_payload.common.run_layout import METRICS_FILE, RESIDUAL_FILE, UPDATE_FILE
 from node_payload.common.tensor_io import save_tensors, update_metadata
 from node_payload.common.threads import job_threads
 from node_payload.dgc import compress_job
@@ -19,8 +19,6 @@ from node_payload.fetch import FetchStats
 from node_payload.local_data import Tensors, load_fragments, planned_manifest
 from node_payload.sampling import local_sets
 from node_payload.train import evaluate, round_lr, steps_for, train_local, update_tensors
-
-METRICS_FILE = "metrics.json"
 
 
 @dataclass(frozen=True)

@@ -13,7 +13,14 @@ from typing import Any
 
 from aggregation.choices import REGISTRIES
 from node_payload.common.errors import UserError
-from node_payload.common.run_config import RunConfig, parse, schema, toml_value, with_relations
+from node_payload.common.run_config import (
+    RunConfig,
+    describe,
+    parse,
+    schema,
+    toml_value,
+    with_relations,
+)
 
 
 @dataclass(frozen=True)
@@ -33,9 +40,12 @@ def from_dict(
     raw: dict[str, Any], origin: str = "<config>", base_dir: Path | None = None
 ) -> ConfigFile:
     """Validate a parsed TOML document and fill in every default."""
-    choices = {name: tuple(registry) for name, registry in REGISTRIES.items()}
-    config = with_relations(parse(raw, origin, choices), raw, origin)
+    config = with_relations(parse(raw, origin, _choices()), raw, origin)
     return ConfigFile(config, origin, (base_dir or Path.cwd()).resolve())
+
+
+def _choices() -> dict[str, tuple[str, ...]]:
+    return {name: tuple(registry) for name, registry in REGISTRIES.items()}
 
 
 def load(path: Path) -> ConfigFile:
@@ -52,7 +62,8 @@ def load(path: Path) -> ConfigFile:
 def reference_table() -> str:
     """Markdown table of every key, generated so the README and the code cannot drift."""
     rows = ["| key | default | allowed |", "|---|---|---|"]
+    choices = _choices()
     for table, key in schema():
-        allowed = key.metadata["allowed"]
+        allowed = describe(key, choices.get(key.metadata["choices"], ()))
         rows.append(f"| `[{table}] {key.name}` | `{toml_value(key.default)}` | {allowed} |")
     return "\n".join(rows)

@@ -38,9 +38,7 @@ def submit_files(config: RunConfig) -> dict[str, str]:
         files[AGGREGATE_SUBMIT] = render(
             "aggregate.sub.j2", python=submit_python, round_dir=ROUND_DIR, **run_files
         )
-        files[NODE_POST_SCRIPT] = render(
-            "node_post.sh.j2", fatal_exit=EXIT_FATAL, python=submit_python
-        )
+        files[NODE_POST_SCRIPT] = render("node_post.sh.j2", python=submit_python)
     if execution.env_tarball:
         files[ENV_WRAPPER] = render("run_in_env.sh.j2", fatal_exit=EXIT_FATAL)
     return files

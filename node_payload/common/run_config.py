@@ -173,8 +173,8 @@ class AsyncTable:
     )
     staleness: str = key(
         "polynomial",
-        '"constant", "polynomial" ((1+s)^-a) or "hinge" (1 up to b, then 1/(a(s-b)+1))',
-        _one_of("constant", "polynomial", "hinge"),
+        "how much a stale update counts (constant: 1; polynomial: (1+s)^-a; hinge: 1 up to b, "
+        "then 1/(a(s-b)+1))",
         choices="staleness",
     )
     staleness_a: float = key(0.5, "a non-negative number", _non_negative)
@@ -246,8 +246,8 @@ class TrainTable:
 class ServerTable:
     optimizer: str = key(
         "sgd",
-        '"sgd" (with momentum and nesterov) or "adam" (FedAdam: use a small lr, e.g. 0.01)',
-        _one_of("sgd", "adam"),
+        "the server's step on the combined update (sgd: with momentum and nesterov; adam: "
+        "FedAdam, use a small lr, e.g. 0.01)",
         choices="server_optimizers",
     )
     lr: float = key(1.0, "a positive number", _positive)
@@ -259,8 +259,8 @@ class ServerTable:
     max_update_norm: float = key(1000.0, "a positive number", _positive)
     rule: str = key(
         "mean",
-        '"mean" (weighted by samples), "median" or "trimmed_mean" (coordinate-wise)',
-        _one_of("mean", "median", "trimmed_mean"),
+        "how updates combine (mean: weighted by samples; median and trimmed_mean: "
+        "coordinate-wise, robust to bad nodes)",
         choices="combine_rules",
     )
     trim: float = key(
@@ -425,9 +425,15 @@ def _frozen(value: Any) -> Any:
     return tuple(_frozen(v) for v in value) if isinstance(value, list) else value
 
 
+def describe(key_field: Field, choices: tuple[str, ...] = ()) -> str:
+    """What a key allows, in words; a registry's names are listed from the registry itself."""
+    allowed = key_field.metadata["allowed"]
+    return f"one of {', '.join(map(json.dumps, choices))}: {allowed}" if choices else allowed
+
+
 def _check_value(origin: str, table: str, key_field: Field, value: Any, choices: tuple) -> Any:
     where = f"{origin}: [{table}] {key_field.name} = {value!r}"
-    allowed = key_field.metadata["allowed"]
+    allowed = describe(key_field, choices)
     kind = get_origin(key_field.type) or key_field.type
     if kind is float and type(value) is int:
         value = float(value)
