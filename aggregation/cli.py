@@ -1,4 +1,4 @@
-"""`python -m aggregation`: the aggregation job's command line and its exit codes."""
+"""`dagtrain.pyz aggregate`: the aggregation job's command line and its exit codes."""
 
 import argparse
 from pathlib import Path

@@ -1,4 +1,4 @@
-"""`python -m node_payload`: the node job's command line and its exit codes."""
+"""`dagtrain.pyz node`: the node job's command line and its exit codes."""
 
 import argparse
 from pathlib import Path

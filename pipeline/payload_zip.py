@@ -10,22 +10,12 @@ import node_payload
 PAYLOAD_NAME = "dagtrain.pyz"
 _FIXED_TIME = (2020, 1, 1, 0, 0, 0)  # fixed timestamps: the same sources give the same bytes
 
-_MAIN = '''"""dagtrain job payload: python dagtrain.pyz node|aggregate|lane|report ..."""
-import sys
+_MAIN = """import sys
 
-COMMANDS = {
-    "node": "node_payload.cli",
-    "aggregate": "aggregation.cli",
-    "lane": "aggregation.lane_cli",
-    "report": "aggregation.report",
-    "post": "aggregation.node_post",
-}
+from aggregation.job_commands import main
 
-if len(sys.argv) < 2 or sys.argv[1] not in COMMANDS:
-    sys.exit(f"usage: {sys.argv[0]} {{{'|'.join(COMMANDS)}}} ...")
-module = __import__(COMMANDS[sys.argv[1]], fromlist=["main"])
-sys.exit(module.main(sys.argv[2:]))
-'''
+sys.exit(main(sys.argv[1:]))
+"""
 
 
 def _sources() -> list[tuple[str, Path]]:

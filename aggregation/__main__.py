@@ -1,5 +1,0 @@
-import sys
-
-from aggregation.cli import main
-
-sys.exit(main())
