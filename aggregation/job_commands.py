@@ -6,7 +6,6 @@ because it may import `node_payload`, so one table covers the commands of both p
 module has `main(argv) -> int` and its exit codes come from `node_payload.common.errors`.
 """
 
-import importlib
 import sys
 
 COMMANDS = {
@@ -22,4 +21,4 @@ def main(argv: list[str]) -> int:
     if not argv or argv[0] not in COMMANDS:
         print(f"usage: dagtrain.pyz {{{'|'.join(COMMANDS)}}} ...", file=sys.stderr)
         return 2
-    return importlib.import_module(COMMANDS[argv[0]]).main(argv[1:])
+    return __import__(COMMANDS[argv[0]], fromlist=["main"]).main(argv[1:])
