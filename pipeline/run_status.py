@@ -186,11 +186,7 @@ def _dag_state(head: classad2.ClassAd | None, rounds: list[RoundStatus]) -> str:
 def _round(run_dir: Path, index: int, nodes: int, ads: dict[str, classad2.ClassAd]) -> RoundStatus:
     status = RoundStatus(index)
     for n in range(nodes):
-        ad = ads.get(node_name(index, n))
-        code = ad.get("NodeStatus") if ad is not None else None
-        history = job_history(node_dir(run_dir, index, n) / "job.log")
-        status.nodes[node_state(code, history.state)] += 1
-        status.retries += history.retries
+        _count_job(status, ads.get(node_name(index, n)), node_dir(run_dir, index, n))
         status.missing += (node_dir(run_dir, index, n) / MISSING_MARK).is_file()
     ad = ads.get(aggregate_name(index))
     status.aggregate = node_state(
@@ -207,12 +203,15 @@ def _lane(run_dir: Path, lane: int, jobs: int, ads: dict[str, classad2.ClassAd])
     """One lane as a row: its jobs by state (a job skipped past the budget counts as done)."""
     status = RoundStatus(lane, aggregate="-")
     for step in range(jobs):
-        ad = ads.get(lane_job_name(lane, step))
-        code = ad.get("NodeStatus") if ad is not None else None
-        history = job_history(lane_job_dir(run_dir, lane, step) / "job.log")
-        status.nodes[node_state(code, history.state)] += 1
-        status.retries += history.retries
+        _count_job(status, ads.get(lane_job_name(lane, step)), lane_job_dir(run_dir, lane, step))
     return status
+
+
+def _count_job(status: RoundStatus, ad: classad2.ClassAd | None, job_dir: Path) -> None:
+    """Add one node job to its row: its state (DAGMan's view, else its job log) and retries."""
+    history = job_history(job_dir / "job.log")
+    status.nodes[node_state(ad.get("NodeStatus") if ad is not None else None, history.state)] += 1
+    status.retries += history.retries
 
 
 def _lane_progress(run_dir: Path, config: RunConfig) -> str:
