@@ -14,7 +14,7 @@ from node_payload.common.run_config import RunConfig
 from node_payload.common.run_layout import HELDOUT_FILE, METRICS_FILE, node_dir
 from node_payload.common.tensor_io import load_tensors, save_tensors
 from node_payload.fetch import FetchStats
-from node_payload.local_data import load_fragments, planned_manifest
+from node_payload.local_data import BlockSource, load_fragments, planned_manifest
 
 CACHE_FILE = "data/heldout_cache.safetensors"
 
@@ -31,9 +31,8 @@ def heldout_tensors(
     mirrors = data.mirrors
     stats = FetchStats()
     manifest = planned_manifest(mirrors, first_mirror, data.manifest_sha256, stats)
-    fetched = load_fragments(
-        manifest, planned["fragments"], mirrors, first_mirror, config.model.image_size, stats
-    )
+    source = BlockSource(mirrors, first_mirror, stats)
+    fetched = load_fragments(manifest, planned["fragments"], source, config.model.image_size)
     save_tensors(cache, {"x": fetched.x, "y": fetched.y}, {"format": "dagtrain-heldout/1"})
     return fetched.x, fetched.y
 

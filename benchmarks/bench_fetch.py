@@ -46,7 +46,7 @@ from urllib.parse import urlsplit
 from node_payload.common.manifest import Block, Manifest
 from node_payload.fetch import FetchStats
 from node_payload.fragments import decode
-from node_payload.local_data import fetch_raw, planned_manifest
+from node_payload.local_data import BlockSource, fetch_raw, planned_manifest
 from node_payload.sampling import local_sets
 from pipeline.dataset_prepare import prepare
 from pipeline.textures import generate
@@ -221,7 +221,7 @@ def main() -> None:
                 manifest = planned_manifest([url], 0, digest, manifest_stats)
                 fetching = time.perf_counter()
                 train, test = local_sets(manifest, seed, n_train, n_test)
-                blobs = fetch_raw(manifest, train + test, [url], 0, stats)
+                blobs = fetch_raw(manifest, train + test, BlockSource([url], 0, stats))
                 ended = time.perf_counter()
                 blocks = manifest.blocks_under(train + test)
                 needed = sum(b.length for b in blocks)

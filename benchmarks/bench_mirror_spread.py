@@ -21,7 +21,7 @@ from pathlib import Path
 from pyftpdlib.handlers import FTPHandler
 
 from node_payload.fetch import FetchStats
-from node_payload.local_data import fetch_blocks, planned_manifest
+from node_payload.local_data import BlockSource, fetch_blocks, planned_manifest
 from node_payload.sampling import local_sets
 from pipeline.dataset_prepare import prepare
 from pipeline.mirrors import MirrorServer, RangeFTPHandler, read_only_handler
@@ -76,8 +76,8 @@ def spread(
             manifest = planned_manifest(urls, first, digest or "", stats)
             digest = manifest.digest()
             train, test = local_sets(manifest, seed * 1000 + node, n_train, n_train // 4)
-            fetch_blocks(manifest, train, urls, first, stats)
-            fetch_blocks(manifest, test, urls, first, stats)
+            fetch_blocks(manifest, train, BlockSource(urls, first, stats))
+            fetch_blocks(manifest, test, BlockSource(urls, first, stats))
             for i, url in enumerate(urls):
                 kept[i] += stats.per_mirror_bytes.get(url, 0)
     finally:

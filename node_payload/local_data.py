@@ -23,6 +23,17 @@ MANIFEST = "manifest.json"
 CONNECTIONS = 3  # parallel FTP sessions per node: hides per-read round trips, stays polite
 
 
+@dataclass(frozen=True)
+class BlockSource:
+    """Where a node's blocks come from: its mirrors (tried from `first`, which rotates with the
+    node and its retries), its optional cache, and the stats that count what fetching cost."""
+
+    mirrors: list[str]
+    first: int
+    stats: FetchStats
+    cache: Path | None = None
+
+
 def planned_manifest(
     mirrors: list[str], first: int, expected_sha256: str, stats: FetchStats
 ) -> Manifest:
@@ -72,10 +83,9 @@ def _lanes(blocks: list[Block]) -> list[list[Block]]:
     return lanes
 
 
-def _fetch_parallel(
-    mirrors: list[str], first: int, blocks: list[Block], stats: FetchStats
-) -> dict[int, bytes]:
-    """Each lane over its own sessions and stats, merged into `stats` at the end."""
+def _fetch_parallel(source: BlockSource, blocks: list[Block]) -> dict[int, bytes]:
+    """Each lane over its own sessions and stats, merged into the source's stats at the end."""
+    mirrors, first, stats = source.mirrors, source.first, source.stats
     lanes = _lanes(blocks)
     lane_stats = [FetchStats() for _ in lanes]
     out: dict[int, bytes] = {}
@@ -95,53 +105,33 @@ def _fetch_parallel(
     return out
 
 
-def fetch_raw(
-    manifest: Manifest,
-    ids: list[int],
-    mirrors: list[str],
-    first: int,
-    stats: FetchStats,
-    cache: Path | None = None,
-) -> dict[int, bytes]:
+def fetch_raw(manifest: Manifest, ids: list[int], source: BlockSource) -> dict[int, bytes]:
     """Verified encoded bytes (by block id) of the blocks under the given fragments' contexts."""
     needed = {block.id: block for block in manifest.blocks_under(ids)}
     blobs: dict[int, bytes] = {}
     for id_, block in needed.items():
-        data = _cached(cache, block)
+        data = _cached(source.cache, block)
         if data is not None:
             blobs[id_] = data
     missing = [block for id_, block in sorted(needed.items()) if id_ not in blobs]
-    fetched = _fetch_parallel(mirrors, first, missing, stats) if missing else {}
-    if cache is not None:
-        _store(cache, fetched, needed)
+    fetched = _fetch_parallel(source, missing) if missing else {}
+    if source.cache is not None:
+        _store(source.cache, fetched, needed)
     blobs.update(fetched)
     return blobs
 
 
-def fetch_blocks(
-    manifest: Manifest,
-    ids: list[int],
-    mirrors: list[str],
-    first: int,
-    stats: FetchStats,
-    cache: Path | None = None,
-) -> dict[int, np.ndarray]:
+def fetch_blocks(manifest: Manifest, ids: list[int], source: BlockSource) -> dict[int, np.ndarray]:
     """Decoded blocks (by block id) under the contexts of the given fragments."""
-    blobs = fetch_raw(manifest, ids, mirrors, first, stats, cache)
+    blobs = fetch_raw(manifest, ids, source)
     return {id_: decode(data, manifest.mode) for id_, data in blobs.items()}
 
 
 def load_fragments(
-    manifest: Manifest,
-    ids: list[int],
-    mirrors: list[str],
-    first: int,
-    image_size: int,
-    stats: FetchStats,
-    cache: Path | None = None,
+    manifest: Manifest, ids: list[int], source: BlockSource, image_size: int
 ) -> Tensors:
     """Fetch, verify, cut and rotate fragments, in the order of ids (sampling stays reproducible)."""
-    blocks = fetch_blocks(manifest, ids, mirrors, first, stats, cache)
+    blocks = fetch_blocks(manifest, ids, source)
     frags = [manifest.fragment(i) for i in ids]
     images = np.stack([cut(manifest, f, blocks) for f in frags])
     labels = torch.tensor([f.label for f in frags], dtype=torch.long)

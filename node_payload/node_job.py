@@ -16,7 +16,7 @@ from node_payload.common.threads import job_threads
 from node_payload.dgc import compress_job
 from node_payload.faults import inject, slow_down, slowdown, tamper
 from node_payload.fetch import FetchStats
-from node_payload.local_data import Tensors, load_fragments, planned_manifest
+from node_payload.local_data import BlockSource, Tensors, load_fragments, planned_manifest
 from node_payload.sampling import local_sets
 from node_payload.train import evaluate, round_lr, steps_for, train_local, update_tensors
 
@@ -50,7 +50,8 @@ def run_node(task: NodeTask) -> dict[str, Any]:
     image_size = config.model.image_size
     cache = Path(data.node_cache).expanduser() if data.node_cache else None
     # One fetch for both sets: one set of sessions, and reads of both coalesced together.
-    both = load_fragments(manifest, train_ids + test_ids, mirrors, first, image_size, stats, cache)
+    source = BlockSource(mirrors, first, stats, cache)
+    both = load_fragments(manifest, train_ids + test_ids, source, image_size)
     train = Tensors(both.x[: len(train_ids)], both.y[: len(train_ids)])
     test = Tensors(both.x[len(train_ids) :], both.y[len(train_ids) :])
     fetched_at = time.time()

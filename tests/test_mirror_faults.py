@@ -19,7 +19,7 @@ from node_payload.common.errors import UserError
 from node_payload.common.manifest import Manifest
 from node_payload.common.mirror_url import Mirror
 from node_payload.fetch import FetchStats, backoff_delay, fetch_fragments
-from node_payload.local_data import fetch_blocks, planned_manifest
+from node_payload.local_data import BlockSource, fetch_blocks, planned_manifest
 from node_payload.sampling import local_sets
 from pipeline.cli import main
 from pipeline.mirror_check import check_mirrors
@@ -98,7 +98,7 @@ def test_eight_nodes_spread_their_reads_over_three_mirrors(tiny_dataset: Path) -
             stats = FetchStats()
             manifest = planned_manifest(urls, node % 3, "", stats)
             train, test = local_sets(manifest, 100 + node, 48, 16)
-            fetch_blocks(manifest, train + test, urls, node % 3, stats)
+            fetch_blocks(manifest, train + test, BlockSource(urls, node % 3, stats))
             for url, n in stats.per_mirror_bytes.items():
                 per_mirror[url] = per_mirror.get(url, 0) + n
     assert set(per_mirror) == set(urls)
@@ -155,7 +155,7 @@ def test_faulty_mirrors_fail_over_to_the_good_one(tiny_dataset, faulty_mirrors) 
         if fault == "good":
             continue
         stats = FetchStats()
-        fetch_blocks(manifest, ids, urls, first, stats)
+        fetch_blocks(manifest, ids, BlockSource(urls, first, stats))
         assert stats.failovers >= 1, fault
 
 

@@ -173,8 +173,7 @@ class AsyncTable:
     )
     staleness: str = key(
         "polynomial",
-        "how much a stale update counts (constant: 1; polynomial: (1+s)^-a; hinge: 1 up to b, "
-        "then 1/(a(s-b)+1))",
+        "a stale update's weight (constant 1, polynomial (1+s)^-a, hinge 1/(a(s-b)+1) past b)",
         choices="staleness",
     )
     staleness_a: float = key(0.5, "a non-negative number", _non_negative)

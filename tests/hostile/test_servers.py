@@ -28,7 +28,7 @@ from node_payload.common.manifest_limits import MAX_DATASET_BYTES, MAX_MANIFEST_
 from node_payload.common.run_config import read_run_config
 from node_payload.common.run_layout import model_path
 from node_payload.fetch import DataUnreachable, FetchStats, fetch_fragments
-from node_payload.local_data import fetch_raw, planned_manifest
+from node_payload.local_data import BlockSource, fetch_raw, planned_manifest
 from pipeline.cli import main
 from pipeline.mirror_check import check_mirrors
 from pipeline.mirrors import MirrorServer, RangeFTPHandler, read_only_handler, serve
@@ -179,7 +179,7 @@ def test_a_mirror_lying_about_a_shard_size_is_never_asked(
     manifest = Manifest.load(tiny_dataset / "manifest.json")
     ids = list(range(0, len(manifest), 9))
     stats = FetchStats()
-    blobs = fetch_raw(manifest, ids, [liar], 0, stats)
+    blobs = fetch_raw(manifest, ids, BlockSource([liar], 0, stats))
     assert set(blobs) == {b.id for b in manifest.blocks_under(ids)}
     assert stats.failovers == 0 and "RETR" in commands and "SIZE" not in commands
 
