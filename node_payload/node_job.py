@@ -18,7 +18,7 @@ from node_payload.faults import inject, slow_down, slowdown, tamper
 from node_payload.fetch import FetchStats
 from node_payload.local_data import BlockSource, Tensors, load_fragments, planned_manifest
 from node_payload.sampling import local_sets
-from node_payload.train import evaluate, round_lr, steps_for, train_local, update_tensors
+from node_payload.train import Schedule, evaluate, steps_for, train_local, update_tensors
 
 
 @dataclass(frozen=True)
@@ -59,22 +59,22 @@ def run_node(task: NodeTask) -> dict[str, Any]:
     model, model_meta = load_model(task.model_path)
     base_version = int(model_meta["version"])
     global_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    steps = steps_for(
+        train_cfg.local_steps, train_cfg.local_epochs, len(train.y), train_cfg.batch_size
+    )
     # Where the run is in its schedule: the round, or (asynchronous) the model's version.
     position = base_version if config.is_async else task.round_
-    lr = round_lr(train_cfg.lr, train_cfg.lr_schedule, position, config.schedule_length)
+    schedule = Schedule.for_run(train_cfg, steps, config.schedule_length)
     result = train_local(
         model,
         train.x,
         train.y,
-        steps=steps_for(
-            train_cfg.local_steps,
-            train_cfg.local_epochs,
-            len(train.y),
-            train_cfg.batch_size,
-        ),
+        steps=steps,
         batch_size=train_cfg.batch_size,
-        lr=lr,
+        schedule=schedule,
+        first_step=position * steps,
         momentum=train_cfg.momentum,
+        nesterov=train_cfg.nesterov,
         weight_decay=train_cfg.weight_decay,
         augment=train_cfg.augment,
         seed=task.seed,
@@ -112,7 +112,8 @@ def run_node(task: NodeTask) -> dict[str, Any]:
         "train_samples": len(train.y),
         "test_samples": len(test.y),
         "local_steps": result.steps,
-        "lr": lr,
+        "lr": schedule.lr(position * steps),  # at the job's first and last step
+        "lr_last": schedule.lr(position * steps + steps - 1),
         "local_loss": result.loss,
         "local_accuracy": result.accuracy,
         "local_test_loss": test_loss,

@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 from node_payload.batches import augment as augment_batch
+from node_payload.common.run_config import TrainTable
 
 
 @dataclass(frozen=True)
@@ -16,11 +17,34 @@ class LocalResult:
     steps: int
 
 
-def round_lr(base_lr: float, schedule: str, round_: int, rounds: int) -> float:
-    """Cosine decay across rounds: late rounds take small steps so averaged models agree."""
-    if schedule == "constant" or rounds <= 1:
-        return base_lr
-    return base_lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * round_ / rounds)))
+@dataclass(frozen=True)
+class Schedule:
+    """The learning rate over the run's global steps, as one machine training alone would see it:
+    a linear warm-up, then constant or a cosine decay to 0 at the last step.
+
+    A node job takes its local steps at global steps first_step .. first_step + steps - 1, where
+    first_step is its place in the run (round, or model version when asynchronous) times its
+    steps, so every job of a run walks the same curve and the last round ends near 0.
+    """
+
+    base_lr: float
+    kind: str  # "constant" or "cosine"
+    total_steps: int
+    warmup_steps: int = 0
+
+    @classmethod
+    def for_run(cls, train: TrainTable, job_steps: int, positions: int) -> "Schedule":
+        """A run of `positions` places (rounds or versions) of `job_steps` steps each."""
+        total = max(1, job_steps * positions)
+        return cls(train.lr, train.lr_schedule, total, round(train.warmup * total))
+
+    def lr(self, step: int) -> float:
+        if step < self.warmup_steps:
+            return self.base_lr * (step + 1) / self.warmup_steps
+        if self.kind == "constant":
+            return self.base_lr
+        progress = (step - self.warmup_steps) / max(1, self.total_steps - self.warmup_steps)
+        return self.base_lr * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
 
 
 def steps_for(local_steps: int, local_epochs: float, samples: int, batch_size: int) -> int:
@@ -36,23 +60,32 @@ def train_local(
     *,
     steps: int,
     batch_size: int,
-    lr: float,
+    schedule: Schedule,
+    first_step: int,
     momentum: float,
+    nesterov: bool,
     weight_decay: float,
     augment: bool,
     seed: int,
 ) -> LocalResult:
-    """SGD with momentum over shuffled epochs of the local set; seeded so a node is reproducible."""
+    """SGD with (Nesterov) momentum over shuffled epochs of the local set, at the schedule's
+    rates for global steps first_step onwards; seeded so a node is reproducible."""
     generator = torch.Generator().manual_seed(seed)
     optimizer = torch.optim.SGD(
-        model.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay
+        model.parameters(),
+        lr=schedule.lr(first_step),
+        momentum=momentum,
+        nesterov=nesterov and momentum > 0,
+        weight_decay=weight_decay,
     )
     loss_fn = nn.CrossEntropyLoss()
     model.train()
     order = torch.randperm(len(y), generator=generator)
     cursor = 0
     total_loss, correct, seen = 0.0, 0, 0
-    for _ in range(steps):
+    for step in range(first_step, first_step + steps):
+        for group in optimizer.param_groups:
+            group["lr"] = schedule.lr(step)
         if cursor + batch_size > len(order):
             order = torch.randperm(len(y), generator=generator)
             cursor = 0

@@ -234,9 +234,17 @@ class TrainTable:
     batch_size: int = key(32, "an integer from 1 to 4096", _between(1, 4096))
     lr: float = key(0.05, "a positive number", _positive)
     lr_schedule: str = key(
-        "cosine", '"constant" or "cosine" (over rounds)', _one_of("constant", "cosine")
+        "cosine",
+        '"constant" or "cosine" (to 0 over the run\'s global steps: rounds x local steps)',
+        _one_of("constant", "cosine"),
+    )
+    warmup: float = key(
+        0.0,
+        "the share of the schedule over which the lr rises linearly from 0, in [0, 0.5]",
+        _between(0, 0.5),
     )
     momentum: float = key(0.9, "a number in [0, 1)", _between(0, 1, hi_open=True))
+    nesterov: bool = key(False, "true: Nesterov momentum on the nodes")
     weight_decay: float = key(5e-4, "a non-negative number", _non_negative)
     augment: bool = key(True, "true or false")
 
