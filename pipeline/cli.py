@@ -1,4 +1,4 @@
-"""The `dagtrain` command: plan, run, submit, status, serve, upload, prepare and demo."""
+"""The `dagtrain` command: plan, run, submit, status, serve, upload, prepare, demo and baseline."""
 
 import argparse
 import shlex
@@ -171,6 +171,15 @@ def _demo(args: argparse.Namespace) -> int:
     return 0 if report["status"] == "completed" else 1
 
 
+def _baseline(args: argparse.Namespace) -> int:
+    from pipeline.baseline import run_baseline, summary
+
+    out_dir = args.out.resolve()
+    result = run_baseline(args.config, out_dir, steps=args.steps)
+    console.print(escape(summary(result, out_dir)), highlight=False, soft_wrap=True)
+    return 0
+
+
 def _remote_options(command: argparse.ArgumentParser) -> None:
     command.add_argument(
         "--remote", metavar="USER@HOST[:PORT]", help="a submit host reached over SSH"
@@ -298,6 +307,24 @@ def parser() -> argparse.ArgumentParser:
     demo.add_argument("--slots", type=int, default=2)
     _force_option(demo)
     demo.set_defaults(func=_demo)
+
+    baseline = commands.add_parser(
+        "baseline",
+        help="train the config's model centrally on this machine, on the same data, to compare",
+    )
+    baseline.add_argument("config", type=Path, help="a TOML config file")
+    baseline.add_argument(
+        "--steps",
+        type=int,
+        help="SGD steps (default: the run's total, nodes x rounds x each node job's steps)",
+    )
+    baseline.add_argument(
+        "--out",
+        type=Path,
+        default=Path("baseline"),
+        help="folder for baseline.json and baseline.png (default: ./baseline)",
+    )
+    baseline.set_defaults(func=_baseline)
     return root
 
 
