@@ -71,6 +71,8 @@ class Aggregator:
     def __init__(self, run_dir: Path, config: RunConfig) -> None:
         self.run_dir = run_dir
         self._server = config.server
+        cosine = config.is_async and config.async_.mixing_schedule == "cosine"
+        self._decay_steps = config.schedule_length if cosine else 0
         self._staleness = config.async_
         self._plan = JobPlan.from_config(config)
 
@@ -133,7 +135,7 @@ class Aggregator:
         return GlobalModel(version, current.network, metadata, state)
 
     def _optimizer(self, version: int) -> ServerOptimizer:
-        optimizer = ServerOptimizer.from_config(self._server)
+        optimizer = ServerOptimizer.from_config(self._server, self._decay_steps)
         path = server_state_path(self.run_dir, version)
         try:
             optimizer.load_state_dict(*load_tensors(path))

@@ -4,10 +4,14 @@ Each optimizer is one registered function (SERVER_OPTIMIZERS, chosen by [server]
 that turns a parameter's combined delta into the step direction, keeping its own buffers in
 the ServerOptimizer. With lr=1 and no momentum SGD is plain federated averaging; momentum or
 Nesterov momentum is DiLoCo's outer step; Adam is FedAdam (Reddi et al., "Adaptive Federated
-Optimization"). The optimizer's state is saved beside each global model so a resumed DAG
-continues exactly.
+Optimization") with Adam's bias correction. The lr rises linearly over the first `warmup` steps
+(a momentum buffer or Adam's moments are noisy then, and a short run has few steps to recover)
+and, with `decay_steps`, falls as a cosine to 0 over that many steps (an asynchronous run's
+mixing weight: a late, stale update then moves the model little). The optimizer's state is saved
+beside each global model so a resumed DAG continues exactly.
 """
 
+import math
 from collections.abc import Callable, Mapping
 
 import torch
@@ -37,10 +41,10 @@ def sgd(optimizer: "ServerOptimizer", name: str, delta: torch.Tensor) -> torch.T
 
 @SERVER_OPTIMIZERS.register("adam")
 def adam(optimizer: "ServerOptimizer", name: str, delta: torch.Tensor) -> torch.Tensor:
-    """FedAdam as published: no bias correction, eps (tau) bounds the adaptivity.
+    """FedAdam with bias-corrected moments; eps (tau) bounds the adaptivity.
 
-    Without bias correction the first steps are about lr * sign(delta) per coordinate, so
-    FedAdam wants a server lr far below 1 (the paper tunes it in 1e-3 .. 1).
+    Each step is about lr per coordinate in the direction of the recent deltas, whatever their
+    size, so FedAdam wants a server lr far below 1 (the paper tunes it in 1e-3 .. 1).
     """
     buffers = optimizer.buffers
     m = buffers.get(f"m.{name}", torch.zeros_like(delta))
@@ -49,7 +53,10 @@ def adam(optimizer: "ServerOptimizer", name: str, delta: torch.Tensor) -> torch.
     v = v * optimizer.beta2 + delta * delta * (1 - optimizer.beta2)
     buffers[f"m.{name}"] = m
     buffers[f"v.{name}"] = v
-    return m / (v.sqrt() + optimizer.eps)
+    t = optimizer.steps + 1
+    m_hat = m / (1 - optimizer.beta1**t)
+    v_hat = v / (1 - optimizer.beta2**t)
+    return m_hat / (v_hat.sqrt() + optimizer.eps)
 
 
 class ServerOptimizer:
@@ -65,6 +72,8 @@ class ServerOptimizer:
         beta1: float = 0.9,
         beta2: float = 0.99,
         eps: float = 1e-3,
+        warmup: int = 0,
+        decay_steps: int = 0,
     ) -> None:
         self._direction = SERVER_OPTIMIZERS[kind]
         if not lr > 0:
@@ -79,6 +88,8 @@ class ServerOptimizer:
             raise UserError(f"server beta1 {beta1} and beta2 {beta2} must be in [0, 1)")
         if not eps > 0:
             raise UserError(f"server eps {eps} must be positive")
+        if warmup < 0 or decay_steps < 0:
+            raise UserError(f"server warmup {warmup} and decay_steps {decay_steps} must be >= 0")
         self.kind = kind
         self.lr = lr
         self.momentum = momentum
@@ -86,11 +97,13 @@ class ServerOptimizer:
         self.beta1 = beta1
         self.beta2 = beta2
         self.eps = eps
+        self.warmup = warmup
+        self.decay_steps = decay_steps
         self.steps = 0
         self.buffers: dict[str, torch.Tensor] = {}
 
     @classmethod
-    def from_config(cls, server: ServerTable) -> "ServerOptimizer":
+    def from_config(cls, server: ServerTable, decay_steps: int = 0) -> "ServerOptimizer":
         """Build from the run config's [server] table."""
         return cls(
             server.optimizer,
@@ -100,7 +113,17 @@ class ServerOptimizer:
             server.beta1,
             server.beta2,
             server.eps,
+            server.warmup,
+            decay_steps,
         )
+
+    def current_lr(self) -> float:
+        """The lr of the next step: warm-up, then constant or the cosine decay."""
+        step = self.steps
+        lr = self.lr * min(1.0, (step + 1) / self.warmup) if self.warmup else self.lr
+        if self.decay_steps:
+            lr *= 0.5 * (1 + math.cos(math.pi * min(step / self.decay_steps, 1.0)))
+        return lr
 
     def step(
         self,
@@ -115,10 +138,11 @@ class ServerOptimizer:
         if unknown:
             raise ValueError(f"parameters not in the global model: {sorted(unknown)}")
         new_state = {}
+        lr = self.current_lr()
         for name, value in global_state.items():
             delta = mean_update[name]
             if name in param_names and value.is_floating_point():
-                new_state[name] = value - self._direction(self, name, delta) * self.lr
+                new_state[name] = value - self._direction(self, name, delta) * lr
             else:
                 new_state[name] = next_buffer(value, delta)
         self.steps += 1

@@ -235,7 +235,9 @@ def test_adam_matches_hand_computation_over_three_rounds(global_state, param_nam
             if name in param_names:
                 m[name] = m[name] * f32(b1) + d * f32(1 - b1)
                 v[name] = v[name] * f32(b2) + d * d * f32(1 - b2)
-                step = m[name] / (np.sqrt(v[name]) + f32(eps))
+                m_hat = m[name] / f32(1 - b1 ** (round_ + 1))
+                v_hat = v[name] / f32(1 - b2 ** (round_ + 1))
+                step = m_hat / (np.sqrt(v_hat) + f32(eps))
                 expected[name] = expected[name] - step * f32(lr)
             elif d.dtype.kind == "f":
                 expected[name] = expected[name] - d
@@ -353,3 +355,29 @@ def test_quorum_not_met_explains_what_to_do():
     assert "missing nodes: 1, 3" in message
     assert "node 2: tensor 'fc.weight' contains NaN" in message
     assert "rescue DAG" in message and "rounds/r004" in message
+
+
+def _rates(opt: ServerOptimizer, steps: int) -> list[float]:
+    rates = []
+    for _ in range(steps):
+        rates.append(opt.current_lr())
+        opt.steps += 1
+    return rates
+
+
+def test_server_lr_warms_up_then_decays_to_zero() -> None:
+    assert _rates(ServerOptimizer("sgd", lr=0.6, warmup=3), 5) == pytest.approx(
+        [0.2, 0.4, 0.6, 0.6, 0.6]
+    )
+    rates = _rates(ServerOptimizer("sgd", lr=0.6, warmup=3, decay_steps=10), 11)
+    assert rates[2:] == sorted(rates[2:], reverse=True)
+    assert rates[10] == 0.0  # past the decay: a late, stale update moves the model no more
+
+
+def test_warmup_scales_the_first_server_step(global_state, param_names) -> None:
+    delta = _delta(global_state, 0)
+    plain = ServerOptimizer("sgd", lr=1.0).step(global_state, delta, param_names)
+    warm = ServerOptimizer("sgd", lr=1.0, warmup=4).step(global_state, delta, param_names)
+    for name in param_names:
+        moved = global_state[name] - warm[name]
+        torch.testing.assert_close(moved, (global_state[name] - plain[name]) / 4)

@@ -68,3 +68,11 @@ def test_resolved_config_round_trips(tmp_path: Path) -> None:
     cfg = _load(tmp_path, '[data]\nsource = "images"\nmirrors = ["ftp://a:1", "ftp://b:2"]\n')
     again = _load(tmp_path, to_toml(cfg.config))
     assert again.config == cfg.config
+
+
+def test_async_runs_default_to_a_mixing_weight_below_one() -> None:
+    from node_payload.common.run_config import parse
+
+    assert parse({"run": {"mode": "async"}}).server.lr == 0.6
+    assert parse({"run": {"mode": "async"}, "server": {"lr": 1.0}}).server.lr == 1.0
+    assert parse({}).server.lr == 1.0

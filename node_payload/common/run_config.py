@@ -26,13 +26,21 @@ def _anything(_value: Any) -> bool:
     return True
 
 
-def key(default: Any, allowed: str, rule: Rule = _anything, choices: str = "") -> Any:
+def key(
+    default: Any,
+    allowed: str,
+    rule: Rule = _anything,
+    choices: str = "",
+    async_default: Any = None,
+) -> Any:
     """One config key: its default, the words that tell the user what is allowed, and its rule.
 
     `choices` names a registry of implementations (a combine rule, a server optimizer, a
     staleness function) whose names are the allowed values; the planner supplies it.
+    `async_default`, when given, is the default of an asynchronous run ([run] mode = "async").
     """
-    return field(default=default, metadata={"allowed": allowed, "rule": rule, "choices": choices})
+    metadata = {"allowed": allowed, "rule": rule, "choices": choices}
+    return field(default=default, metadata=metadata | {"async_default": async_default})
 
 
 def _positive(v: float) -> bool:
@@ -178,6 +186,12 @@ class AsyncTable:
     )
     staleness_a: float = key(0.5, "a non-negative number", _non_negative)
     staleness_b: int = key(4, "a non-negative integer", _non_negative)
+    mixing_schedule: str = key(
+        "cosine",
+        '"constant" or "cosine": the server lr (mixing weight) falls to 0 over the versions, '
+        "so late, stale updates move the model little",
+        _one_of("constant", "cosine"),
+    )
     evaluations: int = key(
         25,
         "held-out evaluations of model versions in the report (at most this many)",
@@ -257,7 +271,18 @@ class ServerTable:
         "FedAdam, use a small lr, e.g. 0.01)",
         choices="server_optimizers",
     )
-    lr: float = key(1.0, "a positive number", _positive)
+    lr: float = key(
+        1.0,
+        "a positive number (asynchronous: FedAsync's mixing weight alpha)",
+        _positive,
+        async_default=0.6,
+    )
+    warmup: int = key(
+        0,
+        "server steps (rounds; versions when asynchronous) over which the server lr rises "
+        "linearly, 0 to 1000",
+        _between(0, 1000),
+    )
     momentum: float = key(0.0, "a number in [0, 1)", _between(0, 1, hi_open=True))
     nesterov: bool = key(False, "true or false")
     beta1: float = key(0.9, "Adam's first-moment decay, in [0, 1)", _between(0, 1, hi_open=True))
@@ -435,7 +460,12 @@ def _frozen(value: Any) -> Any:
 def describe(key_field: Field, choices: tuple[str, ...] = ()) -> str:
     """What a key allows, in words; a registry's names are listed from the registry itself."""
     allowed = key_field.metadata["allowed"]
-    return f"one of {', '.join(map(json.dumps, choices))}: {allowed}" if choices else allowed
+    if choices:
+        allowed = f"one of {', '.join(map(json.dumps, choices))}: {allowed}"
+    async_default = key_field.metadata["async_default"]
+    if async_default is not None:
+        allowed += f"; default {toml_value(async_default)} in asynchronous runs"
+    return allowed
 
 
 def _check_value(origin: str, table: str, key_field: Field, value: Any, choices: tuple) -> Any:
@@ -496,7 +526,17 @@ def parse(
                 for name, value in given.items()
             }
         )
-    return RunConfig(**resolved)
+    config = RunConfig(**resolved)
+    return _with_mode_defaults(config, raw) if config.is_async else config
+
+
+def _with_mode_defaults(config: RunConfig, raw: dict[str, Any]) -> RunConfig:
+    """The asynchronous defaults of the keys the user did not set."""
+    for table, key_field in schema():
+        value = key_field.metadata["async_default"]
+        if value is not None and key_field.name not in raw.get(table, {}):
+            config = config.with_values(table, **{key_field.name: value})
+    return config
 
 
 def with_relations(config: RunConfig, raw: dict[str, Any], origin: str) -> RunConfig:
