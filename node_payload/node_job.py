@@ -17,7 +17,7 @@ from node_payload.dgc import compress_job
 from node_payload.faults import inject, slow_down, slowdown, tamper
 from node_payload.fetch import FetchStats
 from node_payload.local_data import BlockSource, Tensors, load_fragments, planned_manifest
-from node_payload.sampling import local_sets
+from node_payload.sampling import local_sets, sources_per_class
 from node_payload.train import Schedule, evaluate, steps_for, train_local, update_tensors
 
 
@@ -111,6 +111,7 @@ def run_node(task: NodeTask) -> dict[str, Any]:
         "attempt": task.attempt,
         "train_samples": len(train.y),
         "test_samples": len(test.y),
+        "sources_per_class": sources_per_class(manifest, train_ids),  # the local set's diversity
         "local_steps": result.steps,
         "lr": schedule.lr(position * steps),  # at the job's first and last step
         "lr_last": schedule.lr(position * steps + steps - 1),

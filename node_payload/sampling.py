@@ -10,16 +10,21 @@ sources. Held-out sources are reserved for the global held-out test and never re
 Fragment ids of one source form a contiguous range (see node_payload.common.manifest), so draws work on
 counts and offsets and never materialise the millions of (position, angle) fragments.
 
-A node's local set is drawn as whole *chunks*, bands of whole position rows of one source (at
-least CHUNK_POSITIONS positions), each position with one random angle. A source's blocks are
-stored row by row, so the blocks under a band are one contiguous byte range: a node's fetch is a
-few large reads instead of one read per scattered fragment, and it downloads no block it does not
-use. Randomness comes from which sources and which bands are chosen, and from the angles; every
-band of every training source can be chosen, so coverage still grows with nodes x rounds.
+A node's local set must resemble what one machine training alone would draw batches from: many
+source images per class, not a few of them cut into many crops. Each class's quota is spread over
+min(TARGET_SOURCES, its training sources) source images (ChunkPolicy), and each of those gives one
+*chunk*: a compact patch of neighbouring positions, each with one random angle. Neighbouring
+positions share the blocks under their rotation contexts, so a patch needs few blocks; it lies
+anywhere in its source, so every training position can be drawn and coverage still grows with
+nodes x rounds. Bytes fetched stay within 1 + MAX_WASTE of the blocks under the drawn fragments
+whatever the policy (node_payload.fetch reads through a gap only when that holds); what a policy
+changes is how many blocks those are (benchmarks/bench_sampling.py measures both).
 """
 
 import hashlib
 import math
+from dataclasses import dataclass
+from typing import Literal
 
 import numpy as np
 
@@ -27,9 +32,36 @@ from node_payload.common.errors import UserError
 from node_payload.common.manifest import Manifest
 
 _FIX = "lower [data] local_train/local_test or add more source images"
-# Positions per chunk: with tile 256 / stride 128 (16 positions a row) a chunk is 4 position rows,
-# 6 block rows, about 0.8 MB: large against the ~1 ms a read costs in a new data connection.
-CHUNK_POSITIONS = 64
+# Source images a class's local set spans (when it has them and its quota allows). One machine
+# draws every batch from all of a class's images; 16 per class reaches most of that accuracy on
+# the measured datasets (benchmarks/bench_sampling.py) for a few times the bytes of one image.
+TARGET_SOURCES = 16
+
+
+@dataclass(frozen=True)
+class ChunkPolicy:
+    """How a class's quota of positions is cut into chunks, one chunk per source image.
+
+    The quota is spread over at most `sources` images of the class (0: no limit), but no chunk
+    holds fewer than `min_chunk` positions unless the quota itself is smaller. `shape` is the
+    chunk within its source: a compact "patch" of positions (fewest blocks), a "run" of
+    consecutive positions in row order (bands of whole rows: one contiguous byte range), or
+    "scatter", random positions (the reference for diversity within a source).
+    """
+
+    sources: int = TARGET_SOURCES
+    min_chunk: int = 1
+    shape: Literal["patch", "run", "scatter"] = "patch"
+
+    def spread(self, quota: int, available: int) -> int:
+        """How many source images a quota of `quota` positions is spread over."""
+        wanted = max(1, quota // self.min_chunk)
+        if self.sources:
+            wanted = min(wanted, self.sources)
+        return max(1, min(wanted, available, quota))
+
+
+ADAPTIVE = ChunkPolicy()
 
 
 def node_seed(run_seed: int, round_: int, node: int) -> int:
@@ -114,18 +146,27 @@ def check_capacity(manifest: Manifest, n_train: int, n_test: int) -> None:
         _check_class(manifest, label, [len(ids) for ids in pool.values()], per_train, per_test)
 
 
+def _wanted_train_sources(n_sources: int, n_train: int, n_test: int) -> int:
+    """Train sources a split aims for: its share of the sources by quota, and at least as many
+    as the local train set aims to span while one source is left for the local test."""
+    share = round(n_sources * n_train / max(n_train + n_test, 1))
+    return max(share, min(TARGET_SOURCES, n_sources - 1))
+
+
 def _split_sources(
     sources: list[int], counts: list[int], n_train: int, n_test: int, rng: np.random.Generator
 ) -> tuple[list[int], list[int]]:
-    """A random admissible split of one class's sources into train and test sources: a random
-    cut of a random permutation, or an exact subset-sum split when no cut fits."""
+    """A random admissible split of one class's sources into train and test sources: the cut of
+    a random permutation nearest the wanted number of train sources, or an exact subset-sum
+    split when no cut fits."""
     order = [int(i) for i in rng.permutation(len(sources))]
     counts = [counts[i] for i in order]
     low, high = _train_range(counts, n_train, n_test)
     prefix = np.cumsum(counts)[:-1]
-    cuts = np.flatnonzero((prefix >= low) & (prefix <= high))
+    cuts = np.flatnonzero((prefix >= low) & (prefix <= high)) + 1
     if cuts.size:
-        k = int(rng.choice(cuts)) + 1
+        wanted = _wanted_train_sources(len(sources), n_train, n_test)
+        k = int(cuts[np.argmin(np.abs(cuts - wanted))])
         return [sources[i] for i in order[:k]], [sources[i] for i in order[k:]]
     reach = _subset_sums(counts, high)
     target = low + (reach[-1] >> low & -(reach[-1] >> low)).bit_length() - 1
@@ -150,32 +191,55 @@ def _draw(pool: dict[int, range], chosen: list[int], n: int, rng: np.random.Gene
     return [ranges[w][int(k - starts[w])] for w, k in zip(which, picks, strict=True)]
 
 
-def _chunks(manifest: Manifest, sources: list[int]) -> list[tuple[int, int, int]]:
-    """(source, first position, end position) of every chunk: bands of whole position rows."""
-    out = []
-    for s in sorted(sources):
-        src = manifest.sources[s]
-        rows = -(-CHUNK_POSITIONS // src.nx)
-        out += [(s, y * src.nx, min(y + rows, src.ny) * src.nx) for y in range(0, src.ny, rows)]
-    return out
+def _shares(caps: list[int], quota: int) -> list[int]:
+    """The quota spread as evenly as the capacities allow (shares differ by at most one where
+    no cap binds; earlier sources take the remainder)."""
+    shares = [0] * len(caps)
+    left = quota
+    for j, i in enumerate(sorted(range(len(caps)), key=lambda i: caps[i])):
+        shares[i] = min(caps[i], -(-left // (len(caps) - j)))
+        left -= shares[i]
+    return shares
+
+
+def _chunk(nx: int, ny: int, n: int, shape: str, rng: np.random.Generator) -> list[int]:
+    """n distinct position indices of an nx x ny source, as one chunk of the given shape."""
+    if shape == "scatter":
+        return sorted(int(p) for p in rng.choice(nx * ny, size=n, replace=False))
+    if shape == "run":
+        first = int(rng.integers(0, nx * ny - n + 1))
+        return list(range(first, first + n))
+    width = min(nx, max(math.isqrt(n - 1) + 1, -(-n // ny)))
+    height = -(-n // width)
+    x0 = int(rng.integers(0, nx - width + 1))
+    y0 = int(rng.integers(0, ny - height + 1))
+    return [(y0 + k // width) * nx + x0 + k % width for k in range(n)]
 
 
 def _draw_chunks(
-    manifest: Manifest, pool: dict[int, range], chosen: list[int], n: int, rng: np.random.Generator
+    manifest: Manifest,
+    pool: dict[int, range],
+    chosen: list[int],
+    n: int,
+    rng: np.random.Generator,
+    policy: ChunkPolicy,
 ) -> list[int]:
-    """n distinct ids from random whole chunks of the chosen sources, one random angle per
-    position; the last chunk gives a random run of consecutive positions. Only when n exceeds
-    every position of the chosen sources do positions repeat, with distinct angles."""
+    """n distinct ids as one chunk from each of policy.spread(...) random chosen sources, one
+    random angle per position. Sources are added while the spread ones are too small; only
+    when n exceeds every position of the chosen sources do positions repeat, with distinct
+    angles."""
+    if n == 0:
+        return []
     n_angles = len(manifest.angles)
-    chunks = _chunks(manifest, chosen)
+    order = [chosen[int(k)] for k in rng.permutation(len(chosen))]
+    caps = [manifest.sources[s].nx * manifest.sources[s].ny for s in order]
+    used = policy.spread(n, len(order))
+    while used < len(order) and sum(caps[:used]) < n:
+        used += 1
     positions: list[tuple[int, int]] = []  # (source, position index in the source)
-    for k in rng.permutation(len(chunks)):
-        source, start, end = chunks[int(k)]
-        take = min(end - start, n - len(positions))
-        first = start + int(rng.integers(0, end - start - take + 1))
-        positions += [(source, p) for p in range(first, first + take)]
-        if len(positions) == n:
-            break
+    for source, share in zip(order[:used], _shares(caps[:used], n), strict=True):
+        src = manifest.sources[source]
+        positions += [(source, p) for p in _chunk(src.nx, src.ny, share, policy.shape, rng)]
     if len(positions) == n:
         angles = rng.integers(0, n_angles, size=n)
         return [pool[s][p * n_angles + int(a)] for (s, p), a in zip(positions, angles, strict=True)]
@@ -189,10 +253,10 @@ def _draw_chunks(
 
 
 def local_sets(
-    manifest: Manifest, seed: int, n_train: int, n_test: int
+    manifest: Manifest, seed: int, n_train: int, n_test: int, policy: ChunkPolicy = ADAPTIVE
 ) -> tuple[list[int], list[int]]:
     """Class-balanced local train and test fragment ids (sorted) from disjoint source images,
-    drawn as whole chunks so that the node reads them in a few contiguous ranges."""
+    drawn as one chunk per source image over as many images as the policy spreads them."""
     check_capacity(manifest, n_train, n_test)
     rng = _rng(seed)
     train_quota = _quotas(n_train, len(manifest.classes), rng)
@@ -207,9 +271,30 @@ def local_sets(
         train_src, test_src = _split_sources(
             sources, counts, train_quota[label], test_quota[label], rng
         )
-        train += _draw_chunks(manifest, pool, train_src, train_quota[label], rng)
-        test += _draw_chunks(manifest, pool, test_src, test_quota[label], rng)
+        train += _draw_chunks(manifest, pool, train_src, train_quota[label], rng, policy)
+        test += _draw_chunks(manifest, pool, test_src, test_quota[label], rng, policy)
     return sorted(train), sorted(test)
+
+
+def sources_per_class(manifest: Manifest, ids: list[int]) -> dict[str, int | float]:
+    """Distinct source images per class among the given fragments: the least and the mean over
+    all classes (a class without fragments counts 0)."""
+    seen: list[set[int]] = [set() for _ in manifest.classes]
+    for fragment in map(manifest.fragment, ids):
+        seen[fragment.label].add(fragment.source)
+    counts = [len(sources) for sources in seen]
+    return {"min": min(counts), "mean": sum(counts) / len(counts)}
+
+
+def source_shortfall(manifest: Manifest) -> dict[str, int]:
+    """Classes whose local train sets cannot span TARGET_SOURCES images, with how many they can:
+    their non-holdout sources, less the one a local test needs at least."""
+    pools = _class_pools(manifest, holdout=False)
+    return {
+        name: len(pool) - 1
+        for name, pool in zip(manifest.classes, pools, strict=True)
+        if len(pool) - 1 < TARGET_SOURCES
+    }
 
 
 def heldout_set(manifest: Manifest, n: int, seed: int) -> list[int]:

@@ -15,6 +15,9 @@ import tempfile
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+from rich.console import Console
+from rich.markup import escape
+
 from aggregation.async_state import Ledger, lane_length, write_ledger
 from aggregation.server_optimizer import ServerOptimizer
 from node_payload.common.errors import UserError
@@ -27,6 +30,7 @@ from node_payload.common.run_config import (
     ExecutionTable,
     ModelTable,
     RunConfig,
+    TrainTable,
     to_toml,
 )
 from node_payload.common.run_layout import (
@@ -46,7 +50,13 @@ from node_payload.common.run_layout import (
 )
 from node_payload.common.tensor_io import model_metadata, save_tensors
 from node_payload.dgc import write_empty_residual
-from node_payload.sampling import check_capacity, heldout_set, node_seed
+from node_payload.sampling import (
+    TARGET_SOURCES,
+    check_capacity,
+    heldout_set,
+    node_seed,
+    source_shortfall,
+)
 from pipeline.config import ConfigFile, load
 from pipeline.dag.model import Dag
 from pipeline.dag.run_dag import run_dag
@@ -82,6 +92,50 @@ class Plan:
     def dag(self) -> Dag:
         """The run's DAG as data: `write` writes it, and reading the file back gives it again."""
         return run_dag(self.config)
+
+
+def _warn(message: str) -> None:
+    Console(stderr=True).print(f"[yellow]warning:[/] {escape(message)}", soft_wrap=True)
+
+
+def _check_batches(data: DataTable, train: TrainTable, origin: str) -> None:
+    """A node trains on whole batches of its local set (node_payload.train drops an epoch's
+    last partial batch), so the set must hold one batch, and ideally a whole number of them."""
+    local, batch = data.local_train, train.batch_size
+    if local < batch:
+        raise UserError(
+            f"{origin}: [data] local_train = {local} is smaller than [train] batch_size = "
+            f"{batch}, so every step would train on the same {local} fragments; raise "
+            f"local_train to at least {batch} or lower batch_size"
+        )
+    if local % batch:
+        lower, upper = local - local % batch, local - local % batch + batch
+        _warn(
+            f"{origin}: [data] local_train = {local} is not a multiple of [train] batch_size = "
+            f"{batch}: each pass over a node's local set leaves its last {local % batch} "
+            f"fragments untrained; set local_train to {lower} or {upper}"
+        )
+
+
+def _check_diversity(manifest: Manifest) -> None:
+    """Say how far short of TARGET_SOURCES images per class the local train sets fall."""
+    short = source_shortfall(manifest)
+    if not short:
+        return
+    by_count: dict[int, list[str]] = {}
+    for name, n in short.items():
+        by_count.setdefault(n, []).append(repr(name))
+    counts = "; ".join(
+        f"{n} in {len(names)} ({', '.join(names[:3])}{', ...' if len(names) > 3 else ''})"
+        for n, names in sorted(by_count.items())
+    )
+    _warn(
+        f"{manifest.origin}: {len(short)} of {len(manifest.classes)} classes have fewer than the "
+        f"{TARGET_SOURCES} training source images a node's local train set spans per class "
+        f"(non-holdout images less the one a local test needs: {counts}); local sets use what "
+        f"there is. Add images, or prepare the dataset with a lower holdout (now "
+        f"{manifest.holdout})"
+    )
 
 
 def _dataset(source: ConfigFile) -> tuple[DataTable, Manifest]:
@@ -151,8 +205,10 @@ def make_plan(source: ConfigFile) -> Plan:
 
     The plan holds a new, resolved config: the user's is never changed.
     """
+    _check_batches(source.config.data, source.config.train, source.origin)
     data, manifest = _dataset(source)
     check_capacity(manifest, data.local_train, data.local_test)
+    _check_diversity(manifest)
     config = replace(
         source.config,
         data=_mirrors(data, manifest),

@@ -224,3 +224,52 @@ def test_bad_images_can_be_skipped_when_planning(
     run_dir = plan_from_file(path, tmp_path / "run")
     sources = config_mod.load(run_dir / "config.toml").config.data.dataset
     assert "junk.png" not in (Path(sources) / "manifest.json").read_text()
+
+
+def test_a_local_set_smaller_than_a_batch_is_refused(
+    tiny_config: Callable[..., Path], tmp_path: Path
+) -> None:
+    """40 fragments with batches of 64: every step would be the same 40 fragments."""
+    config = tiny_config(data__local_train="40", train__batch_size="64")
+    with pytest.raises(UserError) as error:
+        plan_from_file(config, tmp_path / "run")
+    message = str(error.value)
+    assert "[data] local_train = 40" in message and "[train] batch_size = 64" in message
+    assert str(config) in message
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize(("local_train", "batch", "left"), [(40, 16, 8), (33, 32, 1)])
+def test_a_partial_last_batch_is_a_warning(
+    tiny_config: Callable[..., Path],
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    local_train: int,
+    batch: int,
+    left: int,
+) -> None:
+    config = tiny_config(data__local_train=str(local_train), train__batch_size=str(batch))
+    run = plan_from_file(config, tmp_path / "run")
+    err = capsys.readouterr().err
+    assert f"[data] local_train = {local_train} is not a multiple of [train] batch_size" in err
+    assert f"last {left} fragments untrained" in err
+    assert f"set local_train to {local_train - left} or {local_train - left + batch}" in err
+    assert (run / "dagtrain.dag").is_file()
+
+
+def test_whole_batches_plan_without_a_batch_warning(
+    tiny_config: Callable[..., Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    plan_from_file(tiny_config(data__local_train="32", train__batch_size="32"), tmp_path / "run")
+    assert "batch_size" not in capsys.readouterr().err
+
+
+def test_too_few_source_images_for_the_target_diversity_is_said_and_planned(
+    tiny_config: Callable[..., Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The tiny dataset keeps 3 of 4 images per class for training: local sets span 2."""
+    run = plan_from_file(tiny_config(), tmp_path / "run")
+    err = " ".join(capsys.readouterr().err.split())
+    assert "4 of 4 classes have fewer than the 16 training source images" in err
+    assert "2 in 4 (" in err and "holdout (now 0.25)" in err
+    assert (run / "dagtrain.dag").is_file()

@@ -7,11 +7,14 @@ import pytest
 from node_payload.common.errors import UserError
 from node_payload.common.manifest import FORMAT, HASH_HEX, Manifest, encode, margin_for
 from node_payload.sampling import (
-    CHUNK_POSITIONS,
+    TARGET_SOURCES,
+    ChunkPolicy,
     check_capacity,
     heldout_set,
     local_sets,
     node_seed,
+    source_shortfall,
+    sources_per_class,
 )
 
 
@@ -197,16 +200,92 @@ def test_many_nodes_and_rounds_cover_the_training_positions():
     assert seen == training
 
 
+def make_grid_manifest(per_class: int, side: int, holdout: int = 0, angles: int = 4) -> Manifest:
+    """Two classes of per_class square sources of side x side positions (tile 64, stride 32)."""
+    margin = margin_for(64)
+    width = 64 + 32 * (side - 1)
+    per_side = -(-(width + 2 * margin) // 128)
+    sources = [
+        {
+            "path": f"{name}/{i}.png",
+            "label": label,
+            "width": width,
+            "height": width,
+            "holdout": i < holdout,
+            "shard": 0,
+            "offset": 0,
+            "lengths": [1] * per_side**2,
+            "hashes": "0" * HASH_HEX * per_side**2,
+        }
+        for label, name in enumerate(("a", "b"))
+        for i in range(per_class)
+    ]
+    doc = {
+        "format": FORMAT, "tile": 64, "overlap": 0.5, "stride": 32, "margin": margin,
+        "block": 128, "angles": [0, 360, 360 // angles], "codec": "jpeg", "holdout": 0.25,
+        "seed": 0, "mode": "L", "classes": ["a", "b"], "sources": sources,
+        "shards": [{"path": "shards/s00000.bin", "bytes": 10**6, "sha256": "0" * 64}],
+    }  # fmt: skip
+    return Manifest.from_bytes(encode(doc), "grid-manifest.json")
+
+
+# 40 photos per class of 7 x 7 positions, 12 held out: the real-photograph case (28 to draw from).
+PHOTOS = make_grid_manifest(40, 7, holdout=12)
+
+
 @pytest.mark.parametrize("seed", range(20))
-def test_local_sets_are_whole_chunks_with_one_angle_per_position(seed):
-    """A node reads its set as a few bands of whole position rows, not scattered fragments."""
-    train, test = local_sets(ROTATED, seed, n_train=384, n_test=96)
-    for ids, quota in ((train, 128), (test, 32)):
-        assert len({ROTATED.position_of(i) for i in ids}) == len(ids)
-        for label in range(3):
-            frags = [ROTATED.fragment(i) for i in ids if ROTATED.fragment(i).label == label]
-            bands = set()
-            for f in frags:
-                rows = -(-CHUNK_POSITIONS // ROTATED.sources[f.source].nx)
-                bands.add((f.source, f.y // ROTATED.stride // rows))
-            assert len(bands) <= quota // CHUNK_POSITIONS + 2
+def test_local_train_spans_the_target_number_of_source_images(seed):
+    """One machine draws batches from all of a class's images; a node's set spans 16 of them
+    (whole-image chunks spanned 1 or 2), with one angle per position."""
+    train, test = local_sets(PHOTOS, seed, n_train=200, n_test=40)
+    assert sources_per_class(PHOTOS, train) == {"min": TARGET_SOURCES, "mean": TARGET_SOURCES}
+    assert sources_per_class(PHOTOS, test)["min"] >= 2
+    assert len({PHOTOS.position_of(i) for i in train}) == 200
+    assert not source_of(PHOTOS, train) & source_of(PHOTOS, test)
+    assert not any(PHOTOS.sources[s].holdout for s in source_of(PHOTOS, train + test))
+
+
+def test_a_small_quota_takes_one_fragment_from_each_of_as_many_images():
+    train, _ = local_sets(PHOTOS, 0, n_train=10, n_test=4)
+    assert sources_per_class(PHOTOS, train) == {"min": 5, "mean": 5.0}
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_each_image_gives_one_compact_patch(seed):
+    """Neighbouring positions share the blocks under their contexts: a chunk of n positions is
+    a near-square patch, so its blocks stay few."""
+    train, _ = local_sets(PHOTOS, seed, n_train=288, n_test=40)  # 144 a class: 9 per image
+    by_source: dict[int, list] = {}
+    for f in map(PHOTOS.fragment, train):
+        by_source.setdefault(f.source, []).append(f)
+    for frags in by_source.values():
+        xs, ys = {f.x for f in frags}, {f.y for f in frags}
+        assert len(frags) == 9 and len(xs) == len(ys) == 3
+        assert max(xs) - min(xs) == max(ys) - min(ys) == 64
+
+
+def test_fewer_sources_than_the_target_use_every_one_but_the_test_source():
+    few = make_grid_manifest(6, 7)
+    for seed in range(10):
+        train, test = local_sets(few, seed, n_train=40, n_test=8)
+        assert sources_per_class(few, train)["min"] == 5
+        assert not source_of(few, train) & source_of(few, test)
+    assert source_shortfall(few) == {"a": 5, "b": 5}
+    assert source_shortfall(PHOTOS) == {}
+
+
+def test_policies_change_the_spread_not_the_guarantees():
+    run = ChunkPolicy(sources=0, min_chunk=49, shape="run")  # whole images in row order
+    scatter = ChunkPolicy(sources=0, min_chunk=1, shape="scatter")
+    for policy, spans in ((run, 2), (scatter, 25)):  # 25 of 28: test takes 3
+        train, test = local_sets(PHOTOS, 3, 100, 10, policy)
+        assert sources_per_class(PHOTOS, train)["min"] == spans
+        assert_balanced(PHOTOS, train, 100)
+        assert not source_of(PHOTOS, train) & source_of(PHOTOS, test)
+        assert local_sets(PHOTOS, 3, 100, 10, policy) == (train, test)
+
+
+def test_sources_per_class_counts_a_class_without_fragments_as_zero():
+    some_a = [i for i in local_sets(PHOTOS, 0, 20, 4)[0] if PHOTOS.fragment(i).label == 0]
+    assert sources_per_class(PHOTOS, some_a) == {"min": 0, "mean": 5.0}
+    assert sources_per_class(PHOTOS, []) == {"min": 0, "mean": 0.0}
