@@ -1,5 +1,6 @@
-"""The report of an asynchronous run: accuracy against versions and wall time, what became of
-every job, staleness, and each lane's busy time against the run's wall time."""
+"""The report of an asynchronous run: held-out accuracy (fragments and images), recall and
+confusion against versions and wall time, what became of every job, staleness, and each lane's
+busy time against the run's wall time."""
 
 import json
 from collections import Counter
@@ -7,12 +8,12 @@ from pathlib import Path
 from typing import Any
 
 from aggregation.async_state import Ledger, lane_step, read_ledger
-from aggregation.heldout import heldout_tensors
+from aggregation.heldout import load_heldout, run_manifest
+from aggregation.heldout_metrics import final_metrics, heldout_metrics
 from aggregation.utilization import node_usage
 from node_payload.common.model_file import load_model
 from node_payload.common.run_config import RunConfig
 from node_payload.common.run_layout import METRICS_FILE, UPDATE_FILE, lane_job_dir, model_path
-from node_payload.train import evaluate
 
 
 def evaluated_versions(last: int, most: int) -> list[int]:
@@ -33,21 +34,14 @@ def job_metrics(run_dir: Path, ledger: Ledger) -> dict[str, dict[str, Any]]:
 
 
 def _evaluations(run_dir: Path, config: RunConfig, ledger: Ledger) -> list[dict[str, Any]]:
-    x, y = heldout_tensors(run_dir, config, 0)
+    heldout = load_heldout(run_dir, config, run_manifest(config, 0), 0)
     made_at = {v["version"]: v["at"] for v in ledger.versions}
     start = ledger.started_at or 0.0
     rows = []
     for version in evaluated_versions(ledger.version, config.async_.evaluations):
         model, _ = load_model(model_path(run_dir, version))
-        loss, accuracy = evaluate(model, x, y)
-        rows.append(
-            {
-                "version": version,
-                "seconds": made_at.get(version, start) - start,
-                "accuracy": accuracy,
-                "loss": loss,
-            }
-        )
+        seconds = made_at.get(version, start) - start
+        rows.append({"version": version, "seconds": seconds, **heldout_metrics(model, heldout)})
     return rows
 
 
@@ -94,7 +88,7 @@ def async_report(run_dir: Path, config: RunConfig, dag_status: int) -> dict[str,
         "update_budget": config.update_budget,
         "updates_accepted": ledger.accepted,
         "versions": ledger.version,
-        "final_accuracy": evaluations[-1]["accuracy"] if ledger.version else None,
+        **final_metrics(evaluations[-1] if ledger.version else None),
         "seconds": wall,
         "bytes_downloaded": sum(m["bytes_downloaded"] for m in jobs.values()),
         "mirror_failovers": sum(m["mirror_failovers"] for m in jobs.values()),

@@ -1,51 +1,135 @@
-"""The held-out test set: fragments of source images no node ever trains or tests on.
+"""The held-out test set: fragments of source images no node ever trains or tests on, and the
+unrotated fragments that vote for each held-out image's class.
 
 Fetched from the mirrors once (like any node's data) and cached in the run directory as
-safetensors, so later rounds evaluate on exactly the same tensors without network traffic.
+safetensors, so later rounds evaluate on exactly the same tensors without fetching blocks again.
 Also the run's coverage: how much of the training data the nodes' local sets have reached.
 """
 
+import hashlib
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from aggregation.heldout_cache import Expected, cached
+from node_payload.common.manifest import Manifest
 from node_payload.common.run_config import RunConfig
-from node_payload.common.run_layout import HELDOUT_FILE, METRICS_FILE, node_dir
-from node_payload.common.tensor_io import load_tensors, save_tensors
+from node_payload.common.run_layout import (
+    HELDOUT_CACHE,
+    HELDOUT_FILE,
+    HELDOUT_IMAGES_CACHE,
+    METRICS_FILE,
+    node_dir,
+)
 from node_payload.fetch import FetchStats
 from node_payload.local_data import BlockSource, load_fragments, planned_manifest
 
-CACHE_FILE = "data/heldout_cache.safetensors"
+# Positions that vote for one held-out image: evenly spaced over its grid, whatever its size.
+IMAGE_POSITIONS = 32
 
 
-def heldout_tensors(
-    run_dir: Path, config: RunConfig, first_mirror: int
-) -> tuple[torch.Tensor, torch.Tensor]:
-    cache = run_dir / CACHE_FILE
-    if cache.is_file():
-        tensors, _ = load_tensors(cache)
-        return tensors["x"], tensors["y"]
+@dataclass(frozen=True)
+class HeldOut:
+    """What an evaluation scores a model on."""
+
+    classes: list[str]
+    x: torch.Tensor  # the fragments of HELDOUT_FILE
+    y: torch.Tensor
+    image_x: torch.Tensor  # unrotated fragments, image after image
+    image_of: torch.Tensor  # the image (0 ..) each row of image_x belongs to
+    image_y: torch.Tensor  # each held-out image's class
+
+
+def run_manifest(config: RunConfig, first_mirror: int) -> Manifest:
+    """The manifest the run was planned with, from its mirrors (tried from `first_mirror`)."""
     data = config.data
-    planned = json.loads((run_dir / HELDOUT_FILE).read_text())
-    mirrors = data.mirrors
-    stats = FetchStats()
-    manifest = planned_manifest(mirrors, first_mirror, data.manifest_sha256, stats)
-    source = BlockSource(mirrors, first_mirror, stats)
-    fetched = load_fragments(manifest, planned["fragments"], source, config.model.image_size)
-    save_tensors(cache, {"x": fetched.x, "y": fetched.y}, {"format": "dagtrain-heldout/1"})
-    return fetched.x, fetched.y
+    return planned_manifest(data.mirrors, first_mirror, data.manifest_sha256, FetchStats())
 
 
-def training_coverage(run_dir: Path, config: RunConfig, round_: int, first_mirror: int) -> float:
+def unrotated(angles: list[int]) -> int:
+    """Index of the angle closest to 0 degrees (350 is 10 degrees from it), the first on a tie."""
+    return min(range(len(angles)), key=lambda i: min(angles[i] % 360, -angles[i] % 360))
+
+
+def image_fragments(manifest: Manifest) -> tuple[list[int], list[int]]:
+    """The fragment ids that vote for the held-out images, and the image of each id (images
+    numbered 0 .. in source order).
+
+    Every held-out image votes with its unrotated fragments at IMAGE_POSITIONS (32) of its
+    positions, or all of them when it has fewer, evenly spaced over its row-major grid (stepping
+    down the rows and across the columns at once). 32 tiles settle an image's mean softmax, and
+    cap the work and memory per image whatever its size: 1.5 MB for 64 x 64 RGB float32 tiles,
+    against 2.7 GB for every position of a 10,000 px square image at stride 32.
+    """
+    angle, n_angles = unrotated(manifest.angles), len(manifest.angles)
+    ids: list[int] = []
+    image_of: list[int] = []
+    ranges = manifest.by_source()
+    held = [s for s, source in enumerate(manifest.sources) if source.holdout]
+    for image, s in enumerate(held):
+        total = manifest.sources[s].nx * manifest.sources[s].ny
+        k = min(IMAGE_POSITIONS, total)
+        ids += [ranges[s][(2 * i + 1) * total // (2 * k) * n_angles + angle] for i in range(k)]
+        image_of += [image] * k
+    return ids, image_of
+
+
+def load_heldout(
+    run_dir: Path, config: RunConfig, manifest: Manifest, first_mirror: int
+) -> HeldOut:
+    """The held-out tensors, from the caches when they are sound, else fetched and cached."""
+    source = BlockSource(list(config.data.mirrors), first_mirror, FetchStats())
+    size, channels = config.model.image_size, config.model.in_channels
+
+    def fetch(ids: list[int]) -> dict[str, torch.Tensor]:
+        fetched = load_fragments(manifest, ids, source, size)
+        return {"x": fetched.x, "y": fetched.y}
+
+    ids = json.loads((run_dir / HELDOUT_FILE).read_text())["fragments"]
+    labels = torch.tensor([manifest.fragment(i).label for i in ids], dtype=torch.long)
+    fragments = cached(
+        run_dir / HELDOUT_CACHE,
+        Expected(
+            {
+                "x": ((len(ids), channels, size, size), torch.float32),
+                "y": ((len(ids),), torch.long),
+            },
+            {"format": "dagtrain-heldout/1"},
+            {"y": labels},
+        ),
+        lambda: fetch(ids),
+    )
+    image_ids, image_of = image_fragments(manifest)
+    digest = hashlib.sha256(json.dumps(image_ids).encode()).hexdigest()
+    images = cached(
+        run_dir / HELDOUT_IMAGES_CACHE,
+        Expected(
+            {"x": ((len(image_ids), channels, size, size), torch.float32)},
+            {"format": "dagtrain-heldout-images/1", "fragments_sha256": digest},
+            {},
+        ),
+        lambda: {"x": fetch(image_ids)["x"]},
+    )
+    held = [source.label for source in manifest.sources if source.holdout]
+    return HeldOut(
+        manifest.classes,
+        fragments["x"],
+        fragments["y"],
+        images["x"],
+        torch.tensor(image_of, dtype=torch.long),
+        torch.tensor(held, dtype=torch.long),
+    )
+
+
+def training_coverage(run_dir: Path, config: RunConfig, manifest: Manifest, round_: int) -> float:
     """Share of training positions (source image, x, y; any angle) in the union of the local
     training sets of rounds 0..round_, from the ids each node lists in its metrics.json.
 
     Positions rather than (position, angle) fragments: with 72 angles, fragments are 72 times
     more numerous and mostly differ by a rotation the model also learns from its neighbours.
     """
-    data = config.data
-    manifest = planned_manifest(data.mirrors, first_mirror, data.manifest_sha256, FetchStats())
     total = sum(
         len(ids) // len(manifest.angles)
         for s, ids in manifest.by_source().items()

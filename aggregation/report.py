@@ -1,4 +1,5 @@
-"""The FINAL node: gathers every finished round's metrics into report.json and accuracy.png."""
+"""The FINAL node: gathers every finished round's metrics into report.json, accuracy.png and
+confusion.png."""
 
 import argparse
 import json
@@ -8,10 +9,13 @@ from typing import Any
 
 from aggregation.async_apply import flush
 from aggregation.async_report import async_report
+from aggregation.heldout_metrics import final_metrics
+from aggregation.report_plots import plot_accuracy, plot_confusion
 from aggregation.utilization import node_usage
 from node_payload.common.atomic_file import write_text
 from node_payload.common.run_config import RunConfig, read_run_config
 from node_payload.common.run_layout import (
+    CONFUSION_PLOT_FILE,
     METRICS_FILE,
     PLOT_FILE,
     REPORT_FILE,
@@ -71,7 +75,7 @@ def build_report(
         "rounds_completed": len(rounds),
         "summary": f"{len(rounds)}/{planned} rounds",
         "nodes": config.run.nodes,
-        "final_accuracy": rounds[-1]["accuracy"] if rounds else None,
+        **final_metrics(rounds[-1] if rounds else None),
         "seconds": sum(r["seconds"] for r in rounds),
         "bytes_downloaded": sum(r["bytes_downloaded"] for r in rounds),
         # What the nodes sent back: the figure update compression ([compression]) shrinks.
@@ -102,43 +106,6 @@ def _nodes_listed(rounds: list[dict[str, Any]], key: str) -> list[int]:
     return sorted({int(node) for r in rounds for node in r.get(key, {})})
 
 
-def _curves(report: dict) -> tuple[list[float], list[float], list[float], str]:
-    """(x by step, x by wall time, accuracy, step label) for either mode."""
-    if report.get("mode") == "async":
-        rows = report["evaluations"]
-        return (
-            [r["version"] for r in rows],
-            [r["seconds"] for r in rows],
-            [r["accuracy"] for r in rows],
-            "model version",
-        )
-    rows = report["rounds"]
-    elapsed, total = [], 0.0
-    for r in rows:
-        total += r["seconds"]
-        elapsed.append(total)
-    return [r["round"] + 1 for r in rows], elapsed, [r["accuracy"] for r in rows], "round"
-
-
-def plot(report: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    steps, elapsed, accuracy, label = _curves(report)
-    fig, (by_step, by_time) = plt.subplots(1, 2, figsize=(9, 3.6), constrained_layout=True)
-    for axis, x, xlabel in ((by_step, steps, label), (by_time, elapsed, "wall time (s)")):
-        axis.plot(x, accuracy, marker="o")
-        axis.set_xlabel(xlabel)
-        axis.set_ylabel("held-out accuracy")
-        axis.set_ylim(0, 1)
-        axis.grid(alpha=0.3)
-    fig.suptitle(f"{report['run']}: {report['nodes']} nodes, {report['status']}")
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-
-
 def write_report(run_dir: Path, config: RunConfig, dag_status: int) -> dict:
     if config.is_async:
         flush(run_dir, config)  # the buffer's last arrivals, fewer than `buffer`
@@ -149,7 +116,9 @@ def write_report(run_dir: Path, config: RunConfig, dag_status: int) -> dict:
         report = build_report(config, rounds, dag_status, busy)
     write_text(run_dir / REPORT_FILE, json.dumps(report, indent=1) + "\n")
     if report.get("rounds") or report.get("evaluations"):
-        plot(report, run_dir / PLOT_FILE)
+        plot_accuracy(report, run_dir / PLOT_FILE)
+    if report.get("final_confusion") is not None:
+        plot_confusion(report, run_dir / CONFUSION_PLOT_FILE)
     return report
 
 
@@ -162,7 +131,8 @@ def main(argv: list[str] | None = None) -> int:
     report = write_report(run_dir, read_run_config(args.config), args.dag_status)
     print(
         f"dagtrain report: {report['status']}, {report['summary']}, final accuracy "
-        f"{report['final_accuracy']}, {report['mirror_failovers']} mirror failovers"
+        f"{report['final_accuracy']} (images {report['final_image_accuracy']}), "
+        f"{report['mirror_failovers']} mirror failovers"
     )
     # A FINAL node's own result becomes the DAG's: fail it after a failed DAG, so DAGMan keeps
     # the failure visible and writes the rescue DAG that resumes the run.

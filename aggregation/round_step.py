@@ -7,6 +7,7 @@ a rerun (DAGMan rescue, local runner resume) produces the same bytes.
 """
 
 import json
+import math
 import time
 from pathlib import Path
 from typing import Any
@@ -14,7 +15,8 @@ from typing import Any
 import torch
 
 from aggregation.aggregator import Aggregator, Offered
-from aggregation.heldout import heldout_tensors, training_coverage
+from aggregation.heldout import load_heldout, run_manifest, training_coverage
+from aggregation.heldout_metrics import heldout_metrics
 from aggregation.merge import MergeResult
 from aggregation.quorum import QuorumNotMet, required_updates
 from node_payload.common.atomic_file import write_text
@@ -28,7 +30,6 @@ from node_payload.common.run_layout import (
     round_metrics_path,
 )
 from node_payload.common.threads import job_threads
-from node_payload.train import evaluate
 
 
 def aggregate_round(run_dir: Path, config: RunConfig, round_: int) -> dict[str, Any]:
@@ -51,15 +52,14 @@ def aggregate_round(run_dir: Path, config: RunConfig, round_: int) -> dict[str, 
 
     nodes_used = ", ".join(map(str, merged.accepted))
     model = aggregator.advance(current, merged, f"round {round_}'s updates from nodes {nodes_used}")
-    x, y = heldout_tensors(run_dir, config, round_ % len(config.data.mirrors))
-    loss, accuracy = evaluate(model.network, x, y)
+    first_mirror = round_ % len(config.data.mirrors)
+    manifest = run_manifest(config, first_mirror)
+    heldout = load_heldout(run_dir, config, manifest, first_mirror)
     node_metrics = _node_metrics(run_dir, round_, merged.accepted)
-    started = min((m["started_at"] for m in node_metrics), default=time.time())
+    started = min((m["started_at"] for m in node_metrics.values()), default=time.time())
     round_metrics = {
         "round": round_,
-        "accuracy": accuracy,
-        "loss": loss,
-        "heldout_samples": len(y),
+        **heldout_metrics(model.network, heldout),
         "nodes_used": len(merged.accepted),
         "nodes_missing": missing,
         "nodes_rejected": merged.rejected,
@@ -68,11 +68,12 @@ def aggregate_round(run_dir: Path, config: RunConfig, round_: int) -> dict[str, 
         "quorum_required": required,
         "train_samples": merged.samples,
         "update_bytes": sum(dict(updates)[n].stat().st_size for n in merged.accepted),
-        "local_test_accuracy": sum(m["local_test_accuracy"] for m in node_metrics)
+        "local_test_accuracy": sum(m["local_test_accuracy"] for m in node_metrics.values())
         / max(len(node_metrics), 1),
-        "bytes_downloaded": sum(m["bytes_downloaded"] for m in node_metrics),
-        "mirror_failovers": sum(m["mirror_failovers"] for m in node_metrics),
-        "coverage": training_coverage(run_dir, config, round_, round_ % len(config.data.mirrors)),
+        "bytes_downloaded": sum(m["bytes_downloaded"] for m in node_metrics.values()),
+        "mirror_failovers": sum(m["mirror_failovers"] for m in node_metrics.values()),
+        "coverage": training_coverage(run_dir, config, manifest, round_),
+        **_sources_per_class(round_, node_metrics),
         "started_at": started,  # with seconds: the report's wall time and node utilization
         "seconds": time.time() - started,
     }
@@ -101,10 +102,53 @@ def _log(
         )
 
 
-def _node_metrics(run_dir: Path, round_: int, nodes: list[int]) -> list[dict[str, Any]]:
-    found = []
+def _sources_per_class(round_: int, node_metrics: dict[int, dict[str, Any]]) -> dict[str, Any]:
+    """{"sources_per_class": {"min": min of the nodes' min, "mean": mean of their means}} over
+    the accepted nodes that reported it, or nothing when none did (node jobs before it existed).
+
+    metrics.json comes from the node: a report that is not a count and a finite number is named
+    in the job's output and left out, never a reason to fail the round.
+    """
+    reported = []
+    for node, metrics in node_metrics.items():
+        value = metrics.get("sources_per_class")
+        if value is None:
+            continue
+        if _is_count_summary(value):
+            reported.append(value)
+        else:
+            print(
+                f"round {round_} node {node}: sources_per_class {value!r} ignored: expected "
+                '{"min": integer, "mean": number}, both >= 0',
+                flush=True,
+            )
+    if not reported:
+        return {}
+    return {
+        "sources_per_class": {
+            "min": min(r["min"] for r in reported),
+            "mean": sum(r["mean"] for r in reported) / len(reported),
+        }
+    }
+
+
+def _is_count_summary(value: Any) -> bool:
+    if not isinstance(value, dict) or value.keys() != {"min", "mean"}:
+        return False
+    low, mean = value["min"], value["mean"]
+    return (
+        type(low) is int
+        and low >= 0
+        and type(mean) in (int, float)
+        and math.isfinite(mean)
+        and mean >= low
+    )
+
+
+def _node_metrics(run_dir: Path, round_: int, nodes: list[int]) -> dict[int, dict[str, Any]]:
+    found = {}
     for node in nodes:
         path = node_dir(run_dir, round_, node) / METRICS_FILE
         if path.is_file():
-            found.append(json.loads(path.read_text()))
+            found[node] = json.loads(path.read_text())
     return found

@@ -6,8 +6,13 @@ DAG_FILE = "dagtrain.dag"
 STATUS_FILE = "dagtrain.dag.status"
 CONFIG_FILE = "config.toml"
 HELDOUT_FILE = "data/heldout.json"
+# The held-out tensors, fetched once by the first evaluation: the fragments of HELDOUT_FILE, and
+# the unrotated fragments that vote for each held-out image's class.
+HELDOUT_CACHE = "data/heldout_cache.safetensors"
+HELDOUT_IMAGES_CACHE = "data/heldout_images.safetensors"
 REPORT_FILE = "report.json"
 PLOT_FILE = "accuracy.png"
+CONFUSION_PLOT_FILE = "confusion.png"
 # In a node job's folder (rounds/rNNN/nMMM, lanes/lLLL/jJJJJ): what it returns, its error log,
 # and the mark its POST script leaves when it returned nothing.
 UPDATE_FILE = "update.safetensors"
