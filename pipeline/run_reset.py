@@ -14,6 +14,7 @@ from pathlib import Path
 from aggregation.async_state import Ledger, write_ledger
 from node_payload.common.run_config import RunConfig
 from node_payload.common.run_layout import (
+    CONFUSION_PLOT_FILE,
     DAG_FILE,
     PLOT_FILE,
     REPORT_FILE,
@@ -25,7 +26,15 @@ from node_payload.dgc import write_empty_residual
 from pipeline.local_runner.journal import rescue_files
 
 # The FINAL node's files and the runner's own state (journal, sandboxes, cluster counter).
-RUN_OUTPUTS = (REPORT_FILE, PLOT_FILE, "report.log", "report.out", "report.err", STATUS_FILE)
+RUN_OUTPUTS = (
+    REPORT_FILE,
+    PLOT_FILE,
+    CONFUSION_PLOT_FILE,
+    "report.log",
+    "report.out",
+    "report.err",
+    STATUS_FILE,
+)
 RUNNER_DIR = ".local_runner"
 # Models after the initial one: global_r001..., server_r001...
 _LATER_MODEL = re.compile(r"(global|server)_r0*[1-9]\d*\.safetensors")

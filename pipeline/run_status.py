@@ -74,6 +74,7 @@ class RoundStatus:
     retries: int = 0
     aggregate: str = "waiting"
     accuracy: float | None = None
+    image_accuracy: float | None = None  # whole held-out images (rounds before it: None)
 
 
 @dataclass
@@ -195,7 +196,8 @@ def _round(run_dir: Path, index: int, nodes: int, ads: dict[str, classad2.ClassA
     )
     metrics = round_metrics_path(run_dir, index)
     if metrics.is_file():
-        status.accuracy = json.loads(metrics.read_text())["accuracy"]
+        scores = json.loads(metrics.read_text())
+        status.accuracy, status.image_accuracy = scores["accuracy"], scores.get("image_accuracy")
     return status
 
 
@@ -296,6 +298,9 @@ def render(status: RunStatus) -> Group:
             f"{status.retries} retries, held-out accuracy "
             f"{' '.join(f'{a:.3f}' for a in status.accuracy) or '-'}"
         )
+        images = [r.image_accuracy for r in status.rounds if r.image_accuracy is not None]
+        if images:
+            summary += f" (whole images {images[-1]:.3f})"
     if status.report_status is not None:
         summary += f"; report: {status.report_status}"
     return Group(Text(summary), table)
