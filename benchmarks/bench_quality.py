@@ -1,0 +1,224 @@
+"""Training quality: the federated run against the centralized baseline on the same data.
+
+All runs happen in one invocation, so they share the machine's load: compare the ratios, not
+seconds across invocations. The runs, through the real commands:
+
+  central      `dagtrain baseline` at S = nodes x rounds x local_steps SGD steps
+  federated a  `dagtrain plan` + `dagtrain run` (local runner, embedded mirrors): equal total steps
+  federated b  the same with local_steps x nodes: equal wall time on `nodes` machines
+  central NxS  (--long-baseline) the baseline at nodes x S steps: what (b)'s compute buys centrally
+
+Targets: (a) >= 0.95 x central; (b) >= central + 5 points of held-out accuracy.
+
+Run:  nice -n 5 .venv/bin/python benchmarks/bench_quality.py IMAGES_OR_DATASET [--nodes 4]
+          [--rounds 8] [--local-steps 8] [--set train.lr=0.1 ...] [--long-baseline] [--out DIR]
+      nice -n 5 .venv/bin/python benchmarks/bench_quality.py --demo   (procedural demo textures)
+"""
+
+import argparse
+import copy
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+import tomllib
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+from node_payload.common.run_config import toml_value
+from pipeline.dataset_prepare import prepare
+from pipeline.demo import demo_textures
+
+REPO = Path(__file__).resolve().parent.parent
+RUNS = ("central", "federated_a", "federated_b", "central_long")
+
+
+def _arguments() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("data", type=Path, nargs="?", help="ImageFolder images or a dataset")
+    parser.add_argument("--demo", action="store_true", help="the demo's procedural textures")
+    parser.add_argument("--out", type=Path, default=Path("bench-quality"))
+    parser.add_argument("--nodes", type=int, default=4)
+    parser.add_argument("--rounds", type=int, default=8)
+    parser.add_argument("--local-steps", type=int, default=8)
+    parser.add_argument("--batch", type=int, default=64)
+    parser.add_argument("--lr", type=float, default=0.05)
+    parser.add_argument("--tile", type=int, default=64)
+    parser.add_argument("--overlap", type=float, default=0.5)
+    parser.add_argument("--angles", default="0:360:5")
+    parser.add_argument("--holdout", type=float, default=0.3)
+    parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--slots", type=int, default=2, help="node jobs at once (dagtrain run)")
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="TABLE.KEY=VALUE",
+        help="a config key for every run (VALUE in TOML: 0.1, true, '\"cosine\"'); repeatable",
+    )
+    parser.add_argument("--long-baseline", action="store_true", help="also central at N x S")
+    args = parser.parse_args()
+    if args.demo == (args.data is not None):
+        parser.error("give an image folder or prepared dataset, or --demo, not both")
+    return args
+
+
+def _dataset(args: argparse.Namespace, out: Path) -> Path:
+    """A prepared dataset as given, or the images prepared under out/ (reused when unchanged)."""
+    if args.data is not None and (args.data / "manifest.json").is_file():
+        return args.data.resolve()
+    images = demo_textures(out) if args.demo else args.data.resolve()
+    dataset = out / "dataset"
+    prepare(images, dataset, args.tile, args.overlap, args.holdout, args.seed, angles=args.angles)
+    return dataset
+
+
+def _override(raw: dict[str, dict[str, Any]], setting: str) -> None:
+    name, _, text = setting.partition("=")
+    table, _, key = name.partition(".")
+    if not (table and key and text):
+        sys.exit(f"--set {setting!r}: expected TABLE.KEY=VALUE, e.g. train.lr=0.1")
+    try:
+        value = tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = text  # a bare word: a string
+    raw.setdefault(table, {})[key] = value
+
+
+def _config(args: argparse.Namespace, dataset: Path) -> dict[str, dict[str, Any]]:
+    """Federated run (a): each node job sees each fragment of its local set once."""
+    raw: dict[str, dict[str, Any]] = {
+        "run": {"name": "quality", "nodes": args.nodes, "rounds": args.rounds, "seed": args.seed},
+        "data": {
+            "dataset": str(dataset),
+            "local_train": args.local_steps * args.batch,
+            "local_test": 64,
+            "heldout_test": 1000,
+        },
+        "model": {"arch": "smallcnn"},
+        "train": {"local_steps": args.local_steps, "batch_size": args.batch, "lr": args.lr},
+    }
+    for setting in args.set:
+        _override(raw, setting)
+    return raw
+
+
+def _write_config(raw: dict[str, dict[str, Any]], path: Path) -> Path:
+    path.write_text(
+        "".join(
+            f"[{table}]\n" + "".join(f"{k} = {toml_value(v)}\n" for k, v in keys.items())
+            for table, keys in raw.items()
+        )
+    )
+    return path
+
+
+def _dagtrain(*argv: str) -> float:
+    """Run one dagtrain command; its wall seconds."""
+    started = time.perf_counter()
+    subprocess.run([sys.executable, "-m", "pipeline.cli", *argv], check=True, cwd=REPO)
+    return time.perf_counter() - started
+
+
+def _central(config: Path, steps: int, out: Path) -> dict[str, Any]:
+    seconds = _dagtrain("baseline", str(config), "--steps", str(steps), "--out", str(out))
+    result = json.loads((out / "baseline.json").read_text())
+    return {"steps": steps, "accuracy": result["heldout_accuracy"], "seconds": seconds}
+
+
+def _federated(config: Path, run_dir: Path, slots: int, steps: int) -> dict[str, Any]:
+    _dagtrain("plan", str(config), "--out", str(run_dir))
+    seconds = _dagtrain("run", str(run_dir), "--slots", str(slots))
+    report = json.loads((run_dir / "report.json").read_text())
+    if report["status"] != "completed":
+        sys.exit(f"{run_dir}: the run ended {report['status']}; see its report.json")
+    return {"steps": steps, "accuracy": report["final_accuracy"], "seconds": seconds}
+
+
+def _checkout() -> dict[str, Any]:
+    """The commit measured, and the uncommitted changes to code the runs execute."""
+
+    def git(*argv: str) -> str:
+        return subprocess.run(["git", *argv], cwd=REPO, capture_output=True, text=True).stdout
+
+    changed = git("status", "--porcelain", "--", "node_payload", "aggregation", "pipeline")
+    return {"commit": git("rev-parse", "HEAD").strip(), "uncommitted": changed.split("\n")[:-1]}
+
+
+def _table(results: dict[str, dict[str, Any]], nodes: int) -> Table:
+    central = results["central"]["accuracy"]
+    table = Table(title="held-out accuracy: federated against centralized")
+    for column in ("run", "steps", "accuracy", "against central", "wall s"):
+        table.add_column(column, justify="right" if column != "run" else "left")
+    labels = {
+        "central": ("central, S steps", ""),
+        "federated_a": ("federated (a), equal steps", "ratio {ratio:.3f} (target >= 0.95)"),
+        "federated_b": (
+            f"federated (b), {nodes} x steps",
+            "{points:+.1f} points (target >= +5)",
+        ),
+        "central_long": (f"central, {nodes} x S steps", "{points:+.1f} points"),
+    }
+    for name in RUNS:
+        if name not in results:
+            continue
+        run = results[name]
+        label, against = labels[name]
+        ratio, points = run["accuracy"] / central, 100 * (run["accuracy"] - central)
+        table.add_row(
+            label,
+            str(run["steps"]),
+            f"{run['accuracy']:.3f}",
+            against.format(ratio=ratio, points=points),
+            f"{run['seconds']:.0f}",
+        )
+    return table
+
+
+def main() -> None:
+    args = _arguments()
+    out = args.out.resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    for name in RUNS:  # this invocation's runs only: the prepared dataset is kept
+        shutil.rmtree(out / name, ignore_errors=True)
+    dataset = _dataset(args, out)
+    raw = _config(args, dataset)
+    wide = copy.deepcopy(raw)
+    wide["train"]["local_steps"] *= args.nodes
+    wide["data"]["local_train"] *= args.nodes
+    config_a = _write_config(raw, out / "quality_a.toml")
+    config_b = _write_config(wide, out / "quality_b.toml")
+    steps = args.nodes * args.rounds * raw["train"]["local_steps"]
+    load_before = os.getloadavg()
+    results = {
+        "central": _central(config_a, steps, out / "central"),
+        "federated_a": _federated(config_a, out / "federated_a", args.slots, steps),
+        "federated_b": _federated(config_b, out / "federated_b", args.slots, steps * args.nodes),
+    }
+    if args.long_baseline:
+        results["central_long"] = _central(config_a, steps * args.nodes, out / "central_long")
+    central = results["central"]["accuracy"]
+    summary = {
+        **_checkout(),
+        "dataset": str(dataset),
+        "cores": os.cpu_count(),
+        "slots": args.slots,
+        "load_before": load_before,
+        "config": raw,
+        "runs": results,
+        "ratio_a": results["federated_a"]["accuracy"] / central,
+        "points_b": 100 * (results["federated_b"]["accuracy"] - central),
+    }
+    summary["targets_met"] = {"a": summary["ratio_a"] >= 0.95, "b": summary["points_b"] >= 5}
+    (out / "bench_quality.json").write_text(json.dumps(summary, indent=1) + "\n")
+    Console(width=100).print(_table(results, args.nodes))
+    print(f"commit {summary['commit'][:10]}; written {out / 'bench_quality.json'}")
+
+
+if __name__ == "__main__":
+    main()
