@@ -23,6 +23,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from aggregation.heldout import HeldOut, image_fragments
+from aggregation.heldout_metrics import heldout_metrics
 from node_payload.batches import augment, to_tensor
 from node_payload.common.atomic_file import write_text
 from node_payload.common.errors import UserError
@@ -30,7 +32,7 @@ from node_payload.common.manifest import Manifest
 from node_payload.common.models import build_model
 from node_payload.common.run_config import RunConfig
 from node_payload.fragments import cut, decode
-from node_payload.train import Schedule, evaluate, steps_for
+from node_payload.train import Schedule, steps_for
 from pipeline.config import ConfigFile, load
 from pipeline.planner import Plan, make_plan
 
@@ -38,7 +40,7 @@ RESULT_FILE = "baseline.json"
 PLOT_FILE = "baseline.png"
 POOL_BYTES = 512 * 2**20  # pixels of the training pool, at most: bounds memory, not steps
 CURVE_POINTS = 8  # held-out evaluations, evenly spaced over the steps
-_EVAL_CHUNK = 1024  # held-out fragments made float at once
+CURVE_KEYS = ("step", "accuracy", "image_accuracy", "loss")
 
 
 @dataclass(frozen=True)
@@ -157,17 +159,22 @@ def _source_blocks(manifest: Manifest, dataset_dir: Path, ids: list[int]) -> dic
     return out
 
 
-def held_out_score(model: nn.Module, heldout: Pixels, image_size: int) -> tuple[float, float]:
-    """Mean loss and accuracy on the held-out set, made float a chunk at a time."""
-    loss = correct = 0.0
-    for start in range(0, len(heldout.labels), _EVAL_CHUNK):
-        x = to_tensor(heldout.images[start : start + _EVAL_CHUNK], image_size)
-        y = torch.from_numpy(heldout.labels[start : start + _EVAL_CHUNK])
-        chunk_loss, chunk_accuracy = evaluate(model, x, y)
-        loss += chunk_loss * len(y)
-        correct += chunk_accuracy * len(y)
-    total = max(len(heldout.labels), 1)
-    return loss / total, correct / total
+def load_heldout(plan: Plan) -> HeldOut:
+    """The run's held-out set from local disk: the planner's fragment ids, and the unrotated
+    fragments that vote for each held-out image, exactly as the aggregation scores a round."""
+    manifest, size = plan.manifest, plan.config.model.image_size
+    fragments = read_fragments(manifest, plan.dataset_dir, plan.heldout)
+    image_ids, image_of = image_fragments(manifest)
+    votes = read_fragments(manifest, plan.dataset_dir, image_ids)
+    held = [source.label for source in manifest.sources if source.holdout]
+    return HeldOut(
+        manifest.classes,
+        to_tensor(fragments.images, size),
+        torch.from_numpy(fragments.labels),
+        to_tensor(votes.images, size),
+        torch.tensor(image_of, dtype=torch.long),
+        torch.tensor(held, dtype=torch.long),
+    )
 
 
 def train_central(
@@ -241,16 +248,15 @@ def run_baseline(
         size = pool_size(steps, config.train.batch_size, plan.manifest)
         pool_ids = training_pool(plan.manifest, size, config.run.seed)
         pool = read_fragments(plan.manifest, plan.dataset_dir, pool_ids)
-        heldout = read_fragments(plan.manifest, plan.dataset_dir, plan.heldout)
+        heldout = load_heldout(plan)
         model = _initial_model(plan)
-        curve: list[dict[str, float]] = []
+        curve: list[dict[str, Any]] = []
         points = set(curve_steps(steps))
 
         def on_step(step: int, trained: nn.Module) -> None:
             if step in points:
-                loss, accuracy = held_out_score(trained, heldout, config.model.image_size)
+                curve.append({"step": step, **heldout_metrics(trained, heldout)})
                 trained.train()
-                curve.append({"step": step, "accuracy": accuracy, "loss": loss})
             advance(step)
 
         train_central(model, pool, config, steps, on_step)
@@ -266,7 +272,9 @@ def run_baseline(
         "seconds": round(time.perf_counter() - started, 2),
         "heldout_loss": curve[-1]["loss"],
         "heldout_accuracy": curve[-1]["accuracy"],
-        "curve": curve,
+        "heldout_image_accuracy": curve[-1]["image_accuracy"],
+        "heldout": curve[-1],  # the last evaluation: recall and confusion matrices too
+        "curve": [{k: point[k] for k in CURVE_KEYS} for point in curve],
     }
     write_text(out_dir / RESULT_FILE, json.dumps(result, indent=1) + "\n")
     plot(result, out_dir / PLOT_FILE)
@@ -315,7 +323,10 @@ def plot(result: dict[str, Any], path: Path) -> None:
 
     fig, axis = plt.subplots(figsize=(4.5, 3.2), constrained_layout=True)
     curve = result["curve"]
-    axis.plot([p["step"] for p in curve], [p["accuracy"] for p in curve], marker="o")
+    steps = [point["step"] for point in curve]
+    for key, label in (("accuracy", "fragments"), ("image_accuracy", "images")):
+        axis.plot(steps, [point[key] for point in curve], marker="o", label=label)
+    axis.legend()
     axis.set_xlabel("SGD step")
     axis.set_ylabel("held-out accuracy")
     axis.set_ylim(0, 1)
@@ -329,6 +340,7 @@ def summary(result: dict[str, Any], out_dir: Path) -> str:
     """The one line `dagtrain baseline` prints."""
     return (
         f"baseline: {result['steps']} steps in {result['seconds']:.0f} s "
-        f"({result['threads']} thread(s)), held-out accuracy {result['heldout_accuracy']:.3f}, "
-        f"loss {result['heldout_loss']:.3f} -> {out_dir / RESULT_FILE}"
+        f"({result['threads']} thread(s)), held-out accuracy {result['heldout_accuracy']:.3f} "
+        f"(images {result['heldout_image_accuracy']:.3f}), loss {result['heldout_loss']:.3f} "
+        f"-> {out_dir / RESULT_FILE}"
     )
