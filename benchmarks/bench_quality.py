@@ -128,7 +128,12 @@ def _dagtrain(*argv: str) -> float:
 def _central(config: Path, steps: int, out: Path) -> dict[str, Any]:
     seconds = _dagtrain("baseline", str(config), "--steps", str(steps), "--out", str(out))
     result = json.loads((out / "baseline.json").read_text())
-    return {"steps": steps, "accuracy": result["heldout_accuracy"], "seconds": seconds}
+    return {
+        "steps": steps,
+        "accuracy": result["heldout_accuracy"],
+        "image_accuracy": result["heldout_image_accuracy"],
+        "seconds": seconds,
+    }
 
 
 def _federated(config: Path, run_dir: Path, slots: int, steps: int) -> dict[str, Any]:
@@ -137,7 +142,12 @@ def _federated(config: Path, run_dir: Path, slots: int, steps: int) -> dict[str,
     report = json.loads((run_dir / "report.json").read_text())
     if report["status"] != "completed":
         sys.exit(f"{run_dir}: the run ended {report['status']}; see its report.json")
-    return {"steps": steps, "accuracy": report["final_accuracy"], "seconds": seconds}
+    return {
+        "steps": steps,
+        "accuracy": report["final_accuracy"],
+        "image_accuracy": report["final_image_accuracy"],
+        "seconds": seconds,
+    }
 
 
 def _checkout() -> dict[str, Any]:
@@ -153,7 +163,7 @@ def _checkout() -> dict[str, Any]:
 def _table(results: dict[str, dict[str, Any]], nodes: int) -> Table:
     central = results["central"]["accuracy"]
     table = Table(title="held-out accuracy: federated against centralized")
-    for column in ("run", "steps", "accuracy", "against central", "wall s"):
+    for column in ("run", "steps", "accuracy", "against central", "image accuracy", "wall s"):
         table.add_column(column, justify="right" if column != "run" else "left")
     labels = {
         "central": ("central, S steps", ""),
@@ -175,6 +185,7 @@ def _table(results: dict[str, dict[str, Any]], nodes: int) -> Table:
             str(run["steps"]),
             f"{run['accuracy']:.3f}",
             against.format(ratio=ratio, points=points),
+            f"{run['image_accuracy']:.3f}",
             f"{run['seconds']:.0f}",
         )
     return table
@@ -216,7 +227,7 @@ def main() -> None:
     }
     summary["targets_met"] = {"a": summary["ratio_a"] >= 0.95, "b": summary["points_b"] >= 5}
     (out / "bench_quality.json").write_text(json.dumps(summary, indent=1) + "\n")
-    Console(width=100).print(_table(results, args.nodes))
+    Console(width=110).print(_table(results, args.nodes))
     print(f"commit {summary['commit'][:10]}; written {out / 'bench_quality.json'}")
 
 
