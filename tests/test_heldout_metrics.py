@@ -20,6 +20,7 @@ from aggregation.report_plots import curves, wall_times
 from node_payload.common.manifest import Manifest
 from node_payload.common.run_config import RunConfig
 from node_payload.common.run_layout import round_metrics_path
+from pipeline.run_summary import summary_line
 
 
 class FirstPixels(nn.Module):
@@ -171,3 +172,10 @@ def test_a_run_without_confusion_matrices_gets_no_confusion_figure(tmp_path: Pat
     path.write_text(json.dumps(row))
     write_report(tmp_path, config, 0)
     assert (tmp_path / "accuracy.png").is_file() and not (tmp_path / "confusion.png").exists()
+
+
+def test_the_final_console_line_shows_whole_image_accuracy(tmp_path: Path) -> None:
+    report = {"status": "completed", "summary": "2/2 rounds", "final_accuracy": 0.8125}
+    line = summary_line({**report, "final_image_accuracy": 0.95}, tmp_path)
+    assert "final held-out accuracy 0.812 (whole images 0.950); report:" in line
+    assert "whole images" not in summary_line(report, tmp_path)  # a run before image accuracy

@@ -116,3 +116,58 @@ def test_round_metrics_report_the_coverage_of_training_positions(planned) -> Non
     metrics = aggregate_round(run_dir, config, 0)
     total = sum(len(manifest.by_source()[s]) for s in training) // n_angles
     assert metrics["coverage"] == pytest.approx(2 / total)
+
+
+def test_round_metrics_hold_image_accuracy_recall_and_confusion(planned) -> None:
+    run_dir, config = planned
+    for node in range(3):
+        _write_update(run_dir, node, 0.01, 10)
+    metrics = aggregate_round(run_dir, config, 0)
+    classes = Manifest.load(Path(config.data.dataset) / "manifest.json").classes
+    assert metrics["classes"] == classes
+    assert 0.0 <= metrics["image_accuracy"] <= 1.0
+    assert set(metrics["recall"]) == set(metrics["image_recall"]) == set(classes)
+    for key, total in (("confusion", "heldout_samples"), ("image_confusion", "heldout_images")):
+        matrix = metrics[key]
+        assert len(matrix) == len(classes) and sum(map(sum, matrix)) == metrics[total]
+    assert "sources_per_class" not in metrics  # no node reported it
+
+
+def test_sources_per_class_summarises_the_nodes_that_reported_it(planned, capsys) -> None:
+    run_dir, config = planned
+    reports = {0: {"min": 2, "mean": 3.5}, 1: {"min": 1, "mean": 2.5}, 2: "many"}
+    for node, value in reports.items():
+        _write_update(run_dir, node, 0.01, 10)
+        (node_dir(run_dir, 0, node) / "metrics.json").write_text(
+            json.dumps({"sources_per_class": value, **_NODE_METRICS})
+        )
+    metrics = aggregate_round(run_dir, config, 0)
+    assert metrics["sources_per_class"] == {"min": 1, "mean": 3.0}
+    assert "round 0 node 2: sources_per_class 'many' ignored" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        "many",
+        [1, 2],
+        {"min": -1, "mean": 2.0},
+        {"min": 1.5, "mean": 2.0},
+        {"min": True, "mean": 2.0},
+        {"min": 1, "mean": float("nan")},
+        {"min": 1, "mean": "2"},
+        {"min": 3, "mean": 2.0},
+        {"min": 1},
+        {"min": 1, "mean": 2.0, "max": 10**30},
+    ],
+)
+def test_a_malformed_sources_per_class_is_left_out(planned, capsys, value) -> None:
+    run_dir, config = planned
+    for node in range(3):
+        _write_update(run_dir, node, 0.01, 10)
+    (node_dir(run_dir, 0, 1) / "metrics.json").write_text(
+        json.dumps({"sources_per_class": value, **_NODE_METRICS})
+    )
+    metrics = aggregate_round(run_dir, config, 0)
+    assert "sources_per_class" not in metrics
+    assert "round 0 node 1: sources_per_class" in capsys.readouterr().out
