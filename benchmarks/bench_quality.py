@@ -205,7 +205,7 @@ def main() -> None:
     config_a = _write_config(raw, out / "quality_a.toml")
     config_b = _write_config(wide, out / "quality_b.toml")
     steps = args.nodes * args.rounds * raw["train"]["local_steps"]
-    load_before = os.getloadavg()
+    checkout, load_before = _checkout(), os.getloadavg()  # what the runs execute, at the start
     results = {
         "central": _central(config_a, steps, out / "central"),
         "federated_a": _federated(config_a, out / "federated_a", args.slots, steps),
@@ -215,7 +215,7 @@ def main() -> None:
         results["central_long"] = _central(config_a, steps * args.nodes, out / "central_long")
     central = results["central"]["accuracy"]
     summary = {
-        **_checkout(),
+        **checkout,
         "dataset": str(dataset),
         "cores": os.cpu_count(),
         "slots": args.slots,
