@@ -343,6 +343,7 @@ def _node_task(tmp_path, monkeypatch, method: str) -> node_job.NodeTask:
     )
     monkeypatch.setattr(node_job, "planned_manifest", lambda *args: None)
     monkeypatch.setattr(node_job, "local_sets", lambda *args: ([1, 2], [3]))
+    monkeypatch.setattr(node_job, "sources_per_class", lambda *args: {"min": 1, "mean": 1.0})
     monkeypatch.setattr(node_job, "load_fragments", lambda m, ids, *rest: _Local(16 * len(ids)))
     out = tmp_path / "out"
     return node_job.NodeTask(
