@@ -126,15 +126,14 @@ def _check_diversity(manifest: Manifest) -> None:
     for name, n in short.items():
         by_count.setdefault(n, []).append(repr(name))
     counts = "; ".join(
-        f"{n} in {len(names)} ({', '.join(names[:3])}{', ...' if len(names) > 3 else ''})"
+        f"{n} in {', '.join(names[:3])}{f' and {len(names) - 3} more' if len(names) > 3 else ''}"
         for n, names in sorted(by_count.items())
     )
     _warn(
-        f"{manifest.origin}: {len(short)} of {len(manifest.classes)} classes have fewer than the "
-        f"{TARGET_SOURCES} training source images a node's local train set spans per class "
-        f"(non-holdout images less the one a local test needs: {counts}); local sets use what "
-        f"there is. Add images, or prepare the dataset with a lower holdout (now "
-        f"{manifest.holdout})"
+        f"{manifest.origin}: a node's local train set spans up to {TARGET_SOURCES} source images "
+        f"per class, but {len(short)} of {len(manifest.classes)} classes have fewer to give "
+        f"(non-holdout images less one for the local test): {counts}; local sets use what there "
+        f"is. Add images, or prepare the dataset with a lower holdout (now {manifest.holdout})"
     )
 
 

@@ -270,6 +270,7 @@ def test_too_few_source_images_for_the_target_diversity_is_said_and_planned(
     """The tiny dataset keeps 3 of 4 images per class for training: local sets span 2."""
     run = plan_from_file(tiny_config(), tmp_path / "run")
     err = " ".join(capsys.readouterr().err.split())
-    assert "4 of 4 classes have fewer than the 16 training source images" in err
-    assert "2 in 4 (" in err and "holdout (now 0.25)" in err
+    assert "spans up to 16 source images per class, but 4 of 4 classes have fewer" in err
+    assert "2 in '" in err and "and 1 more; local sets use what there is" in err
+    assert "lower holdout (now 0.25)" in err
     assert (run / "dagtrain.dag").is_file()
