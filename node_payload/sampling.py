@@ -36,6 +36,7 @@ _FIX = "lower [data] local_train/local_test or add more source images"
 # draws every batch from all of a class's images; 16 per class reaches most of that accuracy on
 # the measured datasets (benchmarks/bench_sampling.py) for a few times the bytes of one image.
 TARGET_SOURCES = 16
+_SHAPES = ("patch", "run", "scatter")
 
 
 @dataclass(frozen=True)
@@ -52,6 +53,12 @@ class ChunkPolicy:
     sources: int = TARGET_SOURCES
     min_chunk: int = 1
     shape: Literal["patch", "run", "scatter"] = "patch"
+
+    def __post_init__(self) -> None:
+        if self.sources < 0 or self.min_chunk < 1 or self.shape not in _SHAPES:
+            raise ValueError(
+                f"{self}: sources must be >= 0, min_chunk >= 1 and shape one of {_SHAPES}"
+            )
 
     def spread(self, quota: int, available: int) -> int:
         """How many source images a quota of `quota` positions is spread over."""

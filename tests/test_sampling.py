@@ -289,3 +289,25 @@ def test_sources_per_class_counts_a_class_without_fragments_as_zero():
     some_a = [i for i in local_sets(PHOTOS, 0, 20, 4)[0] if PHOTOS.fragment(i).label == 0]
     assert sources_per_class(PHOTOS, some_a) == {"min": 0, "mean": 5.0}
     assert sources_per_class(PHOTOS, []) == {"min": 0, "mean": 0.0}
+
+
+def test_sources_too_small_for_their_share_bring_in_more_sources():
+    """30 one-position images a class: a quota of 20 needs 20 of them, not 16."""
+    ones = make_manifest({"a": [1] * 30, "b": [1] * 30}, {}, angles=4)
+    train, test = local_sets(ones, 0, n_train=40, n_test=4)
+    assert sources_per_class(ones, train) == {"min": 20, "mean": 20.0}
+    assert not source_of(ones, train) & source_of(ones, test)
+
+
+@pytest.mark.parametrize("seed", range(10))
+def test_a_quota_beyond_every_position_repeats_positions_at_distinct_angles(seed):
+    small = make_manifest({"a": [2, 2, 2], "b": [2, 2, 2]}, {}, angles=8)
+    train, _ = local_sets(small, seed, n_train=40, n_test=2)
+    assert_balanced(small, train, 40)
+    assert len(set(train)) == 40  # 20 a class from 4 positions: 5 distinct angles each
+
+
+@pytest.mark.parametrize("bad", [{"min_chunk": 0}, {"sources": -1}, {"shape": "bands"}])
+def test_a_policy_that_cannot_draw_is_refused(bad):
+    with pytest.raises(ValueError, match="min_chunk >= 1"):
+        ChunkPolicy(**bad)
