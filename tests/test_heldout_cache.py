@@ -1,20 +1,25 @@
 """The held-out caches in a run directory: fetched once, then used only while they hold exactly
-the expected tensors; a corrupt or hostile cache is named and fetched again, never scored."""
+the expected tensors; a corrupt or hostile cache is named and fetched again, never scored. And
+the asynchronous report, which fetches them at the FINAL node."""
 
 import os
 import pickle
+import shutil
 from collections.abc import Callable, Iterator
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 import torch
 
+from aggregation.async_state import read_ledger, write_ledger
 from aggregation.heldout import HeldOut, load_heldout
 from aggregation.heldout_cache import BadCache, Expected, read_cache
+from aggregation.report import write_report
 from node_payload.common.errors import UserError
 from node_payload.common.manifest import Manifest
 from node_payload.common.run_config import RunConfig, read_run_config
-from node_payload.common.run_layout import HELDOUT_CACHE, HELDOUT_IMAGES_CACHE
+from node_payload.common.run_layout import HELDOUT_CACHE, HELDOUT_IMAGES_CACHE, model_path
 from node_payload.common.tensor_io import load_tensors, save_tensors
 from pipeline.mirrors import serve
 from pipeline.planner import plan_from_file
@@ -166,3 +171,25 @@ def test_the_cache_check_reads_nothing_past_the_expected_size(tmp_path: Path) ->
     save_tensors(path, {"x": torch.zeros(2, 3)}, {"format": "f", "pad": "p" * (2 << 20)})
     with pytest.raises(BadCache, match="more than the"):
         read_cache(path, expected)
+
+
+def test_an_asynchronous_report_scores_images_in_every_evaluation(tiny_config, tmp_path) -> None:
+    run_dir = plan_from_file(tiny_config(run__mode='"async"'), tmp_path / "run")
+    config = read_run_config(run_dir / "config.toml")
+    shutil.copy(model_path(run_dir, 0), model_path(run_dir, 1))
+    version = {"version": 1, "at": 130.0, "updates": [], "staleness": [], "clipped": {}}
+    ledger = read_ledger(run_dir)
+    write_ledger(run_dir, replace(ledger, version=1, started_at=100.0, versions=[version]))
+    ports = [int(url.rsplit(":", 1)[1]) for url in config.data.mirrors]
+    with serve(Path(config.data.dataset), ports):
+        report = write_report(run_dir, config, 0)
+    rows = report["evaluations"]
+    assert [(r["version"], r["seconds"]) for r in rows] == [(0, 0.0), (1, 30.0)]
+    for row in rows:
+        assert 0.0 <= row["image_accuracy"] <= 1.0
+        assert sum(map(sum, row["image_confusion"])) == row["heldout_images"] > 0
+        assert set(row["recall"]) == set(report["classes"])
+    assert report["final_image_accuracy"] == rows[-1]["image_accuracy"]
+    assert report["final_confusion"] == rows[-1]["confusion"]
+    for name in ("accuracy.png", "confusion.png"):
+        assert (run_dir / name).read_bytes().startswith(b"\x89PNG")
