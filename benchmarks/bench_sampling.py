@@ -17,8 +17,8 @@ Datasets: the UIUC texture photographs (25 classes x 40 grey 256 px photos: tile
 angles 0:360:5, holdout 0.3) and the procedural demo's textures (6 classes x 8 images of 1000 px,
 the demo config's tile, angles and holdout).
 
-Run:  nice -n 5 python benchmarks/bench_sampling.py [--datasets uiuc demo] [--seeds 1]
-          [--work DIR]
+Run:  nice -n 5 python benchmarks/bench_sampling.py [--datasets uiuc demo]
+          [--policies previous rows adaptive4 adaptive scattered] [--seeds 1] [--work DIR]
 """
 
 import argparse
@@ -50,6 +50,7 @@ from pipeline.demo import DEMO_CONFIG, demo_textures
 from pipeline.mirrors import serve
 
 UIUC = Path("/work/shared/data/uiuc-texture")
+POLICIES = ("previous", "rows", "adaptive4", "adaptive", "scattered")
 
 
 @dataclass(frozen=True)
@@ -92,16 +93,16 @@ TASKS = {
 }
 
 
-def policies(manifest: Manifest) -> dict[str, ChunkPolicy]:
+def policies(manifest: Manifest) -> dict[str, tuple[str, ChunkPolicy]]:
     """The previous default, whole position rows, the adaptive policy (with 1 and 4 positions a
-    chunk at least) and fully scattered fragments."""
+    chunk at least) and fully scattered fragments, by short name."""
     row = statistics.median_low(s.nx for s in manifest.sources)
     return {
-        "chunks of 64 (previous)": ChunkPolicy(sources=0, min_chunk=64, shape="run"),
-        f"whole rows ({row})": ChunkPolicy(sources=0, min_chunk=row, shape="run"),
-        "adaptive 16, patch >= 4": ChunkPolicy(min_chunk=4),
-        "adaptive 16 (default)": ChunkPolicy(),
-        "scattered (reference)": ChunkPolicy(sources=0, min_chunk=1, shape="scatter"),
+        "previous": ("chunks of 64 (previous)", ChunkPolicy(sources=0, min_chunk=64, shape="run")),
+        "rows": (f"whole rows ({row})", ChunkPolicy(sources=0, min_chunk=row, shape="run")),
+        "adaptive4": ("adaptive 16, patch >= 4", ChunkPolicy(min_chunk=4)),
+        "adaptive": ("adaptive 16 (default)", ChunkPolicy()),
+        "scattered": ("scattered (reference)", ChunkPolicy(sources=0, shape="scatter")),
     }
 
 
@@ -146,8 +147,9 @@ def federated_run(
     heldout: Tensors,
     policy: ChunkPolicy,
     seed: int,
-) -> Tally:
-    tally = Tally([], [], [], [], [])
+    tally: Tally,
+) -> None:
+    """One run's figures, added to the tally."""
     model = build_model("smallcnn", len(manifest.classes), 1, seed=seed)
     schedule = Schedule.for_run(TrainTable(lr=task.lr), task.steps, task.rounds)
     for round_ in range(task.rounds):
@@ -184,7 +186,7 @@ def federated_run(
     tally.accuracy.append(evaluate(model, heldout.x, heldout.y)[1])
 
 
-def measure(task: Task, work: Path, seeds: int) -> None:
+def measure(task: Task, work: Path, seeds: int, chosen: list[str]) -> None:
     dataset_dir = dataset(task, work)
     manifest = Manifest.load(dataset_dir / "manifest.json")
     train_sources = min(
@@ -208,7 +210,7 @@ def measure(task: Task, work: Path, seeds: int) -> None:
         heldout = load_fragments(
             manifest, ids, BlockSource(mirrors.urls, 0, FetchStats()), manifest.tile
         )
-        for name, policy in policies(manifest).items():
+        for name, policy in (policies(manifest)[k] for k in chosen):
             started = time.perf_counter()
             total = Tally([], [], [], [], [])
             for seed in range(1, seeds + 1):
@@ -225,6 +227,9 @@ def measure(task: Task, work: Path, seeds: int) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--datasets", nargs="+", choices=sorted(TASKS), default=["uiuc", "demo"])
+    parser.add_argument(
+        "--policies", nargs="+", choices=POLICIES, default=list(POLICIES), help="which to run"
+    )
     parser.add_argument("--seeds", type=int, default=1, help="runs per policy (model and draws)")
     parser.add_argument("--work", type=Path, help="keep prepared datasets here between runs")
     args = parser.parse_args()
@@ -232,7 +237,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         work = args.work or Path(tmp)
         for name in args.datasets:
-            measure(TASKS[name], work, args.seeds)
+            measure(TASKS[name], work, args.seeds, args.policies)
 
 
 if __name__ == "__main__":
