@@ -197,7 +197,7 @@ def train_central(
         weight_decay=train.weight_decay,
     )
     loss_fn = nn.CrossEntropyLoss()
-    batch = min(train.batch_size, len(pool.labels))
+    batch = train.batch_size  # the pool holds at least one batch (pool_size)
     order = torch.randperm(len(pool.labels), generator=generator)
     cursor = 0
     model.train()
