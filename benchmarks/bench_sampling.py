@@ -150,7 +150,8 @@ def federated_run(
     tally: Tally,
 ) -> None:
     """One run's figures, added to the tally."""
-    model = build_model("smallcnn", len(manifest.classes), 1, seed=seed)
+    channels = 1 if manifest.mode == "L" else 3
+    model = build_model("smallcnn", len(manifest.classes), channels, seed=seed)
     schedule = Schedule.for_run(TrainTable(lr=task.lr), task.steps, task.rounds)
     for round_ in range(task.rounds):
         states = []
