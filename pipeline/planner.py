@@ -94,8 +94,8 @@ class Plan:
         return run_dag(self.config)
 
 
-def _warn(message: str) -> None:
-    Console(stderr=True).print(f"[yellow]warning:[/] {escape(message)}", soft_wrap=True)
+def _warn(message: str, label: str = "[yellow]warning:[/]") -> None:
+    Console(stderr=True).print(f"{label} {escape(message)}", soft_wrap=True)
 
 
 def _check_batches(data: DataTable, train: TrainTable, origin: str) -> None:
@@ -133,7 +133,8 @@ def _check_diversity(manifest: Manifest) -> None:
         f"{manifest.origin}: a node's local train set spans up to {TARGET_SOURCES} source images "
         f"per class, but {len(short)} of {len(manifest.classes)} classes have fewer to give "
         f"(non-holdout images less one for the local test): {counts}; local sets use what there "
-        f"is. Add images, or prepare the dataset with a lower holdout (now {manifest.holdout})"
+        f"is. Add images, or prepare the dataset with a lower holdout (now {manifest.holdout})",
+        label="note:",  # the plan is sound: its local sets are as varied as the data allows
     )
 
 
