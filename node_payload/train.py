@@ -1,6 +1,7 @@
 """Local training of the global model copy, and evaluation shared with the aggregator."""
 
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -53,6 +54,32 @@ def steps_for(local_steps: int, local_epochs: float, samples: int, batch_size: i
     return max(1, math.ceil(local_epochs * samples / batch_size))
 
 
+def sgd(
+    model: nn.Module, lr: float, momentum: float, nesterov: bool, weight_decay: float
+) -> torch.optim.SGD:
+    """The optimizer every trainer of a run uses: node jobs and the centralized baseline."""
+    return torch.optim.SGD(
+        model.parameters(),
+        lr=lr,
+        momentum=momentum,
+        nesterov=nesterov and momentum > 0,
+        weight_decay=weight_decay,
+    )
+
+
+def shuffled_batches(n: int, batch_size: int, generator: torch.Generator) -> Iterator[torch.Tensor]:
+    """Index batches over shuffled epochs of n samples; an epoch's last partial batch is left
+    out (the planner warns about a local_train that is not a multiple of batch_size)."""
+    order = torch.randperm(n, generator=generator)
+    cursor = 0
+    while True:
+        if cursor + batch_size > n:
+            order = torch.randperm(n, generator=generator)
+            cursor = 0
+        yield order[cursor : cursor + batch_size]
+        cursor += batch_size
+
+
 def train_local(
     model: nn.Module,
     x: torch.Tensor,
@@ -71,26 +98,14 @@ def train_local(
     """SGD with (Nesterov) momentum over shuffled epochs of the local set, at the schedule's
     rates for global steps first_step onwards; seeded so a node is reproducible."""
     generator = torch.Generator().manual_seed(seed)
-    optimizer = torch.optim.SGD(
-        model.parameters(),
-        lr=schedule.lr(first_step),
-        momentum=momentum,
-        nesterov=nesterov and momentum > 0,
-        weight_decay=weight_decay,
-    )
+    optimizer = sgd(model, schedule.lr(first_step), momentum, nesterov, weight_decay)
     loss_fn = nn.CrossEntropyLoss()
     model.train()
-    order = torch.randperm(len(y), generator=generator)
-    cursor = 0
+    batches = shuffled_batches(len(y), batch_size, generator)
     total_loss, correct, seen = 0.0, 0, 0
-    for step in range(first_step, first_step + steps):
+    for step, index in zip(range(first_step, first_step + steps), batches, strict=False):
         for group in optimizer.param_groups:
             group["lr"] = schedule.lr(step)
-        if cursor + batch_size > len(order):
-            order = torch.randperm(len(y), generator=generator)
-            cursor = 0
-        index = order[cursor : cursor + batch_size]
-        cursor += batch_size
         inputs = augment_batch(x[index], generator) if augment else x[index]
         logits = model(inputs)
         loss = loss_fn(logits, y[index])

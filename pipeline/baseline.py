@@ -32,7 +32,7 @@ from node_payload.common.manifest import Manifest
 from node_payload.common.models import build_model
 from node_payload.common.run_config import RunConfig
 from node_payload.fragments import cut, decode
-from node_payload.train import Schedule, steps_for
+from node_payload.train import Schedule, sgd, shuffled_batches, steps_for
 from pipeline.config import ConfigFile, load
 from pipeline.planner import Plan, make_plan
 
@@ -189,26 +189,15 @@ def train_central(
     train = config.train
     schedule = Schedule.for_run(train, steps, 1)
     generator = torch.Generator().manual_seed(_seed(config.run.seed))
-    optimizer = torch.optim.SGD(
-        model.parameters(),
-        lr=schedule.lr(0),
-        momentum=train.momentum,
-        nesterov=train.nesterov and train.momentum > 0,
-        weight_decay=train.weight_decay,
-    )
+    optimizer = sgd(model, schedule.lr(0), train.momentum, train.nesterov, train.weight_decay)
     loss_fn = nn.CrossEntropyLoss()
-    batch = train.batch_size  # the pool holds at least one batch (pool_size)
-    order = torch.randperm(len(pool.labels), generator=generator)
-    cursor = 0
+    # the pool holds at least one batch (pool_size)
+    batches = shuffled_batches(len(pool.labels), train.batch_size, generator)
     model.train()
-    for step in range(steps):
+    for step, batch in zip(range(steps), batches, strict=False):
         for group in optimizer.param_groups:
             group["lr"] = schedule.lr(step)
-        if cursor + batch > len(order):
-            order = torch.randperm(len(pool.labels), generator=generator)
-            cursor = 0
-        index = order[cursor : cursor + batch].numpy()
-        cursor += batch
+        index = batch.numpy()
         x = to_tensor(pool.images[index], config.model.image_size)
         inputs = augment(x, generator) if train.augment else x
         loss = loss_fn(model(inputs), torch.from_numpy(pool.labels[index]))
