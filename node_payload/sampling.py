@@ -85,7 +85,7 @@ def _rng(seed: int) -> np.random.Generator:
     return np.random.Generator(np.random.PCG64(seed))
 
 
-def _quotas(total: int, n_classes: int, rng: np.random.Generator) -> list[int]:
+def class_quotas(total: int, n_classes: int, rng: np.random.Generator) -> list[int]:
     """Spread `total` over the classes: each gets floor or ceil, random classes get the extra."""
     base, extra = divmod(total, n_classes)
     quotas = [base] * n_classes
@@ -94,7 +94,7 @@ def _quotas(total: int, n_classes: int, rng: np.random.Generator) -> list[int]:
     return quotas
 
 
-def _class_pools(manifest: Manifest, holdout: bool) -> list[dict[int, range]]:
+def class_pools(manifest: Manifest, holdout: bool) -> list[dict[int, range]]:
     """Per class: source index -> fragment ids, for holdout or for non-holdout sources."""
     pools: list[dict[int, range]] = [{} for _ in manifest.classes]
     for source, ids in manifest.by_source().items():
@@ -150,7 +150,7 @@ def check_capacity(manifest: Manifest, n_train: int, n_test: int) -> None:
         raise UserError(f"local set sizes must be local_train >= 1 and local_test >= 0: {_FIX}")
     per_train = math.ceil(n_train / len(manifest.classes))
     per_test = math.ceil(n_test / len(manifest.classes))
-    for label, pool in enumerate(_class_pools(manifest, holdout=False)):
+    for label, pool in enumerate(class_pools(manifest, holdout=False)):
         _check_class(manifest, label, [len(ids) for ids in pool.values()], per_train, per_test)
 
 
@@ -267,11 +267,11 @@ def local_sets(
     drawn as one chunk per source image over as many images as the policy spreads them."""
     check_capacity(manifest, n_train, n_test)
     rng = _rng(seed)
-    train_quota = _quotas(n_train, len(manifest.classes), rng)
-    test_quota = _quotas(n_test, len(manifest.classes), rng)
+    train_quota = class_quotas(n_train, len(manifest.classes), rng)
+    test_quota = class_quotas(n_test, len(manifest.classes), rng)
     train: list[int] = []
     test: list[int] = []
-    for label, pool in enumerate(_class_pools(manifest, holdout=False)):
+    for label, pool in enumerate(class_pools(manifest, holdout=False)):
         sources = sorted(pool)
         counts = [len(pool[s]) // len(manifest.angles) for s in sources]  # positions
         if not _feasible(counts, *_train_range(counts, train_quota[label], test_quota[label])):
@@ -297,7 +297,7 @@ def sources_per_class(manifest: Manifest, ids: list[int]) -> dict[str, int | flo
 def source_shortfall(manifest: Manifest) -> dict[str, int]:
     """Classes whose local train sets cannot span TARGET_SOURCES images, with how many they can:
     their non-holdout sources, less the one a local test needs at least."""
-    pools = _class_pools(manifest, holdout=False)
+    pools = class_pools(manifest, holdout=False)
     return {
         name: len(pool) - 1
         for name, pool in zip(manifest.classes, pools, strict=True)
@@ -313,10 +313,10 @@ def heldout_set(manifest: Manifest, n: int, seed: int) -> list[int]:
     """
     if n < 0:
         raise UserError(f"[data] heldout_test must be >= 0, got {n}")
-    pools = _class_pools(manifest, holdout=True)
+    pools = class_pools(manifest, holdout=True)
     smallest = min(sum(len(ids) for ids in pool.values()) for pool in pools)
     rng = _rng(seed)
-    quota = _quotas(min(n, smallest * len(pools)), len(manifest.classes), rng)
+    quota = class_quotas(min(n, smallest * len(pools)), len(manifest.classes), rng)
     chosen: list[int] = []
     for label, pool in enumerate(pools):
         chosen += _draw(pool, list(pool), quota[label], rng)

@@ -32,6 +32,7 @@ from node_payload.common.manifest import Manifest
 from node_payload.common.models import build_model
 from node_payload.common.run_config import RunConfig
 from node_payload.fragments import cut, decode
+from node_payload.sampling import class_pools, class_quotas
 from node_payload.train import Schedule, sgd, shuffled_batches, steps_for
 from pipeline.config import ConfigFile, load
 from pipeline.planner import Plan, make_plan
@@ -92,20 +93,15 @@ def training_pool(manifest: Manifest, n: int, seed: int) -> list[int]:
     """n class-balanced fragment ids (sorted), uniform over each class's non-holdout fragments:
     every source, position and angle can be drawn. Distinct while the class has enough."""
     rng = np.random.Generator(np.random.PCG64(_seed(seed)))
-    classes = len(manifest.classes)
-    quotas = np.full(classes, n // classes)
-    quotas[rng.choice(classes, size=n % classes, replace=False)] += 1
-    ranges: list[list[range]] = [[] for _ in manifest.classes]
-    for source, ids in manifest.by_source().items():
-        if not manifest.sources[source].holdout:
-            ranges[manifest.sources[source].label].append(ids)
+    quotas = class_quotas(n, len(manifest.classes), rng)
     chosen: list[int] = []
-    for label, quota in enumerate(quotas.tolist()):
-        sizes = np.array([len(r) for r in ranges[label]])
+    for quota, pool in zip(quotas, class_pools(manifest, holdout=False), strict=True):
+        ranges = list(pool.values())
+        sizes = np.array([len(r) for r in ranges])
         ends = np.cumsum(sizes)
         picks = rng.choice(int(ends[-1]), size=quota, replace=quota > ends[-1])
         which = np.searchsorted(ends, picks, side="right")
-        shift = np.array([r.start for r in ranges[label]]) - (ends - sizes)  # pick -> its id
+        shift = np.array([r.start for r in ranges]) - (ends - sizes)  # pick -> its id
         chosen += (picks + shift[which]).tolist()
     return sorted(chosen)
 
