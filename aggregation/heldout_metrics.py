@@ -1,9 +1,11 @@
-"""What an evaluation on the held-out set reports: fragment and image accuracy, per-class recall
+"""What an evaluation reports: fragment and image accuracy, per-class recall, precision and F1,
 and confusion matrices.
 
 Fragment accuracy scores tiles one by one; users of microscopy want the class of a whole image, so
 each held-out image also gets one prediction, the argmax of the mean softmax over its unrotated
-fragments (see aggregation.heldout.image_fragments).
+fragments (see aggregation.heldout.image_fragments). The one implementation of these metrics: the
+rounds' and the FINAL report's held-out evaluation and `dagtrain evaluate` on new labelled images
+(pipeline.inference.evaluate) both score with it.
 """
 
 from typing import Any
@@ -36,21 +38,70 @@ def recall(confusion: torch.Tensor) -> list[float | None]:
     return [hit / total if total else None for hit, total in zip(hits, totals, strict=True)]
 
 
+def precision(confusion: torch.Tensor) -> list[float | None]:
+    """Per predicted class, the share that truly is that class; None for a class never predicted."""
+    totals = confusion.sum(dim=0).tolist()
+    hits = confusion.diagonal().tolist()
+    return [hit / total if total else None for hit, total in zip(hits, totals, strict=True)]
+
+
+def f1(confusion: torch.Tensor) -> list[float | None]:
+    """Per class, the harmonic mean of precision and recall; None when either is undefined."""
+    return [
+        None if p is None or r is None else (2 * p * r / (p + r) if p + r else 0.0)
+        for p, r in zip(precision(confusion), recall(confusion), strict=True)
+    ]
+
+
+class ImageVotes:
+    """Each image's class probabilities, the mean of its fragments' softmax outputs, summed batch
+    by batch: an image of any number of fragments is scored in memory O(classes)."""
+
+    def __init__(self, images: int, classes: int) -> None:
+        self.sums = torch.zeros(images, classes, dtype=torch.float64)
+        self.counts = torch.zeros(images, dtype=torch.long)
+
+    def add(self, probabilities: torch.Tensor, image_of: torch.Tensor) -> None:
+        self.sums.index_add_(0, image_of, probabilities.double())
+        self.counts += torch.bincount(image_of, minlength=len(self.counts))
+
+    def probabilities(self) -> torch.Tensor:
+        return self.sums / self.counts.clamp(min=1)[:, None]
+
+    def votes(self) -> torch.Tensor:
+        """Each image's class: the argmax of its mean softmax."""
+        return self.probabilities().argmax(dim=1)
+
+
 def image_votes(probabilities: torch.Tensor, image_of: torch.Tensor, images: int) -> torch.Tensor:
     """Each image's class: the argmax of the mean of its fragments' softmax outputs."""
-    sums = torch.zeros(images, probabilities.shape[1], dtype=probabilities.dtype)
-    sums.index_add_(0, image_of, probabilities)
-    counts = torch.bincount(image_of, minlength=images).clamp(min=1)
-    return (sums / counts[:, None]).argmax(dim=1)
+    votes = ImageVotes(images, probabilities.shape[1])
+    votes.add(probabilities, image_of)
+    return votes.votes()
 
 
 def accuracy(confusion: torch.Tensor) -> float:
     return int(confusion.diagonal().sum()) / max(int(confusion.sum()), 1)
 
 
+def level_metrics(names: list[str], confusion: torch.Tensor, prefix: str = "") -> dict[str, Any]:
+    """Accuracy, per-class recall, precision and F1 (by class name) and the confusion matrix
+    (rows: true class, columns: predicted, in the order of `names`), keys prefixed (`image_`)."""
+    by_name = {
+        "recall": recall(confusion),
+        "precision": precision(confusion),
+        "f1": f1(confusion),
+    }
+    return {
+        f"{prefix}accuracy": accuracy(confusion),
+        **{f"{prefix}{k}": dict(zip(names, v, strict=True)) for k, v in by_name.items()},
+        f"{prefix}confusion": confusion.tolist(),
+    }
+
+
 def heldout_metrics(model: nn.Module, heldout: HeldOut) -> dict[str, Any]:
-    """Fragment accuracy and loss, image accuracy, and both levels' recall (by class name) and
-    confusion matrix (rows: true class, columns: predicted, in the order of `classes`)."""
+    """Fragment accuracy and loss, image accuracy, and both levels' per-class metrics and
+    confusion matrix (level_metrics)."""
     names, classes = heldout.classes, len(heldout.classes)
     fragment_logits = logits(model, heldout.x, classes)
     loss = float(F.cross_entropy(fragment_logits, heldout.y)) if len(heldout.y) else 0.0
@@ -59,26 +110,19 @@ def heldout_metrics(model: nn.Module, heldout: HeldOut) -> dict[str, Any]:
     voted = image_votes(probabilities, heldout.image_of, len(heldout.image_y))
     images = confusion_matrix(heldout.image_y, voted, classes)
     return {
-        "accuracy": accuracy(fragments),
-        "image_accuracy": accuracy(images),
         "loss": loss,
         "heldout_samples": len(heldout.y),
         "heldout_images": len(heldout.image_y),
         "classes": names,
-        "recall": dict(zip(names, recall(fragments), strict=True)),
-        "image_recall": dict(zip(names, recall(images), strict=True)),
-        "confusion": fragments.tolist(),
-        "image_confusion": images.tolist(),
+        **level_metrics(names, fragments),
+        **level_metrics(names, images, "image_"),
     }
 
 
-FINAL_KEYS = (
-    "accuracy",
-    "image_accuracy",
-    "recall",
-    "image_recall",
-    "confusion",
-    "image_confusion",
+FINAL_KEYS = tuple(
+    f"{level}{key}"
+    for key in ("accuracy", "recall", "precision", "f1", "confusion")
+    for level in ("", "image_")
 )
 
 
