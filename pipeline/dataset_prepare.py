@@ -54,8 +54,12 @@ _GREY = {"1", "L", "LA", "I", "I;16", "I;16L", "I;16B", "I;16N"}
 _COLOUR = {"RGB", "RGBA", "RGBX", "P", "PA", "CMYK", "YCbCr"}
 
 
-class _BadImage(Exception):
+class BadImage(Exception):
     """An unreadable, truncated or unsupported image file (skippable with on_bad_image="skip")."""
+
+
+# What PIL raises for a file that is not a readable image (truncated, corrupt, a bomb).
+DECODE_ERRORS = (OSError, SyntaxError, ValueError, Image.DecompressionBombError)
 
 
 @dataclass(frozen=True)
@@ -104,7 +108,16 @@ def block_for(stride: int) -> int:
     return stride * -(-128 // stride)
 
 
-def _scan(src_dir: Path) -> tuple[list[str], list[list[Path]]]:
+def images_in(folder: Path) -> list[Path]:
+    """The PNG, JPEG and TIFF files under a folder (recursive, sorted, hidden ones left out)."""
+    return sorted(
+        p
+        for p in folder.rglob("*")
+        if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file() and p.name[0] != "."
+    )
+
+
+def scan(src_dir: Path) -> tuple[list[str], list[list[Path]]]:
     """Class names (sorted subfolders) and each class's image files (sorted, recursive)."""
     if not src_dir.is_dir():
         raise UserError(f"source directory {src_dir} does not exist or is not a directory")
@@ -113,11 +126,7 @@ def _scan(src_dir: Path) -> tuple[list[str], list[list[Path]]]:
         raise UserError(f"{src_dir} has no class folders; put each class's images in a subfolder")
     files = []
     for name in classes:
-        found = sorted(
-            p
-            for p in (src_dir / name).rglob("*")
-            if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file() and p.name[0] != "."
-        )
+        found = images_in(src_dir / name)
         if not found:
             raise UserError(f"class folder {src_dir / name} holds no PNG, JPEG or TIFF images")
         files.append(found)
@@ -134,31 +143,37 @@ def _fingerprint(src_dir: Path, files: list[list[Path]], params: str) -> str:
     return digest.hexdigest()
 
 
-def _probe(path: Path) -> tuple[int, int, str]:
+def probe(path: Path) -> tuple[int, int, str]:
     """Width, height and target mode from the header alone (cheap, to fail fast)."""
     try:
         with Image.open(path) as image:
             mode, size = image.mode, image.size
-    except (OSError, SyntaxError, Image.DecompressionBombError) as exc:
-        raise _BadImage(f"cannot read image {path}: {exc}") from None
+    except DECODE_ERRORS as exc:
+        raise BadImage(f"cannot read image {path}: {exc}") from None
     if mode in _GREY:
         return *size, "L"
     if mode in _COLOUR:
         return *size, "RGB"
-    raise _BadImage(f"image {path} has unsupported pixel mode {mode!r}")
+    raise BadImage(f"image {path} has unsupported pixel mode {mode!r}")
+
+
+def as_uint8(image: Image.Image, mode: str) -> np.ndarray:
+    """Pixels as uint8 in the dataset mode; 16-bit grey is scaled by 1/257. One rule for
+    `prepare` and for `predict`, which converts a large image band by band."""
+    if image.mode.startswith("I"):
+        wide = np.clip(np.asarray(image, dtype=np.int64), 0, 65535)
+        return ((wide + 128) // 257).astype(np.uint8)
+    return np.asarray(image.convert(mode))
 
 
 def _decode(path: Path, mode: str) -> np.ndarray:
-    """Full decode to uint8 in the dataset mode; 16-bit grey is scaled by 1/257."""
+    """Full decode to uint8 in the dataset mode."""
     try:
         with Image.open(path) as image:
             image.load()
-            if image.mode.startswith("I"):
-                wide = np.clip(np.asarray(image, dtype=np.int64), 0, 65535)
-                return ((wide + 128) // 257).astype(np.uint8)
-            return np.asarray(image.convert(mode))
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
-        raise _BadImage(f"cannot decode image {path} (truncated or corrupt?): {exc}") from None
+            return as_uint8(image, mode)
+    except DECODE_ERRORS as exc:
+        raise BadImage(f"cannot decode image {path} (truncated or corrupt?): {exc}") from None
 
 
 def _encode(pixels: np.ndarray, lossless: bool) -> bytes:
@@ -170,7 +185,7 @@ def _encode(pixels: np.ndarray, lossless: bool) -> bytes:
     return buffer.getvalue()
 
 
-def _cut(job: tuple[Path, str, int, int, bool, Path]) -> _BadImage | None:
+def _cut(job: tuple[Path, str, int, int, bool, Path]) -> BadImage | None:
     """Encode one source's blocks into `part` (.bin plus .json with lengths and hashes).
 
     A bad image is returned rather than raised, so that it does not end the ordered map.
@@ -178,7 +193,7 @@ def _cut(job: tuple[Path, str, int, int, bool, Path]) -> _BadImage | None:
     path, mode, margin, block, lossless, part = job
     try:
         pixels = _decode(path, mode)
-    except _BadImage as error:
+    except BadImage as error:
         return error
     padded = np.pad(
         pixels, [(margin, margin), (margin, margin)] + [(0, 0)] * (pixels.ndim - 2), mode="reflect"
@@ -199,7 +214,7 @@ def _cut(job: tuple[Path, str, int, int, bool, Path]) -> _BadImage | None:
     return None
 
 
-def _skip_or_fail(error: _BadImage, on_bad_image: str) -> None:
+def _skip_or_fail(error: BadImage, on_bad_image: str) -> None:
     if on_bad_image != "skip":
         raise UserError(
             f"{error}; fix or remove the file, or skip unreadable images: "
@@ -215,8 +230,8 @@ def _probe_all(
     for label, group in enumerate(files):
         for path in group:
             try:
-                width, height, mode = _probe(path)
-            except _BadImage as error:
+                width, height, mode = probe(path)
+            except BadImage as error:
                 _skip_or_fail(error, on_bad_image)
                 continue
             if width < tile or height < tile:
@@ -379,7 +394,7 @@ def prepare(
     angle_range = parse_angles(angles)
     if out_dir.is_relative_to(src_dir) or src_dir.is_relative_to(out_dir):
         raise UserError(f"output {out_dir} and source {src_dir} must not contain each other")
-    classes, files = _scan(src_dir)
+    classes, files = scan(src_dir)
     stride, margin = stride_for(tile, overlap), margin_for(tile)
     block = block_for(stride)
     codec = "png" if lossless else "jpeg"
