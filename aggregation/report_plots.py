@@ -62,9 +62,10 @@ def plot_accuracy(report: dict[str, Any], path: Path) -> None:
     plt.close(fig)
 
 
-def plot_confusion(report: dict[str, Any], path: Path) -> None:
+def plot_confusion(report: dict[str, Any], path: Path, title: str = "") -> None:
     """The final model's confusion matrices, fragments and images, with counts in the cells and
-    each row shaded by its share (the diagonal is the class's recall)."""
+    each row shaded by its share (the diagonal is the class's recall); `dagtrain evaluate` draws
+    its own under its title."""
     plt = _pyplot()
     classes = report["classes"]
     panels = [("fragments", report["final_confusion"])]
@@ -97,7 +98,7 @@ def plot_confusion(report: dict[str, Any], path: Path) -> None:
         axis.set_xlabel("predicted class")
         axis.set_ylabel("true class")
         axis.set_title(f"{title}: accuracy {_share(matrix):.3f}")
-    fig.suptitle(f"{report['run']}: final model on the held-out set")
+    fig.suptitle(title or f"{report['run']}: final model on the held-out set")
     fig.savefig(path, dpi=110)
     plt.close(fig)
 

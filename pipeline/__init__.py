@@ -1,7 +1,8 @@
 """Planner, Python API, CLI, local runner and embedded FTP mirrors.
 
-The Python API: `load_config`, `make_plan`, `Plan`, `write`, `run_local`, `submit`, `status`.
-Imported lazily, so `dagtrain status` does not pay for importing torch.
+The Python API: `load_config`, `make_plan`, `Plan`, `write`, `run_local`, `submit`, `status`, and
+for a trained run `load_model`, `predict`, `evaluate`, `export`. Imported lazily, so
+`dagtrain status` does not pay for importing torch.
 """
 
 from importlib import import_module
@@ -15,6 +16,10 @@ _API = {
     "run_local": ("pipeline.local_run", "run_local"),
     "submit": ("pipeline.submission", "submit"),
     "status": ("pipeline.submission", "status"),
+    "load_model": ("pipeline.inference.run_model", "load_model"),
+    "predict": ("pipeline.inference.predict", "predict"),
+    "evaluate": ("pipeline.inference.evaluate", "evaluate"),
+    "export": ("pipeline.inference.export", "export"),
 }
 
 __all__ = sorted(_API)

@@ -1,4 +1,5 @@
-"""The `dagtrain` command: plan, run, submit, status, serve, upload, prepare, demo and baseline."""
+"""The `dagtrain` command: plan, run, submit, status, serve, upload, prepare, demo, baseline,
+predict, evaluate and export."""
 
 import argparse
 import shlex
@@ -10,6 +11,7 @@ from rich.console import Console
 from rich.markup import escape
 
 from node_payload.common.errors import UserError
+from pipeline.inference import EXPORT_FORMATS
 from pipeline.run_summary import RunStopped
 
 if TYPE_CHECKING:
@@ -180,6 +182,92 @@ def _baseline(args: argparse.Namespace) -> int:
     return 0
 
 
+def _report_failures(errors: list[str]) -> int:
+    """One line per image that could not be classified; exit code 1 when there was one."""
+    for error in errors:
+        console.print("[bold red]error:[/]", escape(error), highlight=False, soft_wrap=True)
+    return 1 if errors else 0
+
+
+def _predict(args: argparse.Namespace) -> int:
+    from pipeline.inference.predict import (
+        as_csv,
+        check_output_suffix,
+        predict,
+        write_predictions,
+    )
+    from pipeline.inference.run_model import check_output, load_model
+
+    run = load_model(args.run_dir, args.round)
+    out = args.out and check_output(run.run_dir, args.out)
+    if out:
+        check_output_suffix(out)
+    result = predict(
+        run, args.inputs, batch=args.batch, workers=args.workers, tta=args.tta, progress=True
+    )
+    if out:
+        write_predictions(result, out)
+        console.print(f"{len(result.images)} images classified by {run.path.name}: {out}")
+    else:
+        print(as_csv(result), end="")
+    return _report_failures([failure.error for failure in result.failures])
+
+
+def _evaluate(args: argparse.Namespace) -> int:
+    from pipeline.inference.evaluate import CONFUSION_FILE, EVALUATION_FILE, evaluate, summary
+
+    result = evaluate(
+        args.run_dir,
+        args.labelled_dir,
+        args.round,
+        out_dir=args.out,
+        batch=args.batch,
+        workers=args.workers,
+        tta=args.tta,
+        progress=True,
+    )
+    print(summary(result))
+    out = args.out.resolve()
+    console.print(f"wrote {out / EVALUATION_FILE} and {out / CONFUSION_FILE}")
+    return _report_failures([failure["error"] for failure in result["failures"]])
+
+
+def _export(args: argparse.Namespace) -> int:
+    from pipeline.inference.export import export
+
+    path = export(args.run_dir, args.format, args.out, args.round)
+    console.print(f"exported {args.run_dir} ({args.format}) to {path}")
+    return 0
+
+
+def _inference_options(command: argparse.ArgumentParser) -> None:
+    """--round, --batch, --workers and --tta, for predict and evaluate."""
+    _round_option(command)
+    command.add_argument(
+        "--batch", type=int, default=64, help="fragments classified at once (default 64)"
+    )
+    command.add_argument(
+        "--workers", type=int, default=0, help="threads for the model (default 0: every core)"
+    )
+    command.add_argument(
+        "--tta",
+        metavar="START:STOP:STEP",
+        help="test-time rotations in degrees (stop excluded), e.g. 0:360:90; each position is "
+        "classified at each angle (default: the dataset's angle closest to 0, as the held-out "
+        "images vote)",
+    )
+
+
+def _round_option(command: argparse.ArgumentParser) -> None:
+    command.add_argument(
+        "--round",
+        type=int,
+        metavar="N",
+        help="the global model after N rounds (asynchronous runs: version N) (default: the "
+        "last one in RUN_DIR/models)",
+    )
+
+
 def _remote_options(command: argparse.ArgumentParser) -> None:
     command.add_argument(
         "--remote", metavar="USER@HOST[:PORT]", help="a submit host reached over SSH"
@@ -325,6 +413,62 @@ def parser() -> argparse.ArgumentParser:
         help="folder for baseline.json and baseline.png (default: ./baseline)",
     )
     baseline.set_defaults(func=_baseline)
+
+    pred = commands.add_parser(
+        "predict", help="classify images with a run's model (the mean softmax of their tiles)"
+    )
+    pred.add_argument("run_dir", type=Path, metavar="RUN_DIR", help="a trained run directory")
+    pred.add_argument(
+        "inputs",
+        type=Path,
+        nargs="+",
+        metavar="INPUT",
+        help="image files (PNG, JPEG, TIFF) or folders of them (searched recursively)",
+    )
+    pred.add_argument(
+        "--out",
+        type=Path,
+        help="write FILE.csv or FILE.json, outside RUN_DIR (default: CSV on standard output)",
+    )
+    _inference_options(pred)
+    pred.set_defaults(func=_predict)
+
+    ev = commands.add_parser(
+        "evaluate", help="score a run's model on labelled images (one folder per class)"
+    )
+    ev.add_argument("run_dir", type=Path, metavar="RUN_DIR", help="a trained run directory")
+    ev.add_argument(
+        "labelled_dir",
+        type=Path,
+        metavar="LABELLED_DIR",
+        help="one sub-folder of images per class, named as the run's classes",
+    )
+    ev.add_argument(
+        "--out",
+        type=Path,
+        default=Path("evaluation"),
+        help="folder for evaluation.json and confusion.png, outside RUN_DIR (default: "
+        "./evaluation)",
+    )
+    _inference_options(ev)
+    ev.set_defaults(func=_evaluate)
+
+    exp = commands.add_parser(
+        "export", help="write a run's model for use without dagtrain (PyTorch, ONNX)"
+    )
+    exp.add_argument("run_dir", type=Path, metavar="RUN_DIR", help="a trained run directory")
+    exp.add_argument(
+        "--format",
+        required=True,
+        choices=EXPORT_FORMATS,
+        help="state_dict: safetensors weights; torchscript: torch.jit.load; onnx: needs "
+        "pip install 'dagtrain[onnx]' (required)",
+    )
+    exp.add_argument(
+        "--out", type=Path, required=True, help="the file to write, outside RUN_DIR (required)"
+    )
+    _round_option(exp)
+    exp.set_defaults(func=_export)
     return root
 
 
