@@ -9,7 +9,7 @@ that cannot be used is one failure naming the file, and the other images go on.
 import csv
 import io
 import json
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -136,7 +136,9 @@ def _progress(enabled: bool) -> Progress:
     return Progress(*columns, console=Console(stderr=True), disable=not enabled)
 
 
-def _score_one(run: RunModel, probed: Probed, angles: list[int], batch: int, done: Any) -> Scored:
+def _score_one(
+    run: RunModel, probed: Probed, angles: list[int], batch: int, done: Callable[[int], None]
+) -> Scored:
     votes = ImageVotes(1, len(run.classes))
     classes = []
     with torch.inference_mode():
