@@ -23,6 +23,7 @@ from aggregation.aggregator import Aggregator, GlobalModel, Offered
 from aggregation.async_state import Ledger, job_key, locked
 from aggregation.model_check import BrokenModel
 from aggregation.node_outcome import Verdict, decide, hand_over_residual
+from aggregation.tensorboard_log import log_version
 from aggregation.validate import check_file, parse_count, shown
 from node_payload.common.errors import EXIT_FATAL, UserError
 from node_payload.common.run_config import RunConfig
@@ -136,15 +137,22 @@ def step_version(aggregator: Aggregator, ledger: Ledger, current: GlobalModel) -
         )
     applied = ", ".join(job_key(entries[i]["lane"], entries[i]["step"]) for i in merged.accepted)
     version = aggregator.advance(current, merged, f"updates {applied} (lane:step)").version
-    ledger.versions.append(
-        {
-            "version": version,
-            "at": time.time(),
-            "updates": [job_key(e["lane"], e["step"]) for e in entries],
-            "staleness": [e["staleness"] for e in entries],
-            "clipped": [job_key(entries[i]["lane"], entries[i]["step"]) for i in merged.clipped],
-        }
+    made = {
+        "version": version,
+        "at": time.time(),
+        "updates": [job_key(e["lane"], e["step"]) for e in entries],
+        "staleness": [e["staleness"] for e in entries],
+        "clipped": [job_key(entries[i]["lane"], entries[i]["step"]) for i in merged.clipped],
+    }
+    previous = ledger.versions[-1]["at"] if ledger.versions else ledger.started_at
+    log_version(
+        aggregator.run_dir,
+        made,
+        made["at"] - (previous or made["at"]),
+        len(merged.accepted),
+        sum(offered[i].path.stat().st_size for i in merged.accepted),
     )
+    ledger.versions.append(made)
     ledger.version = version
     ledger.buffer = []
     return version

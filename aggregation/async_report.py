@@ -1,6 +1,6 @@
 """The report of an asynchronous run: held-out accuracy (fragments and images), recall and
-confusion against versions and wall time, what became of every job, staleness, and each lane's
-busy time against the run's wall time."""
+confusion against versions and wall time (also as TensorBoard scalars), what became of every job,
+staleness, and each lane's busy time against the run's wall time."""
 
 import json
 from collections import Counter
@@ -10,6 +10,7 @@ from typing import Any
 from aggregation.async_state import Ledger, lane_step, read_ledger
 from aggregation.heldout import load_heldout, run_manifest
 from aggregation.heldout_metrics import final_metrics, heldout_metrics
+from aggregation.tensorboard_log import log_evaluations
 from aggregation.utilization import node_usage
 from node_payload.common.model_file import load_model
 from node_payload.common.run_config import RunConfig
@@ -67,6 +68,7 @@ def _outcomes(ledger: Ledger) -> dict[str, dict[str, str]]:
 def async_report(run_dir: Path, config: RunConfig, dag_status: int) -> dict[str, Any]:
     ledger = read_ledger(run_dir)
     evaluations = _evaluations(run_dir, config, ledger)
+    log_evaluations(run_dir, evaluations, ledger.started_at or 0.0)
     jobs = job_metrics(run_dir, ledger)
     lanes = config.run.nodes
     busy = dict.fromkeys(range(lanes), 0.0)

@@ -19,6 +19,7 @@ from aggregation.heldout import load_heldout, run_manifest, training_coverage
 from aggregation.heldout_metrics import heldout_metrics
 from aggregation.merge import MergeResult
 from aggregation.quorum import QuorumNotMet, required_updates
+from aggregation.tensorboard_log import log_round
 from node_payload.common.atomic_file import write_text
 from node_payload.common.run_config import RunConfig
 from node_payload.common.run_layout import (
@@ -77,6 +78,8 @@ def aggregate_round(run_dir: Path, config: RunConfig, round_: int) -> dict[str, 
         "started_at": started,  # with seconds: the report's wall time and node utilization
         "seconds": time.time() - started,
     }
+    # Before round.json, which marks the round done: a rerun after a kill rewrites both.
+    log_round(run_dir, round_metrics)
     write_text(metrics_path, json.dumps(round_metrics, indent=1) + "\n")
     return round_metrics
 

@@ -20,6 +20,7 @@ from node_payload.common.run_layout import (
     REPORT_FILE,
     RESIDUAL_FILE,
     STATUS_FILE,
+    TENSORBOARD_DIR,
     lane_dir,
 )
 from node_payload.dgc import write_empty_residual
@@ -58,7 +59,7 @@ def reset_run(run_dir: Path, config: RunConfig) -> None:
     for model in (run_dir / "models").glob("*.safetensors"):
         if _LATER_MODEL.fullmatch(model.name):
             model.unlink()
-    for outputs in ("rounds", "lanes", "async"):
+    for outputs in ("rounds", "lanes", "async", TENSORBOARD_DIR):
         _remove_files(run_dir / outputs)
     run_id = config.run.run_id
     if config.compressed:

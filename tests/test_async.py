@@ -35,6 +35,7 @@ from pipeline.local_runner.dag_file import parse_dag
 from pipeline.local_runner.submit_description import load_job
 from pipeline.run_status import read_status, render
 from pipeline.submission import check_run_dir
+from tests.test_tensorboard_log import scalars
 from tests.timing import wait_s
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -354,6 +355,11 @@ def test_async_run_lets_fast_lanes_work_more_and_resumes_after_a_kill(
     per_lane = report["jobs_per_lane"]
     assert per_lane["0"] < max(per_lane["1"], per_lane["2"])
     assert report["evaluations"][-1]["version"] == 9
+    board = scalars(run_dir)  # each version once, though the kill came in the middle
+    assert [step for step, _ in board["updates/nodes_used"]] == list(range(1, 10))
+    assert [step for step, _ in board["heldout/accuracy"]] == [
+        e["version"] for e in report["evaluations"]
+    ]
     assert set(report["node_usage"]) == {"0", "1", "2"}
     assert (run_dir / "accuracy.png").stat().st_size > 0
 

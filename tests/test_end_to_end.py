@@ -9,6 +9,7 @@ import pytest
 from node_payload.common.run_layout import model_path
 from node_payload.common.tensor_io import load_tensors
 from pipeline.cli import main
+from tests.test_tensorboard_log import scalars
 
 
 def test_bad_config_is_one_message_and_writes_nothing(
@@ -46,10 +47,18 @@ def test_tiny_run_trains_resumes_and_reproduces(
         assert {"accuracy", "loss"} <= round_.keys()
     assert (first / "accuracy.png").stat().st_size > 0
     final = model_path(first, 2).read_bytes()
+    board = scalars(first)  # one point per round, at the version it made
+    assert {"heldout/accuracy", "heldout/image_accuracy", "heldout/loss"} <= board.keys()
+    assert {"updates/nodes_used", "updates/bytes", "time/seconds"} <= board.keys()
+    assert board["heldout/accuracy"] == [
+        (r["round"] + 1, pytest.approx(r["accuracy"])) for r in report["rounds"]
+    ]
+    assert board["updates/nodes_used"] == [(1, 3.0), (2, 3.0)]
 
     # Running a finished run again redoes nothing and loses nothing.
     assert main(["run", str(first)]) == 0
     assert model_path(first, 2).read_bytes() == final
+    assert scalars(first) == board
 
     # The same config planned again trains the same model: runs are reproducible from the seed.
     assert main(["plan", str(config), "--out", str(second)]) == 0

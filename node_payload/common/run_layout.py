@@ -13,6 +13,8 @@ HELDOUT_IMAGES_CACHE = "data/heldout_images.safetensors"
 REPORT_FILE = "report.json"
 PLOT_FILE = "accuracy.png"
 CONFUSION_PLOT_FILE = "confusion.png"
+# TensorBoard event files, one per aggregation (aggregation/tensorboard_log.py).
+TENSORBOARD_DIR = "tensorboard"
 # In a node job's folder (rounds/rNNN/nMMM, lanes/lLLL/jJJJJ): what it returns, its error log,
 # and the mark its POST script leaves when it returned nothing.
 UPDATE_FILE = "update.safetensors"
