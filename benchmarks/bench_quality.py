@@ -23,14 +23,15 @@ import shutil
 import subprocess
 import sys
 import time
-import tomllib
 from pathlib import Path
 from typing import Any
 
 from rich.console import Console
 from rich.table import Table
 
+from node_payload.common.errors import UserError
 from node_payload.common.run_config import toml_value
+from pipeline.config import override
 from pipeline.dataset_prepare import prepare
 from pipeline.demo import demo_textures
 
@@ -78,18 +79,6 @@ def _dataset(args: argparse.Namespace, out: Path) -> Path:
     return dataset
 
 
-def _override(raw: dict[str, dict[str, Any]], setting: str) -> None:
-    name, _, text = setting.partition("=")
-    table, _, key = name.partition(".")
-    if not (table and key and text):
-        sys.exit(f"--set {setting!r}: expected TABLE.KEY=VALUE, e.g. train.lr=0.1")
-    try:
-        value = tomllib.loads(f"v = {text}")["v"]
-    except tomllib.TOMLDecodeError:
-        value = text  # a bare word: a string
-    raw.setdefault(table, {})[key] = value
-
-
 def _config(args: argparse.Namespace, dataset: Path) -> dict[str, dict[str, Any]]:
     """Federated run (a): each node job sees each fragment of its local set once."""
     raw: dict[str, dict[str, Any]] = {
@@ -104,7 +93,10 @@ def _config(args: argparse.Namespace, dataset: Path) -> dict[str, dict[str, Any]
         "train": {"local_steps": args.local_steps, "batch_size": args.batch, "lr": args.lr},
     }
     for setting in args.set:
-        _override(raw, setting)
+        try:
+            override(raw, setting)
+        except UserError as exc:
+            sys.exit(str(exc))
     return raw
 
 

@@ -1,11 +1,13 @@
-"""The `dagtrain` command: plan, run, submit, status, serve, upload, prepare, demo, baseline,
-predict, evaluate and export."""
+"""The `dagtrain` command: plan, run, submit, status, rm, serve, upload, prepare, demo,
+baseline, predict, evaluate and export."""
 
 import argparse
 import shlex
 import sys
+from collections.abc import Callable
+from importlib import metadata
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from rich.console import Console
 from rich.markup import escape
@@ -23,7 +25,7 @@ console = Console(stderr=True)
 def _plan(args: argparse.Namespace) -> int:
     from pipeline.planner import plan_from_file
 
-    run_dir = plan_from_file(args.config, args.out)
+    run_dir = plan_from_file(args.config, args.out, args.set)
     console.print(f"planned [bold]{run_dir}[/]; run it with: dagtrain run {run_dir}")
     console.print(f"or on a pool: cd {run_dir} && condor_submit_dag dagtrain.dag")
     if run_dir.is_relative_to("/tmp"):
@@ -102,21 +104,33 @@ def _submit(args: argparse.Namespace) -> int:
 
 
 def _status(args: argparse.Namespace) -> int:
-    from pipeline.run_status import show
+    from pipeline.run_status import RunStatus, show, show_json
 
     _check_remote_options(args)
     run_dir = args.run_dir.resolve()
-    out = Console()
+
+    def shown(read: Callable[[], RunStatus]) -> RunStatus:
+        if args.json:
+            return show_json(read, watch=args.watch)
+        return show(read, Console(), watch=args.watch)
+
     if args.remote:
         from pipeline.remote import RemoteRun
 
         with RemoteRun(run_dir, _ssh(args), args.remote_dir) as remote:
-            status = show(remote.status, out, watch=args.watch)
+            status = shown(remote.status)
     else:
         from pipeline.submission import status as local_status
 
-        status = show(lambda: local_status(run_dir), out, watch=args.watch)
+        status = shown(lambda: local_status(run_dir))
     return 1 if status.state == "failed" else 0
+
+
+def _rm(args: argparse.Namespace) -> int:
+    from pipeline.run_stop import stop_run
+
+    console.print(escape(stop_run(args.run_dir)), highlight=False, soft_wrap=True)
+    return 0
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -270,7 +284,9 @@ def _round_option(command: argparse.ArgumentParser) -> None:
 
 def _remote_options(command: argparse.ArgumentParser) -> None:
     command.add_argument(
-        "--remote", metavar="USER@HOST[:PORT]", help="a submit host reached over SSH"
+        "--remote",
+        metavar="USER@HOST[:PORT]",
+        help="a submit host reached over SSH (default: this machine)",
     )
     command.add_argument(
         "--remote-dir",
@@ -295,20 +311,65 @@ def _force_option(command: argparse.ArgumentParser) -> None:
     )
 
 
+EXIT_CODES = """exit codes:
+  0    done; a run completed
+  1    a run failed or is incomplete (dagtrain status says why);
+       predict, evaluate: an image could not be read
+  2    a mistake in the command, a config or a file, named in one message
+  130  stopped by Ctrl-C; 143: by SIGTERM or dagtrain rm (run again to resume)"""
+
+
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Each option's default after its help, unless the help says it (an option without a value
+    or whose absence means something else says what); the epilog's table kept as written."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        if "default" in (action.help or "") or action.default is None or action.default is False:
+            return action.help
+        return super()._get_help_string(action)
+
+
+class _Parser(argparse.ArgumentParser):
+    """The command's parsers, its subcommands' included, all show defaults in their help."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        kwargs.setdefault("formatter_class", _HelpFormatter)
+        super().__init__(**kwargs)
+
+
+def _version() -> str:
+    """The installed package's version (an editable install counts)."""
+    try:
+        return metadata.version("dagtrain")
+    except metadata.PackageNotFoundError:
+        return "(not installed: pip install -e . in the repository)"
+
+
 def parser() -> argparse.ArgumentParser:
-    root = argparse.ArgumentParser(
+    root = _Parser(
         prog="dagtrain",
         description="Train image classifiers through HTCondor DAGMan workflows.",
+        epilog=EXIT_CODES,
     )
+    root.add_argument("--version", action="version", version=f"dagtrain {_version()}")
     commands = root.add_subparsers(dest="command", required=True)
 
     plan = commands.add_parser("plan", help="write a run directory (DAG, submit files, model)")
     plan.add_argument("config", type=Path, help="a TOML config file")
     plan.add_argument("--out", type=Path, required=True, help="the new run directory")
+    plan.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="TABLE.KEY=VALUE",
+        help="set one config key over the file's, e.g. train.lr=0.1 or server.rule=median; "
+        'VALUE is TOML (0.1, true, "cosine", [1, 2]), a bare word a string; repeatable '
+        "(default: the file's values)",
+    )
     plan.set_defaults(func=_plan)
 
     run = commands.add_parser("run", help="run a planned DAG on this machine (local runner)")
-    run.add_argument("run_dir", type=Path)
+    run.add_argument("run_dir", type=Path, help="a planned run directory (dagtrain plan)")
     run.add_argument("--slots", type=int, default=2, help="jobs at once (default 2)")
     run.add_argument(
         "--slow-slot",
@@ -316,7 +377,7 @@ def parser() -> argparse.ArgumentParser:
         action="append",
         metavar="SLOT=FACTOR",
         help="node jobs in slot SLOT (0..SLOTS-1) work FACTOR times as long: a local stand-in "
-        "for slower machines (on a pool: [faults] slow); repeatable",
+        "for slower machines (on a pool: [faults] slow); repeatable (default: none)",
     )
     run.add_argument(
         "--serial",
@@ -329,21 +390,49 @@ def parser() -> argparse.ArgumentParser:
     run.set_defaults(func=_run)
 
     submit = commands.add_parser("submit", help="submit a planned run to HTCondor (DAGMan)")
-    submit.add_argument("run_dir", type=Path)
-    submit.add_argument("--maxjobs", type=int, help="DAGMan throttle: node jobs queued at once")
-    submit.add_argument("--maxidle", type=int, help="DAGMan throttle: node jobs idle at once")
+    submit.add_argument("run_dir", type=Path, help="a planned run directory (dagtrain plan)")
+    submit.add_argument(
+        "--maxjobs", type=int, help="DAGMan throttle: node jobs queued at once (default: no limit)"
+    )
+    submit.add_argument(
+        "--maxidle", type=int, help="DAGMan throttle: node jobs idle at once (default: no limit)"
+    )
     _remote_options(submit)
     submit.set_defaults(func=_submit)
 
     status = commands.add_parser("status", help="show a run's rounds, nodes and accuracy")
-    status.add_argument("run_dir", type=Path)
+    status.add_argument("run_dir", type=Path, help="a run directory, local or submitted")
     status.add_argument("--watch", action="store_true", help="refresh until the DAG ends")
+    status.add_argument(
+        "--json",
+        action="store_true",
+        help="the same facts as one line of JSON (with --watch: a line per change)",
+    )
     _remote_options(status)
     status.set_defaults(func=_status)
 
-    serve = commands.add_parser("serve", help="serve a prepared dataset from embedded FTP mirrors")
-    serve.add_argument("dataset_dir", type=Path)
-    serve.add_argument("--mirrors", type=int, default=2)
+    rm = commands.add_parser(
+        "rm",
+        aliases=["stop"],
+        help="stop a run, resumably (local or submitted here)",
+        description="Stop a run, keeping what it finished. A `dagtrain run` of it on this\n"
+        "machine stops as on Ctrl-C (resume: dagtrain run RUN_DIR); its DAGMan job on\n"
+        "this machine's schedd is removed as condor_rm would, with its node jobs\n"
+        "(resume: dagtrain submit RUN_DIR).",
+    )
+    rm.add_argument("run_dir", type=Path, help="a running or submitted run directory")
+    rm.set_defaults(func=_rm)
+
+    serve = commands.add_parser(
+        "serve",
+        help="serve a prepared dataset from FTP mirrors on this machine only (loopback)",
+        description="Serve a prepared dataset from embedded FTP mirrors on 127.0.0.1:\n"
+        "loopback-only, anonymous and read-only. For runs and tests on this machine,\n"
+        "not for a real pool, whose nodes cannot reach it: copy the dataset to real\n"
+        "mirrors with `dagtrain upload`.",
+    )
+    serve.add_argument("dataset_dir", type=Path, help="a prepared dataset (with manifest.json)")
+    serve.add_argument("--mirrors", type=int, default=2, help="mirrors on free ports")
     serve.add_argument("--ports", type=int, nargs="*", help="fixed ports (default: free ones)")
     serve.set_defaults(func=_serve)
 
@@ -376,12 +465,18 @@ def parser() -> argparse.ArgumentParser:
     up.set_defaults(func=_upload)
 
     prep = commands.add_parser("prepare", help="cut source images into a fragment dataset")
-    prep.add_argument("src_dir", type=Path)
-    prep.add_argument("out_dir", type=Path)
-    prep.add_argument("--tile", type=int, default=64)
-    prep.add_argument("--overlap", type=float, default=0.5)
-    prep.add_argument("--holdout", type=float, default=0.25)
-    prep.add_argument("--seed", type=int, default=0)
+    prep.add_argument(
+        "src_dir", type=Path, help="one sub-folder of images per class (PNG, JPEG, TIFF)"
+    )
+    prep.add_argument("out_dir", type=Path, help="the dataset to write (a killed run resumes)")
+    prep.add_argument("--tile", type=int, default=64, help="fragment side in pixels")
+    prep.add_argument(
+        "--overlap", type=float, default=0.5, help="share of a tile that neighbours overlap"
+    )
+    prep.add_argument(
+        "--holdout", type=float, default=0.25, help="share of each class's images held out"
+    )
+    prep.add_argument("--seed", type=int, default=0, help="seed of the held-out draw")
     prep.add_argument("--skip-bad-images", action="store_true", help="skip unreadable images")
     prep.add_argument(
         "--angles", default="0:360:90", help="rotations start:stop:step in degrees (stop excluded)"
@@ -391,8 +486,10 @@ def parser() -> argparse.ArgumentParser:
     prep.set_defaults(func=_prepare)
 
     demo = commands.add_parser("demo", help="generate data, plan and run a demo on this machine")
-    demo.add_argument("--out", type=Path, default=Path("demo-run"))
-    demo.add_argument("--slots", type=int, default=2)
+    demo.add_argument(
+        "--out", type=Path, default=Path("demo-run"), help="folder for its images, data and run"
+    )
+    demo.add_argument("--slots", type=int, default=2, help="jobs at once")
     _force_option(demo)
     demo.set_defaults(func=_demo)
 

@@ -7,6 +7,7 @@ relative paths resolve.
 """
 
 import tomllib
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -48,15 +49,38 @@ def _choices() -> dict[str, tuple[str, ...]]:
     return {name: tuple(registry) for name, registry in REGISTRIES.items()}
 
 
-def load(path: Path) -> ConfigFile:
-    """Read and validate a TOML config file."""
+def load(path: Path, overrides: Sequence[str] = ()) -> ConfigFile:
+    """Read and validate a TOML config file, with `overrides` (TABLE.KEY=VALUE) set over it."""
     try:
         raw = tomllib.loads(path.read_text())
     except FileNotFoundError:
         raise UserError(f"{path}: config file not found") from None
     except tomllib.TOMLDecodeError as exc:
         raise UserError(f"{path}: not valid TOML: {exc}") from None
+    for setting in overrides:
+        override(raw, setting)
     return from_dict(raw, str(path), path.parent)
+
+
+def override(raw: dict[str, Any], setting: str) -> None:
+    """Set one TABLE.KEY=VALUE (`dagtrain plan --set`) in a parsed document, so a run differs
+    from its file without an edited copy. VALUE is read as TOML (0.1, true, "cosine", [1, 2]), a
+    bare word as a string. The key and its value are checked alone first, so a mistake is named
+    as the setting, not as the file; rules between keys are checked with the whole document."""
+    name, equals, text = setting.partition("=")
+    table, dot, key = name.strip().partition(".")
+    where = f"--set {setting}"
+    if not (equals and dot and table and key and text.strip()):
+        raise UserError(f"{where}: expected TABLE.KEY=VALUE, e.g. --set train.lr=0.1")
+    try:
+        value = tomllib.loads(f"value = {text}")["value"]
+    except tomllib.TOMLDecodeError:
+        value = text.strip()
+    parse({table: {key: value}}, where, _choices())
+    given = raw.setdefault(table, {})
+    if not isinstance(given, dict):
+        raise UserError(f"{where}: {table} is not a table in the config file")
+    given[key] = value
 
 
 def reference_table() -> str:

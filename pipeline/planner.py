@@ -12,6 +12,7 @@ import secrets
 import shutil
 import sys
 import tempfile
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -316,6 +317,6 @@ def write(plan: Plan, run_dir: Path) -> Path:
     return run_dir
 
 
-def plan_from_file(config_path: Path, run_dir: Path) -> Path:
-    """`dagtrain plan CONFIG --out RUN_DIR`."""
-    return write(make_plan(load(config_path)), run_dir)
+def plan_from_file(config_path: Path, run_dir: Path, overrides: Sequence[str] = ()) -> Path:
+    """`dagtrain plan CONFIG --out RUN_DIR [--set TABLE.KEY=VALUE ...]`."""
+    return write(make_plan(load(config_path, overrides)), run_dir)

@@ -15,6 +15,7 @@ from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import classad2
 import htcondor2
@@ -304,6 +305,57 @@ def render(status: RunStatus) -> Group:
     if status.report_status is not None:
         summary += f"; report: {status.report_status}"
     return Group(Text(summary), table)
+
+
+def to_json(status: RunStatus) -> dict[str, Any]:
+    """The table's facts for programs (`dagtrain status --json`): every row, started or not.
+
+    Rows are rounds (`round`, numbered as rounds/rNNN from 0) or, in an asynchronous run, lanes
+    (`lane`); each has its node jobs by state, missing nodes, retries, the aggregation's state and
+    the held-out accuracy of the model it made."""
+    row = "lane" if status.lanes is not None else "round"
+    return {
+        "run_dir": str(status.run_dir),
+        "name": status.name,
+        "mode": "async" if status.lanes is not None else "sync",
+        "state": status.state,
+        "ended": status.ended,
+        "current_round": status.current_round if status.lanes is None else None,
+        "rounds": len(status.rounds) if status.lanes is None else None,
+        "progress": status.lanes,
+        "retries": status.retries,
+        "accuracy": status.accuracy,
+        "report": status.report_status,
+        "updated": status.updated,
+        "nodes_per_row": status.nodes_per_round,
+        "rows": [
+            {
+                row: r.index,
+                **{state: r.nodes[state] for state in NODE_STATES},
+                "missing": r.missing,
+                "retries": r.retries,
+                "aggregate": r.aggregate if status.lanes is None else None,
+                "accuracy": r.accuracy,
+                "image_accuracy": r.image_accuracy,
+            }
+            for r in status.rounds
+        ],
+    }
+
+
+def show_json(read: Callable[[], RunStatus], watch: bool, interval_s: float = 2.0) -> RunStatus:
+    """The status as one line of JSON; with `watch`, a line each time it changes until the DAG
+    ends (JSON Lines)."""
+    status, shown = read(), None
+    while True:
+        text = json.dumps(to_json(status))
+        if text != shown:
+            print(text, flush=True)
+            shown = text
+        if not watch or status.ended:
+            return status
+        time.sleep(interval_s)
+        status = read()
 
 
 def show(

@@ -81,7 +81,7 @@ def dag_options(maxjobs: int | None, maxidle: int | None) -> dict[str, int]:
 _CHANNEL_BINDING = "Directory name doesn't match"
 
 
-def _refused(what: str, exc: htcondor2.HTCondorException) -> UserError:
+def refused(what: str, exc: htcondor2.HTCondorException) -> UserError:
     """One message; a client/schedd version mismatch names the setting that fixes it."""
     if _CHANNEL_BINDING not in str(exc):
         return UserError(f"{what}: {exc}")
@@ -94,7 +94,7 @@ def _refused(what: str, exc: htcondor2.HTCondorException) -> UserError:
     )
 
 
-def _schedd() -> htcondor2.Schedd:
+def schedd() -> htcondor2.Schedd:
     try:
         return htcondor2.Schedd()
     except htcondor2.HTCondorException as exc:
@@ -104,14 +104,14 @@ def _schedd() -> htcondor2.Schedd:
         ) from None
 
 
-def running_dagman(schedd: htcondor2.Schedd, run_dir: Path) -> int | None:
+def running_dagman(queue: htcondor2.Schedd, run_dir: Path) -> int | None:
     """The cluster of a DAGMan job still queued for this run directory, if any."""
     try:
-        ads = schedd.query(
+        ads = queue.query(
             f"JobUniverse == {SCHEDULER_UNIVERSE} && {ACTIVE_JOB}", ["ClusterId", "Iwd"]
         )
     except htcondor2.HTCondorException as exc:
-        raise _refused("cannot reach the HTCondor schedd", exc) from None
+        raise refused("cannot reach the HTCondor schedd", exc) from None
     for ad in ads:
         with contextlib.suppress(OSError, KeyError):
             if os.path.samefile(ad["Iwd"], run_dir):
@@ -132,13 +132,13 @@ def _submit(run_dir: Path, maxjobs: int | None, maxidle: int | None) -> int:
     options = dag_options(maxjobs, maxidle)
     if shutil.which("condor_dagman") is None:
         raise UserError(f"condor_dagman is not on PATH: {INSTALL_HINT}")
-    schedd = _schedd()
-    cluster = running_dagman(schedd, run_dir)
+    queue = schedd()
+    cluster = running_dagman(queue, run_dir)
     if cluster is not None:
         raise UserError(
             f"{run_dir}: already submitted and still running as DAGMan job {cluster}; "
             f"watch it with `dagtrain status {run_dir} --watch`, or stop it with "
-            f"`condor_rm {cluster}` before submitting again"
+            f"`dagtrain rm {run_dir}` before submitting again"
         )
     reopen_missing_nodes(run_dir)
     with contextlib.chdir(run_dir):
@@ -147,9 +147,9 @@ def _submit(run_dir: Path, maxjobs: int | None, maxidle: int | None) -> int:
         except htcondor2.HTCondorException as exc:
             raise UserError(f"{run_dir}: cannot prepare the DAG for submission: {exc}") from None
         try:
-            result = schedd.submit(description)
+            result = queue.submit(description)
         except htcondor2.HTCondorException as exc:
-            raise _refused(f"the HTCondor schedd refused the DAG of {run_dir}", exc) from None
+            raise refused(f"the HTCondor schedd refused the DAG of {run_dir}", exc) from None
     return result.cluster()
 
 

@@ -1,5 +1,6 @@
 """A run's life around `dagtrain run`: one runner per run directory, a completed run reused or
-redone with --force, Ctrl-C and SIGKILL leaving a resumable run and no orphaned jobs.
+redone with --force, Ctrl-C, `dagtrain rm` and SIGKILL leaving a resumable run and no orphaned
+jobs.
 
 Most runs here are shell-script DAGs laid out as the planner's (tests/test_submit_status.py's
 fake_run), so they take seconds; the one real tiny run is marked slow.
@@ -269,6 +270,29 @@ def test_ctrl_c_stops_cleanly_and_the_run_resumes(
     (run_dir / "go").touch()
     assert cli.main(["run", str(run_dir)]) == 0
     assert read_status(run_dir).state == "done"
+    assert sorted(runs(run_dir)) == ["n000", "n000", "n000", "n001", "n001", "n001"]
+
+
+def test_rm_stops_a_local_run_which_resumes(
+    held_run: Callable[[int], Path], run_seconds: float, capsys: pytest.CaptureFixture
+) -> None:
+    run_dir = held_run(2)
+    proc = start_runner(run_dir)
+    pid_files = [node_dir(run_dir, 0, n) / "job.pid" for n in range(2)]
+    wait_until(lambda: all(p.exists() for p in pid_files), 10 * run_seconds, "jobs started")
+    pids = job_pids(run_dir, 0, 2)
+    assert cli.main(["rm", str(run_dir)]) == 0  # returns once the runner released the run
+    assert f"stopped `dagtrain run` (PID {proc.pid} on" in capsys.readouterr().err
+    _, err = proc.communicate(timeout=10 * run_seconds)
+    assert proc.returncode == 143, err
+    assert f"stopped by SIGTERM; resume with: dagtrain run {run_dir}" in err
+    assert not any(alive(pid) for pid in pids)
+    assert read_status(run_dir).state == STOPPED
+
+    assert cli.main(["stop", str(run_dir)]) == 2  # nothing runs it any more
+    assert "no `dagtrain run` runs it" in capsys.readouterr().err
+    (run_dir / "go").touch()
+    assert cli.main(["run", str(run_dir)]) == 0
     assert sorted(runs(run_dir)) == ["n000", "n000", "n000", "n001", "n001", "n001"]
 
 
