@@ -399,3 +399,55 @@ def test_submit_names_the_setting_a_version_mismatch_needs(
     assert proc.returncode == 2, proc.stderr
     assert "SEC_FS_ENFORCE_CHANNEL_BINDING = False" in proc.stderr
     assert "Traceback" not in proc.stderr and proc.stderr.count("error:") == 1
+
+
+# Round 0's node jobs finish at once; round 1's wait for the file `go` in the run directory.
+HOLD_IN_ROUND_1 = (
+    '[ "$(basename "$(dirname "$(pwd)")")" = r000 ] || '
+    "while [ ! -e ../../../go ]; do sleep 0.1; done"
+)
+
+
+def _queue(pool: CondorPool, cwd: Path) -> list[str]:
+    """The clusters of every job in the schedd's queue."""
+    proc = pool.run(["condor_q", "-allusers", "-af", "ClusterId"], cwd=cwd)
+    assert proc.returncode == 0, proc.stderr
+    return proc.stdout.split()
+
+
+@pytest.mark.pool
+@pytest.mark.slow
+def test_rm_removes_the_dagman_job_and_submit_resumes_the_run(
+    condor_pool: CondorPool, condor_workdir: Path
+) -> None:
+    run = fake_run(condor_workdir / "run", rounds=2, nodes=2, script=HOLD_IN_ROUND_1)
+    condor_pool.own(condor_workdir)
+    proc = _dagtrain(condor_pool, run, "submit", str(run))
+    assert proc.returncode == 0, proc.stderr
+    cluster = proc.stdout.strip()
+    deadline = time.monotonic() + wait_s(90, 8)
+    while read_status(run).rounds[1].nodes["running"] < 2:
+        assert time.monotonic() < deadline, _text(read_status(run))
+        time.sleep(0.5)
+    assert cluster in _queue(condor_pool, run)
+
+    removed = _dagtrain(condor_pool, run, "rm", str(run))
+    assert removed.returncode == 0, removed.stderr
+    assert f"removed DAGMan job {cluster}" in removed.stderr
+    deadline = time.monotonic() + wait_s(60, 4)
+    while queue := _queue(condor_pool, run):  # DAGMan, its node jobs and its FINAL node leave
+        assert time.monotonic() < deadline, queue
+        time.sleep(0.5)
+    assert (run / f"{DAG_FILE}.rescue001").is_file()
+    again = _dagtrain(condor_pool, run, "rm", str(run))
+    assert again.returncode == 2 and "nothing to stop" in again.stderr
+
+    (run / "go").touch()
+    assert _dagtrain(condor_pool, run, "submit", str(run)).returncode == 0
+    watch = _dagtrain(condor_pool, run, "status", str(run), "--watch", timeout_s=wait_s(120, 10))
+    assert watch.returncode == 0, watch.stderr
+    assert "done: round 2/2" in watch.stdout and "report: completed" in watch.stdout
+    # The rescue DAG kept round 0: its node jobs ran once, before the removal.
+    for node in range(2):
+        log = (node_dir(run, 0, node) / "job.log").read_text()
+        assert len(re.findall(r"^001 ", log, re.MULTILINE)) == 1
