@@ -43,7 +43,14 @@ def _stop_runner(run_dir: Path, holder: Holder) -> str:
             f"{run_dir}: run by {holder.describe()}, another machine; stop it there with "
             "`dagtrain rm`"
         )
-    os.kill(holder.pid, signal.SIGTERM)
+    try:
+        os.kill(holder.pid, signal.SIGTERM)
+    except ProcessLookupError:
+        pass  # it ended meanwhile; its record goes with it
+    except PermissionError:
+        raise UserError(
+            f"{run_dir}: run by {holder.describe()}, another user's process; ask them to stop it"
+        ) from None
     deadline = time.monotonic() + STOP_WAIT_S
     while recorded_holder(run_dir) == holder:
         if time.monotonic() > deadline:
