@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import tifffile
 import torch
 from PIL import Image
 
@@ -125,6 +126,21 @@ def test_a_bad_image_is_one_message_and_the_other_images_go_on(
     doc = json.loads(out.read_text())
     assert [i["path"] for i in doc["images"]] == [str(good)]
     assert [f["path"] for f in doc["failures"]] == [str(truncated), str(grey)]
+
+
+def test_a_tiff_with_strips_past_its_end_is_one_message_and_the_other_images_go_on(
+    run_dir: Path, tiny_source: Path, tmp_path: Path
+) -> None:
+    good = tiny_source / "cells" / "1.png"
+    broken = tmp_path / "broken.tif"
+    tifffile.imwrite(broken, np.asarray(Image.open(good)), rowsperstrip=8, compression="zlib")
+    broken.write_bytes(broken.read_bytes()[:-2000])  # the last strips are cut off
+    result = pipeline.predict(run_dir, [broken, good])
+    assert [i.path for i in result.images] == [str(good)]
+    (failure,) = result.failures
+    assert failure.path == str(broken)
+    assert failure.error.startswith(f"cannot decode image {broken}: its strip ")
+    assert "lies past the end of the file" in failure.error
 
 
 def test_nothing_predict_writes_can_replace_a_file_of_the_run(

@@ -5,6 +5,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import tifffile
 from PIL import Image
 
 from node_payload.common.manifest import Manifest
@@ -129,3 +130,132 @@ def test_a_truncated_image_fails_on_decoding_naming_the_file(tmp_path: Path) -> 
     probed = check(path, _tiling())  # the header is intact
     with pytest.raises(BadInput, match=r"cannot decode image .*cut.png \(truncated or corrupt\?\)"):
         next(bands(probed, _tiling(), [0]))
+
+
+def _grey(height: int = 203, width: int = 157, seed: int = 4) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, (height, width), np.uint8)
+
+
+def _rgb(height: int = 203, width: int = 157) -> np.ndarray:
+    return np.random.default_rng(5).integers(0, 256, (height, width, 3), np.uint8)
+
+
+# TIFF layouts (strip sizes that do not divide the image, tiles that overhang it) and every
+# compression PIL decodes, in both byte orders and as BigTIFF
+_TIFFS = {
+    "uncompressed, one strip": lambda p: Image.fromarray(_grey()).save(p),
+    "LZW strips": lambda p: Image.fromarray(_grey()).save(
+        p, compression="tiff_lzw", strip_size=900
+    ),
+    "deflate strips, colour": lambda p: Image.fromarray(_rgb()).save(
+        p, compression="tiff_adobe_deflate", strip_size=2000
+    ),
+    "PackBits strips": lambda p: Image.fromarray(_grey()).save(
+        p, compression="packbits", strip_size=900
+    ),
+    "JPEG strips, colour": lambda p: Image.fromarray(_rgb()).save(
+        p, compression="jpeg", strip_size=2000
+    ),
+    "uncompressed strips, big-endian 16-bit": lambda p: tifffile.imwrite(
+        p, _grey().astype(np.uint16) * 257 + 3, rowsperstrip=7, byteorder=">"
+    ),
+    "uncompressed tiles": lambda p: tifffile.imwrite(p, _grey(), tile=(32, 48)),
+    "deflate tiles, colour, BigTIFF": lambda p: tifffile.imwrite(
+        p, _rgb(), tile=(32, 48), compression="zlib", bigtiff=True
+    ),
+    "deflate strips, colour planes apart": lambda p: tifffile.imwrite(
+        p,
+        _rgb().transpose(2, 0, 1),
+        rowsperstrip=9,
+        compression="zlib",
+        planarconfig="separate",
+        photometric="rgb",
+    ),
+}
+
+
+@pytest.mark.parametrize("layout", list(_TIFFS))
+def test_a_tiff_cut_strip_by_strip_equals_its_whole_decode_bit_for_bit(
+    tmp_path: Path, layout: str
+) -> None:
+    path = tmp_path / "slide.tif"
+    _TIFFS[layout](path)
+    mode = "RGB" if "colour" in layout else "L"
+    with Image.open(path) as image:
+        assert tiling._layout(image) is not None  # read strip by strip, not decoded whole
+        image.load()
+        Image.fromarray(tiling.as_uint8(image, mode)).save(tmp_path / "whole.png")
+    angles = [0, 90] if "JPEG" in layout else [0]
+    cut = [
+        np.concatenate(list(bands(check(tmp_path / name, _tiling(mode)), _tiling(mode), angles)))
+        for name in ("slide.tif", "whole.png")
+    ]
+    np.testing.assert_array_equal(*cut)
+
+
+def _reads(monkeypatch: pytest.MonkeyPatch) -> list[tuple[int, int]]:
+    """Every (offset, length) read from an image file strip by strip."""
+    reads: list[tuple[int, int]] = []
+
+    def recording(fd: int, length: int, offset: int) -> bytes:
+        reads.append((offset, length))
+        return pread(fd, length, offset)
+
+    pread = tiling.os.pread
+    monkeypatch.setattr(tiling.os, "pread", recording)
+    return reads
+
+
+def test_each_band_decodes_only_the_strips_under_it_each_strip_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = tmp_path / "slide.tif"
+    Image.fromarray(_grey(600, 80)).save(path, compression="tiff_lzw", strip_size=400)
+    with Image.open(path) as image:
+        offsets = list(image.tag_v2[273])
+        assert image.tag_v2[278] == 5  # rows per strip
+    reads = _reads(monkeypatch)
+    probed = check(path, _tiling())
+    cut = bands(probed, _tiling(), [0])
+    strips_read = []
+    for row in range(probed.ny):
+        next(cut)
+        # rows under band `row`: from its top less the margin to its bottom plus the margin
+        bottom = min(row * 16 - 9 + _tiling().context, 600)
+        strips_read.append(len(reads))
+        assert [offsets.index(offset) for offset, _ in reads] == list(range(-(-bottom // 5)))
+    assert strips_read[0] == -(-(_tiling().context - 9) // 5) < len(offsets) // 10
+
+
+def test_an_uncompressed_tiff_is_read_row_by_row_never_whole(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = tmp_path / "slide.tif"
+    Image.fromarray(_grey(600, 80)).save(path)  # one strip of 600 rows
+    reads = _reads(monkeypatch)
+    list(bands(check(path, _tiling()), _tiling(), [0]))
+    assert sum(length for _, length in reads) == 600 * 80  # every row once
+    assert max(length for _, length in reads) <= _tiling().context * 80
+
+
+def _strip_offsets_at(path: Path) -> int:
+    """Where in the file the strip offsets table is."""
+    with tifffile.TiffFile(path) as tiff:
+        return tiff.pages[0].tags["StripOffsets"].valueoffset
+
+
+@pytest.mark.parametrize("damage", ["offset past the end", "truncated"])
+def test_a_tiff_whose_strips_lie_past_its_end_is_one_message_naming_it(
+    tmp_path: Path, damage: str
+) -> None:
+    path = tmp_path / "broken.tif"
+    tifffile.imwrite(path, _grey(300, 64), rowsperstrip=8, compression="zlib")
+    data = bytearray(path.read_bytes())
+    if damage == "truncated":
+        data = data[: len(data) * 2 // 3]
+    else:  # the 20th strip's offset, 4 bytes little-endian, moved 1 GB away
+        at = _strip_offsets_at(path) + 4 * 20
+        data[at : at + 4] = (2**30).to_bytes(4, "little")
+    path.write_bytes(bytes(data))
+    with pytest.raises(BadInput, match=r"broken\.tif: its strip \d+ .* lies past the end"):
+        list(bands(check(path, _tiling()), _tiling(), [0]))
