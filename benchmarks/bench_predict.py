@@ -40,8 +40,10 @@ from pipeline.inference.tiling import bands, check
 from pipeline.planner import plan_from_file
 from pipeline.textures import generate
 
+# The child's own peak: VmHWM belongs to the process's memory map, new at exec (ru_maxrss would
+# also count the pages this process had when it forked the child).
 CHILD = """
-import resource, sys
+import re, sys
 from pathlib import Path
 import torch
 if len(sys.argv) > 1:
@@ -49,7 +51,8 @@ if len(sys.argv) > 1:
     run = pipeline.load_model(Path(sys.argv[1]))
 if len(sys.argv) > 2:
     pipeline.predict(run, [Path(sys.argv[2])], workers=int(sys.argv[3]))
-print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024)
+status = Path("/proc/self/status").read_text()
+print(int(re.search(r"VmHWM:\\s+(\\d+) kB", status).group(1)) // 1024)
 """
 FORMATS = ("tif", "tif-lzw", "tif-tiled", "png", "jpeg")
 
