@@ -233,6 +233,16 @@ def _stopped(run_dir: Path) -> bool:
     return journal_path(run_dir / DAG_FILE).is_file() and recorded_holder(run_dir) is None
 
 
+def _resubmitted(run_dir: Path) -> bool:
+    """The DAG was submitted again since DAGMan last wrote the status file: until the new DAGMan
+    writes it (within seconds), its DagStatus is the one the previous DAGMan ended with."""
+    status, submitted = run_dir / STATUS_FILE, run_dir / f"{DAG_FILE}.condor.sub"
+    try:
+        return status.stat().st_mtime_ns < submitted.stat().st_mtime_ns
+    except FileNotFoundError:
+        return False
+
+
 def _settle(rounds: list[RoundStatus]) -> None:
     """Nothing runs in a stopped run: jobs its files show as active wait for the resume."""
     for r in rounds:
@@ -248,6 +258,8 @@ def read_status(run_dir: Path) -> RunStatus:
     config = read_run_config(run_dir / CONFIG_FILE)
     run = config.run
     ads, head = read_status_file(run_dir / STATUS_FILE)
+    if _resubmitted(run_dir):
+        head = None  # the previous DAGMan's last word (failed, removed): not this one's
     lanes = None
     if config.is_async:
         per_row = lane_length(config)

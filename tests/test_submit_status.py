@@ -188,6 +188,21 @@ def test_node_state_trusts_logs_only_while_the_job_is_active() -> None:
     assert node_state(ERROR, None) == "failed"
 
 
+def test_a_resubmitted_run_is_not_shown_as_its_previous_dagman_ended(tmp_path: Path) -> None:
+    """`dagtrain submit` of a failed or removed run, then `status --watch`: the status file says
+    failed until the new DAGMan rewrites it, which must not end the watch."""
+    run = fake_run(tmp_path / "run", rounds=1, nodes=2, script='test "$2" != n001', retries=0)
+    assert not run_dag(run / DAG_FILE, slots=2).ok
+    assert read_status(run).state == "failed"
+    status_file = run / STATUS_FILE
+    submitted = run / f"{DAG_FILE}.condor.sub"
+    submitted.write_text("")
+    os.utime(submitted, ns=(status_file.stat().st_mtime_ns + 10**9,) * 2)
+    assert not read_status(run).ended
+    os.utime(status_file, ns=(submitted.stat().st_mtime_ns + 10**9,) * 2)  # the new DAGMan's
+    assert read_status(run).state == "failed"
+
+
 def test_status_of_a_run_never_started(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     run = fake_run(tmp_path / "run")
     status = read_status(run)
