@@ -26,6 +26,7 @@ from pipeline.mirrors import serve
 from pipeline.rescue import reopen_missing_nodes
 from pipeline.run_status import job_history
 from tests.condor_pool.pool import CondorPool
+from tests.test_tensorboard_log import scalars
 from tests.timing import wait_s
 
 pytestmark = pytest.mark.pool
@@ -115,6 +116,11 @@ def test_pool_run_matches_local_runner(
     # Not only the final weights: every update and model file is the same, byte for byte.
     for relative in _tensor_files(pool_run):
         assert (pool_run / relative).read_bytes() == (local_run / relative).read_bytes(), relative
+    # The aggregation jobs wrote the same TensorBoard points into the run directory on both.
+    pool_board, local_board = scalars(pool_run), scalars(local_run)
+    assert pool_board.keys() == local_board.keys() and "heldout/image_accuracy" in pool_board
+    for tag in ("heldout/accuracy", "heldout/loss", "updates/nodes_used", "updates/bytes"):
+        assert pool_board[tag] == local_board[tag] and len(pool_board[tag]) == 2, tag
 
 
 def _tensor_files(run_dir: Path) -> list[Path]:
