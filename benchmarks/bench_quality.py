@@ -6,7 +6,11 @@ seconds across invocations. The runs, through the real commands:
   central      `dagtrain baseline` at S = nodes x rounds x local_steps SGD steps
   federated a  `dagtrain plan` + `dagtrain run` (local runner, embedded mirrors): equal total steps
   federated b  the same with local_steps x nodes: equal wall time on `nodes` machines
+  parallel a   the baseline with batch and lr x nodes at S / nodes steps: `nodes` machines that
+               average their gradients every step (the linear scaling rule), the best a
+               synchronous data-parallel run can be expected to do at (a)'s compute
   central NxS  (--long-baseline) the baseline at nodes x S steps: what (b)'s compute buys centrally
+  parallel b   (--long-baseline) parallel a at S steps: the same ceiling for (b)
 
 Targets: (a) >= 0.95 x central; (b) >= central + 5 points of held-out accuracy.
 
@@ -36,7 +40,7 @@ from pipeline.dataset_prepare import prepare
 from pipeline.demo import demo_textures
 
 REPO = Path(__file__).resolve().parent.parent
-RUNS = ("central", "federated_a", "federated_b", "central_long")
+RUNS = ("central", "parallel_a", "federated_a", "federated_b", "central_long", "parallel_b")
 
 
 def _arguments() -> argparse.Namespace:
@@ -98,6 +102,16 @@ def _config(args: argparse.Namespace, dataset: Path) -> dict[str, dict[str, Any]
         except UserError as exc:
             sys.exit(str(exc))
     return raw
+
+
+def _parallel(raw: dict[str, dict[str, Any]], nodes: int) -> dict[str, dict[str, Any]]:
+    """One machine standing for `nodes` that average gradients every step: batch and lr x nodes
+    (Goyal et al.'s linear scaling rule; x4 beat x2 and x8 for 4 nodes, docs/benchmarks.md)."""
+    wide = copy.deepcopy(raw)
+    wide["train"]["batch_size"] = raw["train"]["batch_size"] * nodes
+    wide["train"]["lr"] = raw["train"]["lr"] * nodes
+    wide["data"]["local_train"] *= nodes  # at least one batch, as the plan requires
+    return wide
 
 
 def _write_config(raw: dict[str, dict[str, Any]], path: Path) -> Path:
@@ -164,7 +178,12 @@ def _table(results: dict[str, dict[str, Any]], nodes: int) -> Table:
             f"federated (b), {nodes} x steps",
             "{points:+.1f} points (target >= +5)",
         ),
+        "parallel_a": (
+            f"batch and lr x {nodes}, S / {nodes} steps",
+            "ratio {ratio:.3f}: the ceiling for (a)",
+        ),
         "central_long": (f"central, {nodes} x S steps", "{points:+.1f} points"),
+        "parallel_b": (f"batch and lr x {nodes}, S steps", "{points:+.1f} points: ceiling for (b)"),
     }
     for name in RUNS:
         if name not in results:
@@ -196,9 +215,11 @@ def main() -> None:
     wide["data"]["local_train"] *= args.nodes
     config_a = _write_config(raw, out / "quality_a.toml")
     config_b = _write_config(wide, out / "quality_b.toml")
+    config_p = _write_config(_parallel(raw, args.nodes), out / "quality_parallel.toml")
     steps = args.nodes * args.rounds * raw["train"]["local_steps"]
     runs = {
         "central": lambda: _central(config_a, steps, out / "central"),
+        "parallel_a": lambda: _central(config_p, steps // args.nodes, out / "parallel_a"),
         "federated_a": lambda: _federated(config_a, out / "federated_a", args.slots, steps),
         "federated_b": lambda: _federated(
             config_b, out / "federated_b", args.slots, steps * args.nodes
@@ -206,6 +227,7 @@ def main() -> None:
     }
     if args.long_baseline:
         runs["central_long"] = lambda: _central(config_a, steps * args.nodes, out / "central_long")
+        runs["parallel_b"] = lambda: _central(config_p, steps, out / "parallel_b")
     summary: dict[str, Any] = {
         **_checkout(),  # what the runs execute, taken before they start
         "dataset": str(dataset),
