@@ -18,7 +18,7 @@ from node_payload.faults import inject, slow_down, slowdown, tamper
 from node_payload.fetch import FetchStats
 from node_payload.local_data import BlockSource, Tensors, load_fragments, planned_manifest
 from node_payload.sampling import local_sets, sources_per_class
-from node_payload.train import Schedule, evaluate, steps_for, train_local, update_tensors
+from node_payload.train import evaluate, train_job, update_tensors
 
 
 @dataclass(frozen=True)
@@ -40,7 +40,7 @@ def run_node(task: NodeTask) -> dict[str, Any]:
     inject(config, task.round_, task.node)
     threads = job_threads()
     torch.set_num_threads(threads)
-    data, train_cfg = config.data, config.train
+    data = config.data
     mirrors = data.mirrors
     first = (task.node + task.attempt) % len(mirrors)
     stats = FetchStats()
@@ -59,26 +59,9 @@ def run_node(task: NodeTask) -> dict[str, Any]:
     model, model_meta = load_model(task.model_path)
     base_version = int(model_meta["version"])
     global_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    steps = steps_for(
-        train_cfg.local_steps, train_cfg.local_epochs, len(train.y), train_cfg.batch_size
-    )
     # Where the run is in its schedule: the round, or (asynchronous) the model's version.
     position = base_version if config.is_async else task.round_
-    schedule = Schedule.for_run(train_cfg, steps, config.schedule_length)
-    result = train_local(
-        model,
-        train.x,
-        train.y,
-        steps=steps,
-        batch_size=train_cfg.batch_size,
-        schedule=schedule,
-        first_step=position * steps,
-        momentum=train_cfg.momentum,
-        nesterov=train_cfg.nesterov,
-        weight_decay=train_cfg.weight_decay,
-        augment=train_cfg.augment,
-        seed=task.seed,
-    )
+    result, schedule, first_step = train_job(model, train.x, train.y, config, position, task.seed)
     test_loss, test_accuracy = evaluate(model, test.x, test.y)
     real_seconds = time.time() - started_at
     factor = slowdown(config, task.node)
@@ -113,8 +96,8 @@ def run_node(task: NodeTask) -> dict[str, Any]:
         "test_samples": len(test.y),
         "sources_per_class": sources_per_class(manifest, train_ids),  # the local set's diversity
         "local_steps": result.steps,
-        "lr": schedule.lr(position * steps),  # at the job's first and last step
-        "lr_last": schedule.lr(position * steps + steps - 1),
+        "lr": schedule.lr(first_step),  # at the job's first and last step
+        "lr_last": schedule.lr(first_step + result.steps - 1),
         "local_loss": result.loss,
         "local_accuracy": result.accuracy,
         "local_test_loss": test_loss,

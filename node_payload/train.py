@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from node_payload.batches import augment as augment_batch
-from node_payload.common.run_config import TrainTable
+from node_payload.common.run_config import RunConfig, TrainTable
 
 
 @dataclass(frozen=True)
@@ -116,6 +116,31 @@ def train_local(
         correct += int((logits.argmax(1) == y[index]).sum())
         seen += len(index)
     return LocalResult(total_loss / max(seen, 1), correct / max(seen, 1), steps)
+
+
+def train_job(
+    model: nn.Module, x: torch.Tensor, y: torch.Tensor, config: RunConfig, position: int, seed: int
+) -> tuple[LocalResult, Schedule, int]:
+    """A node job's training: its steps at its place in the run's schedule (the round, or the
+    model's version when asynchronous); the result, the schedule and the first global step."""
+    train = config.train
+    steps = steps_for(train.local_steps, train.local_epochs, len(y), train.batch_size)
+    schedule = Schedule.for_run(train, steps, config.schedule_length)
+    result = train_local(
+        model,
+        x,
+        y,
+        steps=steps,
+        batch_size=train.batch_size,
+        schedule=schedule,
+        first_step=position * steps,
+        momentum=train.momentum,
+        nesterov=train.nesterov,
+        weight_decay=train.weight_decay,
+        augment=train.augment,
+        seed=seed,
+    )
+    return result, schedule, position * steps
 
 
 @torch.no_grad()

@@ -234,7 +234,7 @@ def run_baseline(
         pool_ids = training_pool(plan.manifest, size, config.run.seed)
         pool = read_fragments(plan.manifest, plan.dataset_dir, pool_ids)
         heldout = load_heldout(plan)
-        model = _initial_model(plan)
+        model = initial_model(plan)
         curve: list[dict[str, Any]] = []
         points = set(curve_steps(steps))
 
@@ -266,7 +266,7 @@ def run_baseline(
     return result
 
 
-def _initial_model(plan: Plan) -> nn.Module:
+def initial_model(plan: Plan) -> nn.Module:
     """The run's global model at round 0: the same network and weights the planner writes."""
     model = plan.config.model
     classes = len(plan.manifest.classes)
