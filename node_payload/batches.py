@@ -6,28 +6,19 @@ import torch.nn.functional as F
 
 # The model input of each pixel value, computed once by the float ops that map 0..255 to [-1, 1]
 # (x / 127.5 - 1): a table lookup gives the same floats in one numpy pass, without torch's
-# threads, so `predict` can convert a batch in a helper thread while the model runs.
+# threads, whose three passes took up to 20x longer whenever another process shared the cores.
 _LEVELS = torch.arange(256, dtype=torch.float32).div_(127.5).sub_(1.0).numpy()
 
 
-def normalise(images: np.ndarray) -> torch.Tensor:
+def to_tensor(images: np.ndarray, image_size: int) -> torch.Tensor:
     """uint8 NHWC fragments -> float NCHW in [-1, 1] (channels stored last, as the permute of
-    the NHWC pixels)."""
+    the NHWC pixels), resized when the tile differs from the model."""
     if images.dtype != np.uint8:
         raise TypeError(f"fragments must be uint8, not {images.dtype}")
-    return torch.from_numpy(np.take(_LEVELS, images)).permute(0, 3, 1, 2)
-
-
-def resize(x: torch.Tensor, image_size: int) -> torch.Tensor:
-    """Fragments resized to the model's input size when the tile differs from it."""
+    x = torch.from_numpy(np.take(_LEVELS, images)).permute(0, 3, 1, 2)
     if x.shape[-1] != image_size or x.shape[-2] != image_size:
         x = F.interpolate(x, size=(image_size, image_size), mode="bilinear", antialias=True)
     return x
-
-
-def to_tensor(images: np.ndarray, image_size: int) -> torch.Tensor:
-    """uint8 NHWC fragments -> float NCHW in [-1, 1], resized when the tile differs from the model."""
-    return resize(normalise(images), image_size)
 
 
 def augment(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:

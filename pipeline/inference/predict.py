@@ -1,8 +1,7 @@
 """`dagtrain predict`: each image's class probabilities, the mean softmax of its fragments.
 
 Images are cut as the run's dataset was (pipeline.inference.tiling) and classified in batches;
-a helper thread cuts and converts the next batch while the model runs on this one (numpy and
-torch release the GIL), and an image's probabilities are summed batch by batch (aggregation.heldout_metrics.ImageVotes, the
+an image's probabilities are summed batch by batch (aggregation.heldout_metrics.ImageVotes, the
 vote the held-out evaluation takes), so memory stays bounded whatever the image's size. An image
 that cannot be used is one failure naming the file, and the other images go on.
 """
@@ -10,12 +9,11 @@ that cannot be used is one failure naming the file, and the other images go on.
 import csv
 import io
 import json
-from collections.abc import Callable, Generator, Iterable, Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import numpy as np
 import torch
@@ -24,7 +22,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from aggregation.heldout import unrotated
 from aggregation.heldout_metrics import ImageVotes
-from node_payload.batches import normalise, resize
+from node_payload.batches import to_tensor
 from node_payload.common.atomic_file import write_text
 from node_payload.common.errors import UserError
 from pipeline.dataset_prepare import images_in, parse_angles
@@ -33,8 +31,6 @@ from pipeline.inference.tiling import BadInput, Probed, bands, check
 
 DEFAULT_BATCH = 64
 OUTPUT_SUFFIXES = (".csv", ".json")
-T = TypeVar("T")
-_END = object()
 
 
 @dataclass(frozen=True)
@@ -118,21 +114,6 @@ def _batches(bands: Iterable[np.ndarray], size: int) -> Iterator[np.ndarray]:
         yield rest
 
 
-def _ahead(items: Iterator[T]) -> Iterator[T]:
-    """The items, each made in a helper thread while the caller works on the previous one, so
-    cutting a batch overlaps the model's run on the last (one item ahead: memory stays bounded).
-    The helper's exceptions are raised here."""
-    try:
-        with ThreadPoolExecutor(1, thread_name_prefix="predict-cut") as helper:
-            pending = helper.submit(next, items, _END)
-            while (item := pending.result()) is not _END:
-                pending = helper.submit(next, items, _END)
-                yield item
-    finally:
-        if isinstance(items, Generator):
-            items.close()  # the image file, at once
-
-
 @contextmanager
 def _threads(workers: int) -> Iterator[None]:
     """torch's intra-op threads for the call (0: leave torch's default, every core)."""
@@ -160,13 +141,12 @@ def _score_one(
 ) -> Scored:
     votes = ImageVotes(1, len(run.classes))
     classes = []
-    converted = (normalise(c) for c in _batches(bands(probed, run.tiling, angles), batch))
     with torch.inference_mode():
-        for pixels in _ahead(converted):
-            probabilities = run.model(resize(pixels, run.image_size)).softmax(dim=1)
-            votes.add(probabilities, torch.zeros(len(pixels), dtype=torch.long))
+        for chunk in _batches(bands(probed, run.tiling, angles), batch):
+            probabilities = run.model(to_tensor(chunk, run.image_size)).softmax(dim=1)
+            votes.add(probabilities, torch.zeros(len(chunk), dtype=torch.long))
             classes.append(probabilities.argmax(dim=1))
-            done(len(pixels))
+            done(len(chunk))
     return Scored(probed.path, votes.probabilities()[0], int(votes.votes()[0]), torch.cat(classes))
 
 
