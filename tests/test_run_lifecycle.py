@@ -245,14 +245,21 @@ def test_demo_reuses_its_completed_run(tmp_path: Path, capsys: pytest.CaptureFix
 # ---------------------------------------------------------------- interrupts
 
 
-def test_ctrl_c_stops_cleanly_and_the_run_resumes(
-    held_run: Callable[[int], Path], run_seconds: float, capsys: pytest.CaptureFixture
-) -> None:
+def _running_round(
+    held_run: Callable[[int], Path], run_seconds: float
+) -> tuple[Path, subprocess.Popen[str], list[int]]:
+    """A runner started on a two-round run, once both of round 0's node jobs are running."""
     run_dir = held_run(2)
     proc = start_runner(run_dir)
     pid_files = [node_dir(run_dir, 0, n) / "job.pid" for n in range(2)]
     wait_until(lambda: all(p.exists() for p in pid_files), 10 * run_seconds, "jobs started")
-    pids = job_pids(run_dir, 0, 2)
+    return run_dir, proc, job_pids(run_dir, 0, 2)
+
+
+def test_ctrl_c_stops_cleanly_and_the_run_resumes(
+    held_run: Callable[[int], Path], run_seconds: float, capsys: pytest.CaptureFixture
+) -> None:
+    run_dir, proc, pids = _running_round(held_run, run_seconds)
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=10 * run_seconds)
     assert proc.returncode == 130, err
@@ -276,11 +283,7 @@ def test_ctrl_c_stops_cleanly_and_the_run_resumes(
 def test_rm_stops_a_local_run_which_resumes(
     held_run: Callable[[int], Path], run_seconds: float, capsys: pytest.CaptureFixture
 ) -> None:
-    run_dir = held_run(2)
-    proc = start_runner(run_dir)
-    pid_files = [node_dir(run_dir, 0, n) / "job.pid" for n in range(2)]
-    wait_until(lambda: all(p.exists() for p in pid_files), 10 * run_seconds, "jobs started")
-    pids = job_pids(run_dir, 0, 2)
+    run_dir, proc, pids = _running_round(held_run, run_seconds)
     assert cli.main(["rm", str(run_dir)]) == 0  # returns once the runner released the run
     assert f"stopped `dagtrain run` (PID {proc.pid} on" in capsys.readouterr().err
     _, err = proc.communicate(timeout=10 * run_seconds)
