@@ -14,12 +14,11 @@ under it that the previous band did not, so a slide of any size takes memory for
 Other formats (PNG, JPEG) have no such index: PIL decodes them whole, at their stored depth.
 """
 
-import ctypes
 import io
 import math
 import os
 import struct
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -155,21 +154,6 @@ _STRIP_OFFSETS, _STRIP_COUNTS, _TILE_OFFSETS, _TILE_COUNTS = 273, 279, 324, 325
 # deflate (two codes), PackBits. Others (old-style JPEG points into the file) are decoded whole.
 _SEGMENTED = {1, 5, 7, 8, 32946, 32773}
 _CLASSIC = {TiffTags.LONG8: TiffTags.LONG}  # BigTIFF offsets, rewritten into a classic TIFF
-
-
-def _malloc_trim() -> Callable[[], None]:
-    """Giving the pages of freed heap memory back to the system (glibc; elsewhere nothing).
-    Decoded strips, bands, batches and the network's activations, of many sizes and lifetimes,
-    fragment the heap: predicting a 20,000 px slide in 256 px tiles grew the heap by 0.3 GB
-    every 500 batches with 0.13 GB in use, and kept it flat when trimmed after each decode."""
-    try:
-        trim = ctypes.CDLL(None).malloc_trim
-    except (AttributeError, OSError, TypeError):
-        return lambda: None
-    return lambda: trim(0)
-
-
-_release_freed = _malloc_trim()
 
 
 @dataclass(frozen=True)
@@ -342,7 +326,6 @@ class _Strips:
             raise BadInput(
                 f"cannot decode image {self.path} (truncated or corrupt?): {exc}"
             ) from None
-        _release_freed()
         return top, pixels
 
 
