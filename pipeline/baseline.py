@@ -31,6 +31,7 @@ from node_payload.common.errors import UserError
 from node_payload.common.manifest import Manifest
 from node_payload.common.models import build_model
 from node_payload.common.run_config import RunConfig
+from node_payload.common.threads import torch_threads
 from node_payload.fragments import cut, decode
 from node_payload.sampling import class_pools, class_quotas
 from node_payload.train import Schedule, sgd, shuffled_batches, steps_for
@@ -203,17 +204,6 @@ def train_central(
         on_step(step + 1, model)
 
 
-@contextlib.contextmanager
-def _threads(n: int) -> Iterator[None]:
-    """One machine of the pool: the threads a node's slot grants ([resources] request_cpus)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
-
-
 def curve_steps(steps: int) -> list[int]:
     return sorted({max(1, round(steps * k / CURVE_POINTS)) for k in range(1, CURVE_POINTS + 1)})
 
@@ -229,7 +219,7 @@ def run_baseline(
     steps = steps or default_steps(config)
     _make_out_dir(out_dir)
     started = time.perf_counter()
-    with _threads(config.resources.request_cpus), _progress(show_progress, steps) as advance:
+    with torch_threads(config.resources.request_cpus), _progress(show_progress, steps) as advance:
         size = pool_size(steps, config.train.batch_size, plan.manifest)
         pool_ids = training_pool(plan.manifest, size, config.run.seed)
         pool = read_fragments(plan.manifest, plan.dataset_dir, pool_ids)

@@ -1,7 +1,11 @@
 """How many threads a job may use: what the slot granted, as HTCondor's starter reports it."""
 
+import contextlib
 import os
+from collections.abc import Iterator
 from pathlib import Path
+
+import torch
 
 
 def _request_cpus_from_job_ad() -> int | None:
@@ -27,3 +31,16 @@ def job_threads() -> int:
         return max(1, int(os.environ.get("OMP_NUM_THREADS", "1")))
     except ValueError:
         return 1
+
+
+@contextlib.contextmanager
+def torch_threads(n: int) -> Iterator[None]:
+    """torch's intra-op threads for a call made in-process (0: leave torch's default), given
+    back after it so the caller's own setting is untouched."""
+    previous = torch.get_num_threads()
+    if n:
+        torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)

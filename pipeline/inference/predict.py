@@ -10,7 +10,6 @@ import csv
 import io
 import json
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -25,6 +24,7 @@ from aggregation.heldout_metrics import ImageVotes
 from node_payload.batches import to_tensor
 from node_payload.common.atomic_file import write_text
 from node_payload.common.errors import UserError
+from node_payload.common.threads import torch_threads
 from pipeline.dataset_prepare import images_in, parse_angles
 from pipeline.inference.run_model import RunModel, load_model
 from pipeline.inference.tiling import BadInput, Probed, bands, check
@@ -114,18 +114,6 @@ def _batches(bands: Iterable[np.ndarray], size: int) -> Iterator[np.ndarray]:
         yield rest
 
 
-@contextmanager
-def _threads(workers: int) -> Iterator[None]:
-    """torch's intra-op threads for the call (0: leave torch's default, every core)."""
-    previous = torch.get_num_threads()
-    if workers:
-        torch.set_num_threads(workers)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(previous)
-
-
 def _progress(enabled: bool) -> Progress:
     columns = (
         TextColumn("{task.description}"),
@@ -175,7 +163,7 @@ def score(
             checked.append(Failure(str(path), str(exc)))
     total = sum(c.fragments(len(angles)) for c in checked if isinstance(c, Probed))
     results: list[Scored | Failure] = []
-    with _threads(workers), _progress(progress) as bar:
+    with torch_threads(workers), _progress(progress) as bar:
         images = bar.add_task("images", total=len(paths))
         fragments = bar.add_task("fragments", total=total)
         for item in checked:
