@@ -3,9 +3,9 @@
 against the registered names, so registering a function is what makes a name allowed."""
 
 from aggregation.combine import COMBINE_RULES
-from aggregation.registry import Registry
 from aggregation.server_optimizer import SERVER_OPTIMIZERS
 from aggregation.staleness import STALENESS
+from node_payload.common.registry import Registry
 
 REGISTRIES: dict[str, Registry] = {
     registry.name: registry for registry in (COMBINE_RULES, SERVER_OPTIMIZERS, STALENESS)

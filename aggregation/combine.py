@@ -11,8 +11,8 @@ from collections.abc import Callable, Mapping, Sequence
 import torch
 
 from aggregation.accepted import Accepted
-from aggregation.registry import Registry
 from aggregation.robust import coordinate_wise, median_cut, trimmed_cut
+from node_payload.common.registry import Registry
 
 Tensors = Mapping[str, torch.Tensor]
 CombineRule = Callable[[Tensors, Sequence[Accepted], float], dict[str, torch.Tensor]]

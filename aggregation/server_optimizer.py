@@ -16,9 +16,9 @@ from collections.abc import Callable, Mapping
 
 import torch
 
-from aggregation.registry import Registry
 from aggregation.statistics import next_buffer
 from node_payload.common.errors import UserError
+from node_payload.common.registry import Registry
 from node_payload.common.run_config import ServerTable
 
 SERVER_FORMAT = "dagtrain-server/1"

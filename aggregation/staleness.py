@@ -8,7 +8,7 @@ takes t and the config's [async] staleness_a and staleness_b.
 
 from collections.abc import Callable
 
-from aggregation.registry import Registry
+from node_payload.common.registry import Registry
 
 StalenessFunction = Callable[[int, float, int], float]
 STALENESS: Registry[StalenessFunction] = Registry("staleness", "[async] staleness")

@@ -6,8 +6,8 @@ from dataclasses import fields
 import pytest
 
 from aggregation.choices import REGISTRIES
-from aggregation.registry import Registry
 from node_payload.common.errors import UserError
+from node_payload.common.registry import Registry
 from node_payload.common.run_config import RunConfig, schema, table_name
 from pipeline.config import from_dict, reference_table
 

@@ -1,6 +1,7 @@
-"""Named implementations a run config chooses by name: combine rules, server optimizers and
-staleness functions are each a Registry, so a new one is one registered function (plus its
-test), and the config's allowed values are the registry's names (aggregation.choices)."""
+"""Named implementations a run config chooses by name: combine rules, server optimizers,
+staleness functions and update compression methods are each a Registry, so a new one is one
+registered function (plus its test), and the config's allowed values are the registry's names
+(aggregation.choices). In the kernel, so that the node's compression methods register too."""
 
 from collections.abc import Callable, Iterator
 from typing import Generic, TypeVar
