@@ -45,6 +45,7 @@ def _run(args: argparse.Namespace) -> int:
         slow_slots=dict(args.slow_slot or []),
         force=args.force,
         serial=args.serial,
+        warm=not args.cold,
     )
     return 0 if report["status"] == "completed" else 1
 
@@ -385,6 +386,12 @@ def parser() -> argparse.ArgumentParser:
         help="one node at a time (PRE script, job, POST script) in a fixed order: the models "
         "never depend on timing, an asynchronous run's included, however the run is stopped, "
         "resumed or its jobs killed",
+    )
+    run.add_argument(
+        "--cold",
+        action="store_true",
+        help="start every job as a fresh process, importing torch itself, as on a pool; by "
+        "default the jobs that run the payload fork from a warm interpreter with torch imported",
     )
     _force_option(run)
     run.set_defaults(func=_run)

@@ -43,6 +43,7 @@ def run_local(
     slow_slots: dict[int, float] | None = None,
     force: bool = False,
     serial: bool = False,
+    warm: bool = True,
 ) -> dict[str, Any]:
     """Run (or resume) a planned run; returns report.json written by the DAG's FINAL node.
 
@@ -53,6 +54,8 @@ def run_local(
     times as long: a local stand-in for slower machines (on a pool, use `[faults] slow`).
     `serial` runs one node at a time in a fixed order, so that the models never depend on
     timing, an asynchronous run's included (pipeline.local_runner.serial_order).
+    `warm` starts the jobs that run the payload with the configured Pythons in a warm
+    interpreter that has torch imported (pipeline.local_runner.warm_pool); False: fresh processes.
     """
     for slot, factor in (slow_slots or {}).items():
         if not 0 <= slot < slots or not (math.isfinite(factor) and factor >= 1):
@@ -81,7 +84,7 @@ def run_local(
         if force:
             reset_run(run_dir, config)
         try:
-            _execute(run_dir, config, slots, slot_environment, console, serial)
+            _execute(run_dir, config, slots, slot_environment, console, serial, warm)
         except DagInterrupted as exc:
             raise RunStopped(run_dir, exc.exit_code) from None
         except KeyboardInterrupt:
@@ -101,6 +104,7 @@ def _execute(
     slot_environment: dict[int, dict[str, str]],
     console: Console,
     serial: bool,
+    warm: bool,
 ) -> None:
     """Missing nodes reopened, embedded mirrors up, then the DAG with a live progress table."""
     reopened = reopen_missing_nodes(run_dir)
@@ -118,7 +122,14 @@ def _execute(
                 on_event=p.on_event,
                 slot_environment=slot_environment,
                 serial=serial,
+                warm_pythons=_configured_pythons(config) if warm else (),
             )
     finally:
         if mirrors is not None:
             mirrors.close()
+
+
+def _configured_pythons(config: RunConfig) -> set[str]:
+    """The Pythons the submit files run the payload with (none from an env_tarball)."""
+    execution = config.execution
+    return {python for python in (execution.python, execution.submit_python) if python}

@@ -17,7 +17,7 @@ from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext, suppress
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO
+from typing import IO, Protocol
 
 import classad2
 
@@ -25,6 +25,7 @@ from .event_log import UserLog
 from .parent_death import die_with_runner
 from .sandbox import command_path, should_transfer_output, stage_in, stage_out
 from .submit_description import JobSpec
+from .warm_pool import WarmPool
 
 # DAGMan reports a job removed from the queue by anything other than DAGMan itself (here:
 # periodic_remove) with $RETURN -1002 (HTCondor manual, DAGMan "Scripts", $RETURN macro).
@@ -42,6 +43,40 @@ THREAD_VARIABLES = (
     "OMP_NUM_THREADS", "OMP_THREAD_LIMIT", "OPENBLAS_NUM_THREADS", "PYTHON_CPU_COUNT",
     "ROOT_MAX_THREADS", "TF_LOOP_PARALLEL_ITERATIONS", "TF_NUM_THREADS",
 )  # fmt: skip
+
+
+class RunningJob(Protocol):
+    """A started job: a fresh process (FreshJob) or a warm server's child (warm_pool)."""
+
+    returncode: int | None
+    note: str  # a line for the job's stderr when it ended without an exit status of its own
+
+    def poll(self) -> int | None: ...
+    def wait(self, timeout: float | None = None) -> int: ...
+    def signal_group(self, sig: int) -> None: ...
+
+
+class FreshJob:
+    """A job exec'd as a new process, as a starter does."""
+
+    note = ""
+
+    def __init__(self, proc: subprocess.Popen[bytes]) -> None:
+        self.proc = proc
+
+    @property
+    def returncode(self) -> int | None:
+        return self.proc.returncode
+
+    def poll(self) -> int | None:
+        return self.proc.poll()
+
+    def wait(self, timeout: float | None = None) -> int:
+        return self.proc.wait(timeout)
+
+    def signal_group(self, sig: int) -> None:
+        with suppress(ProcessLookupError):
+            os.killpg(self.proc.pid, sig)
 
 
 @dataclass
@@ -63,8 +98,10 @@ class JobProcess:
         cancel: threading.Event,
         on_running: Callable[[], None],
         slot_environment: dict[str, str] | None = None,
+        warm: WarmPool | None = None,
     ) -> None:
         self.spec = spec
+        self.warm = warm
         self.slot_environment = slot_environment or {}
         self.cluster = cluster
         self.cancel = cancel
@@ -167,22 +204,21 @@ class JobProcess:
         self.ad["NumJobStarts"] = 1
         self.ad_file.write_text(str(self.ad))
         with _open_or_null(out) as stdout, _open_or_null(err) as stderr:
-            proc = subprocess.Popen(
-                [command_path(spec, self.sandbox), *spec.arguments],
-                cwd=cwd, env=self._environment(cwd), stdin=subprocess.DEVNULL,
-                stdout=stdout, stderr=stderr, start_new_session=True,
-                preexec_fn=die_with_runner(),
-            )  # fmt: skip
+            proc = self._start(cwd, stdout, stderr)
         self.log.executing()
         self.on_running()
         stopped = self._watch(proc)
+        if proc.note and err is not None:
+            with err.open("a") as stream:
+                stream.write(proc.note)
         if self.sandbox is not None:
             _copy_stream(self.sandbox / "_condor_stdout", spec.output)
             _copy_stream(self.sandbox / "_condor_stderr", spec.error)
         if stopped is not None:
             return stopped
-        code = proc.returncode if proc.returncode >= 0 else None
-        sig = -proc.returncode if proc.returncode < 0 else None
+        returned = proc.wait()
+        code = returned if returned >= 0 else None
+        sig = -returned if returned < 0 else None
         if self.sandbox is not None and should_transfer_output(spec, code):
             missing = stage_out(spec, self.sandbox, inputs)
             if missing:
@@ -191,7 +227,21 @@ class JobProcess:
         self.log.terminated(code, sig)
         return JobResult(code if code is not None else -(sig or 0))
 
-    def _watch(self, proc: subprocess.Popen[bytes]) -> JobResult | None:
+    def _start(self, cwd: Path, stdout: IO[bytes] | int, stderr: IO[bytes] | int) -> RunningJob:
+        """In a warm interpreter when the job may go warm (warm_pool), else a fresh process."""
+        command = [command_path(self.spec, self.sandbox), *self.spec.arguments]
+        env = self._environment(cwd)
+        if self.warm is not None:
+            job = self.warm.start(command, cwd, env, (stdout, stderr), self.cancel)
+            if job is not None:
+                return job
+        proc = subprocess.Popen(
+            command, cwd=cwd, env=env, stdin=subprocess.DEVNULL, stdout=stdout, stderr=stderr,
+            start_new_session=True, preexec_fn=die_with_runner(),
+        )  # fmt: skip
+        return FreshJob(proc)
+
+    def _watch(self, proc: RunningJob) -> JobResult | None:
         """Wait for exit while enforcing policy; a result here means the job did not exit."""
         next_check = time.monotonic() + POLICY_INTERVAL
         started = time.time()
@@ -229,12 +279,10 @@ def _copy_stream(src: Path, dst: Path | None) -> None:
         shutil.copyfile(src, dst)
 
 
-def _kill_group(proc: subprocess.Popen[bytes]) -> None:
+def _kill_group(proc: RunningJob) -> None:
     """SIGTERM the job's process group, SIGKILL after a grace period, like a starter."""
-    with suppress(ProcessLookupError):
-        os.killpg(proc.pid, signal.SIGTERM)
+    proc.signal_group(signal.SIGTERM)
     with suppress(subprocess.TimeoutExpired):
         proc.wait(timeout=KILL_GRACE)
-    with suppress(ProcessLookupError):
-        os.killpg(proc.pid, signal.SIGKILL)  # also whatever the job left behind in its group
+    proc.signal_group(signal.SIGKILL)  # also whatever the job left behind in its group
     proc.wait()

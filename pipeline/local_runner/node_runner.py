@@ -21,6 +21,7 @@ from .job_process import JobProcess, JobResult
 from .parent_death import die_with_runner
 from .status_file import POSTRUN, PRERUN, READY, SUBMITTED
 from .submit_description import load_job
+from .warm_pool import WarmPool
 
 
 @dataclass(frozen=True)
@@ -46,6 +47,7 @@ class NodeContext:
     emit: Callable[[str, str, int, int | None], None]  # node, kind, attempt, exit code
     set_state: Callable[[str, int, str, int], None]  # node, status, details, retry count
     slot_environment: dict[int, dict[str, str]]  # slot -> variables its jobs get
+    warm: WarmPool | None = None  # warm interpreters for payload jobs (None: all start fresh)
 
 
 class NodeRunner:
@@ -123,6 +125,7 @@ class NodeRunner:
             ctx.cancel,
             running,
             ctx.slot_environment.get(slot, {}),
+            ctx.warm,
         )
         return cluster, job.run()
 

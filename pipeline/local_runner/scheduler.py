@@ -11,7 +11,7 @@ import shutil
 import signal
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
@@ -26,6 +26,7 @@ from .node_runner import NodeContext, NodeRunner, Outcome
 from .serial_order import serial_ranks
 from .slots import SlotPool
 from .status_file import DONE, ERROR, FUTILE, NOT_READY, READY, NodeState
+from .warm_pool import WarmPool
 
 # $DAG_STATUS values (DAGMan manual, "Scripts": special script argument macros).
 DAG_OK, DAG_NODES_FAILED, DAG_ABORTED = 0, 2, 3
@@ -69,6 +70,7 @@ class _Scheduler:
         on_event: Callable[[NodeEvent], None] | None,
         slot_environment: dict[int, dict[str, str]],
         serial: bool,
+        warm_pythons: frozenset[str],
     ) -> None:
         if slots < 1:
             raise UserError(f"slots must be at least 1, got {slots}")
@@ -90,6 +92,7 @@ class _Scheduler:
         self.cluster_lock = threading.Lock()
         self.last_status_write = 0.0
         self.ranks = serial_ranks(dag) if serial else None
+        self.warm = WarmPool(warm_pythons, self.work) if warm_pythons else None
 
     # ----- state shared with node threads (read-only or locked) -----
     def next_cluster(self) -> int:
@@ -153,6 +156,7 @@ class _Scheduler:
             emit=lambda *a: self.inbox.put(("emit", *a)),
             set_state=lambda *a: self.inbox.put(("state", *a)),
             slot_environment=self.slot_environment,
+            warm=self.warm,
         )
         runner = NodeRunner(self.dag.nodes[name], ctx)
 
@@ -268,6 +272,8 @@ class _Scheduler:
                     raise self.error
         finally:
             self.cancel.set()
+            if self.warm is not None:
+                self.warm.close()
             self._write_status(final=True)
             journal.close(remove=self.interrupted is None and self.error is None)
         if self.interrupted is not None:
@@ -315,16 +321,23 @@ def run_dag(
     on_event: Callable[[NodeEvent], None] | None = None,
     slot_environment: dict[int, dict[str, str]] | None = None,
     serial: bool = False,
+    warm_pythons: Collection[str] = (),
 ) -> DagResult:
     """Run a DAG file locally as DAGMan + a schedd would; see the package docstring.
 
     `slot_environment` gives the jobs started in a slot (0..slots-1) extra environment
     variables, so one slot can play a different machine (e.g. a slower one). `serial` runs one
     node at a time in a fixed order (serial_order), so that the outcome never depends on
-    timing: DAGMan makes no such promise, it is the local runner's own.
+    timing: DAGMan makes no such promise, it is the local runner's own. Jobs that run the
+    payload with one of `warm_pythons` start in a warm interpreter (warm_pool).
     """
     scheduler = _Scheduler(
-        parse_dag(Path(dag_path)), slots, on_event, slot_environment or {}, serial
+        parse_dag(Path(dag_path)),
+        slots,
+        on_event,
+        slot_environment or {},
+        serial,
+        frozenset(warm_pythons),
     )
     in_main = threading.current_thread() is threading.main_thread()
     previous = {}
