@@ -23,6 +23,7 @@ from aggregation.aggregator import Aggregator, GlobalModel, Offered
 from aggregation.async_state import Ledger, job_key, locked
 from aggregation.model_check import BrokenModel
 from aggregation.node_outcome import Verdict, decide, hand_over_residual
+from aggregation.publish import publish_model
 from aggregation.tensorboard_log import log_version
 from aggregation.validate import check_file, parse_count, shown
 from node_payload.common.errors import EXIT_FATAL, UserError
@@ -117,15 +118,18 @@ def _accept(
     ledger.accepted += 1
     outcome = f"accepted, staleness {staleness}, weight {entry['weight']:.3g}"
     if len(ledger.buffer) >= config.async_.buffer or ledger.accepted >= config.update_budget:
-        version = step_version(aggregator, ledger, current)
+        version = step_version(aggregator, config, ledger, current)
         outcome += f"; applied as version {version}"
     return outcome
 
 
-def step_version(aggregator: Aggregator, ledger: Ledger, current: GlobalModel) -> int:
+def step_version(
+    aggregator: Aggregator, config: RunConfig, ledger: Ledger, current: GlobalModel
+) -> int:
     """The buffer through the aggregation step into the version after `current` (the ledger's
-    version); model and server state are written before the ledger, so a kill in between only
-    makes a rerun write the same files again."""
+    version); model, server state and the model's publication come before the ledger, so a kill
+    in between only makes a rerun write the same files again, and a claim of the version always
+    finds it published."""
     torch.set_num_threads(1)
     entries = ledger.buffer
     offered = [_offered(aggregator.run_dir, i, e) for i, e in enumerate(entries)]
@@ -137,6 +141,7 @@ def step_version(aggregator: Aggregator, ledger: Ledger, current: GlobalModel) -
         )
     applied = ", ".join(job_key(entries[i]["lane"], entries[i]["step"]) for i in merged.accepted)
     version = aggregator.advance(current, merged, f"updates {applied} (lane:step)").version
+    publish_model(aggregator.run_dir, config, version)
     made = {
         "version": version,
         "at": time.time(),
@@ -177,7 +182,8 @@ def flush(run_dir: Path, config: RunConfig) -> None:
         with locked(run_dir) as ledger:
             if ledger.buffer:
                 aggregator = Aggregator(run_dir, config)
-                version = step_version(aggregator, ledger, aggregator.load(ledger.version))
+                current = aggregator.load(ledger.version)
+                version = step_version(aggregator, config, ledger, current)
                 log(
                     run_dir,
                     f"the last {len(ledger.versions[-1]['updates'])} buffered updates: "

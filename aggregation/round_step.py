@@ -18,6 +18,7 @@ from aggregation.aggregator import Aggregator, Offered
 from aggregation.heldout import load_heldout, run_manifest, training_coverage
 from aggregation.heldout_metrics import heldout_metrics
 from aggregation.merge import MergeResult
+from aggregation.publish import publish_model
 from aggregation.quorum import QuorumNotMet, required_updates
 from aggregation.tensorboard_log import log_round
 from node_payload.common.atomic_file import write_text
@@ -53,6 +54,7 @@ def aggregate_round(run_dir: Path, config: RunConfig, round_: int) -> dict[str, 
 
     nodes_used = ", ".join(map(str, merged.accepted))
     model = aggregator.advance(current, merged, f"round {round_}'s updates from nodes {nodes_used}")
+    publish_model(run_dir, config, round_ + 1)  # before round.json: a rerun publishes it again
     first_mirror = round_ % len(config.data.mirrors)
     manifest = run_manifest(config, first_mirror)
     heldout = load_heldout(run_dir, config, manifest, first_mirror)

@@ -12,7 +12,12 @@ def parse_args(argv: list[str] | None) -> NodeTask:
         prog="dagtrain-node", description="Train the global model on this node's local data."
     )
     parser.add_argument("--config", type=Path, required=True, help="the run's config.toml")
-    parser.add_argument("--model", type=Path, required=True, help="this round's global model")
+    parser.add_argument(
+        "--model",
+        type=Path,
+        required=True,
+        help="this round's global model, or its pointer (.json) to fetch it from the mirrors",
+    )
     parser.add_argument("--round", type=int, required=True, dest="round_")
     parser.add_argument("--node", type=int, required=True)
     parser.add_argument("--seed", type=int, required=True)

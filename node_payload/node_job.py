@@ -17,6 +17,7 @@ from node_payload.dgc import compress_job
 from node_payload.faults import inject, slow_down, slowdown, tamper
 from node_payload.fetch import FetchStats
 from node_payload.local_data import BlockSource, Tensors, load_fragments, planned_manifest
+from node_payload.model_fetch import model_file
 from node_payload.sampling import local_sets, sources_per_class
 from node_payload.train import evaluate, train_job, update_tensors
 
@@ -56,7 +57,10 @@ def run_node(task: NodeTask) -> dict[str, Any]:
     test = Tensors(both.x[len(train_ids) :], both.y[len(train_ids) :])
     fetched_at = time.time()
 
-    model, model_meta = load_model(task.model_path)
+    model_stats = FetchStats()  # the global model from the mirrors, when it was published
+    model, model_meta = load_model(
+        model_file(task.model_path, config.run.run_id, mirrors, first, model_stats)
+    )
     base_version = int(model_meta["version"])
     global_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
     # Where the run is in its schedule: the round, or (asynchronous) the model's version.
@@ -105,6 +109,7 @@ def run_node(task: NodeTask) -> dict[str, Any]:
         "bytes_downloaded": stats.bytes_downloaded,
         "mirror_failovers": stats.failovers,
         "per_mirror_bytes": stats.per_mirror_bytes,
+        "model_bytes_from_mirrors": model_stats.bytes_downloaded,
         "threads": threads,
         "started_at": started_at,
         "fetch_seconds": fetched_at - started_at,

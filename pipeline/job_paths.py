@@ -8,7 +8,7 @@ place, so no template or module spells out how deep a job's folder is.
 import posixpath
 from dataclasses import dataclass
 
-from aggregation.async_claim import MODEL_INPUT
+from aggregation.async_claim import model_input
 from node_payload.common.run_config import RunConfig
 from node_payload.common.run_layout import (
     CONFIG_FILE,
@@ -21,6 +21,7 @@ from node_payload.common.run_layout import (
     ROUNDS_DIR,
     UPDATE_FILE,
     global_model_name,
+    global_pointer_name,
 )
 from pipeline.payload_zip import PAYLOAD_NAME
 
@@ -37,21 +38,23 @@ class NodeJobFiles:
     inputs: tuple[str, ...]  # relative to initialdir, or absolute
     wrapper: str  # the env_tarball wrapper, relative to initialdir
     payload: str  # the job payload in its scratch folder
-    model: str  # the global model it trains, in its scratch folder
+    model: str  # the global model it trains (or its pointer), in its scratch folder
     outputs: tuple[str, ...]  # what it returns to initialdir from its scratch folder
     tarball: str  # the env_tarball in its scratch folder ("" without one)
 
 
 def node_job_files(config: RunConfig) -> NodeJobFiles:
     """Synchronous jobs take the round's model and their lane's residual from the run directory;
-    an asynchronous job's PRE script puts both in the job's own folder."""
+    an asynchronous job's PRE script puts both in the job's own folder. When the mirrors serve
+    the run's models, a job gets the model's pointer instead (aggregation/publish.py)."""
     if config.is_async:
         initialdir = f"{LANES_DIR}/$(ltag)/$(jtag)"
-        model = f"{initialdir}/{MODEL_INPUT}"
+        model = f"{initialdir}/{model_input(config)}"
         residual = f"{initialdir}/{RESIDUAL_FILE}"
     else:
         initialdir = f"{ROUND_DIR}/$(ntag)"
-        model = f"{MODELS_DIR}/{global_model_name('$(rtag)')}"
+        name = global_pointer_name if config.models_from_mirrors else global_model_name
+        model = f"{MODELS_DIR}/{name('$(rtag)')}"
         residual = f"{LANES_DIR}/$(ltag)/{RESIDUAL_FILE}"
     from_run = [PAYLOAD, CONFIG_FILE, model, *([residual] if config.compressed else [])]
     inputs = [posixpath.relpath(path, initialdir) for path in from_run]

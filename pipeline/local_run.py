@@ -11,10 +11,10 @@ from rich.markup import escape
 
 from node_payload.common.errors import UserError
 from node_payload.common.run_config import RunConfig, read_run_config
-from node_payload.common.run_layout import CONFIG_FILE, DAG_FILE, REPORT_FILE
+from node_payload.common.run_layout import CONFIG_FILE, DAG_FILE, MODELS_DIR, REPORT_FILE
 from node_payload.faults import SLOWDOWN_VARIABLE
 from pipeline.local_runner import DagInterrupted, run_dag
-from pipeline.mirrors import serve
+from pipeline.mirrors import EmbeddedMirrors, serve
 from pipeline.progress import RunProgress
 from pipeline.rescue import reopen_missing_nodes
 from pipeline.run_lock import RunLock
@@ -25,6 +25,13 @@ from pipeline.run_summary import RunStopped, summary_line
 def mirror_ports(mirrors: list[str]) -> list[int]:
     """The ports of the planned embedded mirrors: a run keeps the ports its config names."""
     return [int(url.rsplit(":", 1)[1].split("/")[0]) for url in mirrors]
+
+
+def embedded_mirrors(run_dir: Path, config: RunConfig) -> EmbeddedMirrors:
+    """The run's embedded mirrors on the ports its config names: its dataset, and its global
+    models as they are published."""
+    models = (config.run.run_id, run_dir / MODELS_DIR)
+    return serve(Path(config.data.dataset), mirror_ports(config.data.mirrors), run_models=models)
 
 
 def completed_report(run_dir: Path) -> dict[str, Any] | None:
@@ -110,8 +117,7 @@ def _execute(
     reopened = reopen_missing_nodes(run_dir)
     if reopened:
         console.print(f"resuming: missing nodes run again: {', '.join(reopened)}")
-    data = config.data
-    mirrors = serve(Path(data.dataset), mirror_ports(data.mirrors)) if data.embedded else None
+    mirrors = embedded_mirrors(run_dir, config) if config.data.embedded else None
     try:
         budget = config.update_budget if config.is_async else None
         run = config.run

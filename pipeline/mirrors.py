@@ -6,23 +6,32 @@ ThreadedFTPServer shares one stop flag among all its instances) and stopping tak
 
 The mirrors know `RANG start end` (draft-bryan-ftp-range): a node announces where a read ends,
 and the mirror stops there instead of streaming on until the node closes the data connection.
+
+Mirrors of a run also serve its global models, read-only, at published/RUN_ID/ (the path a
+model's pointer names, node_payload/common/model_pointer.py): that folder maps onto the run's
+models/ folder, where only the global_rNNN.safetensors files are visible (never the server
+optimizer's state), so a model is published the moment its atomic write renames it into place.
 """
 
 import errno
 import json
 import logging
+import os
+import re
 import socket
 import threading
 from pathlib import Path
 from typing import Any, ClassVar
 
 from pyftpdlib.authorizers import DummyAuthorizer
+from pyftpdlib.filesystems import AbstractedFS
 from pyftpdlib.handlers import DTPHandler, FTPHandler
 from pyftpdlib.ioloop import IOLoop
 from pyftpdlib.servers import FTPServer
 from rich.console import Console
 
 from node_payload.common.errors import UserError
+from node_payload.common.run_layout import PUBLISHED_DIR
 
 HOST = "127.0.0.1"
 POLL_S = 0.05  # longest wait of close() for a server thread to notice the stop request
@@ -127,15 +136,46 @@ class RangeFTPHandler(FTPHandler):
         super().push_dtp_data(data, isproducer, file, cmd)
 
 
-def read_only_handler(root: Path, base: type[FTPHandler] = RangeFTPHandler) -> type[FTPHandler]:
-    """A handler class for anonymous, list-and-retrieve-only access to root.
+_GLOBAL_MODEL = re.compile(r"global_r[0-9]{3,}\.safetensors")
+
+
+def run_models_fs(run_id: str, models_dir: Path) -> type[AbstractedFS]:
+    """A file system whose published/RUN_ID/ shows the global models of models_dir."""
+    virtual = f"/{PUBLISHED_DIR}/{run_id}/"
+    models = os.path.realpath(models_dir)
+
+    class RunModelsFS(AbstractedFS):
+        def ftp2fs(self, ftppath: str) -> str:
+            path = self.ftpnorm(ftppath)
+            name = path[len(virtual) :]
+            if path.startswith(virtual) and _GLOBAL_MODEL.fullmatch(name):
+                return os.path.join(models, name)
+            return super().ftp2fs(ftppath)
+
+        def validpath(self, path: str) -> bool:
+            real = os.path.realpath(path)
+            published = os.path.dirname(real) == models
+            return super().validpath(path) or (
+                published and bool(_GLOBAL_MODEL.fullmatch(os.path.basename(real)))
+            )
+
+    return RunModelsFS
+
+
+def read_only_handler(
+    root: Path,
+    base: type[FTPHandler] = RangeFTPHandler,
+    fs: type[AbstractedFS] = AbstractedFS,
+) -> type[FTPHandler]:
+    """A handler class for anonymous, list-and-retrieve-only access to root (through `fs`).
 
     A fresh subclass per server: pyftpdlib configures handlers through class attributes.
     Passive data ports are left to the kernel, which always works on loopback.
     """
     authorizer = DummyAuthorizer()
     authorizer.add_anonymous(str(root), perm="elr")
-    return type(f"ReadOnly{base.__name__}", (base,), {"authorizer": authorizer})
+    attributes = {"authorizer": authorizer, "abstracted_fs": fs}
+    return type(f"ReadOnly{base.__name__}", (base,), attributes)
 
 
 def _quiet_logging() -> None:
@@ -220,9 +260,16 @@ def _dataset_root(dataset_dir: Path) -> Path:
     return root
 
 
-def serve(dataset_dir: Path, ports: list[int] | None = None, k: int = 2) -> EmbeddedMirrors:
-    """Start mirrors of dataset_dir: one per port in ports, else k on free ports."""
+def serve(
+    dataset_dir: Path,
+    ports: list[int] | None = None,
+    k: int = 2,
+    run_models: tuple[str, Path] | None = None,
+) -> EmbeddedMirrors:
+    """Start mirrors of dataset_dir: one per port in ports, else k on free ports; with
+    `run_models` (a run id and its models/ folder), they serve that run's global models too."""
     root = _dataset_root(dataset_dir)
+    fs = run_models_fs(*run_models) if run_models else AbstractedFS
     if ports is None:
         if k < 1:
             raise UserError(f"number of mirrors must be at least 1, got {k}")
@@ -230,7 +277,7 @@ def serve(dataset_dir: Path, ports: list[int] | None = None, k: int = 2) -> Embe
     servers: list[MirrorServer] = []
     try:
         for port in ports:
-            servers.append(MirrorServer(read_only_handler(root), port))
+            servers.append(MirrorServer(read_only_handler(root, fs=fs), port))
     except BaseException:
         EmbeddedMirrors(servers).close()
         raise

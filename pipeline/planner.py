@@ -20,6 +20,7 @@ from rich.console import Console
 from rich.markup import escape
 
 from aggregation.async_state import Ledger, lane_length, write_ledger
+from aggregation.publish import publish_model
 from aggregation.server_optimizer import ServerOptimizer
 from node_payload.common.errors import UserError
 from node_payload.common.manifest import Manifest
@@ -169,6 +170,13 @@ def _mirrors(data: DataTable, manifest: Manifest) -> DataTable:
     """Check the user's mirrors serve this dataset, or pick ports for embedded ones."""
     if data.mirrors:
         check_mirrors(list(data.mirrors), manifest.digest())
+        if not data.publish:
+            _warn(
+                "[data] publish is empty: each node job gets the global model from the submit "
+                "host by HTCondor file transfer (nodes x model size per round); list an upload "
+                "URL per mirror in [data] publish to send each model once, to the mirrors",
+                label="note:",
+            )
         return data
     ports = free_ports(data.embedded_mirrors)
     return replace(data, mirrors=tuple(f"ftp://127.0.0.1:{p}" for p in ports), embedded=True)
@@ -242,6 +250,7 @@ def _initial_model(plan: Plan, run_dir: Path) -> None:
     save_model(model_path(run_dir, 0), model, metadata)
     optimizer = ServerOptimizer.from_config(plan.config.server)
     save_tensors(server_state_path(run_dir, 0), *optimizer.state_dict())
+    publish_model(run_dir, plan.config, 0)
 
 
 def _job_dirs(plan: Plan, run_dir: Path) -> None:

@@ -37,8 +37,8 @@ RUN_OUTPUTS = (
     STATUS_FILE,
 )
 RUNNER_DIR = ".local_runner"
-# Models after the initial one: global_r001..., server_r001...
-_LATER_MODEL = re.compile(r"(global|server)_r0*[1-9]\d*\.safetensors")
+# Models after the initial one and their pointers: global_r001..., server_r001...
+_LATER_MODEL = re.compile(r"(global|server)_r0*[1-9]\d*\.(safetensors|json)")
 
 
 def _remove_files(top: Path) -> None:
@@ -56,7 +56,7 @@ def reset_run(run_dir: Path, config: RunConfig) -> None:
     for rescue in rescue_files(run_dir / DAG_FILE):
         rescue.unlink()
     shutil.rmtree(run_dir / RUNNER_DIR, ignore_errors=True)
-    for model in (run_dir / "models").glob("*.safetensors"):
+    for model in (run_dir / "models").glob("*.*"):
         if _LATER_MODEL.fullmatch(model.name):
             model.unlink()
     for outputs in ("rounds", "lanes", "async", TENSORBOARD_DIR):

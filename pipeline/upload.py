@@ -18,12 +18,11 @@ left by an interrupted upload is continued from its current size (FTP REST + STO
 from __future__ import annotations
 
 import hashlib
-import io
 import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from ftplib import FTP, all_errors, error_perm
+from ftplib import all_errors
 from pathlib import Path, PurePosixPath
 from typing import Protocol
 
@@ -39,14 +38,13 @@ from rich.progress import (
     TransferSpeedColumn,
 )
 
+from aggregation.ftp_transport import FtpTransport, part_name
 from node_payload.common.errors import UserError
 from node_payload.common.manifest import DataFile, Manifest
 from node_payload.common.mirror_url import Mirror, redact
 from pipeline.sftp_transport import SftpTransport, parse_sftp_url
 
 MANIFEST = "manifest.json"
-CHUNK = 256 * 1024
-TIMEOUT_S = 30.0
 
 
 class Transport(Protocol):
@@ -69,99 +67,6 @@ class Transport(Protocol):
     def delete(self, path: str) -> None: ...  # a missing file is fine
 
     def close(self) -> None: ...
-
-
-class FtpTransport:
-    """ftplib on one FTP server; the URL's path is below the login directory (RFC 1738)."""
-
-    def __init__(self, mirror: Mirror, timeout_s: float = TIMEOUT_S) -> None:
-        self.label = mirror.label
-        self._mirror = mirror
-        self._ftp = FTP(timeout=mirror.timeout_s or timeout_s)
-        try:
-            self._ftp.connect(mirror.host, mirror.port)
-            self._ftp.login(mirror.user or "anonymous", mirror.password)
-            self._ftp.voidcmd("TYPE I")
-            self._home = self._ftp.pwd()
-        except BaseException:
-            self._ftp.close()
-            raise
-        self._made: set[str] = set()
-
-    def _path(self, path: str) -> str:
-        return self._mirror.remote(path)
-
-    def size(self, path: str) -> int | None:
-        try:
-            return self._ftp.size(self._path(path))
-        except error_perm:  # 550: no such file
-            return None
-
-    def read(self, path: str) -> bytes | None:
-        if self.size(path) is None:
-            return None
-        buf = io.BytesIO()
-        self._ftp.retrbinary(f"RETR {self._path(path)}", buf.write, CHUNK)
-        return buf.getvalue()
-
-    def sha256(self, path: str) -> str:
-        digest = hashlib.sha256()
-        self._ftp.retrbinary(f"RETR {self._path(path)}", digest.update, CHUNK)
-        return digest.hexdigest()
-
-    def makedirs(self, directory: str) -> None:
-        parts = PurePosixPath(self._path(directory)).parts if self._path(directory) else ()
-        for i in range(1, len(parts) + 1):
-            prefix = str(PurePosixPath(*parts[:i]))
-            if prefix in self._made:
-                continue
-            try:
-                self._ftp.cwd(prefix)  # exists already (MKD's errors do not say so portably)
-            except error_perm:
-                self._ftp.mkd(prefix)
-            self._ftp.cwd(self._home)
-            self._made.add(prefix)
-
-    def put(self, local: Path, path: str, offset: int, sent: Callable[[int], None]) -> None:
-        """STOR local[offset:], after REST offset when resuming."""
-        with local.open("rb") as src:
-            src.seek(offset)
-            self._ftp.storbinary(
-                f"STOR {self._path(path)}",
-                src,
-                CHUNK,
-                callback=lambda chunk: sent(len(chunk)),
-                rest=offset or None,
-            )
-
-    def rename(self, src: str, dst: str) -> None:
-        try:
-            self._ftp.rename(self._path(src), self._path(dst))
-        except error_perm:
-            # Servers that refuse to rename onto an existing file: the old file goes first.
-            if self.size(dst) is None:
-                raise
-            self.delete(dst)
-            self._ftp.rename(self._path(src), self._path(dst))
-
-    def delete(self, path: str) -> None:
-        try:
-            self._ftp.delete(self._path(path))
-        except error_perm:
-            if self.size(path) is not None:
-                raise
-
-    def close(self) -> None:
-        try:
-            self._ftp.quit()
-        except all_errors:
-            self._ftp.close()
-
-
-def _part(path: str) -> str:
-    """The hidden temporary name a file is uploaded to before its rename."""
-    p = PurePosixPath(path)
-    return str(p.with_name(f".{p.name}.part"))
 
 
 def connect(url: str, known_hosts: Path | None = None, identity: Path | None = None) -> Transport:
@@ -235,7 +140,7 @@ class _Mirror:
     def _store(self, f: DataFile) -> None:
         """Upload to the temporary name (continuing a partial one), check it, rename it."""
         local = self.dataset / f.path
-        part = _part(f.path)
+        part = part_name(f.path)
         offset = self.t.size(part) or 0
         if not ((0 < offset <= f.bytes and self._send(f, part, offset)) or self._send(f, part, 0)):
             self._mismatch(f, local)

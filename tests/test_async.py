@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from aggregation.async_apply import arrive, flush
-from aggregation.async_claim import EXIT_SKIP, MODEL_INPUT, claim
+from aggregation.async_claim import EXIT_SKIP, POINTER_INPUT, claim
 from aggregation.async_state import lane_length, read_ledger, write_ledger
 from aggregation.staleness import staleness_weight
 from node_payload.common.errors import EXIT_FATAL, UserError
@@ -27,6 +27,7 @@ from node_payload.common.run_layout import (
     UPDATE_FILE,
     lane_job_dir,
     model_path,
+    model_pointer_path,
 )
 from node_payload.common.tensor_io import load_tensors, save_tensors, update_metadata
 from pipeline import config as config_mod
@@ -122,7 +123,7 @@ def test_planned_dag_chains_lanes_and_skips_past_the_budget(async_run: Callable)
     assert "--lane 1 --step 3" in " ".join(node.pre.args)
     job = load_job(node.submit_file, node.directory, node.vars, 1)
     assert job.initialdir == lane_job_dir(run_dir, 1, 3)
-    assert MODEL_INPUT in job.transfer_input_files[-1]
+    assert POINTER_INPUT in job.transfer_input_files[-1]  # embedded mirrors serve the model
     assert "--round 3 --node 1" in " ".join(job.arguments)
     assert read_ledger(run_dir).version == 0 and not (run_dir / "rounds").exists()
 
@@ -130,8 +131,8 @@ def test_planned_dag_chains_lanes_and_skips_past_the_budget(async_run: Callable)
 def test_claim_hands_the_newest_model_and_records_it(async_run: Callable) -> None:
     run_dir = async_run()
     assert claim(run_dir, _config(run_dir), 2, 0) == 0
-    given = lane_job_dir(run_dir, 2, 0) / MODEL_INPUT
-    assert given.read_bytes() == model_path(run_dir, 0).read_bytes()
+    given = lane_job_dir(run_dir, 2, 0) / POINTER_INPUT
+    assert given.read_bytes() == model_pointer_path(run_dir, 0).read_bytes()
     ledger = read_ledger(run_dir)
     assert ledger.claims["2:0"]["version"] == 0 and ledger.started_at is not None
 

@@ -50,7 +50,8 @@ def test_every_submit_file_parses_with_htcondor(run_dir: Path) -> None:
         assert submit["executable"], sub
     node = htcondor2.Submit((run_dir / "submit/node.sub").read_text())
     assert node["should_transfer_files"] == "YES"
-    assert "global_$(rtag).safetensors" in node["transfer_input_files"]
+    # Embedded mirrors serve the run's models: a job gets the model's pointer, not the model.
+    assert "models/global_$(rtag).json" in node["transfer_input_files"]
     assert "dagtrain.pyz" in node["transfer_input_files"]
     assert node["transfer_output_files"] == "update.safetensors, metrics.json"
     assert node["request_cpus"] == "1"

@@ -18,11 +18,10 @@ from node_payload.common.run_layout import CONFIG_FILE, DAG_FILE, REPORT_FILE, m
 from node_payload.common.tensor_io import load_tensors
 from pipeline import config as config_mod
 from pipeline import planner
-from pipeline.local_run import mirror_ports, run_local
+from pipeline.local_run import embedded_mirrors, run_local
 from pipeline.local_runner import run_dag
 from pipeline.local_runner.dag_file import Node, parse_dag
 from pipeline.local_runner.job_process import THREAD_VARIABLES
-from pipeline.mirrors import serve
 from pipeline.rescue import reopen_missing_nodes
 from pipeline.run_status import job_history
 from tests.condor_pool.pool import CondorPool
@@ -45,8 +44,7 @@ def _plan(config_path: Path, run_dir: Path) -> Path:
 @contextmanager
 def _mirrors(run_dir: Path) -> Iterator[None]:
     """The run's embedded mirrors, on the ports its config.toml names (as `dagtrain run` does)."""
-    data = read_run_config(run_dir / CONFIG_FILE).data
-    with serve(Path(data.dataset), mirror_ports(data.mirrors)):
+    with embedded_mirrors(run_dir, read_run_config(run_dir / CONFIG_FILE)):
         yield
 
 

@@ -14,7 +14,7 @@ from test_submit_status import fake_run
 
 from node_payload.common.errors import UserError
 from node_payload.common.run_config import read_run_config
-from node_payload.common.run_layout import CONFIG_FILE, DAG_FILE
+from node_payload.common.run_layout import CONFIG_FILE, DAG_FILE, MODELS_DIR
 from pipeline import cli, planner
 from pipeline import config as config_mod
 from pipeline.mirrors import serve
@@ -220,9 +220,11 @@ def test_remote_submit_of_a_planned_run(
     config = config_mod.load(tiny_config(run__rounds="1"))
     run = planner.write(planner.make_plan(config), condor_workdir / "planned")
     remote = condor_workdir / "planned-remote"
-    data = read_run_config(run / CONFIG_FILE).data
+    config = read_run_config(run / CONFIG_FILE)
+    data = config.data
     ports = [int(url.rsplit(":", 1)[1]) for url in data.mirrors]
-    with serve(Path(data.dataset), ports):
+    # The jobs fetch the global models from the mirrors: the copy's, where its DAG writes them.
+    with serve(Path(data.dataset), ports, run_models=(config.run.run_id, remote / MODELS_DIR)):
         code, _, err = _main(capsys, "submit", str(run), *ssh_args, "--remote-dir", str(remote))
         assert code == 0, err
         code, out, err = _main(

@@ -93,6 +93,12 @@ def _ftp_urls(v: tuple) -> bool:
     return True
 
 
+def _publish_urls(v: tuple) -> bool:
+    """Upload URLs reach config.toml, which every node job gets: a password would hand write
+    access to every node, so it comes from ~/.netrc on the submit host instead."""
+    return _ftp_urls(v) and not any(Mirror.parse(url).password for url in v)
+
+
 def _is_count(v: Any) -> bool:
     return type(v) is int and v >= 0
 
@@ -225,6 +231,12 @@ class DataTable:
     local_test: int = key(96, "a positive number of fragments", _positive)
     heldout_test: int = key(600, "at most this many held-out fragments", _positive)
     mirrors: tuple[str, ...] = key((), "a list of ftp:// URLs (empty: embedded mirrors)", _ftp_urls)
+    publish: tuple[str, ...] = key(
+        (),
+        "ftp://[user@]host/path URLs, one per mirror in order, where each new global model is "
+        "uploaded for the nodes (passwords: ~/.netrc); empty: file transfer",
+        _publish_urls,
+    )
     embedded_mirrors: int = key(2, "an integer from 1 to 16", _between(1, 16))
     embedded: bool = key(False, "set by the planner: true when dagtrain serves the mirrors")
     manifest_sha256: str = key("", "filled in by the planner")
@@ -416,6 +428,12 @@ class RunConfig:
         return self.compression.method == "dgc"
 
     @property
+    def models_from_mirrors(self) -> bool:
+        """Node jobs fetch the global model from the mirrors (the embedded ones serve the run's
+        models, `[data] publish` uploads them) and get only its pointer by file transfer."""
+        return self.data.embedded or bool(self.data.publish)
+
+    @property
     def update_budget(self) -> int:
         """Updates an asynchronous run applies before its lanes stop: by default the synchronous
         run's work (nodes x rounds)."""
@@ -556,6 +574,12 @@ def with_relations(config: RunConfig, raw: dict[str, Any], origin: str) -> RunCo
         raise UserError(
             f"{origin}: [data] needs source (a folder of class folders of images) or dataset "
             "(a prepared dataset folder)"
+        )
+    if data.publish and len(data.publish) != len(data.mirrors):
+        raise UserError(
+            f"{origin}: [data] publish lists {len(data.publish)} URL(s) for "
+            f"{len(data.mirrors)} mirror(s); give one upload URL per mirror in [data] mirrors, "
+            "in the same order (embedded mirrors serve the models without it)"
         )
     execution = config.execution
     for name in ("python", "submit_python"):

@@ -74,6 +74,26 @@ def model_path(run_dir: Path, version: int) -> Path:
     return run_dir / MODELS_DIR / global_model_name(round_tag(version))
 
 
+def model_pointer_path(run_dir: Path, version: int) -> Path:
+    """The pointer beside a published model (node_payload/common/model_pointer.py)."""
+    return run_dir / MODELS_DIR / global_pointer_name(round_tag(version))
+
+
+def global_pointer_name(tag: str) -> str:
+    """A published model's pointer file name from its version's tag (or a submit file's $(rtag))."""
+    return f"global_{tag}.json"
+
+
+# Where the mirrors serve a run's published models, relative to each mirror's root: the embedded
+# mirrors map it onto the run's models/ folder, `[data] publish` uploads into it.
+PUBLISHED_DIR = "published"
+
+
+def published_model_path(run_id: str, version: int) -> str:
+    """A published model's path on every mirror (a POSIX path below the mirror's root)."""
+    return f"{PUBLISHED_DIR}/{run_id}/{global_model_name(round_tag(version))}"
+
+
 def server_state_path(run_dir: Path, version: int) -> Path:
     return run_dir / MODELS_DIR / f"server_{round_tag(version)}.safetensors"
 

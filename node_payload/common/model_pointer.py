@@ -1,0 +1,96 @@
+"""A published global model's pointer: what a node job gets instead of the model itself.
+
+When the mirrors serve a run's models (`RunConfig.models_from_mirrors`), the aggregation writes
+`models/global_rNNN.json` beside each model once the mirrors hold it, and a node job's submit
+file transfers that pointer (a few hundred bytes) instead of the model (45 MB for resnet18). The
+node fetches the model from the mirrors and trains on it only if its size and sha256 are the
+pointer's. The pointer crosses the pool like any other input, so a node reads it strictly: any
+other shape is one message naming the file and the field. Standard library only.
+"""
+
+import hashlib
+import json
+import re
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from node_payload.common.errors import UserError
+from node_payload.common.run_layout import published_model_path
+
+FORMAT = "dagtrain-model-pointer/1"
+MAX_POINTER_BYTES = 4096  # a pointer is about 250 bytes: more is not a pointer
+MAX_MODEL_BYTES = 16 * 2**30  # believed of no pointer: no classifier dagtrain builds is near it
+_SHA256 = re.compile(r"[0-9a-f]{64}")
+_FIELDS = ("format", "run_id", "version", "path", "bytes", "sha256")
+
+
+@dataclass(frozen=True)
+class ModelPointer:
+    """Where a version of the global model is on the mirrors, and its size and sha256."""
+
+    format: str
+    run_id: str
+    version: int
+    path: str  # below each mirror's root: published/RUN_ID/global_rNNN.safetensors
+    bytes: int
+    sha256: str
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=1) + "\n"
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def pointer_to(model: Path, run_id: str, version: int) -> ModelPointer:
+    """The pointer to a model file as the mirrors serve it."""
+    return ModelPointer(
+        FORMAT,
+        run_id,
+        version,
+        published_model_path(run_id, version),
+        model.stat().st_size,
+        file_sha256(model),
+    )
+
+
+def read_pointer(path: Path, run_id: str) -> ModelPointer:
+    """The pointer in `path`, for the run `run_id`; anything else is a UserError naming it."""
+
+    def refused(why: str) -> UserError:
+        return UserError(f"{path}: not a model pointer of this run: {why}; plan the run again")
+
+    try:
+        with path.open("rb") as f:
+            raw = f.read(MAX_POINTER_BYTES + 1)
+    except OSError as exc:
+        raise UserError(f"{path}: cannot read the model pointer: {exc.strerror}") from None
+    if len(raw) > MAX_POINTER_BYTES:
+        raise refused(f"more than {MAX_POINTER_BYTES} bytes")
+    try:
+        fields = json.loads(raw)
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise refused(f"not JSON ({exc})") from None
+    if not isinstance(fields, dict) or sorted(fields) != sorted(_FIELDS):
+        keys = sorted(fields) if isinstance(fields, dict) else type(fields).__name__
+        raise refused(f"expected the fields {', '.join(_FIELDS)}, found {keys}")
+    if fields["format"] != FORMAT:
+        raise refused(f"format {fields['format']!r}, expected {FORMAT!r}")
+    if fields["run_id"] != run_id:
+        raise refused(f"run_id {fields['run_id']!r}, expected {run_id!r}")
+    version, size = fields["version"], fields["bytes"]
+    if type(version) is not int or not 0 <= version < 2**31:
+        raise refused(f"version {version!r} is not a version number")
+    if type(size) is not int or not 0 < size <= MAX_MODEL_BYTES:
+        raise refused(f"bytes {size!r} is not a size from 1 to {MAX_MODEL_BYTES}")
+    if not isinstance(fields["sha256"], str) or not _SHA256.fullmatch(fields["sha256"]):
+        raise refused(f"sha256 {fields['sha256']!r} is not 64 lowercase hex digits")
+    expected_path = published_model_path(run_id, version)
+    if fields["path"] != expected_path:
+        raise refused(f"path {fields['path']!r}, expected {expected_path!r}")
+    return ModelPointer(**fields)

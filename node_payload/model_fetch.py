@@ -1,0 +1,61 @@
+"""The global model from the mirrors, as its pointer describes it, with the data's failover.
+
+The model is read whole over the same sessions, failover and backoff as the dataset's blocks
+(node_payload.fetch), starting at the node's own first mirror so a round's nodes spread over the
+mirrors. A mirror is believed only up to the pointer: a SIZE above its `bytes` is a lie, and a
+copy whose sha256 is not the pointer's is never written, let alone trained on; both move the read
+to another mirror, and a mirror caught serving the wrong model is not asked again by this job.
+"""
+
+import hashlib
+import time
+from pathlib import Path
+
+from node_payload.common.model_pointer import ModelPointer, read_pointer
+from node_payload.fetch import (
+    FetchStats,
+    MirrorLied,
+    _mirrors,
+    _order,
+    _Session,
+    _Task,
+    _with_failover,
+)
+
+
+def fetch_model(
+    pointer: ModelPointer, mirrors: list[str], first: int, stats: FetchStats, target: Path
+) -> Path:
+    """Write the pointer's model to `target` once a mirror served its exact bytes; raises
+    DataUnreachable (a retryable exit) when none did."""
+    started = time.monotonic()
+    verified: list[bytes] = []
+
+    def run(session: _Session) -> None:
+        data = session.read_file(pointer.path, pointer.bytes)
+        served = hashlib.sha256(data).hexdigest()
+        if len(data) != pointer.bytes or served != pointer.sha256:
+            raise MirrorLied(
+                f"serves another {pointer.path} than the run published ({len(data)} bytes, "
+                f"sha256 {served[:12]}...; published {pointer.bytes} bytes, "
+                f"{pointer.sha256[:12]}...)"
+            )
+        verified.append(data)
+
+    try:
+        parsed = _mirrors(mirrors)
+        task = _Task(pointer.path, _order(first, len(parsed), 0), run)
+        _with_failover(parsed, [task], stats, timeout_s=20.0)
+    finally:
+        stats.seconds += time.monotonic() - started
+    target.write_bytes(verified[0])
+    return target
+
+
+def model_file(given: Path, run_id: str, mirrors: list[str], first: int, stats: FetchStats) -> Path:
+    """The model a node job trains: the file it was given, or, given a pointer (`.json`), the
+    model fetched from the mirrors beside it in the job's scratch folder."""
+    if given.suffix != ".json":
+        return given
+    pointer = read_pointer(given, run_id)
+    return fetch_model(pointer, mirrors, first, stats, given.with_suffix(".safetensors"))
