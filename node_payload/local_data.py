@@ -5,7 +5,6 @@ an optional node-local cache (desktop-grid machines run many rounds), fetches th
 coalesced, verified byte ranges over a few parallel connections, then cuts and rotates locally.
 """
 
-import hashlib
 import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -50,22 +49,23 @@ class Tensors:
 
 
 def _cached(cache: Path | None, block: Block) -> bytes | None:
+    """The block from the cache (files named by digest), if there and still its bytes."""
     if cache is None:
         return None
     try:
-        data = (cache / block.sha256).read_bytes()
+        data = (cache / block.digest).read_bytes()
     except OSError:
         return None
-    return data if hashlib.sha256(data).hexdigest().startswith(block.sha256) else None
+    return data if block.matches(data) else None
 
 
 def _store(cache: Path, blobs: dict[int, bytes], blocks: dict[int, Block]) -> None:
     """Write verified blocks by hash; a rename makes each file appear complete or not at all."""
     cache.mkdir(parents=True, exist_ok=True)
     for id_, data in blobs.items():
-        tmp = cache / f".{blocks[id_].sha256}.{os.getpid()}"
+        tmp = cache / f".{blocks[id_].digest}.{os.getpid()}"
         tmp.write_bytes(data)
-        tmp.replace(cache / blocks[id_].sha256)
+        tmp.replace(cache / blocks[id_].digest)
 
 
 def _lanes(blocks: list[Block]) -> list[list[Block]]:

@@ -147,7 +147,7 @@ def _source_blocks(manifest: Manifest, dataset_dir: Path, ids: list[int]) -> dic
     out = {}
     for block in needed:
         data = span[block.offset - start : block.offset - start + block.length]
-        if not hashlib.sha256(data).hexdigest().startswith(block.sha256):
+        if not block.matches(data):
             raise UserError(
                 f"{shard}: block {block.id} does not match its hash in manifest.json; re-run "
                 "`dagtrain prepare` to rebuild the dataset"

@@ -33,6 +33,7 @@ import numpy as np
 from PIL import Image
 from rich.progress import track
 
+from node_payload.common import block_hash
 from node_payload.common.errors import UserError
 from node_payload.common.manifest import (
     FORMAT,
@@ -49,6 +50,7 @@ log = logging.getLogger(__name__)
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".tif", ".tiff"}
 SHARD_BYTES = 64 * 2**20
 JPEG_QUALITY = 90
+BLOCK_HASH = block_hash.BLAKE3  # what the nodes verify each fetched block with
 DEFAULT_ANGLES = "0:360:90"
 _GREY = {"1", "L", "LA", "I", "I;16", "I;16L", "I;16B", "I;16N"}
 _COLOUR = {"RGB", "RGBA", "RGBX", "P", "PA", "CMYK", "YCbCr"}
@@ -186,7 +188,8 @@ def _encode(pixels: np.ndarray, lossless: bool) -> bytes:
 
 
 def _cut(job: tuple[Path, str, int, int, bool, Path]) -> BadImage | None:
-    """Encode one source's blocks into `part` (.bin plus .json with lengths and hashes).
+    """Encode one source's blocks into `part` (.bin plus .json with lengths, hashes and the
+    hash's name).
 
     A bad image is returned rather than raised, so that it does not end the ordered map.
     """
@@ -199,6 +202,7 @@ def _cut(job: tuple[Path, str, int, int, bool, Path]) -> BadImage | None:
         pixels, [(margin, margin), (margin, margin)] + [(0, 0)] * (pixels.ndim - 2), mode="reflect"
     )
     lengths, hashes = [], []
+    hex_digest = block_hash.hex_digest_function(BLOCK_HASH, "dagtrain prepare")
     tmp = part.with_suffix(".bin.tmp")
     with open(tmp, "wb") as out:
         for y in range(0, padded.shape[0], block):
@@ -206,10 +210,12 @@ def _cut(job: tuple[Path, str, int, int, bool, Path]) -> BadImage | None:
                 data = _encode(np.ascontiguousarray(padded[y : y + block, x : x + block]), lossless)
                 out.write(data)
                 lengths.append(len(data))
-                hashes.append(hashlib.sha256(data).hexdigest()[:HASH_HEX])
+                hashes.append(hex_digest(data)[:HASH_HEX])
     tmp.replace(part.with_suffix(".bin"))
     meta = part.with_suffix(".json.tmp")
-    meta.write_text(json.dumps({"lengths": lengths, "hashes": "".join(hashes)}))
+    meta.write_text(
+        json.dumps({"lengths": lengths, "hashes": "".join(hashes), "block_hash": BLOCK_HASH})
+    )
     meta.replace(part.with_suffix(".json"))
     return None
 
@@ -313,7 +319,7 @@ def _encode_all(
     """Encode every source not encoded by an earlier, killed run; returns the readable ones."""
     (work / "parts").mkdir(exist_ok=True)
     parts = [work / "parts" / f"{i:06d}" for i in range(len(images))]
-    todo = [i for i, part in enumerate(parts) if not part.with_suffix(".json").is_file()]
+    todo = [i for i, part in enumerate(parts) if not _encoded(part)]
     jobs = [(images[i].path, images[i].mode, margin, block, lossless, parts[i]) for i in todo]
     bad: set[int] = set()
     with ProcessPoolExecutor(workers) as pool:
@@ -331,6 +337,16 @@ def _encode_all(
     return [image if i not in bad else None for i, image in enumerate(images)]
 
 
+def _encoded(part: Path) -> bool:
+    """Whether a killed run left this source encoded, with the hash this version writes (an
+    older version's sha256 part is encoded again)."""
+    try:
+        meta = json.loads(part.with_suffix(".json").read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(meta, dict) and meta.get("block_hash") == BLOCK_HASH
+
+
 def _write_shards(work: Path, images: list[_Image | None], tmp: Path) -> tuple[list, list]:
     """Concatenate the per-source parts into shards of about SHARD_BYTES; sources never span two."""
     (tmp / "shards").mkdir()
@@ -342,7 +358,8 @@ def _write_shards(work: Path, images: list[_Image | None], tmp: Path) -> tuple[l
             continue
         part = work / "parts" / f"{i:06d}"
         blocks = json.loads(part.with_suffix(".json").read_text())
-        length = sum(blocks["lengths"])
+        lengths, hashes = blocks["lengths"], blocks["hashes"]
+        length = sum(lengths)
         if size > 0 and size + length > SHARD_BYTES:
             shards.append(f"shards/s{len(shards):05d}.bin")
             size = 0
@@ -356,7 +373,8 @@ def _write_shards(work: Path, images: list[_Image | None], tmp: Path) -> tuple[l
                 "height": image.height,
                 "shard": len(shards) - 1,
                 "offset": size,
-                **blocks,
+                "lengths": lengths,
+                "hashes": hashes,
             }
         )
         size += length
@@ -424,6 +442,7 @@ def prepare(
         shards, sources = _write_shards(work, encoded, tmp)
         doc = {
             "format": FORMAT,
+            "block_hash": BLOCK_HASH,
             "tile": tile,
             "overlap": overlap,
             "stride": stride,

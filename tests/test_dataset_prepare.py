@@ -1,14 +1,16 @@
 import hashlib
+import json
 import logging
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
 import pytest
+from blake3 import blake3
 from PIL import Image
 
 from node_payload.common.errors import UserError
-from node_payload.common.manifest import Manifest
+from node_payload.common.manifest import FORMAT, HASH_HEX, Manifest
 from node_payload.fragments import cut, decode
 from pipeline import dataset_prepare
 from pipeline.dataset_prepare import prepare
@@ -45,7 +47,7 @@ def pixels(manifest: Manifest, root: Path, id_: int) -> np.ndarray:
     blocks = {}
     for block in manifest.blocks(fragment)[0]:
         data = (root / block.shard).read_bytes()[block.offset : block.offset + block.length]
-        assert hashlib.sha256(data).hexdigest().startswith(block.sha256)
+        assert block.matches(data)
         blocks[block.id] = decode(data, manifest.mode)
     return cut(manifest, fragment, blocks)
 
@@ -147,6 +149,52 @@ def test_a_killed_prepare_resumes_with_the_encoded_sources(src, tmp_path, monkey
     manifest = run(src, tmp_path / "out")
     assert len(calls) <= 12 - 4 and len(manifest.sources) == 12
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "src"]
+
+
+def test_blocks_are_hashed_with_blake3_under_the_current_format(src, tmp_path):
+    manifest = run(src, tmp_path / "out")
+    doc = json.loads((tmp_path / "out" / "manifest.json").read_bytes())
+    assert (doc["format"], doc["block_hash"]) == (FORMAT, "blake3") == (FORMAT, manifest.block_hash)
+    blocks = manifest.blocks_under(range(len(manifest)))
+    shards = {f: (tmp_path / "out" / f).read_bytes() for f in manifest.shards}
+    for block in blocks:
+        data = shards[block.shard][block.offset : block.offset + block.length]
+        assert block.digest == blake3(data).hexdigest()[:HASH_HEX]
+
+
+def test_a_resumed_prepare_encodes_again_what_an_older_version_hashed(src, tmp_path, monkeypatch):
+    """Parts a killed run of the sha256 version left behind are not mixed into a BLAKE3 manifest."""
+    real = dataset_prepare._cut
+
+    def dies_after_four(job):
+        if job[-1].name == "000004":
+            raise RuntimeError("killed")
+        return real(job)
+
+    monkeypatch.setattr(dataset_prepare, "_cut", dies_after_four)
+    monkeypatch.setattr(dataset_prepare, "ProcessPoolExecutor", ThreadPoolExecutor)
+    with pytest.raises(RuntimeError, match="killed"):
+        run(src, tmp_path / "out")
+    parts = sorted((tmp_path / ".out.partial" / "parts").glob("*.json"))
+    assert "000004.json" not in [part.name for part in parts]
+    for part in parts[:2]:  # as the sha256 version wrote them
+        meta = json.loads(part.read_text())
+        data = part.with_suffix(".bin").read_bytes()
+        starts = np.cumsum([0, *meta["lengths"]])
+        meta["hashes"] = "".join(
+            hashlib.sha256(data[a:b]).hexdigest()[:HASH_HEX] for a, b in zip(starts, starts[1:])
+        )
+        del meta["block_hash"]
+        part.write_text(json.dumps(meta))
+    encoded = []
+    monkeypatch.setattr(
+        dataset_prepare, "_cut", lambda job: encoded.append(job[-1].name) or real(job)
+    )
+    manifest = run(src, tmp_path / "out")
+    left = {f"{i:06d}" for i in range(12)} - {part.stem for part in parts[2:]}
+    assert sorted(encoded) == sorted(left)
+    for id_ in range(0, len(manifest), 7):
+        pixels(manifest, tmp_path / "out", id_)  # every block matches its hash
 
 
 def test_prepare_is_idempotent(src, tmp_path):

@@ -1,6 +1,5 @@
 """Fetching against real pyftpdlib servers on loopback, healthy and faulty."""
 
-import hashlib
 import io
 import logging
 import random
@@ -12,6 +11,7 @@ from pathlib import Path
 from urllib.parse import quote
 
 import pytest
+from blake3 import blake3
 from pyftpdlib.authorizers import DummyAuthorizer
 from pyftpdlib.filesystems import AbstractedFS
 from pyftpdlib.handlers import FTPHandler
@@ -35,7 +35,7 @@ def no_leftover_servers() -> Iterator[None]:
 
 @pytest.fixture
 def dataset(tmp_path: Path) -> tuple[Path, list[Fragment]]:
-    """Two shards of random bytes cut into contiguous fragments with correct sha256."""
+    """Two shards of random bytes cut into contiguous fragments with their BLAKE3 digests."""
     root = tmp_path / "ds"
     (root / "shards").mkdir(parents=True)
     (root / "manifest.json").write_bytes(MANIFEST)
@@ -52,7 +52,8 @@ def dataset(tmp_path: Path) -> tuple[Path, list[Fragment]]:
                     shard=shard,
                     offset=i * FRAG,
                     length=FRAG,
-                    sha256=hashlib.sha256(chunk).hexdigest(),
+                    digest=blake3(chunk).hexdigest(),
+                    hash_name="blake3",
                 )
             )
     return root, frags

@@ -6,7 +6,17 @@ import time
 import pytest
 
 from node_payload.common.errors import UserError
-from node_payload.common.manifest import FORMAT, HASH_HEX, Fragment, Manifest, encode, margin_for
+from blake3 import blake3
+
+from node_payload.common.manifest import (
+    FORMAT,
+    FORMAT_SHA256,
+    HASH_HEX,
+    Fragment,
+    Manifest,
+    encode,
+    margin_for,
+)
 
 H = "ab" * (HASH_HEX // 2)
 
@@ -30,6 +40,7 @@ def source(path: str, label: int, width: int, height: int, holdout: bool, shard:
 def make_doc() -> dict:
     return {
         "format": FORMAT,
+        "block_hash": "blake3",
         "tile": 32,
         "overlap": 0.5,
         "stride": 16,
@@ -82,11 +93,39 @@ def test_blocks_cover_the_context():
     # x = 112: context 112..191 spans blocks 0 and 1 of the first row
     frag = next(f for f in map(manifest.fragment, range(len(manifest))) if f.x == 112)
     blocks, origin = manifest.blocks(frag)
-    assert [(b.id, b.offset, b.length, b.sha256) for b in blocks] == [
-        (0, 0, 10, H),
-        (1, 10, 11, H),
+    assert [(b.id, b.offset, b.length, b.digest, b.hash_name) for b in blocks] == [
+        (0, 0, 10, H, "blake3"),
+        (1, 10, 11, H, "blake3"),
     ]
     assert origin == (112, 0)
+
+
+
+@pytest.mark.parametrize(
+    ("format_", "hex_digest"),
+    [
+        (FORMAT, lambda data: blake3(data).hexdigest()),
+        (FORMAT_SHA256, lambda data: hashlib.sha256(data).hexdigest()),  # before block_hash
+    ],
+)
+def test_blocks_are_checked_with_the_hash_the_manifest_names(format_, hex_digest):
+    doc = make_doc() | {"format": format_}
+    if format_ == FORMAT_SHA256:
+        del doc["block_hash"]
+    stored, other = b"x" * 10, b"y" * 10
+    doc["sources"][0]["hashes"] = hex_digest(stored)[:HASH_HEX]  # its one block
+    manifest = Manifest.from_bytes(encode(doc), "m.json")
+    (block,), _ = manifest.blocks(manifest.fragment(0))
+    assert block.hash_name == manifest.block_hash == ("blake3" if format_ == FORMAT else "sha256")
+    assert block.matches(stored) and block.matches(memoryview(stored))
+    assert not block.matches(other)
+
+
+def test_a_sha256_prefix_does_not_pass_for_a_blake3_one():
+    doc = make_doc()
+    doc["sources"][0]["hashes"] = hashlib.sha256(b"x" * 10).hexdigest()[:HASH_HEX]
+    (block,), _ = Manifest.from_bytes(encode(doc), "m.json").blocks(Fragment(0, 0, 0, 0, 0, 0))
+    assert not block.matches(b"x" * 10)
 
 
 def blocks_one_by_one(manifest: Manifest, ids) -> list:
@@ -150,6 +189,10 @@ def corrupt(edit):
     ("edit", "message"),
     [
         (lambda d: d.update(format="dagtrain-dataset/1"), "format"),
+        (lambda d: d.update(block_hash="md5"), "block_hash must be one of ['blake3', 'sha256']"),
+        (lambda d: d.update(block_hash=None), "block_hash must be one of"),
+        (lambda d: d.pop("block_hash"), "missing keys ['block_hash']"),
+        (lambda d: d.update(format=FORMAT_SHA256), "unknown keys ['block_hash']"),
         (lambda d: d.update(mode="CMYK"), "mode"),
         (lambda d: d.update(tile=0), "tile"),
         (lambda d: d.update(overlap=1.0), "overlap"),

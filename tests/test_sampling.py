@@ -43,6 +43,7 @@ def make_manifest(
             )
     doc = {
         "format": FORMAT,
+        "block_hash": "blake3",
         "tile": 64,
         "overlap": 0.0,
         "stride": 64,
@@ -221,7 +222,8 @@ def make_grid_manifest(per_class: int, side: int, holdout: int = 0, angles: int 
         for i in range(per_class)
     ]
     doc = {
-        "format": FORMAT, "tile": 64, "overlap": 0.5, "stride": 32, "margin": margin,
+        "format": FORMAT, "block_hash": "blake3", "tile": 64, "overlap": 0.5, "stride": 32,
+        "margin": margin,
         "block": 128, "angles": [0, 360, 360 // angles], "codec": "jpeg", "holdout": 0.25,
         "seed": 0, "mode": "L", "classes": ["a", "b"], "sources": sources,
         "shards": [{"path": "shards/s00000.bin", "bytes": 10**6, "sha256": "0" * 64}],

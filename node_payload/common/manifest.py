@@ -11,6 +11,11 @@ Fragments are an implicit index, never one row each: source s has nx * ny positi
 
     fragment id = (first_position[s] + py * nx + px) * n_angles + angle index.
 
+Every block is verified by a prefix of its digest (`hashes`, HASH_HEX hex digits per block) under
+the hash the manifest names (`block_hash`, see node_payload.common.block_hash). Format
+"dagtrain-dataset/3" names it; "dagtrain-dataset/2", which has no `block_hash`, used sha256 and
+still loads.
+
 Every node, the planner and the aggregator read the same manifest, so it is validated strictly on
 load: a bad manifest fails once, clearly, on the submit machine. Shard paths are confined to the
 dataset root because they become FTP paths.
@@ -28,17 +33,20 @@ from typing import Any
 
 import numpy as np
 
+from node_payload.common import block_hash
+from node_payload.common.block_hash import HASH_HEX
 from node_payload.common.errors import UserError
 from node_payload.common.manifest_limits import MAX_BLOCK, MAX_MANIFEST_BYTES, size_problem
 
-FORMAT = "dagtrain-dataset/2"
+FORMAT = "dagtrain-dataset/3"
+FORMAT_SHA256 = "dagtrain-dataset/2"  # before `block_hash`: every block hashed with sha256
 MODES = ("L", "RGB")
 CODECS = ("jpeg", "png")
-HASH_HEX = 16  # per-block sha256 prefix: catches corruption, keeps big manifests small
 _KEYS = {
     *("format", "tile", "overlap", "stride", "margin", "block", "angles", "codec"),
     *("holdout", "seed", "mode", "classes", "sources", "shards"),
 }
+_KEYS_BY_FORMAT = {FORMAT: _KEYS | {"block_hash"}, FORMAT_SHA256: _KEYS}
 # Written by pipeline.dataset_prepare so that re-preparing the same data can be recognised.
 _OPTIONAL_KEYS = {"prepared_from"}
 _SOURCE_KEYS = {
@@ -92,13 +100,19 @@ class Source:
 
 @dataclass(frozen=True, slots=True)
 class Block:
-    """Stored bytes: what fetching reads and verifies (`sha256` is a prefix of the digest)."""
+    """Stored bytes: what fetching reads and verifies (`digest`: a prefix of the bytes' digest
+    under the manifest's block hash, `hash_name`)."""
 
     id: int
     shard: str
     offset: int
     length: int
-    sha256: str
+    digest: str
+    hash_name: str
+
+    def matches(self, data: bytes | bytearray | memoryview) -> bool:
+        """True when data are this block's bytes."""
+        return block_hash.matches(self.hash_name, self.digest, data)
 
 
 @dataclass(frozen=True, slots=True)
@@ -131,6 +145,8 @@ class Manifest:
         self._files = [DataFile(s["path"], s["bytes"], s["sha256"]) for s in doc["shards"]]
         self.shards: list[str] = [f.path for f in self._files]
         self.prepared_from: dict[str, Any] | None = doc.get("prepared_from")
+        self.block_hash: str = doc.get("block_hash", block_hash.SHA256)
+        block_hash.hex_digest_function(self.block_hash, origin)  # this Python can verify them
         self.sources = [
             Source(
                 s["path"],
@@ -266,10 +282,15 @@ class Manifest:
         for s in np.flatnonzero(cuts[1:] > cuts[:-1]).tolist():
             ks = (block_ids[cuts[s] : cuts[s + 1]] - self._first_block[s]).tolist()
             src, starts = self.sources[s], self._block_starts(s)
-            first, h = self._first_block[s], HASH_HEX
+            first, h, name = self._first_block[s], HASH_HEX, self.block_hash
             out += [
                 Block(
-                    first + k, src.shard, starts[k], src.lengths[k], src.hashes[k * h : k * h + h]
+                    first + k,
+                    src.shard,
+                    starts[k],
+                    src.lengths[k],
+                    src.hashes[k * h : k * h + h],
+                    name,
                 )
                 for k in ks
             ]
@@ -296,6 +317,7 @@ class Manifest:
             self._block_starts(source)[k],
             src.lengths[k],
             src.hashes[k * HASH_HEX : (k + 1) * HASH_HEX],
+            self.block_hash,
         )
 
 
@@ -340,12 +362,21 @@ def _relative_path(value: Any) -> bool:
 def _validate(doc: Any, origin: str) -> None:
     if not isinstance(doc, dict):
         raise _fail(origin, "the manifest must be a JSON object")
-    if doc.get("format") != FORMAT:
-        raise _fail(origin, f"format is {doc.get('format')!r}, expected {FORMAT!r}")
-    missing = sorted(_KEYS - doc.keys())
-    unknown = sorted(doc.keys() - _KEYS - _OPTIONAL_KEYS)
+    keys = _KEYS_BY_FORMAT.get(doc.get("format"))
+    if keys is None:
+        raise _fail(
+            origin,
+            f"format is {doc.get('format')!r}, expected {FORMAT!r} (or the older {FORMAT_SHA256!r})",
+        )
+    missing = sorted(keys - doc.keys())
+    unknown = sorted(doc.keys() - keys - _OPTIONAL_KEYS)
     if missing or unknown:
         raise _fail(origin, f"missing keys {missing}, unknown keys {unknown}")
+    if "block_hash" in doc and doc["block_hash"] not in block_hash.NAMES:
+        raise _fail(
+            origin,
+            f"block_hash must be one of {list(block_hash.NAMES)}, not {doc['block_hash']!r}",
+        )
     _validate_parameters(doc, origin)
     _validate_shards(doc, origin)
     _validate_sources(doc, origin)

@@ -7,9 +7,12 @@ refuses the mirror or manifest naming it and the numbers, or the lie has no effe
 node never asked (a shard's SIZE, bytes past a read's end).
 """
 
+import hashlib
 import io
+import itertools
 import json
 import shutil
+import sys
 import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -22,8 +25,8 @@ from pyftpdlib.handlers import FTPHandler
 
 from node_payload import fetch
 from node_payload.cli import main as node_main
-from node_payload.common.errors import EXIT_RETRYABLE, UserError
-from node_payload.common.manifest import Manifest, encode
+from node_payload.common.errors import EXIT_FATAL, EXIT_OK, EXIT_RETRYABLE, UserError
+from node_payload.common.manifest import FORMAT_SHA256, HASH_HEX, Block, Manifest, encode
 from node_payload.common.manifest_limits import MAX_DATASET_BYTES, MAX_MANIFEST_BYTES
 from node_payload.common.run_config import read_run_config
 from node_payload.common.run_layout import model_path
@@ -197,7 +200,7 @@ def test_a_mirror_sending_past_the_range_end_is_read_only_to_it(
     assert got == {block.id: shard[block.offset : block.offset + block.length]}
     assert stats.per_mirror_bytes[endless] == block.length  # nothing past what was asked
     (line,) = warnings(caplog)
-    assert endless in line and f"sha256 mismatch for fragment {block.id}" in line
+    assert endless in line and f"blake3 mismatch for fragment {block.id}" in line
 
 
 def test_a_mirror_whose_reply_never_ends_is_passed_over(
@@ -379,3 +382,165 @@ def test_manifest_paths_must_stay_inside_the_root(tiny_dataset: Path, kind: str,
     with pytest.raises(UserError) as error:
         Manifest.from_bytes(encode(doc), "data/manifest.json")
     assert "data/manifest.json" in str(error.value) and repr(path) in str(error.value)
+
+
+def sha256_dataset(dataset: Path, dest: Path) -> Path:
+    """The dataset as format dagtrain-dataset/2 described it: no block_hash, sha256 prefixes."""
+    copy = shutil.copytree(dataset, dest)
+    doc = json.loads((copy / "manifest.json").read_bytes())
+    doc["format"] = FORMAT_SHA256
+    del doc["block_hash"]
+    for source in doc["sources"]:
+        shard = (copy / doc["shards"][source["shard"]]["path"]).read_bytes()
+        starts = itertools.accumulate(source["lengths"], initial=source["offset"])
+        source["hashes"] = "".join(
+            hashlib.sha256(shard[start : start + n]).hexdigest()[:HASH_HEX]
+            for start, n in zip(starts, source["lengths"], strict=False)
+        )
+    (copy / "manifest.json").write_bytes(encode(doc))
+    return copy
+
+
+def with_a_flipped_bit(dataset: Path, dest: Path, block: Block) -> Path:
+    """A copy whose shard differs from the dataset in one bit of the block, sizes unchanged."""
+    copy = shutil.copytree(dataset, dest)
+    shard = bytearray((copy / block.shard).read_bytes())
+    shard[block.offset + block.length // 2] ^= 0x10
+    (copy / block.shard).write_bytes(shard)
+    return copy
+
+
+@pytest.mark.parametrize("old_format", [False, True])
+def test_a_block_that_does_not_match_its_hash_is_read_from_another_mirror(
+    tiny_dataset: Path, mirror: Callable[..., str], tmp_path: Path, caplog, old_format: bool
+) -> None:
+    dataset = sha256_dataset(tiny_dataset, tmp_path / "old") if old_format else tiny_dataset
+    manifest = Manifest.load(dataset / "manifest.json")
+    (block, *_), _ = manifest.blocks(manifest.fragment(0))
+    assert block.hash_name == ("sha256" if old_format else "blake3")
+    bad = mirror(RangeFTPHandler, with_a_flipped_bit(dataset, tmp_path / "bad", block))
+    good = mirror(RangeFTPHandler, dataset)
+    stats = FetchStats()
+    got = fetch_fragments([bad, good], 0, [block], stats)
+    shard = (dataset / block.shard).read_bytes()
+    assert got == {block.id: shard[block.offset : block.offset + block.length]}
+    assert stats.failovers == 1
+    (line,) = warnings(caplog)
+    assert bad in line and f"{block.hash_name} mismatch for fragment {block.id}" in line
+
+
+def test_a_block_no_mirror_serves_intact_is_never_returned(
+    tiny_dataset: Path, mirror: Callable[..., str], tmp_path: Path, monkeypatch
+) -> None:
+    manifest = Manifest.load(tiny_dataset / "manifest.json")
+    (block, *_), _ = manifest.blocks(manifest.fragment(0))
+    bad = mirror(RangeFTPHandler, with_a_flipped_bit(tiny_dataset, tmp_path / "bad", block))
+    monkeypatch.setattr(fetch.time, "sleep", lambda _s: None)
+    with pytest.raises(DataUnreachable, match=f"blake3 mismatch for fragment {block.id}"):
+        fetch_fragments([bad], 0, [block], FetchStats())
+
+
+HASHES = f"hashes must be {HASH_HEX} hex digits per block"
+
+
+def _no_block_hash(doc: dict[str, Any]) -> None:
+    del doc["block_hash"]
+
+
+def _old_format_naming_a_hash(doc: dict[str, Any]) -> None:
+    doc["format"] = FORMAT_SHA256
+
+
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        (
+            lambda d: d.update(block_hash="md5"),
+            "block_hash must be one of ['blake3', 'sha256'], not 'md5'",
+        ),
+        (lambda d: d.update(block_hash=["blake3"]), "block_hash must be one of"),
+        (lambda d: d.update(block_hash="BLAKE3"), "not 'BLAKE3'"),
+        (_no_block_hash, "missing keys ['block_hash']"),
+        (_old_format_naming_a_hash, "unknown keys ['block_hash']"),
+        (lambda d: d["sources"][1].update(hashes=d["sources"][1]["hashes"].upper()), HASHES),
+        (lambda d: d["sources"][1].update(hashes=d["sources"][1]["hashes"][:-2]), HASHES),
+    ],
+)
+def test_plan_refuses_a_manifest_with_a_bad_block_hash_naming_the_key(
+    tiny_config: Callable[..., Path],
+    tiny_dataset: Path,
+    tmp_path: Path,
+    capsys,
+    edit: Callable[[dict[str, Any]], None],
+    message: str,
+) -> None:
+    dataset = dataset_with(tiny_dataset, tmp_path / "bad", edit)
+    config = tiny_config(data__dataset=json.dumps(str(dataset)))
+    assert main(["plan", str(config), "--out", str(tmp_path / "run")]) == 2
+    err = " ".join(capsys.readouterr().err.split())
+    assert message in err and str(dataset / "manifest.json") in err and "Traceback" not in err
+    assert not (tmp_path / "run").exists()
+
+
+def _node_job(
+    tiny_config: Callable[..., Path], dataset: Path, mirror: Callable[..., str], tmp_path: Path
+) -> list[str]:
+    """Plans a run over dataset with two mirrors of it; the arguments of its node 0 job."""
+    config = tiny_config(data__dataset=json.dumps(str(dataset)), data__embedded_mirrors="2")
+    run_dir = plan_from_file(config, tmp_path / "run")
+    for url in read_run_config(run_dir / "config.toml").data.mirrors:
+        mirror(RangeFTPHandler, dataset, port=int(url.rsplit(":", 1)[1]))
+    args = ["--config", str(run_dir / "config.toml"), "--model", str(model_path(run_dir, 0))]
+    return [*args, "--round", "0", "--node", "0", "--seed", "1", "--out", str(tmp_path / "n0")]
+
+
+def test_a_dataset_of_the_sha256_format_still_trains(
+    tiny_config: Callable[..., Path],
+    tiny_dataset: Path,
+    mirror: Callable[..., str],
+    tmp_path: Path,
+) -> None:
+    old = sha256_dataset(tiny_dataset, tmp_path / "old")
+    assert node_main(_node_job(tiny_config, old, mirror, tmp_path)) == EXIT_OK
+    assert (tmp_path / "n0" / "update.safetensors").is_file()
+
+
+def test_a_node_without_blake3_fails_fatally_naming_the_fix(
+    tiny_config: Callable[..., Path],
+    tiny_dataset: Path,
+    mirror: Callable[..., str],
+    tmp_path: Path,
+    capsys,
+    monkeypatch,
+) -> None:
+    args = _node_job(tiny_config, tiny_dataset, mirror, tmp_path)
+    monkeypatch.setitem(sys.modules, "blake3", None)  # what `import blake3` finds without it
+    assert node_main(args) == EXIT_FATAL
+    err = capsys.readouterr().err
+    assert "fatal:" in err and "no blake3 module" in err and "-m pip install blake3" in err
+    assert "Traceback" not in err
+    assert not (tmp_path / "n0" / "update.safetensors").exists()
+
+
+class RefusingRanges(RangeFTPHandler):
+    """Announces RANG STREAM, then refuses every RANG (and serves the RETR behind it whole)."""
+
+    def ftp_RANG(self, line: str) -> None:
+        self.respond("504 Ranges are off today.")
+
+
+def test_a_mirror_refusing_the_range_it_announced_is_passed_over(
+    tiny_dataset: Path, mirror: Callable[..., str], caplog
+) -> None:
+    """RANG and RETR go out together: a refused RANG leaves the RETR's replies to come, so the
+    session is dropped rather than read out of step."""
+    refusing = mirror(RefusingRanges)
+    good = mirror(RangeFTPHandler)
+    manifest = Manifest.load(tiny_dataset / "manifest.json")
+    blocks = manifest.blocks_under(range(0, len(manifest), 7))
+    stats = FetchStats()
+    got = fetch_fragments([refusing, good], 0, blocks, stats)
+    shard = {b.shard: (tiny_dataset / b.shard).read_bytes() for b in blocks}
+    assert got == {b.id: shard[b.shard][b.offset : b.offset + b.length] for b in blocks}
+    (line,) = warnings(caplog)
+    assert refusing in line and "RANG refused: 504 Ranges are off today." in line
