@@ -22,13 +22,13 @@ import torch
 from aggregation.aggregator import Aggregator, GlobalModel, Offered
 from aggregation.async_state import Ledger, job_key, locked
 from aggregation.model_check import BrokenModel
-from aggregation.node_outcome import Verdict, decide, hand_over_residual
+from aggregation.node_outcome import Verdict, decide
 from aggregation.publish import publish_model
 from aggregation.tensorboard_log import log_version
 from aggregation.validate import check_file, parse_count, shown
 from node_payload.common.errors import EXIT_FATAL, UserError
 from node_payload.common.run_config import RunConfig
-from node_payload.common.run_layout import ASYNC_EVENTS, UPDATE_FILE, lane_dir, lane_job_dir
+from node_payload.common.run_layout import ASYNC_EVENTS, UPDATE_FILE, lane_job_dir
 from node_payload.common.tensor_io import BadTensorFile, read_metadata
 
 
@@ -87,7 +87,6 @@ def _accept(
 ) -> str:
     """Validate and buffer one update (and step when the buffer is full); says what happened."""
     job_dir = lane_job_dir(run_dir, lane, step)
-    hand_over_residual(job_dir, lane_dir(run_dir, lane))
     path = job_dir / UPDATE_FILE
     problem = check_file(path)
     if problem:

@@ -17,8 +17,6 @@ from pathlib import Path
 from aggregation.async_state import job_key, locked
 from node_payload.common.run_config import RunConfig
 from node_payload.common.run_layout import (
-    RESIDUAL_FILE,
-    lane_dir,
     lane_job_dir,
     model_path,
     model_pointer_path,
@@ -57,8 +55,8 @@ def claim(run_dir: Path, config: RunConfig, lane: int, step: int) -> int:
 
 
 def _place_inputs(run_dir: Path, config: RunConfig, lane: int, step: int, version: int) -> None:
-    """Link the model or its pointer (never written back) and copy the lane's residual (the job
-    returns a new one with the same name, which must not change the lane's copy in place)."""
+    """Link the model or its pointer (never written back).
+    A lane's residual stays on the execute machines (node_payload/residual_cache.py)."""
     job_dir = lane_job_dir(run_dir, lane, step)
     job_dir.mkdir(parents=True, exist_ok=True)
     source = (
@@ -72,6 +70,3 @@ def _place_inputs(run_dir: Path, config: RunConfig, lane: int, step: int, versio
         os.link(source, target)
     except OSError:
         shutil.copyfile(source, target)
-    residual = lane_dir(run_dir, lane) / RESIDUAL_FILE
-    if residual.is_file():
-        shutil.copyfile(residual, job_dir / RESIDUAL_FILE)

@@ -14,13 +14,12 @@ the synchronous POST script (aggregation.node_post) and the asynchronous one (as
 Standard library only: it runs after every node job and must start in milliseconds.
 """
 
-import os
 from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
 
 from node_payload.common.errors import EXIT_FATAL, EXIT_OK
-from node_payload.common.run_layout import JOB_ERR, RESIDUAL_FILE
+from node_payload.common.run_layout import JOB_ERR
 
 _NOT_RUN = -1000  # $RETURN at or below this: DAGMan never ran the job to its end (-1001, -1002)
 
@@ -59,10 +58,3 @@ def decide(returned: int, retry: int, max_retries: int, job_dir: Path) -> Outcom
     else:
         reason = f"failed {retry + 1} times, last exit code {returned}"
     return Outcome(Verdict.MISSING, reason=reason)
-
-
-def hand_over_residual(job_dir: Path, lane_dir: Path) -> None:
-    """An accepted job's new DGC residual becomes its lane's, for the lane's next job; a job
-    that sent none leaves the lane's as it was."""
-    if (job_dir / RESIDUAL_FILE).is_file():
-        os.replace(job_dir / RESIDUAL_FILE, lane_dir / RESIDUAL_FILE)

@@ -1,9 +1,9 @@
-"""`dagtrain.pyz post RETURN RETRY MAX_RETRIES NODE_DIR [LANE_DIR]`: the POST script of a
+"""`dagtrain.pyz post RETURN RETRY MAX_RETRIES NODE_DIR`: the POST script of a
 synchronous node job (scripts/node_post.sh execs it with DAGMan's $RETURN, $RETRY and
 $MAX_RETRIES), acting on the outcome aggregation.node_outcome decides.
 
-Accepted: the node's MISSING mark from an earlier try goes, and with LANE_DIR (compressed
-updates) the job's new residual becomes its lane's, for the node's job in the next round.
+Accepted: the node's MISSING mark from an earlier try goes (a compressed update's residual
+stays on the execute machine: node_payload/residual_cache.py).
 Missing: a MISSING mark says why, for the round's aggregation, `dagtrain status` and the
 resume that runs missing nodes again (pipeline.rescue). Standard library only: no torch.
 """
@@ -12,7 +12,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from aggregation.node_outcome import Verdict, decide, hand_over_residual
+from aggregation.node_outcome import Verdict, decide
 from node_payload.common.atomic_file import write_text
 from node_payload.common.run_layout import MISSING_MARK
 
@@ -23,7 +23,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("retry", type=int, metavar="RETRY", help="DAGMan $RETRY")
     parser.add_argument("max_retries", type=int, metavar="MAX_RETRIES", help="DAGMan $MAX_RETRIES")
     parser.add_argument("node_dir", type=Path, metavar="NODE_DIR")
-    parser.add_argument("lane_dir", nargs="?", default="", metavar="LANE_DIR")
     args = parser.parse_args(argv)
     outcome = decide(args.returned, args.retry, args.max_retries, args.node_dir)
     mark = args.node_dir / MISSING_MARK
@@ -36,12 +35,6 @@ def main(argv: list[str] | None = None) -> int:
             print(f"dagtrain post: cannot mark {args.node_dir} missing: {exc}", file=sys.stderr)
     elif outcome.verdict is Verdict.ACCEPT:
         mark.unlink(missing_ok=True)
-        try:
-            if args.lane_dir:
-                hand_over_residual(args.node_dir, Path(args.lane_dir))
-        except OSError as exc:  # the next round's job would start from a stale residual
-            print(f"dagtrain post: {exc}; check {args.lane_dir}", file=sys.stderr)
-            return 1
     return outcome.exit_code
 
 

@@ -13,6 +13,7 @@ from aggregation.heldout_metrics import final_metrics
 from aggregation.report_plots import plot_accuracy, plot_confusion
 from aggregation.utilization import node_usage
 from node_payload.common.atomic_file import write_text
+from node_payload.common.job_bytes import JobBytes
 from node_payload.common.run_config import RunConfig, read_run_config
 from node_payload.common.run_layout import (
     CONFUSION_PLOT_FILE,
@@ -80,6 +81,7 @@ def build_report(
         "bytes_downloaded": sum(r["bytes_downloaded"] for r in rounds),
         # What the nodes sent back: the figure update compression ([compression]) shrinks.
         "update_bytes": sum(r.get("update_bytes", 0) for r in rounds),
+        **_run_bytes(rounds),
         # Reads moved off a faulty mirror: high counts name a mirror to fix (see node metrics).
         "mirror_failovers": sum(r["mirror_failovers"] for r in rounds),
         # Nodes whose updates were refused or scaled down: a node listed again and again is a
@@ -90,6 +92,25 @@ def build_report(
         "nodes_ever_clipped": _nodes_listed(rounds, "nodes_clipped"),
         **node_usage(busy or {}, wall_seconds(rounds)),
         "rounds": rounds,
+    }
+
+
+def _run_bytes(rounds: list[dict[str, Any]]) -> dict[str, Any]:
+    """The rounds' byte records summed (aggregation/round_bytes.py), the submit host's mean per
+    round, the mean network bytes per job besides data, and the jobs that started without their
+    lane's residual; nothing for rounds written before jobs recorded their bytes."""
+    counted = [r for r in rounds if r.get("jobs_counted")]
+    if not counted:
+        return {}
+    total = JobBytes()
+    for r in counted:
+        total += JobBytes.from_json(r["bytes"]) or JobBytes()
+    jobs = sum(r["jobs_counted"] for r in counted)
+    return {
+        "bytes": total.to_json(),
+        "submit_host_bytes_per_round": round(total.through_submit_host.total / len(counted)),
+        "bytes_per_job": round(total.network_without_data / jobs),
+        "residual_misses": sum(r["residual_misses"] for r in counted),
     }
 
 

@@ -20,6 +20,7 @@ from aggregation.heldout_metrics import heldout_metrics
 from aggregation.merge import MergeResult
 from aggregation.publish import publish_model
 from aggregation.quorum import QuorumNotMet, required_updates
+from aggregation.round_bytes import round_bytes
 from aggregation.tensorboard_log import log_round
 from node_payload.common.atomic_file import write_text
 from node_payload.common.run_config import RunConfig
@@ -71,6 +72,7 @@ def aggregate_round(run_dir: Path, config: RunConfig, round_: int) -> dict[str, 
         "quorum_required": required,
         "train_samples": merged.samples,
         "update_bytes": sum(dict(updates)[n].stat().st_size for n in merged.accepted),
+        **round_bytes(run_dir, round_, config.run.nodes),  # every job that returned, by kind
         "local_test_accuracy": sum(m["local_test_accuracy"] for m in node_metrics.values())
         / max(len(node_metrics), 1),
         "bytes_downloaded": sum(m["bytes_downloaded"] for m in node_metrics.values()),

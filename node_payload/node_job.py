@@ -8,12 +8,13 @@ from typing import Any
 
 import torch
 
+from node_payload.common.job_bytes import JobBytes, Moved, payload_bytes
 from node_payload.common.model_file import load_model
 from node_payload.common.run_config import read_run_config
-from node_payload.common.run_layout import METRICS_FILE, RESIDUAL_FILE, UPDATE_FILE
-from node_payload.common.tensor_io import save_tensors, update_metadata
+from node_payload.common.run_layout import METRICS_FILE, UPDATE_FILE
+from node_payload.common.tensor_io import update_metadata
 from node_payload.common.threads import job_threads
-from node_payload.dgc import compress_job
+from node_payload.compression import write_update
 from node_payload.faults import inject, slow_down, slowdown, tamper
 from node_payload.fetch import FetchStats
 from node_payload.local_data import BlockSource, Tensors, load_fragments, planned_manifest
@@ -31,7 +32,6 @@ class NodeTask:
     seed: int
     attempt: int
     out_dir: Path
-    residual_in: Path = Path(RESIDUAL_FILE)  # the lane's residual, if given (relative: cwd)
 
 
 def run_node(task: NodeTask) -> dict[str, Any]:
@@ -76,21 +76,19 @@ def run_node(task: NodeTask) -> dict[str, Any]:
         config, task.round_, task.node, update_tensors(global_state, model.state_dict())
     )
     metadata = update_metadata(task.round_, task.node, len(train.y), base_version)
-    compression: dict[str, Any] = {}
-    if config.compressed:
-        params = {name for name, _ in model.named_parameters()}
-        compression = compress_job(
-            update,
-            params,
-            config,
-            metadata,
-            task.node,
-            task.round_,
-            task.residual_in,
-            task.out_dir / UPDATE_FILE,
-        )
-    else:
-        save_tensors(task.out_dir / UPDATE_FILE, update, metadata)
+    params = {name for name, _ in model.named_parameters()}
+    compression, on_machine = write_update(
+        update, params, config, metadata, task.node, task.round_, task.out_dir / UPDATE_FILE
+    )
+    moved = JobBytes(
+        through_submit_host=Moved(
+            model_in=task.model_path.stat().st_size,
+            payload_in=payload_bytes(task.config_path),
+            update_out=compression["update_bytes"],
+        ),
+        from_mirrors=Moved(data_in=stats.bytes_downloaded),
+        on_machine=on_machine,
+    )
     metrics = {
         "round": task.round_,
         "node": task.node,
@@ -117,7 +115,8 @@ def run_node(task: NodeTask) -> dict[str, Any]:
         "real_seconds": real_seconds,
         "slowdown": factor,
         "train_fragments": train_ids,  # for the run's coverage of the training fragments
-        **compression,  # with DGC: update_bytes, kept_fraction, sparsity, residual, ...
+        "bytes": moved.to_json(),  # by kind and way (node_payload/common/job_bytes.py)
+        **compression,  # update_bytes; compressed: residual, and kept_fraction, sparsity, ...
     }
     (task.out_dir / METRICS_FILE).write_text(json.dumps(metrics, indent=1) + "\n")
     return metrics

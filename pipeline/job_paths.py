@@ -17,7 +17,6 @@ from node_payload.common.run_layout import (
     METRICS_FILE,
     MODELS_DIR,
     PAYLOAD_DIR,
-    RESIDUAL_FILE,
     ROUNDS_DIR,
     UPDATE_FILE,
     global_model_name,
@@ -44,19 +43,18 @@ class NodeJobFiles:
 
 
 def node_job_files(config: RunConfig) -> NodeJobFiles:
-    """Synchronous jobs take the round's model and their lane's residual from the run directory;
-    an asynchronous job's PRE script puts both in the job's own folder. When the mirrors serve
+    """Synchronous jobs take the round's model from the run directory (a lane's residual stays
+    on the execute machines: node_payload/residual_cache.py);
+    an asynchronous job's PRE script puts it in the job's own folder. When the mirrors serve
     the run's models, a job gets the model's pointer instead (aggregation/publish.py)."""
     if config.is_async:
         initialdir = f"{LANES_DIR}/$(ltag)/$(jtag)"
         model = f"{initialdir}/{model_input(config)}"
-        residual = f"{initialdir}/{RESIDUAL_FILE}"
     else:
         initialdir = f"{ROUND_DIR}/$(ntag)"
         name = global_pointer_name if config.models_from_mirrors else global_model_name
         model = f"{MODELS_DIR}/{name('$(rtag)')}"
-        residual = f"{LANES_DIR}/$(ltag)/{RESIDUAL_FILE}"
-    from_run = [PAYLOAD, CONFIG_FILE, model, *([residual] if config.compressed else [])]
+    from_run = [PAYLOAD, CONFIG_FILE, model]
     inputs = [posixpath.relpath(path, initialdir) for path in from_run]
     if config.execution.env_tarball:
         inputs.append(config.execution.env_tarball)
@@ -66,6 +64,6 @@ def node_job_files(config: RunConfig) -> NodeJobFiles:
         wrapper=posixpath.relpath(ENV_WRAPPER, initialdir),
         payload=PAYLOAD_NAME,
         model=posixpath.basename(model),
-        outputs=(UPDATE_FILE, METRICS_FILE, *([RESIDUAL_FILE] if config.compressed else [])),
+        outputs=(UPDATE_FILE, METRICS_FILE),
         tarball=posixpath.basename(config.execution.env_tarball),
     )

@@ -42,16 +42,13 @@ from node_payload.common.run_layout import (
     HELDOUT_FILE,
     MODELS_DIR,
     PAYLOAD_DIR,
-    RESIDUAL_FILE,
     SCRIPTS_DIR,
-    lane_dir,
     lane_job_dir,
     model_path,
     node_dir,
     server_state_path,
 )
 from node_payload.common.tensor_io import model_metadata, save_tensors
-from node_payload.dgc import write_empty_residual
 from node_payload.sampling import (
     TARGET_SOURCES,
     check_capacity,
@@ -254,14 +251,7 @@ def _initial_model(plan: Plan, run_dir: Path) -> None:
 
 
 def _job_dirs(plan: Plan, run_dir: Path) -> None:
-    """Every node job's initialdir, each lane's empty residual (compressed updates), and for an
-    asynchronous run its ledger at version 0."""
-    if plan.config.compressed:
-        for lane in range(plan.nodes):
-            lane_dir(run_dir, lane).mkdir(parents=True)
-            write_empty_residual(
-                lane_dir(run_dir, lane) / RESIDUAL_FILE, plan.config.run.run_id, lane
-            )
+    """Every node job's initialdir, and for an asynchronous run its ledger at version 0."""
     if plan.config.is_async:
         for lane in range(plan.nodes):
             for step in range(lane_length(plan.config)):

@@ -1,7 +1,7 @@
 """`dagtrain run --force`: a run directory back to the state `dagtrain plan` left it in.
 
 A run resumes from whatever says a node is done: the runner's journal, rescue DAGs, and the
-outputs the next jobs read (models, round metrics, an asynchronous run's ledger, DGC residuals).
+outputs the next jobs read (models, round metrics, an asynchronous run's ledger).
 Redoing a run therefore clears all of them, not just report.json; the planned files (DAG, submit
 files, config, payload, held-out set, the initial model) and the dataset, which lives outside the
 run directory, stay as they are.
@@ -18,12 +18,9 @@ from node_payload.common.run_layout import (
     DAG_FILE,
     PLOT_FILE,
     REPORT_FILE,
-    RESIDUAL_FILE,
     STATUS_FILE,
     TENSORBOARD_DIR,
-    lane_dir,
 )
-from node_payload.dgc import write_empty_residual
 from pipeline.local_runner.journal import rescue_files
 
 # The FINAL node's files and the runner's own state (journal, sandboxes, cluster counter).
@@ -50,7 +47,7 @@ def _remove_files(top: Path) -> None:
 
 
 def reset_run(run_dir: Path, config: RunConfig) -> None:
-    """Delete what the run produced and restore the ledger and residuals it started from."""
+    """Delete what the run produced and restore the ledger it started from."""
     for name in RUN_OUTPUTS:
         (run_dir / name).unlink(missing_ok=True)
     for rescue in rescue_files(run_dir / DAG_FILE):
@@ -62,8 +59,5 @@ def reset_run(run_dir: Path, config: RunConfig) -> None:
     for outputs in ("rounds", "lanes", "async", TENSORBOARD_DIR):
         _remove_files(run_dir / outputs)
     run_id = config.run.run_id
-    if config.compressed:
-        for lane in range(config.run.nodes):
-            write_empty_residual(lane_dir(run_dir, lane) / RESIDUAL_FILE, run_id, lane)
     if config.is_async:
         write_ledger(run_dir, Ledger(run_id=run_id))

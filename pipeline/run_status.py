@@ -76,6 +76,9 @@ class RoundStatus:
     aggregate: str = "waiting"
     accuracy: float | None = None
     image_accuracy: float | None = None  # whole held-out images (rounds before it: None)
+    bytes_per_job: int | None = None  # network bytes per node job besides its data
+    submit_host_bytes: int | None = None  # through the submit host (HTCondor file transfer)
+    residual_misses: int | None = None  # compressed jobs that started without their residual
 
 
 @dataclass
@@ -199,6 +202,9 @@ def _round(run_dir: Path, index: int, nodes: int, ads: dict[str, classad2.ClassA
     if metrics.is_file():
         scores = json.loads(metrics.read_text())
         status.accuracy, status.image_accuracy = scores["accuracy"], scores.get("image_accuracy")
+        status.bytes_per_job = scores.get("bytes_per_job")
+        status.submit_host_bytes = scores.get("submit_host_bytes")
+        status.residual_misses = scores.get("residual_misses")
     return status
 
 
@@ -293,7 +299,8 @@ def render(status: RunStatus) -> Group:
     """One table row per round that has started, under a line about the whole run."""
     table = Table(title=f"dagtrain run {status.name!r}", expand=False, box=box.SIMPLE_HEAD)
     row = "lane" if status.lanes is not None else "round"
-    for column in (row, *map(_SHORT.get, NODE_STATES), "miss", "retry", "agg", "acc."):
+    columns = (row, *map(_SHORT.get, NODE_STATES), "miss", "retry", "agg", "acc.", "kB/job")
+    for column in columns:
         table.add_column(column, justify="right", min_width=len(column), no_wrap=True)
     shown = [r for r in status.rounds if r.nodes["waiting"] < status.nodes_per_round]
     if status.lanes is not None:
@@ -302,7 +309,8 @@ def render(status: RunStatus) -> Group:
         accuracy = f"{r.accuracy:.3f}" if r.accuracy is not None else "-"
         counts = [str(r.nodes[s]) for s in NODE_STATES]
         tag = lane_tag(r.index) if status.lanes is not None else round_tag(r.index)
-        table.add_row(tag, *counts, str(r.missing), str(r.retries), r.aggregate, accuracy)
+        sent = f"{r.bytes_per_job / 1e3:.0f}" if r.bytes_per_job is not None else "-"
+        table.add_row(tag, *counts, str(r.missing), str(r.retries), r.aggregate, accuracy, sent)
     if status.lanes is not None:
         summary = f"{status.state}: {status.lanes}, {status.retries} retries"
     else:
@@ -314,17 +322,29 @@ def render(status: RunStatus) -> Group:
         images = [r.image_accuracy for r in status.rounds if r.image_accuracy is not None]
         if images:
             summary += f" (whole images {images[-1]:.3f})"
+        summary += _transfer(status.rounds)
     if status.report_status is not None:
         summary += f"; report: {status.report_status}"
     return Group(Text(summary), table)
+
+
+def _transfer(rounds: list[RoundStatus]) -> str:
+    """The submit host's bytes per round so far, and residual misses when there were any."""
+    done = [r for r in rounds if r.submit_host_bytes is not None]
+    if not done:
+        return ""
+    text = f"; submit host {sum(r.submit_host_bytes for r in done) / len(done) / 1e6:.2f} MB/round"
+    misses = sum(r.residual_misses or 0 for r in done)
+    return text + (f", {misses} residual misses" if misses else "")
 
 
 def to_json(status: RunStatus) -> dict[str, Any]:
     """The table's facts for programs (`dagtrain status --json`): every row, started or not.
 
     Rows are rounds (`round`, numbered as rounds/rNNN from 0) or, in an asynchronous run, lanes
-    (`lane`); each has its node jobs by state, missing nodes, retries, the aggregation's state and
-    the held-out accuracy of the model it made."""
+    (`lane`); each has its node jobs by state, missing nodes, retries, the aggregation's state,
+    the held-out accuracy of the model it made and the bytes its jobs moved (network bytes per
+    job besides data, the submit host's total, jobs that started without their residual)."""
     row = "lane" if status.lanes is not None else "round"
     return {
         "run_dir": str(status.run_dir),
@@ -349,6 +369,9 @@ def to_json(status: RunStatus) -> dict[str, Any]:
                 "aggregate": r.aggregate if status.lanes is None else None,
                 "accuracy": r.accuracy,
                 "image_accuracy": r.image_accuracy,
+                "bytes_per_job": r.bytes_per_job,
+                "submit_host_bytes": r.submit_host_bytes,
+                "residual_misses": r.residual_misses,
             }
             for r in status.rounds
         ],

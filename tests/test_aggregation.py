@@ -16,6 +16,7 @@ from node_payload import dgc
 from node_payload.common import sparse_update, tensor_io
 from node_payload.common.errors import UserError
 from node_payload.common.run_config import ServerTable
+from node_payload.residual_cache import Residual
 
 ROUND = 3
 BOUND = 100.0
@@ -126,7 +127,7 @@ def test_nothing_accepted_gives_an_empty_mean(tmp_path, global_state):
 def _write_sparse(directory: Path, node: int, tensors, params: set[str], samples=100) -> Path:
     path = directory / f"n{node:03d}.safetensors"
     metadata = tensor_io.update_metadata(ROUND, node, samples, ROUND)
-    result = dgc.compress(tensors, params, dgc.Residual(), dgc.DgcSettings(0.9, warmup=0))
+    result = dgc.compress(tensors, params, Residual(), dgc.DgcSettings(0.9, warmup=0), 0)
     sparse_update.save_sparse_update(path, result.dense, result.sparse, metadata)
     return path
 

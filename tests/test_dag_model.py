@@ -44,9 +44,9 @@ def test_a_synchronous_round_is_a_layer_of_node_jobs_then_its_aggregation(
     assert (node.retries, node.unless_exit, node.category) == (2, EXIT_FATAL, "train")
     assert node.post == Script(
         "scripts/node_post.sh",
-        ["$RETURN", "$RETRY", "$MAX_RETRIES", "rounds/r001/n002", "lanes/l002"],
+        ["$RETURN", "$RETRY", "$MAX_RETRIES", "rounds/r001/n002"],
     )
-    assert node.vars["attempt"] == "$(RETRY)" and node.vars["ltag"] == "l002"
+    assert node.vars["attempt"] == "$(RETRY)" and "ltag" not in node.vars  # no residual to hand on
     assert dag.final == "report" and dag.nodes["report"].submit == "submit/report.sub"
     assert dag.status_file == "dagtrain.dag.status" and not dag.maxjobs
 

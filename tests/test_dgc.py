@@ -2,18 +2,20 @@ import dataclasses
 import itertools
 import json
 import math
+import os
 
 import pytest
 import torch
 
 from aggregation.job_plan import JobPlan
 from aggregation.validate import validate_update
-from node_payload import dgc, node_job
+from node_payload import dgc, node_job, residual_cache
 from node_payload.common import model_file, sparse_update, tensor_io
 from node_payload.common.models import build_model
 from node_payload.common.run_config import RunConfig, read_run_config, to_toml
-from node_payload.common.run_layout import RESIDUAL_FILE
-from node_payload.dgc import DgcSettings, Residual
+from node_payload.compression import write_update
+from node_payload.dgc import DgcSettings
+from node_payload.residual_cache import Residual
 from pipeline import config
 
 RUN_ID = "run-a"
@@ -37,9 +39,10 @@ def _sent(result: dgc.Compressed, name: str) -> torch.Tensor:
     return flat.reshape(part.shape)
 
 
-def _config(**compression) -> RunConfig:
+def _config(cache, **compression) -> RunConfig:
     table = {"method": "dgc", "sparsity": 0.99, "warmup": 0, "momentum": 0.0, "clip_norm": 0.0}
     config = RunConfig().with_values("run", run_id=RUN_ID)
+    config = config.with_values("data", node_cache=str(cache))
     return config.with_values("compression", **(table | compression))
 
 
@@ -56,7 +59,7 @@ def test_kept_count(numel, sparsity, kept):
 
 @pytest.mark.parametrize("sparsity", [0.99, 0.999])
 def test_top_k_sends_exactly_k_values_per_tensor(sparsity):
-    result = dgc.compress(_update(0), PARAMS, Residual(jobs=9), DgcSettings(sparsity, warmup=4))
+    result = dgc.compress(_update(0), PARAMS, Residual(jobs=9), DgcSettings(sparsity, warmup=4), 9)
     assert result.sparsity == sparsity
     assert {n: len(p.values) for n, p in result.sparse.items()} == {
         "w": dgc.kept_count(1000, sparsity),
@@ -78,13 +81,15 @@ def test_warm_up_follows_the_paper():
     assert all(a < b for a, b in itertools.pairwise(longer))
 
 
-def test_a_lanes_jobs_step_through_the_warm_up():
+def test_a_lanes_jobs_step_through_the_warm_up_by_step_not_by_residual():
     residual, seen = Residual(), []
     for seed in range(5):
-        result = dgc.compress(_update(seed), PARAMS, residual, DgcSettings(0.999, warmup=4))
+        result = dgc.compress(_update(seed), PARAMS, residual, DgcSettings(0.999, warmup=4), seed)
         seen.append(len(result.sparse["w"].values))
         residual = result.residual
     assert seen == [250, 63, 16, 4, 1] and residual.jobs == 5
+    after_a_miss = dgc.compress(_update(9), PARAMS, Residual(), DgcSettings(0.999, warmup=4), 5)
+    assert len(after_a_miss.sparse["w"].values) == 1
 
 
 # --- error feedback, momentum, masking -----------------------------------------------------------
@@ -95,7 +100,7 @@ def test_sent_plus_residual_is_the_sum_of_the_inputs():
     inputs = torch.zeros(40, 25)
     for seed in range(6):
         update = _update(seed)
-        result = dgc.compress(update, PARAMS, residual, DgcSettings(0.99, warmup=2))
+        result = dgc.compress(update, PARAMS, residual, DgcSettings(0.99, warmup=2), seed)
         sent += _sent(result, "w")
         inputs += update["w"]
         residual = result.residual
@@ -106,14 +111,14 @@ def test_sent_plus_residual_is_the_sum_of_the_inputs():
 def test_momentum_correction_by_hand():
     settings = DgcSettings(sparsity=0.75, warmup=0, momentum=0.5)  # 1 of 4 values sent
     first = {"w": torch.tensor([1.0, -3.0, 0.5, 2.0])}
-    one = dgc.compress(first, {"w"}, Residual(), settings)
+    one = dgc.compress(first, {"w"}, Residual(), settings, 0)
     # u = [1, -3, .5, 2]; v = u; -3 is sent; both are masked there.
     assert one.sparse["w"].positions.tolist() == [1]
     assert one.sparse["w"].values.tolist() == [-3.0]
     assert one.residual.u["w"].tolist() == [1.0, 0.0, 0.5, 2.0]
     assert one.residual.v["w"].tolist() == [1.0, 0.0, 0.5, 2.0]
     second = {"w": torch.tensor([0.5, 1.0, 1.0, -1.0])}
-    two = dgc.compress(second, {"w"}, one.residual, settings)
+    two = dgc.compress(second, {"w"}, one.residual, settings, 1)
     # u = .5 u + g = [1, 1, 1.25, 0]; v = v + u = [2, 1, 1.75, 2]: the first of the tied 2s or
     # the second is sent, the other stays.
     u = torch.tensor([1.0, 1.0, 1.25, 0.0])
@@ -126,7 +131,7 @@ def test_momentum_correction_by_hand():
 
 def test_masking_zeroes_sent_positions_and_keeps_the_half_precision_rounding():
     update = _update(3)
-    result = dgc.compress(update, PARAMS, Residual(), DgcSettings(0.9, warmup=0, momentum=0.9))
+    result = dgc.compress(update, PARAMS, Residual(), DgcSettings(0.9, warmup=0, momentum=0.9), 0)
     where = result.sparse["w"].positions
     assert torch.all(result.residual.u["w"].flatten()[where] == 0)
     exact = update["w"].flatten()[where]
@@ -141,7 +146,7 @@ def test_masking_zeroes_sent_positions_and_keeps_the_half_precision_rounding():
 
 
 def test_values_beyond_half_precision_are_clamped_and_the_rest_kept():
-    result = dgc.compress({"w": torch.tensor([1e6, 1.0])}, {"w"}, Residual(), DgcSettings(0.5))
+    result = dgc.compress({"w": torch.tensor([1e6, 1.0])}, {"w"}, Residual(), DgcSettings(0.5), 9)
     assert result.sparse["w"].values.tolist() == [65504.0]
     assert result.residual.v["w"].tolist() == [1e6 - 65504.0, 1.0]
 
@@ -149,7 +154,7 @@ def test_values_beyond_half_precision_are_clamped_and_the_rest_kept():
 def test_clipping_scales_the_parameters_before_accumulating():
     update = {"w": torch.full((4,), 3.0), "running_mean": torch.full((2,), 50.0)}
     settings = DgcSettings(0.5, warmup=0, clip_norm=3.0)
-    result = dgc.compress(update, {"w"}, Residual(), settings)
+    result = dgc.compress(update, {"w"}, Residual(), settings, 0)
     assert result.norm == pytest.approx(6.0)
     total = _sent(result, "w") + result.residual.v["w"]
     assert torch.allclose(total, torch.full((4,), 1.5))
@@ -160,7 +165,7 @@ def test_buffers_and_counters_are_sent_dense_and_inputs_left_alone():
     update = _update(1)
     before = {n: t.clone() for n, t in update.items()}
     half = {**update, "h": torch.ones(3, dtype=torch.float16)}
-    result = dgc.compress(half, PARAMS | {"h"}, Residual(), DgcSettings(0.99))
+    result = dgc.compress(half, PARAMS | {"h"}, Residual(), DgcSettings(0.99), 9)
     assert sorted(result.sparse) == ["b", "w"]
     assert sorted(result.dense) == ["count", "h", "running_mean"]
     assert all(torch.equal(update[n], before[n]) for n in before)
@@ -168,7 +173,7 @@ def test_buffers_and_counters_are_sent_dense_and_inputs_left_alone():
 
 def test_dense_tensors_come_back_in_their_dtypes_statistics_in_half_precision(tmp_path):
     update = {**_update(1), "h": torch.ones(3, dtype=torch.float16)}
-    result = dgc.compress(update, PARAMS | {"h"}, Residual(), DgcSettings(0.99))
+    result = dgc.compress(update, PARAMS | {"h"}, Residual(), DgcSettings(0.99), 9)
     meta = tensor_io.update_metadata(3, 2, 384, 3)
     sparse_update.save_sparse_update(tmp_path / "u", result.dense, result.sparse, meta)
     tensors, _ = sparse_update.load_update(tmp_path / "u")
@@ -180,85 +185,50 @@ def test_dense_tensors_come_back_in_their_dtypes_statistics_in_half_precision(tm
     assert torch.allclose(tensors["running_mean"], stats, rtol=2**-11, atol=2**-25)
 
 
-# --- residual files ------------------------------------------------------------------------------
+# --- residuals on the execute machine ------------------------------------------------------------
 
 
 def _reference() -> dict[str, torch.Tensor]:
     return {n: t for n, t in _update(0).items() if n in PARAMS}
 
 
-def test_residual_file_round_trip(tmp_path):
+def test_residual_round_trip_through_the_machines_cache(tmp_path):
+    folder = residual_cache.run_cache(str(tmp_path), RUN_ID)
     settings = DgcSettings(0.99, momentum=0.9)
-    result = dgc.compress(_update(0), PARAMS, Residual(jobs=2), settings)
-    path = tmp_path / RESIDUAL_FILE
-    dgc.save_residual(path, result.residual, RUN_ID, 4, 7)
-    meta = tensor_io.read_metadata(path)
-    assert meta == tensor_io.residual_metadata(RUN_ID, 4, 3, 7)
-    loaded, found = dgc.load_residual(path, RUN_ID, 4, 8, _reference(), 0.9)
-    assert found == "loaded" and loaded.jobs == 3
+    result = dgc.compress(_update(0), PARAMS, Residual(jobs=2), settings, 7)
+    written = residual_cache.save(folder, result.residual, RUN_ID, 4, 7)
+    path = folder / "l004_j0007.safetensors"
+    assert written == path.stat().st_size
+    assert tensor_io.read_metadata(path) == tensor_io.residual_metadata(RUN_ID, 4, 3, 7)
+    found = residual_cache.load(folder, RUN_ID, 4, 8, _reference(), 0.9)
+    assert (found.how, found.step, found.bytes, found.residual.jobs) == ("loaded", 7, written, 3)
     for name in PARAMS:
-        assert torch.equal(loaded.u[name], result.residual.u[name])
-        assert torch.equal(loaded.v[name], result.residual.v[name])
+        assert torch.equal(found.residual.u[name], result.residual.u[name])
+        assert torch.equal(found.residual.v[name], result.residual.v[name])
 
 
-def test_absent_or_empty_residual_starts_from_zeros(tmp_path):
-    path = tmp_path / RESIDUAL_FILE
-    assert dgc.load_residual(path, RUN_ID, 0, 0, _reference(), 0.0) == (Residual(), "none")
-    dgc.write_empty_residual(path, RUN_ID, 0)
-    assert dgc.load_residual(path, RUN_ID, 0, 0, _reference(), 0.0) == (Residual(), "loaded")
+def test_a_job_takes_its_lanes_newest_earlier_residual_and_older_ones_go(tmp_path):
+    folder = residual_cache.run_cache(str(tmp_path), RUN_ID)
+    for step in (0, 1, 2, 4):
+        residual = Residual(v={n: torch.full_like(t, step) for n, t in _reference().items()})
+        residual_cache.save(folder, residual, RUN_ID, 0, step)
+    assert sorted(p.name for p in folder.iterdir()) == [
+        "l000_j0002.safetensors",
+        "l000_j0004.safetensors",
+    ]
+    assert residual_cache.load(folder, RUN_ID, 0, 4, _reference(), 0.0).step == 2  # a retry of 4
+    assert residual_cache.load(folder, RUN_ID, 0, 9, _reference(), 0.0).step == 4
+    assert residual_cache.load(folder, RUN_ID, 1, 9, _reference(), 0.0).how == "none"
+    assert residual_cache.load(folder, RUN_ID, 0, 2, _reference(), 0.0).how == "none"
 
 
-def _other_run(path):
-    dgc.save_residual(path, Residual(jobs=1), "run-b", 0, 1)
-
-
-def _other_lane(path):
-    dgc.save_residual(path, Residual(jobs=1), RUN_ID, 3, 1)
-
-
-def _same_round(path):
-    dgc.save_residual(path, Residual(jobs=1), RUN_ID, 0, 5)
-
-
-def _garbage(path):
-    path.write_bytes(b"not a tensor file at all")
-
-
-def _nan(path):
-    residual = Residual(v={n: t.clone() for n, t in _reference().items()}, jobs=1)
-    residual.v["w"][3, 3] = float("inf")
-    dgc.save_residual(path, residual, RUN_ID, 0, 1)
-
-
-def _other_shape(path):
-    residual = Residual(v={"w": torch.zeros(25, 40), "b": torch.zeros(7)}, jobs=1)
-    dgc.save_residual(path, residual, RUN_ID, 0, 1)
-
-
-def _other_model(path):
-    dgc.save_residual(path, Residual(v={"w": torch.zeros(5, 5)}, jobs=1), RUN_ID, 0, 1)
-
-
-@pytest.mark.parametrize(
-    ("write", "why"),
-    [
-        (_other_run, "it belongs to run 'run-b', this is run 'run-a'"),
-        (_other_lane, "it belongs to lane '3', this is lane 0"),
-        (_same_round, "written by round 5, not before this job's round 5"),
-        (_garbage, "unreadable"),
-        (_nan, "tensor 'w::v' contains NaN or Inf"),
-        (_other_model, "its tensors are not those of this model"),
-        (_other_shape, "tensor 'w::v' is torch.float32 (25, 40), not float32 (40, 25)"),
-    ],
-)
-def test_unusable_residual_is_named_in_one_line_and_replaced_by_zeros(tmp_path, capsys, write, why):
-    path = tmp_path / RESIDUAL_FILE
-    write(path)
-    residual, found = dgc.load_residual(path, RUN_ID, 0, 5, _reference(), 0.0)
-    assert residual == Residual() and found.startswith("ignored: ") and why in found
-    lines = capsys.readouterr().err.strip().splitlines()
-    assert len(lines) == 1 and str(path) in lines[0] and why in lines[0]
-    assert "zero residual" in lines[0]
+def test_runs_are_kept_apart_and_the_default_cache_is_not_the_jobs_scratch(tmp_path, monkeypatch):
+    monkeypatch.setattr(residual_cache, "DEFAULT_PARENT", tmp_path / "var-tmp")
+    monkeypatch.setenv("TMPDIR", str(tmp_path / "scratch"))
+    folder = residual_cache.run_cache("", RUN_ID)
+    assert folder.parent == tmp_path / "var-tmp" / f"dagtrain-{os.getuid()}" / "residuals"
+    assert residual_cache.run_cache("", "run-b") != folder
+    assert (folder.parent.stat().st_mode & 0o777) == 0o700
 
 
 # --- the node's step -----------------------------------------------------------------------------
@@ -275,33 +245,26 @@ def _smallcnn_update(seed: int, classes: int = 10):
     return model.state_dict(), params, update
 
 
-def test_compress_job_writes_update_and_residual_that_validate(tmp_path):
+def test_write_update_keeps_the_residual_on_the_machine_and_the_update_validates(tmp_path):
     state, params, update = _smallcnn_update(1)
     meta = tensor_io.update_metadata(3, 2, 384, 3)
+    config = _config(tmp_path / "cache", sparsity=0.999, warmup=4)
+    folder = residual_cache.run_cache(config.data.node_cache, RUN_ID)
+    earlier = Residual(v={n: torch.zeros_like(state[n]) for n in params}, jobs=1)
+    residual_cache.save(folder, earlier, RUN_ID, 2, 2)
     job = tmp_path / "job"
     job.mkdir()
-    dgc.save_residual(job / RESIDUAL_FILE, Residual(jobs=1), RUN_ID, 2, 2)
-    metrics = dgc.compress_job(
-        update,
-        params,
-        _config(sparsity=0.999, warmup=4),
-        meta,
-        2,
-        3,
-        job / RESIDUAL_FILE,
-        job / "update.s",
-    )
+    metrics, on_machine = write_update(update, params, config, meta, 2, 3, job / "update.s")
     assert metrics["residual"] == "loaded" and metrics["residual_jobs"] == 2
-    assert metrics["sparsity"] == pytest.approx(0.9371, abs=1e-4)
+    assert metrics["sparsity"] == pytest.approx(0.9960, abs=1e-4)  # step 3 of the warm-up
     assert metrics["update_bytes"] == (job / "update.s").stat().st_size
-    assert 0.06 < metrics["kept_fraction"] < 0.07
+    assert 0.003 < metrics["kept_fraction"] < 0.006
+    assert sorted(p.name for p in job.iterdir()) == ["update.s"]
+    kept = folder / "l002_j0003.safetensors"
+    assert on_machine.residual_out == kept.stat().st_size
+    assert on_machine.residual_in == (folder / "l002_j0002.safetensors").stat().st_size
     check = validate_update(job / "update.s", state, 3, 2, 1000.0, plan=JobPlan(384, 20))
     assert check.ok, check.reason
-    assert tensor_io.read_metadata(job / RESIDUAL_FILE)["jobs"] == "2"
-    again, found = dgc.load_residual(
-        job / RESIDUAL_FILE, RUN_ID, 2, 4, {n: state[n] for n in params}, 0.0
-    )
-    assert found == "loaded" and again.jobs == 2 and sorted(again.v) == sorted(params)
 
 
 @pytest.mark.parametrize(("sparsity", "at_least"), [(0.999, 200), (0.99, 100)])
@@ -310,7 +273,7 @@ def test_sparse_smallcnn_update_is_much_smaller_than_dense(tmp_path, sparsity, a
     meta = tensor_io.update_metadata(3, 2, 384, 3)
     tensor_io.save_tensors(tmp_path / "dense", update, meta)
     settings = DgcSettings(sparsity, warmup=0)
-    result = dgc.compress(update, params, Residual(), settings)
+    result = dgc.compress(update, params, Residual(), settings, 0)
     sparse_update.save_sparse_update(tmp_path / "sparse", result.dense, result.sparse, meta)
     ratio = (tmp_path / "dense").stat().st_size / (tmp_path / "sparse").stat().st_size
     assert ratio >= at_least
@@ -330,7 +293,12 @@ def _node_task(tmp_path, monkeypatch, method: str) -> node_job.NodeTask:
     """A node job whose data fetch is replaced by random images (the wiring is under test)."""
     raw = {
         "run": {"run_id": RUN_ID, "rounds": 3},
-        "data": {"dataset": "ds", "mirrors": ["ftp://127.0.0.1:1/ds"], "local_train": 32},
+        "data": {
+            "dataset": "ds",
+            "mirrors": ["ftp://127.0.0.1:1/ds"],
+            "local_train": 32,
+            "node_cache": str(tmp_path / "cache"),
+        },
         "model": {"image_size": 16},
         "train": {"local_steps": 2, "batch_size": 8, "augment": False},
         "compression": {"method": method, "sparsity": 0.99, "warmup": 4},
@@ -354,15 +322,14 @@ def _node_task(tmp_path, monkeypatch, method: str) -> node_job.NodeTask:
         7,
         0,
         out,
-        out / "residual.safetensors",
     )
 
 
-def test_node_job_with_dgc_writes_a_sparse_update_and_the_lanes_residual(tmp_path, monkeypatch):
+def test_node_job_with_dgc_writes_a_sparse_update_and_keeps_the_residual(tmp_path, monkeypatch):
     task = _node_task(tmp_path, monkeypatch, "dgc")
     first = node_job.run_node(task)
-    assert first["residual"] == "none" and first["sparsity"] == 0.75
-    assert tensor_io.read_metadata(task.out_dir / RESIDUAL_FILE)["jobs"] == "1"
+    assert first["residual"] == "none" and first["sparsity"] == dgc.sparsity_at(1, 0.99, 4)
+    assert sorted(p.name for p in task.out_dir.iterdir()) == ["metrics.json", "update.safetensors"]
     model, _ = model_file.load_model(tmp_path / "global.safetensors")
     plan = JobPlan.from_config(read_run_config(task.config_path))
     check = validate_update(
@@ -370,15 +337,37 @@ def test_node_job_with_dgc_writes_a_sparse_update_and_the_lanes_residual(tmp_pat
     )
     assert check.ok, check.reason
     second = node_job.run_node(dataclasses.replace(task, round_=2))
-    assert second["residual"] == "loaded" and second["sparsity"] == dgc.sparsity_at(1, 0.99, 4)
+    assert second["residual"] == "loaded" and second["residual_step"] == 1
+    assert second["sparsity"] == dgc.sparsity_at(2, 0.99, 4)
     assert second["update_bytes"] == (task.out_dir / "update.safetensors").stat().st_size
     assert json.loads((task.out_dir / "metrics.json").read_text()) == second
-    assert 0.11 < second["kept_fraction"] < 0.12
+    assert 0.04 < second["kept_fraction"] < 0.06
+    moved = second["bytes"]
+    assert moved["through_submit_host"]["update_out"] == second["update_bytes"]
+    assert moved["through_submit_host"]["model_in"] == task.model_path.stat().st_size
+    assert moved["through_submit_host"]["residual_in"] == 0
+    assert moved["through_submit_host"]["residual_out"] == 0
+    assert moved["on_machine"]["residual_in"] > 100_000
+    assert moved["from_mirrors"]["data_in"] == 0  # the fetch is replaced here
+
+
+def test_a_lane_job_on_another_machine_starts_from_zero(tmp_path, monkeypatch):
+    task = _node_task(tmp_path, monkeypatch, "dgc")
+    node_job.run_node(task)
+    elsewhere = read_run_config(task.config_path).with_values(
+        "data", node_cache=str(tmp_path / "other-machine")
+    )
+    (tmp_path / "config.toml").write_text(to_toml(elsewhere))
+    second = node_job.run_node(dataclasses.replace(task, round_=2))
+    assert second["residual"] == "none" and second["residual_jobs"] == 1
+    assert second["sparsity"] == dgc.sparsity_at(2, 0.99, 4)  # no second warm-up
+    assert second["bytes"]["on_machine"]["residual_in"] == 0
 
 
 def test_node_job_without_compression_writes_a_dense_update_only(tmp_path, monkeypatch):
     task = _node_task(tmp_path, monkeypatch, "none")
     metrics = node_job.run_node(task)
-    assert "update_bytes" not in metrics
+    assert "residual" not in metrics and metrics["bytes"]["on_machine"]["residual_out"] == 0
     assert sorted(p.name for p in task.out_dir.iterdir()) == ["metrics.json", "update.safetensors"]
     assert "compression" not in tensor_io.read_metadata(task.out_dir / "update.safetensors")
+    assert not (tmp_path / "cache").exists()

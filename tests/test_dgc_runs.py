@@ -1,5 +1,6 @@
-"""Compressed updates in whole runs: each lane's residual is kept on the submit host and
-travels with the lane's next job, in synchronous and asynchronous mode."""
+"""Compressed updates in whole runs: each lane's residual stays in the execute machine's cache
+and never travels with the jobs; a job that lands without it starts from zero, and the rounds
+count how often that happened."""
 
 import json
 from collections.abc import Callable
@@ -10,8 +11,7 @@ import pytest
 
 from aggregation.async_claim import claim
 from node_payload.common.run_config import read_run_config
-from node_payload.common.run_layout import CONFIG_FILE, RESIDUAL_FILE, lane_dir, lane_job_dir
-from node_payload.common.tensor_io import read_metadata
+from node_payload.common.run_layout import CONFIG_FILE, lane_job_dir
 from pipeline import config as config_mod
 from pipeline import planner
 from pipeline.cli import main
@@ -29,47 +29,55 @@ def plan_run(tiny_config: Callable[..., Path], tmp_path: Path) -> Callable[..., 
     return plan
 
 
-def test_sync_jobs_take_and_return_their_lanes_residual(plan_run: Callable) -> None:
-    run_dir = plan_run(**DGC)
-    run_id = read_run_config(run_dir / CONFIG_FILE).run.run_id
-    for lane in range(3):
-        metadata = read_metadata(lane_dir(run_dir, lane) / RESIDUAL_FILE)
-        assert metadata["run_id"] == run_id and metadata["lane"] == str(lane)
-    submit = htcondor2.Submit((run_dir / "submit/node.sub").read_text())
-    assert submit["transfer_input_files"].endswith("../../../lanes/$(ltag)/residual.safetensors")
-    assert submit["transfer_output_files"].endswith(", residual.safetensors")
-    node = parse_dag(run_dir / "dagtrain.dag").nodes["train_r001_n002"]
-    assert node.vars["ltag"] == "l002"
-    assert node.post.args[-2:] == ["rounds/r001/n002", "lanes/l002"]
-
-
-def test_dense_runs_carry_no_residual(plan_run: Callable) -> None:
-    run_dir = plan_run()
+@pytest.mark.parametrize("mode", ["sync", "async"])
+def test_compressed_jobs_carry_no_residual(plan_run: Callable, mode: str) -> None:
+    run_dir = plan_run(run__mode=f'"{mode}"', **DGC)
     submit = htcondor2.Submit((run_dir / "submit/node.sub").read_text())
     assert "residual" not in submit["transfer_input_files"] + submit["transfer_output_files"]
-    assert not (run_dir / "lanes").exists()
-
-
-def test_async_claim_gives_the_job_a_copy_of_its_lanes_residual(plan_run: Callable) -> None:
-    run_dir = plan_run(run__mode='"async"', **DGC)
-    submit = htcondor2.Submit((run_dir / "submit/node.sub").read_text())
-    assert submit["transfer_input_files"].endswith("global.safetensors, residual.safetensors")
-    claim(run_dir, read_run_config(run_dir / CONFIG_FILE), 1, 0)
-    given = lane_job_dir(run_dir, 1, 0) / RESIDUAL_FILE
-    assert given.read_bytes() == (lane_dir(run_dir, 1) / RESIDUAL_FILE).read_bytes()
-    assert given.stat().st_ino != (lane_dir(run_dir, 1) / RESIDUAL_FILE).stat().st_ino
+    assert not list(run_dir.glob("lanes/*/residual.safetensors"))
+    if mode == "sync":
+        node = parse_dag(run_dir / "dagtrain.dag").nodes["train_r001_n002"]
+        assert node.post.args[-1] == "rounds/r001/n002" and "ltag" not in node.vars
+    else:
+        claim(run_dir, read_run_config(run_dir / CONFIG_FILE), 1, 0)
+        assert not (lane_job_dir(run_dir, 1, 0) / "residual.safetensors").exists()
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("mode", ["sync", "async"])
-def test_residuals_travel_from_job_to_job_of_a_lane(plan_run: Callable, mode: str) -> None:
-    dense = plan_run("dense", run__mode=f'"{mode}"')
-    compressed = plan_run("dgc", run__mode=f'"{mode}"', **DGC)
+def test_a_lanes_next_job_on_the_same_machine_finds_its_residual(
+    plan_run: Callable, mode: str, tmp_path: Path
+) -> None:
+    """The local runner's slots share one machine, so every lane's cache hits."""
+    cache = f'"{tmp_path / "machine-cache"}"'
+    dense = plan_run("dense", run__mode=f'"{mode}"', data__node_cache=cache)
+    compressed = plan_run("dgc", run__mode=f'"{mode}"', data__node_cache=cache, **DGC)
     for run_dir in (dense, compressed):
         assert main(["run", str(run_dir)]) == 0
     pattern = "rounds/r001/n*/metrics.json" if mode == "sync" else "lanes/*/j0001/metrics.json"
     second = [json.loads(p.read_text()) for p in compressed.glob(pattern)]
     assert second and all(m["residual"] == "loaded" and m["residual_jobs"] == 2 for m in second)
-    sent = json.loads((compressed / "report.json").read_text())["update_bytes"]
-    dense_sent = json.loads((dense / "report.json").read_text())["update_bytes"]
-    assert 0 < sent < dense_sent / 5
+    assert all(m["bytes"]["on_machine"]["residual_in"] > 0 for m in second)
+    assert not list(compressed.rglob("residual.safetensors"))
+    report = json.loads((compressed / "report.json").read_text())
+    dense_report = json.loads((dense / "report.json").read_text())
+    assert 0 < report["update_bytes"] < dense_report["update_bytes"] / 5
+    if mode == "sync":
+        assert report["residual_misses"] == 0
+        assert report["bytes_per_job"] < dense_report["bytes_per_job"]
+
+
+@pytest.mark.slow
+def test_a_lane_job_without_its_residual_starts_from_zero_and_is_counted(
+    plan_run: Callable,
+) -> None:
+    """A relative node_cache lies in each job's own scratch folder, deleted with the job: every
+    job lands on a machine that has no residual of its lane, as on a pool of many machines."""
+    run_dir = plan_run(data__node_cache='"cache"', **DGC)
+    assert main(["run", str(run_dir)]) == 0
+    later = [json.loads(p.read_text()) for p in run_dir.glob("rounds/r001/n*/metrics.json")]
+    assert later and all(m["residual"] == "none" and m["residual_jobs"] == 1 for m in later)
+    rounds = [json.loads(p.read_text()) for p in sorted(run_dir.glob("rounds/r*/round.json"))]
+    assert [r["residual_misses"] for r in rounds] == [0, len(later)]
+    report = json.loads((run_dir / "report.json").read_text())
+    assert report["residual_misses"] == len(later) and report["status"] == "completed"

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from aggregation.node_outcome import Outcome, Verdict, decide, hand_over_residual
+from aggregation.node_outcome import Outcome, Verdict, decide
 from node_payload.common.errors import EXIT_FATAL, EXIT_RETRYABLE
 
 JOB = Path("rounds/r001/n002")
@@ -54,16 +54,3 @@ def test_without_retries_a_failure_is_missing_at_once() -> None:
     assert decide(1, 0, 0, JOB) == Outcome(
         Verdict.MISSING, reason="failed 1 times, last exit code 1"
     )
-
-
-def test_a_residual_moves_to_the_lane_only_when_the_job_sent_one(tmp_path: Path) -> None:
-    job, lane = tmp_path / "j0001", tmp_path / "l000"
-    job.mkdir()
-    lane.mkdir()
-    (lane / "residual.safetensors").write_bytes(b"lane")
-    hand_over_residual(job, lane)
-    assert (lane / "residual.safetensors").read_bytes() == b"lane"
-    (job / "residual.safetensors").write_bytes(b"job")
-    hand_over_residual(job, lane)
-    assert (lane / "residual.safetensors").read_bytes() == b"job"
-    assert not (job / "residual.safetensors").exists()

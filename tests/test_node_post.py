@@ -77,20 +77,6 @@ def test_success_after_a_missing_mark_clears_it(post_script: Path, tmp_path: Pat
     assert not (node_dir / "MISSING").exists()
 
 
-def test_a_successful_job_hands_its_residual_to_its_lane(post_script: Path, tmp_path: Path) -> None:
-    node_dir, lane_dir = tmp_path / "n000", tmp_path / "l000"
-    node_dir.mkdir()
-    lane_dir.mkdir()
-    (lane_dir / "residual.safetensors").write_bytes(b"round 0")
-    (node_dir / "residual.safetensors").write_bytes(b"round 1")
-    # a failed job's residual is not the lane's
-    assert _run(post_script, 75, 2, 2, node_dir, lane_dir).returncode == 0
-    assert (lane_dir / "residual.safetensors").read_bytes() == b"round 0"
-    assert _run(post_script, 0, 0, 2, node_dir, lane_dir).returncode == 0
-    assert (lane_dir / "residual.safetensors").read_bytes() == b"round 1"
-    assert not (node_dir / "residual.safetensors").exists()
-
-
 def test_a_fatal_job_is_named_with_its_error_log(post_script: Path, tmp_path: Path) -> None:
     (tmp_path / "n002").mkdir()
     done = _run(post_script, EXIT_FATAL, 0, 2, tmp_path / "n002")

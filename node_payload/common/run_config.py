@@ -224,7 +224,8 @@ class DataTable:
     lossless: bool = key(False, "true: PNG blocks; false: JPEG quality 90 (about 10x smaller)")
     node_cache: str = key(
         "",
-        "a directory on execute nodes keeping verified blocks between rounds (empty: off)",
+        "a directory on execute nodes keeping verified blocks and residuals between rounds "
+        "(empty: no block cache; residuals in /var/tmp)",
         _fits_a_submit_line,
     )
     local_train: int = key(384, "a positive number of fragments", _positive)
@@ -321,9 +322,9 @@ class ServerTable:
 class CompressionTable:
     method: str = key(
         "none",
-        '"none" (dense updates) or "dgc" (Deep Gradient Compression: top-k of each parameter '
-        "tensor, the rest kept per lane as an error-feedback residual)",
-        _one_of("none", "dgc"),
+        "dense (none), or with an error-feedback residual kept on the execute machine: top-k "
+        "per tensor (dgc), every value in float16 or int8",
+        choices="update_compression",
     )
     sparsity: float = key(
         0.999,
@@ -424,8 +425,9 @@ class RunConfig:
 
     @property
     def compressed(self) -> bool:
-        """DGC: sparse updates, and an error-feedback residual per lane (a node, in sync mode)."""
-        return self.compression.method == "dgc"
+        """Compressed updates (DGC, fp16, int8), and an error-feedback residual per lane (a node,
+        in sync mode) on the execute machine."""
+        return self.compression.method != "none"
 
     @property
     def models_from_mirrors(self) -> bool:

@@ -107,7 +107,6 @@ def round_metrics_path(run_dir: Path, round_: int) -> Path:
 ASYNC_STATE = "async/state.json"
 ASYNC_LOCK = "async/lock"
 ASYNC_EVENTS = "async/events.log"
-RESIDUAL_FILE = "residual.safetensors"
 
 
 def lane_tag(lane: int) -> str:

@@ -44,7 +44,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from node_payload.common import tensor_io
+from node_payload.common import quantised_update, tensor_io
 
 COMPRESSION = "dgc"
 DATA = "::data"
@@ -202,8 +202,9 @@ class UpdateReader:
             self.names: list[str] = list(lazy.names)
             return
         if compression != COMPRESSION:
+            known = ", ".join(map(repr, (COMPRESSION, *quantised_update.METHODS)))
             raise BadSparseUpdate(
-                f"metadata compression is {compression!r}, expected {COMPRESSION!r} or none"
+                f"metadata compression is {compression!r}, expected one of {known} or none"
             )
         layout, sent, index_bytes = _parse_layout(self.metadata.get("layout"))
         own = [name for name in lazy.names if name != DATA]
@@ -337,13 +338,19 @@ def _parse_layout(
 
 
 @contextmanager
-def open_update(path: Path, max_bytes: int | None = None) -> Iterator[UpdateReader]:
-    """Open a dense or sparse update for streaming; raises BadTensorFile (BadSparseUpdate).
+def open_update(
+    path: Path, max_bytes: int | None = None
+) -> Iterator[UpdateReader | quantised_update.QuantisedReader]:
+    """Open a dense, sparse or quantised update for streaming; raises BadTensorFile.
 
     max_bytes bounds the packed stream before it is inflated (the validator gives what the
     global model's tensors can need), so a small file cannot claim gigabytes."""
     with tensor_io.open_lazy(path) as lazy:
-        yield UpdateReader(lazy, max_bytes)
+        method = lazy.metadata.get("compression")
+        if method in quantised_update.METHODS:
+            yield quantised_update.QuantisedReader(lazy, method)
+        else:
+            yield UpdateReader(lazy, max_bytes)
 
 
 def load_update(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:

@@ -20,7 +20,6 @@ from node_payload.common.run_layout import (
     STATUS_FILE,
     aggregate_name,
     job_tag,
-    lane_dir,
     lane_job_name,
     lane_tag,
     node_dir,
@@ -75,14 +74,10 @@ def _rounds(dag: Dag, config: RunConfig) -> None:
 
 
 def _round_job(config: RunConfig, r: int, n: int) -> Node:
-    """Node n's job in round r; with compressed updates, its lane's residual goes with it and
-    the POST script makes the job's new residual the lane's."""
+    """Node n's job in round r (a compressed update's residual stays on the execute machine)."""
     variables = {"round": str(r), "rtag": round_tag(r), "node": str(n), "ntag": node_tag(n)}
     variables |= {"seed": str(node_seed(config.run.seed, r, n)), "attempt": "$(RETRY)"}
     args = ["$RETURN", "$RETRY", "$MAX_RETRIES", node_dir(Path(), r, n).as_posix()]
-    if config.compressed:
-        variables["ltag"] = lane_tag(n)
-        args.append(lane_dir(Path(), n).as_posix())
     post = Script(NODE_POST_SCRIPT, args)
     job = Node(node_name(r, n), NODE_SUBMIT, vars=variables, post=post, category=TRAIN)
     return _retried(job, config)

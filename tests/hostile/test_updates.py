@@ -30,7 +30,7 @@ from aggregation.round_step import aggregate_round
 from aggregation.validate import validate_update
 from node_payload.common import sparse_update, tensor_io
 from node_payload.common.errors import EXIT_FATAL
-from node_payload.common.run_config import RunConfig, read_run_config
+from node_payload.common.run_config import CompressionTable, RunConfig, read_run_config
 from node_payload.common.run_layout import (
     ASYNC_EVENTS,
     CONFIG_FILE,
@@ -42,6 +42,8 @@ from node_payload.common.run_layout import (
     server_state_path,
 )
 from node_payload.common.sparse_update import DATA, SparseTensor
+from node_payload.compression import METHODS
+from node_payload.residual_cache import Residual
 from pipeline import config as config_mod
 from pipeline import planner
 from pipeline.mirrors import serve
@@ -615,6 +617,113 @@ def test_norm_bound_applies_to_sparse_values(tmp_path, global_state):
     path = _write_sparse(tmp_path, 1, global_state)
     check = validate_update(path, global_state, ROUND, 1, 0.01, plan=PLAN)
     assert not check.ok and "exceeds the bound 0.01" in check.reason
+
+
+# --- quantised updates ([compression] method fp16 and int8) --------------------------------------
+
+
+def _write_quantised(directory: Path, node: int, global_state, method: str, seed: int = 1):
+    """An fp16 or int8 update as a node's quantise step writes it."""
+    update = _honest(global_state, seed)
+    params = {"conv.weight", "bn.weight", "bn.bias", "fc.weight", "fc.bias"}
+    encoded = METHODS[method](update, params, Residual(), CompressionTable(), 0)
+    path = directory / f"q{node:03d}.safetensors"
+    metadata = tensor_io.update_metadata(ROUND, node, 100, ROUND) | encoded.metadata
+    tensor_io.save_tensors(path, encoded.tensors, metadata)
+    return path
+
+
+def _scale(value: torch.Tensor) -> Callable[[dict], None]:
+    return lambda tensors: tensors.__setitem__("fc.weight::scale", value)
+
+
+QUANTISED_CASES = [
+    ("int8", _scale(torch.tensor(-0.5)), "scale 'fc.weight::scale' is -0.5, expected a finite"),
+    ("int8", _scale(torch.tensor(math.nan)), "scale 'fc.weight::scale' is nan, expected a finite"),
+    ("int8", _scale(torch.tensor(math.inf)), "scale 'fc.weight::scale' is inf, expected a finite"),
+    ("int8", _scale(torch.tensor(3e38)), "tensor 'fc.weight' contains NaN or Inf"),
+    ("int8", _scale(torch.tensor(5.0)), "exceeds the bound"),
+    (
+        "int8",
+        _scale(torch.tensor(0.5, dtype=torch.float64)),
+        "scale 'fc.weight::scale' is torch.float64 of shape (), expected a float32 scalar",
+    ),
+    (
+        "int8",
+        _scale(torch.ones(5)),
+        "scale 'fc.weight::scale' is torch.float32 of shape (5,), expected a float32 scalar",
+    ),
+    (
+        "int8",
+        lambda t: t.pop("fc.weight::scale"),
+        "int8 tensor 'fc.weight' has no scale 'fc.weight::scale'",
+    ),
+    (
+        "int8",
+        lambda t: t.__setitem__("fc.weight", t["fc.weight"].float()),
+        "tensor 'fc.weight' has a scale but is torch.float32, expected torch.int8",
+    ),
+    (
+        "int8",
+        lambda t: t.__setitem__("nobody::scale", torch.tensor(1.0)),
+        "tensor 'nobody::scale' scales no int8 tensor",
+    ),
+    (
+        "int8",
+        lambda t: t.__setitem__("fc.weight", torch.ones(5, 9, dtype=torch.int8)),
+        "tensor 'fc.weight' has shape (5, 9), expected (5, 8)",
+    ),
+    (
+        "fp16",
+        lambda t: t.__setitem__("fc.bias", torch.tensor([math.nan] * 5, dtype=torch.float16)),
+        "tensor 'fc.bias' contains NaN or Inf",
+    ),
+    (
+        "fp16",
+        lambda t: t.__setitem__("fc.bias", torch.ones(6, dtype=torch.float16)),
+        "tensor 'fc.bias' has shape (6,), expected (5,)",
+    ),
+    (
+        "fp16",
+        lambda t: t.__setitem__("fc.bias", torch.ones(5, dtype=torch.float64)),
+        "tensor 'fc.bias' has dtype torch.float64, expected torch.float32",
+    ),
+    (
+        "fp16",
+        lambda t: t.__setitem__("fc.bias", torch.ones(5, dtype=torch.int8)),
+        "int8 tensor 'fc.bias' has no scale",
+    ),
+    (
+        "fp16",
+        lambda t: t.__setitem__("fc.bias::scale", torch.tensor(1.0)),
+        "tensor 'fc.bias::scale' scales no int8 tensor of this fp16 update",
+    ),
+    (
+        "fp16",
+        lambda t: t.__setitem__(
+            "bn.num_batches_tracked", t["bn.num_batches_tracked"].to(torch.float16)
+        ),
+        "tensor 'bn.num_batches_tracked' has dtype torch.float32, expected torch.int64",
+    ),
+]
+
+
+@pytest.mark.parametrize(("method", "change", "reason"), QUANTISED_CASES)
+def test_bad_quantised_updates_are_rejected_with_a_reason(
+    tmp_path, global_state, method, change, reason
+):
+    bad = _write_quantised(tmp_path, 1, global_state, method)
+    tensors, meta = tensor_io.load_tensors(bad)
+    change(tensors)
+    tensor_io.save_tensors(bad, tensors, meta)
+    merged = merge_updates(
+        global_state,
+        [(0, _write_quantised(tmp_path, 0, global_state, method, seed=2)), (1, bad)],
+        BOUND,
+        ROUND,
+        plan=PLAN,
+    )
+    assert merged.accepted == [0] and reason in merged.rejected[1], merged.rejected
 
 
 # --- the next global model -----------------------------------------------------------------------
