@@ -86,7 +86,7 @@ def run_node(task: NodeTask) -> dict[str, Any]:
             payload_in=payload_bytes(task.config_path),
             update_out=compression["update_bytes"],
         ),
-        from_mirrors=Moved(data_in=stats.bytes_downloaded),
+        from_mirrors=Moved(model_in=model_stats.bytes_downloaded, data_in=stats.bytes_downloaded),
         on_machine=on_machine,
     )
     metrics = {
