@@ -48,14 +48,18 @@ def fetch_model(
         _with_failover(parsed, [task], stats, timeout_s=20.0)
     finally:
         stats.seconds += time.monotonic() - started
+    target.parent.mkdir(parents=True, exist_ok=True)
     target.write_bytes(verified[0])
     return target
 
 
-def model_file(given: Path, run_id: str, mirrors: list[str], first: int, stats: FetchStats) -> Path:
+def model_file(
+    given: Path, run_id: str, mirrors: list[str], first: int, stats: FetchStats, out_dir: Path
+) -> Path:
     """The model a node job trains: the file it was given, or, given a pointer (`.json`), the
-    model fetched from the mirrors beside it in the job's scratch folder."""
+    model fetched from the mirrors into the job's folder (which returns only its outputs)."""
     if given.suffix != ".json":
         return given
     pointer = read_pointer(given, run_id)
-    return fetch_model(pointer, mirrors, first, stats, given.with_suffix(".safetensors"))
+    target = out_dir / Path(pointer.path).name
+    return fetch_model(pointer, mirrors, first, stats, target)

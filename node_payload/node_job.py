@@ -45,6 +45,10 @@ def run_node(task: NodeTask) -> dict[str, Any]:
     mirrors = data.mirrors
     first = (task.node + task.attempt) % len(mirrors)
     stats = FetchStats()
+    model_stats = FetchStats()  # the global model from the mirrors, when it was published
+    given = model_file(
+        task.model_path, config.run.run_id, mirrors, first, model_stats, task.out_dir
+    )
 
     manifest = planned_manifest(mirrors, first, data.manifest_sha256, stats)
     train_ids, test_ids = local_sets(manifest, task.seed, data.local_train, data.local_test)
@@ -57,10 +61,7 @@ def run_node(task: NodeTask) -> dict[str, Any]:
     test = Tensors(both.x[len(train_ids) :], both.y[len(train_ids) :])
     fetched_at = time.time()
 
-    model_stats = FetchStats()  # the global model from the mirrors, when it was published
-    model, model_meta = load_model(
-        model_file(task.model_path, config.run.run_id, mirrors, first, model_stats)
-    )
+    model, model_meta = load_model(given)
     base_version = int(model_meta["version"])
     global_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
     # Where the run is in its schedule: the round, or (asynchronous) the model's version.
