@@ -6,10 +6,11 @@ asynchronous version's step. When the run's models come from the mirrors
 (`models/global_rNNN.json`, node_payload/common/model_pointer.py) is written beside it,
 atomically: a pointer exists only for a model the mirrors serve, so a node job given one can
 fetch it. Embedded mirrors serve the run's models/ folder directly, so there, publishing is the
-model's atomic write. `[data] publish` names an upload URL per mirror: the model goes to a hidden
-name on each, is checked by size and renamed into place (a node's sha256 check catches any other
-fault). A mirror that fails is named and skipped, since nodes fail over to the others; only when
-none took the model does the step fail.
+model's atomic write. `[data] publish` names an upload URL for each of the first mirrors (each URL
+writes where its mirror serves from): the model goes to a hidden name on each, is checked by size
+and renamed into place (a node's sha256 check catches any other fault). The pointer lists the
+mirrors that hold the model, so a mirror whose upload failed is named once here and never asked
+by the nodes; only when none took the model does the step fail.
 
 Upload passwords are never in config.toml (every node job gets it): they come from ~/.netrc on
 the machine that publishes, as ftplib's own clients do.
@@ -26,7 +27,7 @@ from node_payload.common.errors import UserError
 from node_payload.common.mirror_url import Mirror
 from node_payload.common.model_pointer import pointer_to
 from node_payload.common.run_config import RunConfig
-from node_payload.common.run_layout import model_path, model_pointer_path
+from node_payload.common.run_layout import model_path, model_pointer_path, published_model_path
 
 
 def publish_model(run_dir: Path, config: RunConfig, version: int) -> int:
@@ -34,32 +35,36 @@ def publish_model(run_dir: Path, config: RunConfig, version: int) -> int:
     if not config.models_from_mirrors:
         return 0
     model = model_path(run_dir, version)
-    pointer = pointer_to(model, config.run.run_id, version)
-    sent = upload_model(list(config.data.publish), model, pointer.path)
+    path = published_model_path(config.run.run_id, version)
+    if config.data.publish:
+        sent, holding = upload_model(list(config.data.publish), model, path)
+    else:  # the embedded mirrors serve models/ itself
+        sent, holding = 0, list(range(len(config.data.mirrors)))
+    pointer = pointer_to(model, config.run.run_id, version, holding)
     write_text(model_pointer_path(run_dir, version), pointer.to_json())
     return sent
 
 
-def upload_model(urls: list[str], model: Path, path: str) -> int:
-    """The model to `path` below each URL; the bytes sent. Raises UserError when no URL took it."""
+def upload_model(urls: list[str], model: Path, path: str) -> tuple[int, list[int]]:
+    """The model to `path` below each URL: the bytes sent, and the places of the URLs that hold
+    it now. Raises UserError when none took it."""
     failures: dict[str, str] = {}
-    sent = 0
-    for url in urls:
+    sent, holding = 0, []
+    for place, url in enumerate(urls):
         mirror = with_password(Mirror.parse(url))
         try:
             sent += _upload_one(mirror, model, path)
+            holding.append(place)
         except (OSError, EOFError, *all_errors) as exc:
             failures[mirror.label] = _reason(exc)
     for label, why in failures.items():
-        print(
-            f"publishing {path} on {label} failed: {why}; nodes use the other mirrors", flush=True
-        )
-    if urls and len(failures) == len(urls):
+        print(f"publishing {path} on {label} failed: {why}; nodes use the others", flush=True)
+    if not holding:
         raise UserError(
             f"no mirror in [data] publish took {path} ({'; '.join(failures.values())}); check "
             "that the URLs are writable, then run the DAG again (its rescue DAG resumes here)"
         )
-    return sent
+    return sent, holding
 
 
 def _upload_one(mirror: Mirror, model: Path, path: str) -> int:

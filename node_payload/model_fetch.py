@@ -57,9 +57,11 @@ def model_file(
     given: Path, run_id: str, mirrors: list[str], first: int, stats: FetchStats, out_dir: Path
 ) -> Path:
     """The model a node job trains: the file it was given, or, given a pointer (`.json`), the
-    model fetched from the mirrors into the job's folder (which returns only its outputs)."""
+    model fetched from the mirrors that hold it into the job's folder (which returns only its
+    outputs). `first` is the node's first mirror of all the run's."""
     if given.suffix != ".json":
         return given
-    pointer = read_pointer(given, run_id)
+    pointer = read_pointer(given, run_id, len(mirrors))
+    holding = [mirrors[m] for m in pointer.mirrors]
     target = out_dir / Path(pointer.path).name
-    return fetch_model(pointer, mirrors, first, stats, target)
+    return fetch_model(pointer, holding, first % len(holding), stats, target)

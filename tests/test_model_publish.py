@@ -27,7 +27,7 @@ from node_payload.common.run_layout import (
     published_model_path,
 )
 from node_payload.fetch import FetchStats
-from node_payload.model_fetch import fetch_model
+from node_payload.model_fetch import fetch_model, model_file
 from pipeline.local_run import run_local
 from pipeline.mirrors import MirrorServer, serve
 from pipeline.planner import plan_from_file
@@ -83,8 +83,9 @@ def test_plan_publishes_the_initial_model_to_every_mirror_then_writes_its_pointe
         run_dir = plan_from_file(config_path, tmp_path / "run")
         config = _config(run_dir)
         model = model_path(run_dir, 0)
-        pointer = read_pointer(model_pointer_path(run_dir, 0), config.run.run_id)
+        pointer = read_pointer(model_pointer_path(run_dir, 0), config.run.run_id, 2)
         assert pointer.path == published_model_path(config.run.run_id, 0)
+        assert pointer.mirrors == (0, 1)
         for root in mirror_roots:
             assert (root / pointer.path).read_bytes() == model.read_bytes()
             assert [p.name for p in (root / pointer.path).parent.iterdir()] == [model.name]
@@ -98,27 +99,39 @@ def test_plan_publishes_the_initial_model_to_every_mirror_then_writes_its_pointe
         assert publish_model(run_dir, config, 0) == 2 * pointer.bytes
 
 
-def test_a_publish_url_that_fails_is_named_and_the_others_carry_the_model(
-    tmp_path: Path, netrc_home: Path, capsys: pytest.CaptureFixture
+def test_a_mirror_the_upload_missed_is_named_and_left_out_of_the_pointer(
+    tiny_dataset: Path, tmp_path: Path, netrc_home: Path, capsys: pytest.CaptureFixture
 ) -> None:
-    root = tmp_path / "mirror"
-    root.mkdir()
-    model = tmp_path / "global_r003.safetensors"
+    root = shutil.copytree(tiny_dataset, tmp_path / "mirror")
+    run_dir = tmp_path / "run"
+    (run_dir / "models").mkdir(parents=True)
+    model = model_path(run_dir, 3)
     model.write_bytes(os.urandom(3000))
     server = writable(root)
     closed = MirrorServer(type("Closed", (FTPHandler,), {}))
     closed.close()  # its port refuses connections now
     try:
-        good = f"ftp://{USER}@127.0.0.1:{server.port}/runs"
-        gone = f"ftp://127.0.0.1:{closed.port}"
-        assert upload_model([gone, good], model, "published/r1/global_r003.safetensors") == 3000
-        assert (root / "runs/published/r1/global_r003.safetensors").read_bytes() == (
-            model.read_bytes()
-        )
-        out = capsys.readouterr().out
-        assert f"publishing published/r1/global_r003.safetensors on {gone} failed" in out
+        with serve(root, k=1) as reader:
+            gone = f"ftp://127.0.0.1:{closed.port}"
+            good = f"ftp://{USER}@127.0.0.1:{server.port}"
+            config = RunConfig().with_values(
+                "data",
+                mirrors=(f"ftp://127.0.0.1:{closed.port}", reader.urls[0]),
+                publish=(gone, good),
+            )
+            config = config.with_values("run", run_id="r1")
+            assert publish_model(run_dir, config, 3) == 3000
+            path = published_model_path("r1", 3)
+            assert f"publishing {path} on {gone} failed" in capsys.readouterr().out
+            pointer = read_pointer(model_pointer_path(run_dir, 3), "r1", 2)
+            assert pointer.mirrors == (1,)  # the nodes never ask the mirror that missed it
+            stats = FetchStats()
+            given = model_file(
+                model_pointer_path(run_dir, 3), "r1", list(config.data.mirrors), 0, stats, tmp_path
+            )
+            assert given.read_bytes() == model.read_bytes() and stats.failovers == 0
         with pytest.raises(UserError, match="no mirror in \\[data\\] publish took"):
-            upload_model([gone], model, "published/r1/global_r003.safetensors")
+            upload_model([gone], model, path)
     finally:
         server.close()
 

@@ -3,7 +3,8 @@
 When the mirrors serve a run's models (`RunConfig.models_from_mirrors`), the aggregation writes
 `models/global_rNNN.json` beside each model once the mirrors hold it, and a node job's submit
 file transfers that pointer (a few hundred bytes) instead of the model (45 MB for resnet18). The
-node fetches the model from the mirrors and trains on it only if its size and sha256 are the
+node fetches the model from the mirrors that hold it (all of them for embedded mirrors, those
+the upload reached for `[data] publish`) and trains on it only if its size and sha256 are the
 pointer's. The pointer crosses the pool like any other input, so a node reads it strictly: any
 other shape is one message naming the file and the field. Standard library only.
 """
@@ -21,7 +22,7 @@ FORMAT = "dagtrain-model-pointer/1"
 MAX_POINTER_BYTES = 4096  # a pointer is about 250 bytes: more is not a pointer
 MAX_MODEL_BYTES = 16 * 2**30  # believed of no pointer: no classifier dagtrain builds is near it
 _SHA256 = re.compile(r"[0-9a-f]{64}")
-_FIELDS = ("format", "run_id", "version", "path", "bytes", "sha256")
+_FIELDS = ("format", "run_id", "version", "path", "bytes", "sha256", "mirrors")
 
 
 @dataclass(frozen=True)
@@ -34,6 +35,7 @@ class ModelPointer:
     path: str  # below each mirror's root: published/RUN_ID/global_rNNN.safetensors
     bytes: int
     sha256: str
+    mirrors: tuple[int, ...]  # which of the run's [data] mirrors serve it, by their place
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=1) + "\n"
@@ -47,8 +49,8 @@ def file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def pointer_to(model: Path, run_id: str, version: int) -> ModelPointer:
-    """The pointer to a model file as the mirrors serve it."""
+def pointer_to(model: Path, run_id: str, version: int, mirrors: list[int]) -> ModelPointer:
+    """The pointer to a model file as the given mirrors (by their place) serve it."""
     return ModelPointer(
         FORMAT,
         run_id,
@@ -56,11 +58,13 @@ def pointer_to(model: Path, run_id: str, version: int) -> ModelPointer:
         published_model_path(run_id, version),
         model.stat().st_size,
         file_sha256(model),
+        tuple(mirrors),
     )
 
 
-def read_pointer(path: Path, run_id: str) -> ModelPointer:
-    """The pointer in `path`, for the run `run_id`; anything else is a UserError naming it."""
+def read_pointer(path: Path, run_id: str, mirror_count: int) -> ModelPointer:
+    """The pointer in `path`, for the run `run_id` with `mirror_count` mirrors; anything else is
+    a UserError naming the file and the field."""
 
     def refused(why: str) -> UserError:
         return UserError(f"{path}: not a model pointer of this run: {why}; plan the run again")
@@ -93,4 +97,15 @@ def read_pointer(path: Path, run_id: str) -> ModelPointer:
     expected_path = published_model_path(run_id, version)
     if fields["path"] != expected_path:
         raise refused(f"path {fields['path']!r}, expected {expected_path!r}")
-    return ModelPointer(**fields)
+    held = fields["mirrors"]
+    if (
+        not isinstance(held, list)
+        or not held
+        or any(type(m) is not int or not 0 <= m < mirror_count for m in held)
+        or held != sorted(set(held))
+    ):
+        raise refused(
+            f"mirrors {held!r} is not a list of the places of the run's {mirror_count} mirrors "
+            f"(0 to {mirror_count - 1}, ascending)"
+        )
+    return ModelPointer(**(fields | {"mirrors": tuple(held)}))

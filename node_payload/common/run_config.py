@@ -234,8 +234,8 @@ class DataTable:
     mirrors: tuple[str, ...] = key((), "a list of ftp:// URLs (empty: embedded mirrors)", _ftp_urls)
     publish: tuple[str, ...] = key(
         (),
-        "ftp://[user@]host/path URLs, one per mirror in order, where each new global model is "
-        "uploaded for the nodes (passwords: ~/.netrc); empty: file transfer",
+        "ftp://[user@]host/path URLs, one for each of the first mirrors in order, where each "
+        "new global model is uploaded for the nodes (passwords: ~/.netrc); empty: file transfer",
         _publish_urls,
     )
     embedded_mirrors: int = key(2, "an integer from 1 to 16", _between(1, 16))
@@ -577,11 +577,11 @@ def with_relations(config: RunConfig, raw: dict[str, Any], origin: str) -> RunCo
             f"{origin}: [data] needs source (a folder of class folders of images) or dataset "
             "(a prepared dataset folder)"
         )
-    if data.publish and len(data.publish) != len(data.mirrors):
+    if len(data.publish) > len(data.mirrors):
         raise UserError(
             f"{origin}: [data] publish lists {len(data.publish)} URL(s) for "
-            f"{len(data.mirrors)} mirror(s); give one upload URL per mirror in [data] mirrors, "
-            "in the same order (embedded mirrors serve the models without it)"
+            f"{len(data.mirrors)} mirror(s); give an upload URL for each of the first mirrors in "
+            "[data] mirrors, in the same order (embedded mirrors serve the models without it)"
         )
     execution = config.execution
     for name in ("python", "submit_python"):

@@ -137,7 +137,12 @@ def _drop(field: str) -> Callable[[dict], object]:
     [
         (lambda doc: "{not json", "not JSON"),
         (lambda doc: [doc], "expected the fields format, run_id, version, path, bytes, sha256"),
-        (_drop("sha256"), "found ['bytes', 'format', 'path', 'run_id', 'version']"),
+        (_edit("mirrors", []), "mirrors [] is not a list of the places of the run's 2 mirrors"),
+        (_edit("mirrors", [0, 2]), "mirrors [0, 2] is not a list of the places"),
+        (_edit("mirrors", [1, 0]), "(0 to 1, ascending)"),
+        (_edit("mirrors", [0, 0]), "mirrors [0, 0] is not"),
+        (_edit("mirrors", "0"), "mirrors '0' is not"),
+        (_drop("sha256"), "found ['bytes', 'format', 'mirrors', 'path', 'run_id', 'version']"),
         (_edit("format", "dagtrain-model-pointer/9"), "format 'dagtrain-model-pointer/9'"),
         (_edit("run_id", "another-run"), "run_id 'another-run', expected"),
         (_edit("version", "0"), "version '0' is not a version number"),
