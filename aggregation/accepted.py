@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 
 from node_payload.common import sparse_update
+from node_payload.common.quantised_update import QuantisedReader
 
 Read = Callable[[str], torch.Tensor]
 
@@ -29,11 +30,13 @@ class Accepted:
     def reading(self) -> Iterator[Read]:
         """Open the file (lazily: nothing is read yet) and give a function from a tensor name
         to its tensor: floating ones in float64, shifted and scaled; integer ones as sent. A
-        sparse update is densified one tensor at a time, as read."""
+        sparse or quantised update is densified one tensor at a time, as read."""
         with sparse_update.open_update(self.path) as update:
             yield lambda name: self._read(update, name)
 
-    def _read(self, update: sparse_update.UpdateReader, name: str) -> torch.Tensor:
+    def _read(
+        self, update: sparse_update.UpdateReader | QuantisedReader, name: str
+    ) -> torch.Tensor:
         tensor = update.get(name)
         if not tensor.is_floating_point():
             return tensor

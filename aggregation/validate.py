@@ -5,7 +5,9 @@ reason the user can act on, not averaged in. The file is streamed one tensor at 
 O(model)). A sparse update (node_payload.common.sparse_update) is checked without densifying it: its
 packed stream (its declared size, at most what the model's tensors can need), positions (in
 range, unique), values and statistics (finite) when it is opened, its tensor names and shapes
-against the model, and its norm from the sent values. BatchNorm statistics and counters are
+against the model, and its norm from the sent values. A quantised update (fp16, int8:
+node_payload.common.quantised_update) has its scales checked when it is opened and is then
+read as float32 and checked like a dense one. BatchNorm statistics and counters are
 checked against the model the job started from (aggregation.buffers); the claimed sample count
 against the plan (aggregation.job_plan), digit by digit, so no claim is too large to compare.
 """

@@ -299,8 +299,7 @@ def render(status: RunStatus) -> Group:
     """One table row per round that has started, under a line about the whole run."""
     table = Table(title=f"dagtrain run {status.name!r}", expand=False, box=box.SIMPLE_HEAD)
     row = "lane" if status.lanes is not None else "round"
-    columns = (row, *map(_SHORT.get, NODE_STATES), "miss", "retry", "agg", "acc.", "kB/job")
-    for column in columns:
+    for column in (row, *map(_SHORT.get, NODE_STATES), "miss", "retry", "agg", "acc."):
         table.add_column(column, justify="right", min_width=len(column), no_wrap=True)
     shown = [r for r in status.rounds if r.nodes["waiting"] < status.nodes_per_round]
     if status.lanes is not None:
@@ -309,8 +308,7 @@ def render(status: RunStatus) -> Group:
         accuracy = f"{r.accuracy:.3f}" if r.accuracy is not None else "-"
         counts = [str(r.nodes[s]) for s in NODE_STATES]
         tag = lane_tag(r.index) if status.lanes is not None else round_tag(r.index)
-        sent = f"{r.bytes_per_job / 1e3:.0f}" if r.bytes_per_job is not None else "-"
-        table.add_row(tag, *counts, str(r.missing), str(r.retries), r.aggregate, accuracy, sent)
+        table.add_row(tag, *counts, str(r.missing), str(r.retries), r.aggregate, accuracy)
     if status.lanes is not None:
         summary = f"{status.state}: {status.lanes}, {status.retries} retries"
     else:
@@ -329,11 +327,13 @@ def render(status: RunStatus) -> Group:
 
 
 def _transfer(rounds: list[RoundStatus]) -> str:
-    """The submit host's bytes per round so far, and residual misses when there were any."""
-    done = [r for r in rounds if r.submit_host_bytes is not None]
+    """The last round's network bytes per node job besides data, the submit host's mean bytes
+    per round so far, and the jobs that started without their residual, if any."""
+    done = [r for r in rounds if r.submit_host_bytes is not None and r.bytes_per_job is not None]
     if not done:
         return ""
-    text = f"; submit host {sum(r.submit_host_bytes for r in done) / len(done) / 1e6:.2f} MB/round"
+    host = sum(r.submit_host_bytes for r in done) / len(done) / 1e6
+    text = f"; {done[-1].bytes_per_job / 1e3:.0f} kB per job, submit host {host:.2f} MB/round"
     misses = sum(r.residual_misses or 0 for r in done)
     return text + (f", {misses} residual misses" if misses else "")
 

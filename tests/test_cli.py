@@ -126,7 +126,30 @@ def test_status_json_holds_the_facts_of_the_table(
         "aggregate": "done",
         "accuracy": 0.6,
         "image_accuracy": None,
+        "bytes_per_job": None,
+        "submit_host_bytes": None,
+        "residual_misses": None,
     }
+
+
+def test_status_shows_the_bytes_a_round_moved(
+    tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    run = fake_run(tmp_path / "run")
+    assert run_dag(run / DAG_FILE, slots=2).ok
+    for r, misses in ((0, 0), (1, 2)):
+        figures = {"bytes_per_job": 691_234, "submit_host_bytes": 2_500_000 + r * 1_000_000}
+        scores = {"accuracy": 0.5, **figures, "residual_misses": misses}
+        (run / f"rounds/r00{r}/round.json").write_text(json.dumps(scores))
+    assert cli.main(["status", str(run), "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)["rows"]
+    assert [(r["bytes_per_job"], r["submit_host_bytes"], r["residual_misses"]) for r in rows] == [
+        (691_234, 2_500_000, 0),
+        (691_234, 3_500_000, 2),
+    ]
+    assert cli.main(["status", str(run)]) == 0
+    shown = capsys.readouterr().out
+    assert "691 kB per job, submit host 3.00 MB/round, 2 residual misses" in " ".join(shown.split())
 
 
 def test_progress_without_a_terminal_is_a_line_per_round(
