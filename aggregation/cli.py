@@ -6,6 +6,7 @@ from pathlib import Path
 from aggregation.round_step import aggregate_round
 from node_payload.common.job_exit import run_job
 from node_payload.common.run_config import read_run_config
+from node_payload.common.run_layout import make_node_dirs
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -18,7 +19,10 @@ def main(argv: list[str] | None = None) -> int:
     run_dir = args.config.resolve().parent
 
     def work() -> str:
-        metrics = aggregate_round(run_dir, read_run_config(args.config), args.round_)
+        config = read_run_config(args.config)
+        metrics = aggregate_round(run_dir, config, args.round_)
+        if args.round_ + 1 < config.run.rounds:  # the next round's jobs are submitted next
+            make_node_dirs(run_dir, args.round_ + 1, config.run.nodes)
         return (
             f"{metrics['nodes_used']} updates merged, held-out accuracy "
             f"{metrics['accuracy']:.4f}, loss {metrics['loss']:.4f}"

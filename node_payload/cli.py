@@ -20,13 +20,10 @@ def parse_args(argv: list[str] | None) -> NodeTask:
     )
     parser.add_argument("--round", type=int, required=True, dest="round_")
     parser.add_argument("--node", type=int, required=True)
-    parser.add_argument("--seed", type=int, required=True)
     parser.add_argument("--attempt", type=int, default=0, help="DAGMan's $(RETRY)")
     parser.add_argument("--out", type=Path, default=Path.cwd())
     args = parser.parse_args(argv)
-    return NodeTask(
-        args.config, args.model, args.round_, args.node, args.seed, args.attempt, args.out
-    )
+    return NodeTask(args.config, args.model, args.round_, args.node, args.attempt, args.out)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -19,7 +19,7 @@ from node_payload.faults import inject, slow_down, slowdown, tamper
 from node_payload.fetch import FetchStats
 from node_payload.local_data import BlockSource, Tensors, load_fragments, planned_manifest
 from node_payload.model_fetch import model_file
-from node_payload.sampling import local_sets, sources_per_class
+from node_payload.sampling import local_sets, node_seed, sources_per_class
 from node_payload.train import evaluate, train_job, update_tensors
 
 
@@ -29,7 +29,6 @@ class NodeTask:
     model_path: Path
     round_: int
     node: int
-    seed: int
     attempt: int
     out_dir: Path
 
@@ -39,6 +38,7 @@ def run_node(task: NodeTask) -> dict[str, Any]:
     started_at = time.time()
     config = read_run_config(task.config_path)
     inject(config, task.round_, task.node)
+    seed = node_seed(config.run.seed, task.round_, task.node)  # what the node's data draws from
     threads = job_threads()
     torch.set_num_threads(threads)
     data = config.data
@@ -51,7 +51,7 @@ def run_node(task: NodeTask) -> dict[str, Any]:
     )
 
     manifest = planned_manifest(mirrors, first, data.manifest_sha256, stats)
-    train_ids, test_ids = local_sets(manifest, task.seed, data.local_train, data.local_test)
+    train_ids, test_ids = local_sets(manifest, seed, data.local_train, data.local_test)
     image_size = config.model.image_size
     cache = Path(data.node_cache).expanduser() if data.node_cache else None
     # One fetch for both sets: one set of sessions, and reads of both coalesced together.
@@ -66,7 +66,7 @@ def run_node(task: NodeTask) -> dict[str, Any]:
     global_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
     # Where the run is in its schedule: the round, or (asynchronous) the model's version.
     position = base_version if config.is_async else task.round_
-    result, schedule, first_step = train_job(model, train.x, train.y, config, position, task.seed)
+    result, schedule, first_step = train_job(model, train.x, train.y, config, position, seed)
     test_loss, test_accuracy = evaluate(model, test.x, test.y)
     real_seconds = time.time() - started_at
     factor = slowdown(config, task.node)
@@ -93,7 +93,7 @@ def run_node(task: NodeTask) -> dict[str, Any]:
     metrics = {
         "round": task.round_,
         "node": task.node,
-        "seed": task.seed,
+        "seed": seed,
         "attempt": task.attempt,
         "train_samples": len(train.y),
         "test_samples": len(test.y),

@@ -19,7 +19,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.markup import escape
 
-from aggregation.async_state import Ledger, lane_length, write_ledger
+from aggregation.async_state import Ledger, write_ledger
 from aggregation.publish import publish_model
 from aggregation.server_optimizer import ServerOptimizer
 from node_payload.common.errors import UserError
@@ -43,9 +43,8 @@ from node_payload.common.run_layout import (
     MODELS_DIR,
     PAYLOAD_DIR,
     SCRIPTS_DIR,
-    lane_job_dir,
+    make_node_dirs,
     model_path,
-    node_dir,
     server_state_path,
 )
 from node_payload.common.tensor_io import model_metadata, save_tensors
@@ -59,7 +58,7 @@ from node_payload.sampling import (
 from pipeline.config import ConfigFile, load
 from pipeline.dag.model import Dag
 from pipeline.dag.run_dag import run_dag
-from pipeline.dag.writer import dag_text
+from pipeline.dag.writer import write_dag
 from pipeline.dataset_prepare import prepare
 from pipeline.mirror_check import check_mirrors
 from pipeline.mirrors import free_ports
@@ -230,7 +229,6 @@ def _text_files(plan: Plan) -> dict[str, str]:
     """Every text file of the run directory by its path in it."""
     heldout = {"manifest_sha256": plan.manifest.digest(), "fragments": plan.heldout}
     return {
-        DAG_FILE: dag_text(plan.dag),
         CONFIG_FILE: to_toml(plan.config),
         HELDOUT_FILE: json.dumps(heldout) + "\n",
         **submit_files(plan.config),
@@ -251,17 +249,13 @@ def _initial_model(plan: Plan, run_dir: Path) -> None:
 
 
 def _job_dirs(plan: Plan, run_dir: Path) -> None:
-    """Every node job's initialdir, and for an asynchronous run its ledger at version 0."""
+    """Round 0's node-job folders (each aggregation makes the next round's, and an asynchronous
+    job's PRE script its own), and for an asynchronous run its ledger at version 0."""
     if plan.config.is_async:
-        for lane in range(plan.nodes):
-            for step in range(lane_length(plan.config)):
-                lane_job_dir(run_dir, lane, step).mkdir(parents=True, exist_ok=True)
         (run_dir / ASYNC_STATE).parent.mkdir()
         write_ledger(run_dir, Ledger(run_id=plan.config.run.run_id))
         return
-    for r in range(plan.rounds):
-        for n in range(plan.nodes):
-            node_dir(run_dir, r, n).mkdir(parents=True)
+    make_node_dirs(run_dir, 0, plan.nodes)
 
 
 def _check_target(run_dir: Path) -> None:
@@ -294,6 +288,7 @@ def write(plan: Plan, run_dir: Path) -> Path:
     _check_target(run_dir)
     staging = _staging_dir(run_dir)
     try:
+        write_dag(plan.dag, staging / DAG_FILE)
         for relative, text in _text_files(plan).items():
             target = staging / relative
             target.parent.mkdir(parents=True, exist_ok=True)

@@ -7,11 +7,11 @@ from pathlib import Path
 import pytest
 
 from aggregation.async_claim import EXIT_SKIP
-from node_payload.common.errors import EXIT_FATAL
+from node_payload.common.errors import EXIT_FATAL, UserError
 from node_payload.common.run_layout import DAG_FILE
 from pipeline import config as config_mod
 from pipeline.dag.model import Dag, Node, Script
-from pipeline.dag.writer import WIDTH, dag_text, dag_var
+from pipeline.dag.writer import dag_text, dag_var
 from pipeline.local_runner.dag_file import parse_dag
 from pipeline.planner import make_plan, write
 
@@ -42,11 +42,11 @@ def test_a_synchronous_round_is_a_layer_of_node_jobs_then_its_aggregation(
     assert dag.nodes["aggregate_r001"].children == set()
     node = dag.nodes["train_r001_n002"]
     assert (node.retries, node.unless_exit, node.category) == (2, EXIT_FATAL, "train")
-    assert node.post == Script(
-        "scripts/node_post.sh",
-        ["$RETURN", "$RETRY", "$MAX_RETRIES", "rounds/r001/n002"],
-    )
+    # one POST script for every node: its folder follows from its name ($JOB)
+    post = Script("scripts/node_post.sh", ["$RETURN", "$RETRY", "$MAX_RETRIES", "$JOB"])
+    assert node.post == post and dag.nodes["aggregate_r001"].post == post
     assert node.vars["attempt"] == "$(RETRY)" and "ltag" not in node.vars  # no residual to hand on
+    assert "seed" not in node.vars  # the job draws from the run's seed, its round and node
     assert dag.final == "report" and dag.nodes["report"].submit == "submit/report.sub"
     assert dag.status_file == "dagtrain.dag.status" and not dag.maxjobs
 
@@ -102,16 +102,64 @@ def test_the_writer_writes_every_command_the_parser_reads(tmp_path: Path) -> Non
     assert given.max_jobs_submitted == 4 and given.status_min_update == 30
 
 
-def test_long_vars_and_edges_are_wrapped(tmp_path: Path) -> None:
-    dag = Dag(tmp_path / "wide.dag")
-    names = [dag.add(Node(f"node_{i:04d}", "n.sub", vars={"i": "7" * 30})).name for i in range(40)]
-    dag.nodes[names[0]].vars |= {f"v{i}": "x" * 20 for i in range(10)}
-    end = dag.add(Node("end", "n.sub")).name
-    dag.connect(names, [end])
+def test_what_every_node_shares_is_written_once_as_all_nodes(tmp_path: Path) -> None:
+    dag = Dag(tmp_path / "shared.dag")
+    post = Script("post.sh", ["$JOB", "$RETURN"])
+    names = []
+    for i in range(40):
+        node = Node(f"node_{i:04d}", "n.sub", vars={"i": str(i), "try": "$(RETRY)"}, post=post)
+        node.retries, node.unless_exit, node.category = 2, 78, "train"
+        names.append(dag.add(node).name)
+    end = dag.add(Node("end", "e.sub", vars={"try": "$(RETRY)"}, post=post, category="merge"))
+    end.retries, end.unless_exit = 5, 78
+    dag.connect(names, [end.name])
+    dag.add(Node("report", "r.sub", final=True, vars={"why": "FINAL nodes are never shared"}))
     text = dag_text(dag)
-    assert max(map(len, text.splitlines())) <= WIDTH
+    assert 'VARS ALL_NODES try="$(RETRY)"' in text.splitlines()
+    assert "SCRIPT POST ALL_NODES post.sh $JOB $RETURN" in text.splitlines()
+    assert "RETRY ALL_NODES 2 UNLESS-EXIT 78" in text.splitlines()
+    assert "CATEGORY ALL_NODES train" in text.splitlines()
+    assert [line for line in text.splitlines() if line.split()[1:2] == ["end"]] == [
+        "JOB end e.sub",
+        "RETRY end 5 UNLESS-EXIT 78",
+        "CATEGORY end merge",
+    ]
+    assert sum(line.startswith("VARS node_0007 ") for line in text.splitlines()) == 1
+    assert len([line for line in text.splitlines() if line.startswith("PARENT")]) == 1
     dag.path.write_text(text)
     assert parse_dag(dag.path) == dag
+
+
+def test_a_retry_without_unless_exit_is_never_shared_over_one_with_it(tmp_path: Path) -> None:
+    """DAGMan keeps an earlier UNLESS-EXIT when a later RETRY line has none."""
+    dag = Dag(tmp_path / "retry.dag")
+    for i, unless in enumerate([78, 78, None]):
+        node = dag.add(Node(f"n{i}", "n.sub"))
+        node.retries, node.unless_exit = 2, unless
+    text = dag_text(dag)
+    assert "ALL_NODES" not in text
+    dag.path.write_text(text)
+    assert parse_dag(dag.path) == dag
+
+
+def test_all_nodes_applies_in_file_order_and_skips_the_final_node(tmp_path: Path) -> None:
+    """As DAGMan's manual shows it: the last command that sets a node's property wins."""
+    path = tmp_path / "given.dag"
+    path.write_text(
+        "JOB A a.sub\nJOB B b.sub\nFINAL F f.sub\n"
+        'VARS A name="A"\nVARS all_nodes name="X"\nVARS B name="nodeB"\n'
+        "RETRY ALL_NODES 3\nPRIORITY B 7\nPRIORITY ALL_NODES 1\n"
+    )
+    dag = parse_dag(path)
+    assert [dag.nodes[n].vars for n in "ABF"] == [{"name": "X"}, {"name": "nodeB"}, {}]
+    assert [(dag.nodes[n].retries, dag.nodes[n].priority) for n in "ABF"] == [
+        (3, 1),
+        (3, 1),
+        (0, 0),
+    ]
+    path.write_text("JOB A a.sub\nJOB B b.sub\nPARENT ALL_NODES CHILD B\n")
+    with pytest.raises(UserError, match=r"given.dag:3: ALL_NODES cannot stand for a node here"):
+        parse_dag(path)
 
 
 def test_the_writer_refuses_what_a_dag_line_cannot_hold(tmp_path: Path) -> None:

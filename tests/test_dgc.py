@@ -319,7 +319,6 @@ def _node_task(tmp_path, monkeypatch, method: str) -> node_job.NodeTask:
         tmp_path / "global.safetensors",
         1,
         2,
-        7,
         0,
         out,
     )

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from node_payload.common.errors import EXIT_FATAL
-from node_payload.common.run_layout import NODE_POST_SCRIPT, PAYLOAD_DIR
+from node_payload.common.run_layout import NODE_POST_SCRIPT, PAYLOAD_DIR, node_dir
 from pipeline.payload_zip import write_payload
 from pipeline.render import render
 
@@ -35,9 +35,10 @@ def _run(script: Path, *args: object) -> subprocess.CompletedProcess:
     return subprocess.run(command, capture_output=True, cwd=script.parent.parent, text=True)
 
 
-def _post(script: Path, node_dir: Path, ret: int, retry: int, max_retries: int = 2) -> int:
-    node_dir.mkdir(exist_ok=True)
-    return _run(script, ret, retry, max_retries, node_dir).returncode
+def _post(script: Path, node: int, ret: int, retry: int, max_retries: int = 2) -> int:
+    """The POST script of round 0's node job `node`, as DAGMan runs it ($JOB is its name)."""
+    node_dir(script.parent.parent, 0, node).mkdir(parents=True, exist_ok=True)
+    return _run(script, ret, retry, max_retries, f"train_r000_n{node:03d}").returncode
 
 
 @pytest.mark.parametrize(
@@ -57,40 +58,53 @@ def _post(script: Path, node_dir: Path, ret: int, retry: int, max_retries: int =
 def test_post_script_decisions(
     post_script: Path, tmp_path: Path, ret: int, retry: int, expected: int, missing: bool
 ) -> None:
-    node_dir = tmp_path / "n000"
-    assert _post(post_script, node_dir, ret, retry) == expected
-    assert (node_dir / "MISSING").exists() == missing
+    assert _post(post_script, 0, ret, retry) == expected
+    assert (node_dir(tmp_path, 0, 0) / "MISSING").exists() == missing
 
 
 def test_missing_marks_say_what_happened(post_script: Path, tmp_path: Path) -> None:
-    _post(post_script, tmp_path / "a", -9, 2)
-    assert (tmp_path / "a/MISSING").read_text() == "failed 3 times, last killed by signal 9\n"
-    _post(post_script, tmp_path / "b", 75, 2)
-    assert (tmp_path / "b/MISSING").read_text() == "failed 3 times, last exit code 75\n"
+    _post(post_script, 1, -9, 2)
+    assert (tmp_path / "rounds/r000/n001/MISSING").read_text() == (
+        "failed 3 times, last killed by signal 9\n"
+    )
+    _post(post_script, 2, 75, 2)
+    assert (tmp_path / "rounds/r000/n002/MISSING").read_text() == (
+        "failed 3 times, last exit code 75\n"
+    )
 
 
 def test_success_after_a_missing_mark_clears_it(post_script: Path, tmp_path: Path) -> None:
-    node_dir = tmp_path / "n001"
-    _post(post_script, node_dir, 75, 2)
-    assert (node_dir / "MISSING").exists()
-    _post(post_script, node_dir, 0, 0)
-    assert not (node_dir / "MISSING").exists()
+    _post(post_script, 1, 75, 2)
+    assert (node_dir(tmp_path, 0, 1) / "MISSING").exists()
+    _post(post_script, 1, 0, 0)
+    assert not (node_dir(tmp_path, 0, 1) / "MISSING").exists()
 
 
 def test_a_fatal_job_is_named_with_its_error_log(post_script: Path, tmp_path: Path) -> None:
-    (tmp_path / "n002").mkdir()
-    done = _run(post_script, EXIT_FATAL, 0, 2, tmp_path / "n002")
+    node_dir(tmp_path, 0, 2).mkdir(parents=True)
+    done = _run(post_script, EXIT_FATAL, 0, 2, "train_r000_n002")
     assert done.returncode == EXIT_FATAL
-    assert done.stderr == f"fatal error, see {tmp_path / 'n002/job.err'}\n"
+    assert done.stderr == "fatal error, see rounds/r000/n002/job.err\n"
+
+
+@pytest.mark.parametrize(("ret", "expected"), [(0, 0), (75, 75), (EXIT_FATAL, EXIT_FATAL), (-9, 1)])
+def test_an_aggregation_node_is_decided_by_its_job_alone(
+    post_script: Path, tmp_path: Path, ret: int, expected: int
+) -> None:
+    """The DAG gives every node the POST script (ALL_NODES): an aggregation's last try that
+    failed still fails its node (no MISSING mark), and a fatal one stops its retries."""
+    done = _run(post_script, ret, 2, 2, "aggregate_r000")
+    assert done.returncode == expected and not list(tmp_path.rglob("MISSING"))
 
 
 def test_the_post_script_imports_no_torch(post_script: Path, tmp_path: Path) -> None:
     """It runs after every node job: it must start in milliseconds, not load torch."""
-    (tmp_path / "n000").mkdir()
+    node_dir(tmp_path, 0, 0).mkdir(parents=True)
     payload = tmp_path / PAYLOAD_DIR / "dagtrain.pyz"
-    command = [sys.executable, "-X", "importtime", str(payload), "post", "75", "2", "2", "n000"]
+    command = [sys.executable, "-X", "importtime", str(payload), "post", "75", "2", "2"]
+    command.append("train_r000_n000")
     done = subprocess.run(command, capture_output=True, cwd=tmp_path, text=True)
-    assert done.returncode == 0 and (tmp_path / "n000/MISSING").is_file()
+    assert done.returncode == 0 and (node_dir(tmp_path, 0, 0) / "MISSING").is_file()
     imported = [line.rsplit("|", 1)[-1].strip() for line in done.stderr.splitlines()]
     assert "aggregation.node_post" in imported
     assert not [name for name in imported if re.match(r"(torch|numpy|safetensors)\b", name)]

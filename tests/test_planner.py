@@ -37,9 +37,11 @@ def test_run_directory_layout(run_dir: Path) -> None:
         "models/global_r000.safetensors",
         "models/server_r000.safetensors",
         "data/heldout.json",
-        "rounds/r001/n002",
+        "rounds/r000/n002",
     ):
         assert (run_dir / relative).exists(), relative
+    # Round 0's folders only: each round's aggregation makes the next round's.
+    assert not (run_dir / "rounds/r001").exists()
     _model, metadata = load_model(run_dir / "models/global_r000.safetensors")
     assert metadata["version"] == "0" and metadata["num_classes"] == "4"
 
@@ -86,8 +88,9 @@ def test_dag_structure(run_dir: Path) -> None:
     assert post and [post.executable, *post.args[:3]] == [
         "scripts/node_post.sh", "$RETURN", "$RETRY", "$MAX_RETRIES",
     ]  # fmt: skip
-    seeds = [n.vars["seed"] for n in dag.nodes.values() if n.name.startswith("train_")]
-    assert len(seeds) == 6 and len(set(seeds)) == 6
+    # a job's seed follows from the run's seed, its round and node: the DAG does not repeat it
+    jobs = {(n.vars["round"], n.vars["node"]) for n in dag.nodes.values() if "node" in n.vars}
+    assert len(jobs) == 6 and not any("seed" in n.vars for n in dag.nodes.values())
 
 
 def test_vars_values_are_escaped() -> None:
@@ -113,7 +116,7 @@ def test_python_api_plan_and_write(tiny_config: Callable[..., Path], tmp_path: P
     assert plan.nodes == 5 and plan.rounds == 2
     assert plan.seed(1, 4) != plan.seed(0, 4)
     out = write(plan, tmp_path / "api-run")
-    assert (out / "rounds/r001/n004").is_dir()
+    assert (out / "rounds/r000/n004").is_dir()
 
 
 def test_embedded_mirrors_are_resolved(run_dir: Path) -> None:
@@ -183,7 +186,8 @@ def test_node_job_throttle_is_a_maxjobs_command(
     run = plan_from_file(tiny_config(run__max_node_jobs="5"), tmp_path / "r")
     dag = (run / "dagtrain.dag").read_text()
     assert re.search(r"^MAXJOBS train 5$", dag, re.M)
-    assert re.search(r"^CATEGORY train_r000_n000 train$", dag, re.M)
+    assert re.search(r"^CATEGORY ALL_NODES train$", dag, re.M)
+    assert re.search(r"^CATEGORY aggregate_r000 aggregate$", dag, re.M)
     assert not re.search(r"^CATEGORY train \d+$", dag, re.M), "CATEGORY written where MAXJOBS meant"
 
 

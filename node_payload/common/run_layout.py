@@ -1,5 +1,6 @@
 """Names and paths inside a run directory, in one place for the planner, runner and reports."""
 
+import re
 from pathlib import Path
 
 DAG_FILE = "dagtrain.dag"
@@ -53,6 +54,12 @@ def node_name(round_: int, node: int) -> str:
     return f"train_{round_tag(round_)}_{node_tag(node)}"
 
 
+def round_and_node(name: str) -> tuple[int, int] | None:
+    """The round and node of a node job's DAG name (node_name), None for any other name."""
+    match = re.fullmatch(r"train_r(\d{3,})_n(\d{3,})", name)
+    return (int(match.group(1)), int(match.group(2))) if match else None
+
+
 def aggregate_name(round_: int) -> str:
     return f"aggregate_{round_tag(round_)}"
 
@@ -63,6 +70,14 @@ def round_dir(run_dir: Path, round_: int) -> Path:
 
 def node_dir(run_dir: Path, round_: int, node: int) -> Path:
     return round_dir(run_dir, round_) / node_tag(node)
+
+
+def make_node_dirs(run_dir: Path, round_: int, nodes: int) -> None:
+    """A round's node-job folders, their initialdirs, which must exist when DAGMan submits the
+    round: the planner makes round 0's and each round's aggregation the next round's, so that
+    planning costs files per round, not per job (an asynchronous job's PRE script makes its own)."""
+    for node in range(nodes):
+        node_dir(run_dir, round_, node).mkdir(parents=True, exist_ok=True)
 
 
 def global_model_name(tag: str) -> str:

@@ -4,8 +4,11 @@ them; where the file lies is not part of what it says, so it is kept but never c
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import gc
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 
 
@@ -19,7 +22,7 @@ class Script:
     defer_time: int = 0
 
 
-@dataclass
+@dataclass(slots=True)
 class Node:
     name: str
     submit: str  # the submit file as its JOB line names it, relative to `dir`
@@ -63,7 +66,7 @@ class Dag:
     config: str | None = None  # CONFIG file, relative to the DAG's folder
     max_jobs_submitted: int | None = None  # read from the CONFIG file
 
-    @property
+    @cached_property
     def directory(self) -> Path:
         return self.path.parent
 
@@ -82,3 +85,16 @@ class Dag:
             for child in children:
                 self.nodes[parent].children.add(child)
                 self.nodes[child].parents.add(parent)
+
+
+@contextmanager
+def paused_gc() -> Iterator[None]:
+    """Building, writing or reading a DAG of 100,000 nodes makes no reference cycles, yet the
+    cyclic garbage collector would scan the growing heap over and over, about half the time."""
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()

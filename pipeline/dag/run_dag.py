@@ -22,18 +22,20 @@ from node_payload.common.run_layout import (
     job_tag,
     lane_job_name,
     lane_tag,
-    node_dir,
     node_name,
     node_tag,
     round_tag,
 )
-from node_payload.sampling import node_seed
 
-from .model import Dag, Node, Script
+from .model import Dag, Node, Script, paused_gc
 
 STATUS_INTERVAL_S = 10
 TRAIN, AGGREGATE = "train", "aggregate"  # node categories; MAXJOBS throttles TRAIN
 REPORT = "report"
+ATTEMPT = "$(RETRY)"  # every job's VARS attempt: how many times DAGMan has retried it
+# Every node of a synchronous run shares it (the DAG writes it once, as ALL_NODES): the node's
+# name tells the script its folder, and for an aggregation it passes the job's exit code on.
+_NODE_POST = Script(NODE_POST_SCRIPT, ["$RETURN", "$RETRY", "$MAX_RETRIES", "$JOB"])
 SUBMIT_HINT = (
     f"Written by `dagtrain plan`. Submit from this directory:  condor_submit_dag {DAG_FILE}"
 )
@@ -43,10 +45,11 @@ def run_dag(config: RunConfig) -> Dag:
     dag = Dag(Path(DAG_FILE), status_file=STATUS_FILE, status_min_update=STATUS_INTERVAL_S)
     if config.run.max_node_jobs:
         dag.maxjobs[TRAIN] = config.run.max_node_jobs
-    if config.is_async:
-        _lanes(dag, config)
-    else:
-        _rounds(dag, config)
+    with paused_gc():
+        if config.is_async:
+            _lanes(dag, config)
+        else:
+            _rounds(dag, config)
     dag.add(Node(REPORT, REPORT_SUBMIT, final=True, comment=("---- report ----",)))
     return dag
 
@@ -60,27 +63,37 @@ def _rounds(dag: Dag, config: RunConfig) -> None:
         "then aggregate_rRRR merges their updates into models/global_r{r+1}. The FINAL node writes",
         "report.json whatever happens.",
     )
+    retried = _retried(config)
+    nodes = [{"node": str(n), "ntag": node_tag(n), "attempt": ATTEMPT} for n in range(run.nodes)]
     waiting_for: list[str] = []
     for r in range(run.rounds):
-        jobs = [_round_job(config, r, n) for n in range(run.nodes)]
+        variables = {"round": str(r), "rtag": round_tag(r)}
+        # Node n's job in round r (a compressed update's residual stays on the execute machine).
+        jobs = [
+            Node(
+                node_name(r, n),
+                NODE_SUBMIT,
+                vars=variables | node,
+                post=_NODE_POST,
+                category=TRAIN,
+                **retried,
+            )
+            for n, node in enumerate(nodes)
+        ]
         jobs[0].comment = (f"---- round {r} ----",)
         names = [dag.add(job).name for job in jobs]
         if waiting_for:
             dag.connect(waiting_for, names)
-        variables = {"round": str(r), "rtag": round_tag(r)}
-        aggregate = Node(aggregate_name(r), AGGREGATE_SUBMIT, vars=variables, category=AGGREGATE)
-        waiting_for = [dag.add(_retried(aggregate, config)).name]
+        aggregate = Node(
+            aggregate_name(r),
+            AGGREGATE_SUBMIT,
+            vars=variables | {"attempt": ATTEMPT},
+            post=_NODE_POST,
+            category=AGGREGATE,
+            **retried,
+        )
+        waiting_for = [dag.add(aggregate).name]
         dag.connect(names, waiting_for)
-
-
-def _round_job(config: RunConfig, r: int, n: int) -> Node:
-    """Node n's job in round r (a compressed update's residual stays on the execute machine)."""
-    variables = {"round": str(r), "rtag": round_tag(r), "node": str(n), "ntag": node_tag(n)}
-    variables |= {"seed": str(node_seed(config.run.seed, r, n)), "attempt": "$(RETRY)"}
-    args = ["$RETURN", "$RETRY", "$MAX_RETRIES", node_dir(Path(), r, n).as_posix()]
-    post = Script(NODE_POST_SCRIPT, args)
-    job = Node(node_name(r, n), NODE_SUBMIT, vars=variables, post=post, category=TRAIN)
-    return _retried(job, config)
 
 
 def _lanes(dag: Dag, config: RunConfig) -> None:
@@ -110,11 +123,10 @@ def _lane_job(config: RunConfig, lane: int, step: int) -> Node:
     """A lane's job `step`: its PRE script hands it the newest model, or skips it once the budget
     is spoken for; its POST script applies its update."""
     variables = {"round": str(step), "node": str(lane), "ltag": lane_tag(lane)}
-    variables |= {"jtag": job_tag(step), "seed": str(node_seed(config.run.seed, step, lane))}
-    variables["attempt"] = "$(RETRY)"
+    variables |= {"jtag": job_tag(step), "attempt": ATTEMPT}
     which = ["--config", CONFIG_FILE, "--lane", str(lane), "--step", str(step)]
     retry = ["--return", "$RETURN", "--retry", "$RETRY", "--max-retries", "$MAX_RETRIES"]
-    job = Node(
+    return Node(
         lane_job_name(lane, step),
         NODE_SUBMIT,
         vars=variables,
@@ -122,11 +134,10 @@ def _lane_job(config: RunConfig, lane: int, step: int) -> Node:
         pre_skip=EXIT_SKIP,
         post=Script(LANE_SCRIPT, ["arrive", *which, *retry]),
         category=TRAIN,
+        **_retried(config),
     )
-    return _retried(job, config)
 
 
-def _retried(node: Node, config: RunConfig) -> Node:
+def _retried(config: RunConfig) -> dict[str, int]:
     """Every job is retried `[run] retries` times, unless it exits fatally (a bad config)."""
-    node.retries, node.unless_exit = config.run.retries, EXIT_FATAL
-    return node
+    return {"retries": config.run.retries, "unless_exit": EXIT_FATAL}

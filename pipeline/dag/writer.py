@@ -1,16 +1,34 @@
-"""One writer for every DAG: a `Dag` becomes DAGMan's input file, deterministically.
+"""One writer for every DAG: a `Dag` becomes DAGMan's input file, deterministically, in one pass.
 
-The header comes first, then the settings (status file, CONFIG, MAXJOBS), then each node's
-block in declaration order; each PARENT/CHILD line follows the last block it names, so the file
-never refers to a node ahead of its JOB line. VARS and PARENT/CHILD lines, which DAGMan lets a
-node repeat, are wrapped to WIDTH characters; the other commands are one line each by syntax.
+The header comes first, then the settings (status file, CONFIG, MAXJOBS), then what every node
+but the FINAL one shares, as DAGMan's `ALL_NODES` lines, then each node's block in declaration
+order: its JOB line, one VARS line with the values that are its own, and the commands in which
+it differs from the shared ones. Each PARENT/CHILD line follows the last block it names, so the
+file never refers to a node ahead of its JOB line.
+
+A setting is shared only when every node but the FINAL one has it (a later command can change a
+node's setting but never remove it) and its most common value serves more than one node; a node
+with another value gets its own line after the ALL_NODES one, which DAGMan's rule "the last
+command that sets a property wins" makes its value. A VARS value is shared only when every node
+holds the same one, since DAGMan warns when a node's variable is set twice.
 """
 
-from collections.abc import Iterator, Sequence
+import io
+import re
+from collections import Counter
+from pathlib import Path
+from typing import TextIO
 
-from .model import Dag, Node, Script
+from .model import Dag, Node, Script, paused_gc
 
-WIDTH = 99
+ALL_NODES = "ALL_NODES"
+SHARED_COMMENT = "Every node but the FINAL one, unless its own lines below say otherwise:"
+_CHUNK = 4096  # node blocks per write
+_SPACE = re.compile(r"\s")
+_ESCAPED = re.compile(r'[\\"\n\r]')  # what dag_var escapes or refuses
+
+# A node's settings as (command head, value after its name): the line is "head name value".
+Setting = tuple[str, str]
 
 
 def dag_var(value: object) -> str:
@@ -21,104 +39,203 @@ def dag_var(value: object) -> str:
     return text.replace("\\", "\\\\").replace('"', '\\"')
 
 
+def write_dag(dag: Dag, path: Path) -> None:
+    """Write the DAG file at `path`, streamed: never the whole text in memory."""
+    with path.open("w") as out:
+        _write(dag, out)
+
+
 def dag_text(dag: Dag) -> str:
-    lines = [_comment(text) for text in dag.comment]
-    if dag.status_file is not None:
-        lines.append(f"NODE_STATUS_FILE {_word(dag.status_file)} {dag.status_min_update}")
-    if dag.config is not None:
-        lines.append(f"CONFIG {_word(dag.config)}")
-    for category, limit in dag.maxjobs.items():
-        lines += ["", f"# At most {limit} node jobs of category {category} at once."]
-        lines.append(f"MAXJOBS {_word(category)} {limit}")
-    edges = _edges_by_last_node(dag)
-    for node in sorted(dag.nodes.values(), key=lambda n: n.order):
-        lines += _node_lines(node)
-        for parents, children in edges.get(node.name, []):
-            lines += _edge_lines(parents, children)
-    return "\n".join(lines) + "\n"
+    out = io.StringIO()
+    _write(dag, out)
+    return out.getvalue()
 
 
-def _node_lines(node: Node) -> list[str]:
-    name = _word(node.name)
-    lines = ["", *map(_comment, node.comment)] if node.comment else []
-    job = f"{'FINAL' if node.final else 'JOB'} {name} {_word(node.submit)}"
-    job += f" DIR {_word(node.dir)}" if node.dir else ""
-    lines.append(job + (" DONE" if node.done else ""))
-    pairs = [f'{_word(key)}="{dag_var(value)}"' for key, value in node.vars.items()]
-    lines += _packed(f"VARS {name}", pairs, WIDTH)
+def _write(dag: Dag, out: TextIO) -> None:
+    with paused_gc():
+        lines = [_comment(text) for text in dag.comment]
+        if dag.status_file is not None:
+            lines.append(f"NODE_STATUS_FILE {_word(dag.status_file)} {dag.status_min_update}")
+        if dag.config is not None:
+            lines.append(f"CONFIG {_word(dag.config)}")
+        for category, limit in dag.maxjobs.items():
+            lines += ["", f"# At most {limit} node jobs of category {category} at once."]
+            lines.append(f"MAXJOBS {_word(category)} {limit}")
+        nodes = sorted(dag.nodes.values(), key=lambda n: n.order)
+        shared = _Shared([node for node in nodes if not node.final])
+        lines += shared.lines()
+        out.write("\n".join(lines) + "\n")
+        edges = _edges_by_last_node(nodes)
+        block: list[str] = []
+        for count, node in enumerate(nodes, start=1):
+            shared.node_lines(node, block)
+            for parents, children in edges.get(node.name, ()):
+                block.append(f"PARENT {' '.join(parents)} CHILD {' '.join(children)}")
+            if count % _CHUNK == 0:
+                out.write("\n".join(block) + "\n")
+                block = []
+        if block:
+            out.write("\n".join(block) + "\n")
+
+
+def _settings(node: Node) -> dict[str, str]:
+    """The node's commands other than JOB, VARS and PARENT/CHILD, in the order they are written."""
+    settings = {}
     if node.pre is not None:
-        lines.append(_script("PRE", name, node.pre))
+        settings.__setitem__(*_script("PRE", node.pre))
     if node.pre_skip is not None:
-        lines.append(f"PRE_SKIP {name} {node.pre_skip}")
+        settings["PRE_SKIP"] = str(node.pre_skip)
     if node.post is not None:
-        lines.append(_script("POST", name, node.post))
+        settings.__setitem__(*_script("POST", node.post))
     if node.retries or node.unless_exit is not None:
         unless = f" UNLESS-EXIT {node.unless_exit}" if node.unless_exit is not None else ""
-        lines.append(f"RETRY {name} {node.retries}{unless}")
+        settings["RETRY"] = f"{node.retries}{unless}"
     if node.category is not None:
-        lines.append(f"CATEGORY {name} {_word(node.category)}")
+        settings["CATEGORY"] = _word(node.category)
     if node.priority:
-        lines.append(f"PRIORITY {name} {node.priority}")
+        settings["PRIORITY"] = str(node.priority)
     if node.abort_on is not None:
         status, value = node.abort_on
-        returning = f" RETURN {value}" if value is not None else ""
-        lines.append(f"ABORT-DAG-ON {name} {status}{returning}")
-    return lines
+        settings["ABORT-DAG-ON"] = f"{status}{f' RETURN {value}' if value is not None else ''}"
+    return settings
 
 
-def _script(kind: str, name: str, script: Script) -> str:
+def _settings_key(node: Node) -> tuple[object, ...]:
+    """What decides a node's settings; nodes built alike share their script objects, so their
+    settings are worked out once (the scripts live as long as the DAG, so their ids are unique)."""
+    pre, post = id(node.pre), id(node.post)
+    return (
+        pre,
+        node.pre_skip,
+        post,
+        node.retries,
+        node.unless_exit,
+        node.category,
+        node.priority,
+        node.abort_on,
+    )
+
+
+def _script(kind: str, script: Script) -> Setting:
     defer = ""
     if script.defer_status is not None:
         defer = f"DEFER {script.defer_status} {script.defer_time} "
-    words = [_word(script.executable), *map(_word, script.args)]
-    return f"SCRIPT {defer}{kind} {name} {' '.join(words)}"
+    return f"SCRIPT {defer}{kind}", " ".join([_word(script.executable), *map(_word, script.args)])
 
 
-def _edges_by_last_node(dag: Dag) -> dict[str, list[tuple[list[str], list[str]]]]:
+class _Shared:
+    """What the nodes (all but the FINAL one) share: the ALL_NODES lines; and each node's own
+    lines."""
+
+    def __init__(self, nodes: list[Node]) -> None:
+        node_keys = [_settings_key(node) for node in nodes]
+        self.key_of = dict(zip([node.name for node in nodes], node_keys, strict=True))
+        self.by_key: dict[tuple[object, ...], dict[str, str]] = {}
+        for key, node in zip(node_keys, nodes, strict=True):
+            if key not in self.by_key:
+                self.by_key[key] = _settings(node)
+        keys = Counter(node_keys)
+        self.settings: dict[str, str] = {}
+        heads = dict.fromkeys(head for settings in self.by_key.values() for head in settings)
+        for head in heads:
+            values: Counter[str | None] = Counter()
+            for key, settings in self.by_key.items():
+                values[settings.get(head)] += keys[key]
+            value, count = values.most_common(1)[0]
+            if count > 1 and _shareable(head, value, values):
+                self.settings[head] = value
+        self.own: dict[tuple[object, ...], list[Setting]] = {
+            key: [
+                (head, value)
+                for head, value in settings.items()
+                if self.settings.get(head) != value
+            ]
+            for key, settings in self.by_key.items()
+        }
+        first = nodes[0].vars.items() if len(nodes) > 1 else ()
+        self.vars = {
+            key: value for key, value in first if all(n.vars.get(key) == value for n in nodes)
+        }
+        self.keys_checked: set[str] = set()
+        self.job_words: dict[tuple[str, str, bool], str] = {}
+
+    def lines(self) -> list[str]:
+        if not self.settings and not self.vars:
+            return []
+        lines = ["", _comment(SHARED_COMMENT)]
+        if self.vars:
+            lines.append(f"VARS {ALL_NODES} {self.pairs(self.vars)}")
+        lines += [f"{head} {ALL_NODES} {value}" for head, value in self.settings.items()]
+        return lines
+
+    def pairs(self, pairs: dict[str, str]) -> str:
+        if not self.keys_checked.issuperset(pairs):
+            self.keys_checked.update(map(_word, pairs))
+        if _ESCAPED.search("".join(pairs.values())):
+            return " ".join(f'{key}="{dag_var(value)}"' for key, value in pairs.items())
+        return " ".join([f'{key}="{value}"' for key, value in pairs.items()])
+
+    def node_lines(self, node: Node, lines: list[str]) -> None:
+        """Append the node's block to `lines`."""
+        name = node.name
+        if not name or _SPACE.search(name):
+            _word(name)
+        if node.comment:
+            lines += ["", *map(_comment, node.comment)]
+        job = self.job_words.get((node.submit, node.dir, node.done))
+        if job is None:
+            job = self.job_words[node.submit, node.dir, node.done] = _job_words(node)
+        lines.append(f"{'FINAL' if node.final else 'JOB'} {name}{job}")
+        if node.final:
+            own_vars, settings = node.vars, _settings(node).items()
+        else:
+            own_vars = node.vars
+            if self.vars:
+                own_vars = {key: value for key, value in own_vars.items() if key not in self.vars}
+            settings = self.own[self.key_of[name]]
+        if own_vars:
+            lines.append(f"VARS {name} {self.pairs(own_vars)}")
+        for head, value in settings:
+            lines.append(f"{head} {name} {value}")
+
+
+def _job_words(node: Node) -> str:
+    """What follows the name on a JOB line."""
+    words = f" {_word(node.submit)}" + (f" DIR {_word(node.dir)}" if node.dir else "")
+    return words + (" DONE" if node.done else "")
+
+
+def _shareable(head: str, value: str | None, values: Counter[str | None]) -> bool:
+    """Every node has the setting, and each other value can override the shared one: a RETRY
+    without UNLESS-EXIT keeps the UNLESS-EXIT an earlier RETRY set."""
+    if value is None or None in values:
+        return False
+    if head != "RETRY" or "UNLESS-EXIT" not in value:
+        return True
+    return all(other is not None and "UNLESS-EXIT" in other for other in values)
+
+
+def _edges_by_last_node(nodes: list[Node]) -> dict[str, list[tuple[list[str], list[str]]]]:
     """Children that share their parents are one PARENT/CHILD group, placed after the block of
     the group's last-declared node."""
-    groups: dict[frozenset[str], list[str]] = {}
-    for node in sorted(dag.nodes.values(), key=lambda n: n.order):
+    groups: dict[object, tuple[set[str], list[str]]] = {}
+    for node in nodes:
         if node.parents:
-            groups.setdefault(frozenset(node.parents), []).append(node.name)
+            # one parent, the common case, is its own key: a name never equals a frozenset
+            key = next(iter(node.parents)) if len(node.parents) == 1 else frozenset(node.parents)
+            groups.setdefault(key, (node.parents, []))[1].append(node.name)
+    order = {node.name: node.order for node in nodes}
     placed: dict[str, list[tuple[list[str], list[str]]]] = {}
-    for parent_set, children in groups.items():
-        parents = sorted(parent_set, key=lambda name: dag.nodes[name].order)
-        last = max([*parents, *children], key=lambda name: dag.nodes[name].order)
+    for parent_set, children in groups.values():
+        parents = sorted(parent_set, key=order.__getitem__)
+        last = max(parents[-1], children[-1], key=order.__getitem__)
         placed.setdefault(last, []).append((parents, children))
     return placed
 
 
-def _edge_lines(parents: list[str], children: list[str]) -> list[str]:
-    room = WIDTH - len("PARENT  CHILD ")
-    lines = []
-    for some_parents in _packs(parents, max(room // 2, room - len(" ".join(children)))):
-        for some_children in _packs(children, room - len(" ".join(some_parents))):
-            lines.append(f"PARENT {' '.join(some_parents)} CHILD {' '.join(some_children)}")
-    return lines
-
-
-def _packed(head: str, words: Sequence[str], width: int) -> list[str]:
-    """`head` and the words, on as few lines of `width` characters as the words allow."""
-    return [f"{head} {' '.join(pack)}" for pack in _packs(words, width - len(head) - 1)]
-
-
-def _packs(words: Sequence[str], room: int) -> Iterator[list[str]]:
-    pack: list[str] = []
-    used = 0
-    for word in words:
-        if pack and used + 1 + len(word) > room:
-            yield pack
-            pack, used = [], 0
-        used += len(word) + (1 if pack else 0)
-        pack.append(word)
-    if pack:
-        yield pack
-
-
 def _word(text: str) -> str:
     """A name, path or argument: DAGMan splits lines on whitespace, so it may hold none."""
-    if not text or any(c.isspace() for c in text):
+    if not text or _SPACE.search(text):
         raise ValueError(f"a DAG file word cannot be empty or hold whitespace: {text!r}")
     return text
 

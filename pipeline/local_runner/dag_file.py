@@ -4,6 +4,10 @@ Only the subset of the DAG language that dagtrain generates (plus the usual comp
 accepted; anything else is an error naming file and line, because silently skipping a command
 would make a local run differ from a pool run. The comments at the top of the file and those
 right above a JOB line are kept, as the writer puts them there.
+
+As in DAGMan, node commands are applied after every JOB line is read, in file order, so the last
+command that sets a node's property wins, and `ALL_NODES` in place of a node name (VARS, SCRIPT,
+PRE_SKIP, RETRY, CATEGORY, PRIORITY, ABORT-DAG-ON) means every node but the FINAL one.
 """
 
 from __future__ import annotations
@@ -12,7 +16,7 @@ import re
 from pathlib import Path
 
 from node_payload.common.errors import UserError
-from pipeline.dag.model import Dag, Node, Script
+from pipeline.dag.model import Dag, Node, Script, paused_gc
 
 KEYWORDS = {
     "JOB", "FINAL", "VARS", "PARENT", "CHILD", "RETRY", "SCRIPT", "PRE_SKIP", "CATEGORY",
@@ -29,6 +33,7 @@ INERT_CONFIG = {
     "DAGMAN_LOG_ON_NFS_IS_ERROR", "DAGMAN_PENDING_REPORT_INTERVAL", "DAGMAN_VERBOSITY",
     "DAGMAN_DEBUG", "DAGMAN_AGGRESSIVE_SUBMIT", "DAGMAN_SUPPRESS_NOTIFICATION",
 }  # fmt: skip
+ALL_NODES = "ALL_NODES"
 _VAR = re.compile(r'\s*((?:[+]|[Mm][Yy]\.)?[A-Za-z0-9_]+)\s*=\s*"((?:[^"\\]|\\.)*)"')
 
 
@@ -75,8 +80,8 @@ class _Parser:
         return self.dag
 
     def node(self, name: str, *, final_ok: bool = True) -> Node:
-        if name.upper() == "ALL_NODES":
-            raise self.fail("ALL_NODES is not supported by the local runner; name each node")
+        if name.upper() == ALL_NODES:
+            raise self.fail("ALL_NODES cannot stand for a node here; name each node")
         node = self.dag.nodes.get(name)
         if node is None:
             raise self.fail(f"unknown node {name!r} (declare it with JOB first)")
@@ -86,6 +91,12 @@ class _Parser:
                 "PRIORITY, CATEGORY or DONE"
             )
         return node
+
+    def targets(self, name: str, *, final_ok: bool = True) -> list[Node]:
+        """The node a command names, or with ALL_NODES every node but the FINAL one."""
+        if name.upper() == ALL_NODES:
+            return [node for node in self.dag.nodes.values() if not node.final]
+        return [self.node(name, final_ok=final_ok)]
 
     def int_arg(self, word: str, what: str) -> int:
         try:
@@ -162,21 +173,26 @@ class _Parser:
     def cmd_VARS(self, words: list[str], line: str) -> None:
         if len(words) < 3:
             raise self.fail('expected VARS node name="value" ...')
-        node = self.node(words[1])
+        nodes = self.targets(words[1])
         rest = line.split(None, 2)[2]
         if rest.split()[0].upper() in ("PREPEND", "APPEND"):
             raise self.fail("VARS PREPEND/APPEND is not supported by the local runner")
+        pairs: dict[str, str] = {}
         while rest.strip():
             match = _VAR.match(rest)
             if match is None:
                 raise self.fail(f'malformed VARS value near {rest.strip()!r}; use name="value"')
-            key, value = match.group(1), re.sub(r"\\([\\\"])", r"\1", match.group(2))
+            key, value = match.group(1), match.group(2)
+            if "\\" in value:
+                value = re.sub(r"\\([\\\"])", r"\1", value)
             if key.lower().startswith("queue"):
                 raise self.fail(f"VARS name {key!r} may not begin with 'queue'")
             if key.startswith("+"):
                 key = "MY." + key[1:]
-            node.vars[key] = value
+            pairs[key] = value
             rest = rest[match.end() :]
+        for node in nodes:
+            node.vars.update(pairs)
 
     def cmd_PARENT(self, words: list[str], line: str) -> None:
         upper = [w.upper() for w in words]
@@ -193,10 +209,12 @@ class _Parser:
     def cmd_RETRY(self, words: list[str], line: str) -> None:
         if len(words) not in (3, 5) or (len(words) == 5 and words[3].upper() != "UNLESS-EXIT"):
             raise self.fail("expected 'RETRY node n [UNLESS-EXIT code]'")
-        node = self.node(words[1], final_ok=False)
-        node.retries = self.int_arg(words[2], "retry count")
-        if len(words) == 5:
-            node.unless_exit = self.int_arg(words[4], "UNLESS-EXIT code")
+        retries = self.int_arg(words[2], "retry count")
+        unless_exit = self.int_arg(words[4], "UNLESS-EXIT code") if len(words) == 5 else None
+        for node in self.targets(words[1], final_ok=False):
+            node.retries = retries
+            if unless_exit is not None:  # a RETRY without it keeps an earlier one, as in DAGMan
+                node.unless_exit = unless_exit
 
     def cmd_SCRIPT(self, words: list[str], line: str) -> None:
         rest = words[1:]
@@ -211,34 +229,40 @@ class _Parser:
             if rest and rest[0].upper() in ("HOLD", "DEBUG"):
                 raise self.fail(f"SCRIPT {rest[0].upper()} is not supported by the local runner")
             raise self.fail("expected 'SCRIPT [DEFER status time] PRE|POST node exe [args]'")
-        node = self.node(rest[1])
         script = Script(rest[2], rest[3:], defer_status, defer_time)
-        if rest[0].upper() == "PRE":
-            node.pre = script
-        else:
-            node.post = script
+        for node in self.targets(rest[1]):
+            if rest[0].upper() == "PRE":
+                node.pre = script
+            else:
+                node.post = script
 
     def cmd_PRE_SKIP(self, words: list[str], line: str) -> None:
         if len(words) != 3:
             raise self.fail("expected 'PRE_SKIP node exit-code'")
-        self.node(words[1]).pre_skip = self.int_arg(words[2], "PRE_SKIP exit code")
+        code = self.int_arg(words[2], "PRE_SKIP exit code")
+        for node in self.targets(words[1]):
+            node.pre_skip = code
 
     def cmd_CATEGORY(self, words: list[str], line: str) -> None:
         if len(words) != 3:
             raise self.fail("expected 'CATEGORY node category'")
-        self.node(words[1], final_ok=False).category = words[2]
+        for node in self.targets(words[1], final_ok=False):
+            node.category = words[2]
 
     def cmd_PRIORITY(self, words: list[str], line: str) -> None:
         if len(words) != 3:
             raise self.fail("expected 'PRIORITY node value'")
-        self.node(words[1], final_ok=False).priority = self.int_arg(words[2], "priority")
+        priority = self.int_arg(words[2], "priority")
+        for node in self.targets(words[1], final_ok=False):
+            node.priority = priority
 
     def cmd_ABORT_DAG_ON(self, words: list[str], line: str) -> None:
         if len(words) not in (3, 5) or (len(words) == 5 and words[3].upper() != "RETURN"):
             raise self.fail("expected 'ABORT-DAG-ON node status [RETURN value]'")
-        node = self.node(words[1], final_ok=False)
         value = self.int_arg(words[4], "RETURN value") if len(words) == 5 else None
-        node.abort_on = (self.int_arg(words[2], "abort status"), value)
+        abort_on = (self.int_arg(words[2], "abort status"), value)
+        for node in self.targets(words[1], final_ok=False):
+            node.abort_on = abort_on
 
     def check_cycles(self) -> None:
         state: dict[str, int] = {}
@@ -265,4 +289,5 @@ def parse_dag(path: Path) -> Dag:
     path = path.resolve()
     if not path.is_file():
         raise UserError(f"DAG file {path} does not exist")
-    return _Parser(path).parse(path.read_text())
+    with paused_gc():
+        return _Parser(path).parse(path.read_text())

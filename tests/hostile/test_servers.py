@@ -232,7 +232,7 @@ def test_a_node_exits_75_at_once_when_every_mirror_lies(
     pauses: list[float] = []
     monkeypatch.setattr(fetch.time, "sleep", pauses.append)
     args = ["--config", str(run_dir / "config.toml"), "--model", str(model_path(run_dir, 0))]
-    args += ["--round", "0", "--node", "0", "--seed", "1", "--out", str(tmp_path / "n0")]
+    args += ["--round", "0", "--node", "0", "--out", str(tmp_path / "n0")]
     assert node_main(args) == EXIT_RETRYABLE
     assert "data unreachable, retry later" in capsys.readouterr().err
     lines = warnings(caplog)
@@ -491,7 +491,7 @@ def _node_job(
     for url in read_run_config(run_dir / "config.toml").data.mirrors:
         mirror(RangeFTPHandler, dataset, port=int(url.rsplit(":", 1)[1]))
     args = ["--config", str(run_dir / "config.toml"), "--model", str(model_path(run_dir, 0))]
-    return [*args, "--round", "0", "--node", "0", "--seed", "1", "--out", str(tmp_path / "n0")]
+    return [*args, "--round", "0", "--node", "0", "--out", str(tmp_path / "n0")]
 
 
 def test_a_dataset_of_the_sha256_format_still_trains(
