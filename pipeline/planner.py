@@ -169,8 +169,8 @@ def _mirrors(data: DataTable, manifest: Manifest) -> DataTable:
         if not data.publish:
             _warn(
                 "[data] publish is empty: each node job gets the global model from the submit "
-                "host by HTCondor file transfer (nodes x model size per round); list an upload "
-                "URL per mirror in [data] publish to send each model once, to the mirrors",
+                "host by HTCondor file transfer (nodes x model size per round); list upload "
+                "URLs of the mirrors in [data] publish to send each model once, to the mirrors",
                 label="note:",
             )
         return data
