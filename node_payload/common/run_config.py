@@ -234,8 +234,8 @@ class DataTable:
     mirrors: tuple[str, ...] = key((), "a list of ftp:// URLs (empty: embedded mirrors)", _ftp_urls)
     publish: tuple[str, ...] = key(
         (),
-        "ftp://[user@]host/path URLs, one for each of the first mirrors in order, where each "
-        "new global model is uploaded for the nodes (passwords: ~/.netrc); empty: file transfer",
+        "upload URLs ftp://[user@]host/path of the first mirrors, in order, for each new "
+        "global model (passwords from ~/.netrc; empty: file transfer)",
         _publish_urls,
     )
     embedded_mirrors: int = key(2, "an integer from 1 to 16", _between(1, 16))

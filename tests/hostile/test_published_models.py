@@ -206,7 +206,7 @@ def test_embedded_mirrors_show_the_runs_global_models_and_nothing_else(run_dir: 
     [
         (
             '["ftp://writer:secret@127.0.0.1:2121/data"]',
-            "is not allowed; expected ftp://[user@]host/path URLs",
+            "is not allowed; expected upload URLs ftp://[user@]host/path",
         ),
         (
             '["sftp://writer@127.0.0.1/data"]',
