@@ -224,8 +224,7 @@ class DataTable:
     lossless: bool = key(False, "true: PNG blocks; false: JPEG quality 90 (about 10x smaller)")
     node_cache: str = key(
         "",
-        "a directory on execute nodes keeping verified blocks and residuals between rounds "
-        "(empty: no block cache; residuals in /var/tmp)",
+        "where execute nodes keep verified blocks (empty: off) and residuals (empty: /var/tmp)",
         _fits_a_submit_line,
     )
     local_train: int = key(384, "a positive number of fragments", _positive)
@@ -322,8 +321,8 @@ class ServerTable:
 class CompressionTable:
     method: str = key(
         "none",
-        "dense (none), or with an error-feedback residual kept on the execute machine: top-k "
-        "per tensor (dgc), every value in float16 or int8",
+        "dense (none), top-k per tensor (dgc), every value in float16 or int8; the rest is fed "
+        "back from the execute machine",
         choices="update_compression",
     )
     sparsity: float = key(
