@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -29,7 +28,7 @@ PYTHON = sys.executable
 WARM = [PYTHON]
 
 # The job's payload: `dagtrain.pyz ACTION ...`, standard library and torch only.
-PAYLOAD_MAIN = '''
+PAYLOAD_MAIN = """
 import json, os, signal, sys, time
 
 action, out = sys.argv[1], sys.argv[2]
@@ -53,7 +52,7 @@ if action == "kill-server" and sys.argv[3] == "0":
 if action in ("kill-server", "wait"):
     while not os.path.exists(out + ".go"):
         time.sleep(0.05)
-'''
+"""
 
 
 def payload(directory: Path) -> None:

@@ -19,6 +19,18 @@ on an execute node without a shared file system (the strictest case); a vanilla 
 discarded (DAGMan without DEBUG); SIGINT/SIGTERM stop the run without running FINAL, so a
 rerun resumes instead of reporting on a half-finished DAG.
 
+Warm interpreters (`run_dag(warm_pythons=...)`, what `dagtrain run` does unless `--cold`): a job
+that runs `PYTHON dagtrain.pyz ...` with one of the run's configured Pythons starts in a fork of
+a server that has imported torch, numpy and safetensors (warm_pool, warm_server) instead of a
+fresh process. It keeps the job's sandbox, argv, environment, streams, process group, signals
+and exit status, and imports the payload from the job's own dagtrain.pyz, so it writes the same
+bytes. What differs from a fresh process: the interpreter's start-up was the server's (its hash
+seed, and numpy's own BLAS threads, read from the server's environment; torch's threads are set
+from the job's OMP_NUM_THREADS), so a job whose environment sets PYTHON* variables runs fresh;
+and the server stands for one machine: if it dies, the jobs it runs die with it and fail
+($RETURN -9, which RETRY reruns), and the next job starts a new server. Scripts (PRE/POST), the
+env_tarball wrapper and any other executable always start fresh.
+
 Serial runs (`run_dag(serial=True)`): one node at a time, PRE script to POST script, in an order
 fixed by the DAG and its finished nodes (serial_order), so the outcome never depends on timing;
 DAGMan makes no promise about order, this is the local runner's own.
