@@ -71,7 +71,7 @@ def mirrors_of(run_dir: Path, models: list[Path]) -> Iterator[list[str]]:
 
 def node(run_dir: Path, model: Path, out: Path) -> int:
     args = ["--config", str(run_dir / CONFIG_FILE), "--model", str(model), "--round", "0"]
-    return node_main([*args, "--node", "0", "--seed", "5", "--out", str(out)])
+    return node_main([*args, "--node", "0", "--out", str(out)])
 
 
 def warnings(caplog: pytest.LogCaptureFixture) -> list[str]:
