@@ -14,7 +14,13 @@ from pathlib import Path
 import pytest
 
 from node_payload.common.run_config import read_run_config
-from node_payload.common.run_layout import CONFIG_FILE, DAG_FILE, REPORT_FILE, model_path
+from node_payload.common.run_layout import (
+    CONFIG_FILE,
+    DAG_FILE,
+    REPORT_FILE,
+    make_node_dirs,
+    model_path,
+)
 from node_payload.common.tensor_io import load_tensors
 from pipeline import config as config_mod
 from pipeline import planner
@@ -245,6 +251,9 @@ def test_dagman_and_condor_submit_accept_the_generated_files(
     assert (run_dir / f"{DAG_FILE}.condor.sub").is_file()
 
     dag = parse_dag(run_dir / DAG_FILE)
+    # condor_submit needs a job's initialdir: round 0's aggregation makes round 1's folders
+    assert not (run_dir / "rounds/r001").exists()
+    make_node_dirs(run_dir, 1, read_run_config(run_dir / CONFIG_FILE).run.nodes)
     node = _dry_run(condor_pool, dag.nodes["train_r001_n002"], RETRY="1")
     assert node["Iwd"] == str(run_dir / "rounds/r001/n002")
     assert "../../../models/global_r001.safetensors" in node["TransferInput"]

@@ -82,8 +82,8 @@ class Dag:
         """PARENT parents CHILD children: every child waits for every parent."""
         children = list(children)
         for parent in parents:
+            self.nodes[parent].children.update(children)
             for child in children:
-                self.nodes[parent].children.add(child)
                 self.nodes[child].parents.add(parent)
 
 

@@ -16,6 +16,7 @@ holds the same one, since DAGMan warns when a node's variable is set twice.
 import io
 import re
 from collections import Counter
+from operator import attrgetter
 from pathlib import Path
 from typing import TextIO
 
@@ -61,11 +62,11 @@ def _write(dag: Dag, out: TextIO) -> None:
         for category, limit in dag.maxjobs.items():
             lines += ["", f"# At most {limit} node jobs of category {category} at once."]
             lines.append(f"MAXJOBS {_word(category)} {limit}")
-        nodes = sorted(dag.nodes.values(), key=lambda n: n.order)
+        nodes = sorted(dag.nodes.values(), key=attrgetter("order"))
         shared = _Shared([node for node in nodes if not node.final])
         lines += shared.lines()
         out.write("\n".join(lines) + "\n")
-        edges = _edges_by_last_node(nodes)
+        edges = _edges_by_last_node(dag, nodes)
         block: list[str] = []
         for count, node in enumerate(nodes, start=1):
             shared.node_lines(node, block)
@@ -157,7 +158,7 @@ class _Shared:
             key: value for key, value in first if all(n.vars.get(key) == value for n in nodes)
         }
         self.keys_checked: set[str] = set()
-        self.job_words: dict[tuple[str, str, bool], str] = {}
+        self.job_words: dict[str, str] = {}  # by submit file, for nodes without DIR or DONE
 
     def lines(self) -> list[str]:
         if not self.settings and not self.vars:
@@ -168,12 +169,16 @@ class _Shared:
         lines += [f"{head} {ALL_NODES} {value}" for head, value in self.settings.items()]
         return lines
 
-    def pairs(self, pairs: dict[str, str]) -> str:
+    def pairs(self, pairs: dict[str, str], shared: dict[str, str] | None = None) -> str:
+        """name="value" words of the pairs, but those in `shared`."""
         if not self.keys_checked.issuperset(pairs):
             self.keys_checked.update(map(_word, pairs))
+        skip = shared or {}
         if _ESCAPED.search("".join(pairs.values())):
-            return " ".join(f'{key}="{dag_var(value)}"' for key, value in pairs.items())
-        return " ".join([f'{key}="{value}"' for key, value in pairs.items()])
+            words = [f'{k}="{dag_var(v)}"' for k, v in pairs.items() if k not in skip]
+        else:
+            words = [f'{k}="{v}"' for k, v in pairs.items() if k not in skip]
+        return " ".join(words)
 
     def node_lines(self, node: Node, lines: list[str]) -> None:
         """Append the node's block to `lines`."""
@@ -182,19 +187,22 @@ class _Shared:
             _word(name)
         if node.comment:
             lines += ["", *map(_comment, node.comment)]
-        job = self.job_words.get((node.submit, node.dir, node.done))
+        job = self.job_words.get(node.submit) if not (node.dir or node.done) else None
         if job is None:
-            job = self.job_words[node.submit, node.dir, node.done] = _job_words(node)
-        lines.append(f"{'FINAL' if node.final else 'JOB'} {name}{job}")
+            job = _job_words(node)
+            if not (node.dir or node.done):
+                self.job_words[node.submit] = job
         if node.final:
-            own_vars, settings = node.vars, _settings(node).items()
+            lines.append(f"FINAL {name}{job}")
+            if node.vars:
+                lines.append(f"VARS {name} {self.pairs(node.vars)}")
+            settings = _settings(node).items()
         else:
-            own_vars = node.vars
-            if self.vars:
-                own_vars = {key: value for key, value in own_vars.items() if key not in self.vars}
+            lines.append(f"JOB {name}{job}")
+            pairs = self.pairs(node.vars, self.vars)
+            if pairs:
+                lines.append(f"VARS {name} {pairs}")
             settings = self.own[self.key_of[name]]
-        if own_vars:
-            lines.append(f"VARS {name} {self.pairs(own_vars)}")
         for head, value in settings:
             lines.append(f"{head} {name} {value}")
 
@@ -215,7 +223,9 @@ def _shareable(head: str, value: str | None, values: Counter[str | None]) -> boo
     return all(other is not None and "UNLESS-EXIT" in other for other in values)
 
 
-def _edges_by_last_node(nodes: list[Node]) -> dict[str, list[tuple[list[str], list[str]]]]:
+def _edges_by_last_node(
+    dag: Dag, nodes: list[Node]
+) -> dict[str, list[tuple[list[str], list[str]]]]:
     """Children that share their parents are one PARENT/CHILD group, placed after the block of
     the group's last-declared node."""
     groups: dict[object, tuple[set[str], list[str]]] = {}
@@ -223,12 +233,14 @@ def _edges_by_last_node(nodes: list[Node]) -> dict[str, list[tuple[list[str], li
         if node.parents:
             # one parent, the common case, is its own key: a name never equals a frozenset
             key = next(iter(node.parents)) if len(node.parents) == 1 else frozenset(node.parents)
-            groups.setdefault(key, (node.parents, []))[1].append(node.name)
-    order = {node.name: node.order for node in nodes}
+            group = groups.get(key)
+            if group is None:
+                group = groups[key] = (node.parents, [])
+            group[1].append(node.name)
     placed: dict[str, list[tuple[list[str], list[str]]]] = {}
     for parent_set, children in groups.values():
-        parents = sorted(parent_set, key=order.__getitem__)
-        last = max(parents[-1], children[-1], key=order.__getitem__)
+        parents = sorted(parent_set, key=lambda name: dag.nodes[name].order)
+        last = max(parents[-1], children[-1], key=lambda name: dag.nodes[name].order)
         placed.setdefault(last, []).append((parents, children))
     return placed
 

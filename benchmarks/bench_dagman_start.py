@@ -1,0 +1,121 @@
+"""How long the real condor_submit_dag and DAGMan take to take in a planned 1,000 x 100 DAG.
+
+A run is planned (1,000 nodes x 100 rounds by default), then submitted with condor_submit_dag on
+the test pool (tests/condor_pool: HTCondor 23.9, needs root; the pool is built on first use).
+Measured: condor_submit_dag's own wall time, then from DAGMan's dagman.out: its start to the
+end of parsing ("Dag contains N total jobs") and to its first node job submitted. The DAG is
+removed as soon as its first job is submitted; nothing trains.
+
+Run (as root, from the repository):  python benchmarks/bench_dagman_start.py [NODES ROUNDS]
+"""
+
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from datetime import datetime
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))  # the pool harness lives in the test suite, not in the package
+
+from node_payload.common.run_layout import DAG_FILE  # noqa: E402
+from pipeline import config  # noqa: E402
+from pipeline.dataset_prepare import prepare  # noqa: E402
+from pipeline.planner import make_plan, write  # noqa: E402
+from pipeline.textures import generate  # noqa: E402
+from tests.condor_pool.fixtures import WORK_BASE  # noqa: E402
+from tests.condor_pool.pool import CondorPool, provision, reason_unavailable  # noqa: E402
+
+_STAMP = r"^(\d\d/\d\d/\d\d \d\d:\d\d:\d\d) "
+_MARKS = {
+    "start": re.compile(_STAMP + r".*\(CONDOR_DAGMAN\) STARTING UP", re.M),
+    "parsed": re.compile(_STAMP + r"Dag contains (\d+) total jobs", re.M),
+    "first job": re.compile(_STAMP + r"Submitting HTCondor Node \S+ job", re.M),
+}
+
+
+def _plan(work: Path, nodes: int, rounds: int) -> Path:
+    source = generate(work / "src", classes=4, images_per_class=4, size=128, progress=False)
+    prepare(source, work / "dataset", tile=32, overlap=0.5, holdout=0.25, progress=False)
+    cfg = config.from_dict(
+        {
+            "run": {"nodes": nodes, "rounds": rounds},
+            "data": {
+                "dataset": str(work / "dataset"),
+                "local_train": 64,
+                "local_test": 16,
+                "heldout_test": 64,
+            },
+            "execution": {"python": sys.executable, "submit_python": sys.executable},
+        },
+        base_dir=work,
+    )
+    return write(make_plan(cfg), work / "run")
+
+
+def _stamps(out: Path, timeout_s: float) -> dict[str, datetime]:
+    """dagman.out's time of each mark, once its first node job is submitted."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        text = out.read_text(errors="replace") if out.is_file() else ""
+        found = {name: mark.search(text) for name, mark in _MARKS.items()}
+        if all(found.values()):
+            return {
+                name: datetime.strptime(match.group(1), "%m/%d/%y %H:%M:%S")
+                for name, match in found.items()
+                if match
+            }
+        if "EXITING WITH STATUS" in text:
+            raise RuntimeError(f"DAGMan exited before submitting a job; see {out}")
+        time.sleep(0.2)
+    raise RuntimeError(f"no node job submitted after {timeout_s} s; see {out}")
+
+
+def main() -> None:
+    nodes, rounds = (int(sys.argv[1]), int(sys.argv[2])) if len(sys.argv) == 3 else (1000, 100)
+    unavailable = reason_unavailable()
+    if unavailable:
+        sys.exit(f"the test pool cannot run here: {unavailable}")
+    provision()
+    WORK_BASE.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix="bench-dagman-", dir=WORK_BASE))
+    pool = CondorPool()
+    try:
+        run_dir = _plan(work, nodes, rounds)
+        dag = run_dir / DAG_FILE
+        pool.own(work)
+        pool.start([Path(sys.base_prefix), Path(sys.prefix), REPO, work])
+        started = time.perf_counter()
+        done = pool.run(["condor_submit_dag", dag.name], cwd=run_dir, timeout_s=1800)
+        submitted = time.perf_counter() - started
+        cluster = re.search(r"submitted to cluster (\d+)", done.stdout)
+        if done.returncode or not cluster:
+            raise RuntimeError(f"condor_submit_dag failed:\n{done.stdout}\n{done.stderr}")
+        stamps = _stamps(dag.with_name(dag.name + ".dagman.out"), timeout_s=1800)
+        first_job = time.perf_counter() - started
+        pool.run(["condor_rm", cluster.group(1)], cwd=run_dir)
+        size = dag.stat().st_size
+    finally:
+        pool.stop()
+        shutil.rmtree(work, ignore_errors=True)
+    version = subprocess.run(
+        [sys.executable, "-c", "import htcondor2; print(htcondor2.version())"],
+        capture_output=True,
+        text=True,
+        check=False,
+    ).stdout.split()
+    parse_s = (stamps["parsed"] - stamps["start"]).total_seconds()
+    start_s = (stamps["first job"] - stamps["start"]).total_seconds()
+    print(f"{nodes} nodes x {rounds} rounds, DAG file {size / 1e6:.1f} MB (bindings {version[1]})")
+    print(f"condor_submit_dag: {submitted:.1f} s")
+    print(
+        f"DAGMan start -> DAG parsed: {parse_s:.0f} s; -> first node job submitted: {start_s:.0f} s"
+    )
+    print(f"condor_submit_dag called -> first node job submitted: {first_job:.1f} s")
+
+
+if __name__ == "__main__":
+    main()
