@@ -157,7 +157,7 @@ class _Shared:
         self.vars = {
             key: value for key, value in first if all(n.vars.get(key) == value for n in nodes)
         }
-        self.keys_checked: set[str] = set()
+        self.templates: dict[tuple[tuple[str, ...], bool], str] = {}
         self.job_words: dict[str, str] = {}  # by submit file, for nodes without DIR or DONE
 
     def lines(self) -> list[str]:
@@ -171,14 +171,19 @@ class _Shared:
 
     def pairs(self, pairs: dict[str, str], shared: dict[str, str] | None = None) -> str:
         """name="value" words of the pairs, but those in `shared`."""
-        if not self.keys_checked.issuperset(pairs):
-            self.keys_checked.update(map(_word, pairs))
-        skip = shared or {}
-        if _ESCAPED.search("".join(pairs.values())):
-            words = [f'{k}="{dag_var(v)}"' for k, v in pairs.items() if k not in skip]
-        else:
-            words = [f'{k}="{v}"' for k, v in pairs.items() if k not in skip]
-        return " ".join(words)
+        keys = tuple(pairs)
+        template = self.templates.get((keys, shared is None))
+        if template is None:
+            # nodes built alike have the same names in the same order: one template for them
+            # (str.format takes the values of all, and uses those that are not shared)
+            skip = shared or {}
+            literal = {k: _word(k).replace("{", "{{").replace("}", "}}") for k in keys}
+            words = [f'{literal[k]}="{{{i}}}"' for i, k in enumerate(keys) if k not in skip]
+            template = self.templates[keys, shared is None] = " ".join(words)
+        values = pairs.values()
+        if _ESCAPED.search("".join(values)):
+            values = map(dag_var, values)
+        return template.format(*values)
 
     def node_lines(self, node: Node, lines: list[str]) -> None:
         """Append the node's block to `lines`."""
