@@ -4,14 +4,14 @@ A run is planned (1,000 nodes x 100 rounds by default), then submitted with cond
 the test pool (tests/condor_pool: HTCondor 23.9, needs root; the pool is built on first use).
 Measured: condor_submit_dag's own wall time, then from DAGMan's dagman.out: its start to the
 end of parsing ("Dag contains N total jobs") and to its first node job submitted. The DAG is
-removed as soon as its first job is submitted; nothing trains.
+removed as soon as its first job is submitted; nothing trains. The same shape written by
+htcondor2.dags (as in bench_planner.py) is taken in the same way, after it, as the reference.
 
 Run (as root, from the repository):  python benchmarks/bench_dagman_start.py [NODES ROUNDS]
 """
 
 import re
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
@@ -21,7 +21,10 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # the pool harness lives in the test suite, not in the package
 
-from node_payload.common.run_layout import DAG_FILE  # noqa: E402
+from bench_planner import _htcondor_dags  # noqa: E402  (this folder is on sys.path)
+
+from node_payload.common.run_config import read_run_config  # noqa: E402
+from node_payload.common.run_layout import CONFIG_FILE, DAG_FILE  # noqa: E402
 from pipeline import config  # noqa: E402
 from pipeline.dataset_prepare import prepare  # noqa: E402
 from pipeline.planner import make_plan, write  # noqa: E402
@@ -74,6 +77,26 @@ def _stamps(out: Path, timeout_s: float) -> dict[str, datetime]:
     raise RuntimeError(f"no node job submitted after {timeout_s} s; see {out}")
 
 
+def _take_in(pool: CondorPool, dag: Path) -> dict[str, float]:
+    """Submit `dag`, wait for its first node job, remove it; the figures in seconds."""
+    started = time.perf_counter()
+    done = pool.run(["condor_submit_dag", dag.name], cwd=dag.parent, timeout_s=1800)
+    submitted = time.perf_counter() - started
+    cluster = re.search(r"submitted to cluster (\d+)", done.stdout)
+    if done.returncode or not cluster:
+        raise RuntimeError(f"condor_submit_dag failed:\n{done.stdout}\n{done.stderr}")
+    stamps = _stamps(dag.with_name(dag.name + ".dagman.out"), timeout_s=1800)
+    first_job = time.perf_counter() - started
+    pool.run(["condor_rm", cluster.group(1)], cwd=dag.parent)
+    return {
+        "condor_submit_dag": submitted,
+        "parsed": (stamps["parsed"] - stamps["start"]).total_seconds(),
+        "first job": (stamps["first job"] - stamps["start"]).total_seconds(),
+        "call to first job": first_job,
+        "MB": dag.stat().st_size / 1e6,
+    }
+
+
 def main() -> None:
     nodes, rounds = (int(sys.argv[1]), int(sys.argv[2])) if len(sys.argv) == 3 else (1000, 100)
     unavailable = reason_unavailable()
@@ -85,36 +108,28 @@ def main() -> None:
     pool = CondorPool()
     try:
         run_dir = _plan(work, nodes, rounds)
-        dag = run_dir / DAG_FILE
+        reference = work / "htcondor2.dags"
+        reference.mkdir()
+        (reference / "rounds/r000").mkdir(parents=True)  # its first layer's initialdir
+        _htcondor_dags(read_run_config(run_dir / CONFIG_FILE), reference)
         pool.own(work)
         pool.start([Path(sys.base_prefix), Path(sys.prefix), REPO, work])
-        started = time.perf_counter()
-        done = pool.run(["condor_submit_dag", dag.name], cwd=run_dir, timeout_s=1800)
-        submitted = time.perf_counter() - started
-        cluster = re.search(r"submitted to cluster (\d+)", done.stdout)
-        if done.returncode or not cluster:
-            raise RuntimeError(f"condor_submit_dag failed:\n{done.stdout}\n{done.stderr}")
-        stamps = _stamps(dag.with_name(dag.name + ".dagman.out"), timeout_s=1800)
-        first_job = time.perf_counter() - started
-        pool.run(["condor_rm", cluster.group(1)], cwd=run_dir)
-        size = dag.stat().st_size
+        version = pool.run(["condor_version"], cwd=work).stdout.split("\n")[0]
+        figures = {
+            "dagtrain": _take_in(pool, run_dir / DAG_FILE),
+            "htcondor2.dags": _take_in(pool, reference / DAG_FILE),
+        }
     finally:
         pool.stop()
         shutil.rmtree(work, ignore_errors=True)
-    version = subprocess.run(
-        [sys.executable, "-c", "import htcondor2; print(htcondor2.version())"],
-        capture_output=True,
-        text=True,
-        check=False,
-    ).stdout.split()
-    parse_s = (stamps["parsed"] - stamps["start"]).total_seconds()
-    start_s = (stamps["first job"] - stamps["start"]).total_seconds()
-    print(f"{nodes} nodes x {rounds} rounds, DAG file {size / 1e6:.1f} MB (bindings {version[1]})")
-    print(f"condor_submit_dag: {submitted:.1f} s")
-    print(
-        f"DAGMan start -> DAG parsed: {parse_s:.0f} s; -> first node job submitted: {start_s:.0f} s"
-    )
-    print(f"condor_submit_dag called -> first node job submitted: {first_job:.1f} s")
+    print(f"{nodes} nodes x {rounds} rounds; {version}")
+    for name, got in figures.items():
+        print(
+            f"{name:>15}: DAG file {got['MB']:.1f} MB; condor_submit_dag "
+            f"{got['condor_submit_dag']:.1f} s; DAGMan start -> parsed {got['parsed']:.0f} s, "
+            f"-> first node job submitted {got['first job']:.0f} s; condor_submit_dag called -> "
+            f"first job submitted {got['call to first job']:.1f} s"
+        )
 
 
 if __name__ == "__main__":
