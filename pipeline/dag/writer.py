@@ -130,7 +130,6 @@ class _Shared:
 
     def __init__(self, nodes: list[Node]) -> None:
         node_keys = [_settings_key(node) for node in nodes]
-        self.key_of = dict(zip([node.name for node in nodes], node_keys, strict=True))
         self.by_key: dict[tuple[object, ...], dict[str, str]] = {}
         for key, node in zip(node_keys, nodes, strict=True):
             if key not in self.by_key:
@@ -153,6 +152,9 @@ class _Shared:
             ]
             for key, settings in self.by_key.items()
         }
+        names = [node.name for node in nodes]
+        # each node's own settings, by name
+        self.own_of = dict(zip(names, map(self.own.__getitem__, node_keys), strict=True))
         first = nodes[0].vars.items() if len(nodes) > 1 else ()
         self.vars = {
             key: value for key, value in first if all(n.vars.get(key) == value for n in nodes)
@@ -207,7 +209,7 @@ class _Shared:
             pairs = self.pairs(node.vars, self.vars)
             if pairs:
                 lines.append(f"VARS {name} {pairs}")
-            settings = self.own[self.key_of[name]]
+            settings = self.own_of[name]
         for head, value in settings:
             lines.append(f"{head} {name} {value}")
 
