@@ -80,11 +80,11 @@ class Dag:
 
     def connect(self, parents: Iterable[str], children: Iterable[str]) -> None:
         """PARENT parents CHILD children: every child waits for every parent."""
-        children = list(children)
+        nodes, children = self.nodes, list(children)
         for parent in parents:
-            self.nodes[parent].children.update(children)
+            nodes[parent].children.update(children)
             for child in children:
-                self.nodes[child].parents.add(parent)
+                nodes[child].parents.add(parent)
 
 
 @contextmanager

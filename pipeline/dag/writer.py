@@ -237,12 +237,13 @@ def _edges_by_last_node(
     the group's last-declared node."""
     groups: dict[object, tuple[set[str], list[str]]] = {}
     for node in nodes:
-        if node.parents:
+        parents = node.parents
+        if parents:
             # one parent, the common case, is its own key: a name never equals a frozenset
-            key = next(iter(node.parents)) if len(node.parents) == 1 else frozenset(node.parents)
+            key = frozenset(parents) if len(parents) > 1 else next(iter(parents))
             group = groups.get(key)
             if group is None:
-                group = groups[key] = (node.parents, [])
+                group = groups[key] = (parents, [])
             group[1].append(node.name)
     placed: dict[str, list[tuple[list[str], list[str]]]] = {}
     for parent_set, children in groups.values():
