@@ -233,8 +233,8 @@ class DataTable:
     mirrors: tuple[str, ...] = key((), "a list of ftp:// URLs (empty: embedded mirrors)", _ftp_urls)
     publish: tuple[str, ...] = key(
         (),
-        "upload URLs ftp://[user@]host/path of the first mirrors, in order, for each new "
-        "global model (passwords from ~/.netrc; empty: file transfer)",
+        "ftp:// URLs where the first mirrors get the models (passwords: ~/.netrc; empty: file "
+        "transfer)",
         _publish_urls,
     )
     embedded_mirrors: int = key(2, "an integer from 1 to 16", _between(1, 16))

@@ -206,7 +206,7 @@ def test_embedded_mirrors_show_the_runs_global_models_and_nothing_else(run_dir: 
     [
         (
             '["ftp://writer:secret@127.0.0.1:2121/data"]',
-            "is not allowed; expected upload URLs ftp://[user@]host/path",
+            "is not allowed; expected ftp:// URLs where the first mirrors get the models",
         ),
         (
             '["sftp://writer@127.0.0.1/data"]',
