@@ -38,6 +38,9 @@ SERVER_LOG = "warm_server.err"
 # variable is read as the interpreter starts, which a warm child cannot redo.
 _STARTER_SET = frozenset({"PYTHON_CPU_COUNT"})
 _CLOSE_GRACE = 5.0
+# The base of a job's environment (job_process): what the server's interpreter starts with, so
+# that what it decides at start-up (locale, stream encodings, OpenMP) is what a job's would.
+_SERVER_ENVIRONMENT = {"PATH": "/usr/local/bin:/usr/bin:/bin"}
 
 
 def warm_eligible(
@@ -123,7 +126,7 @@ class _Server:
                 with (work / SERVER_LOG).open("ab") as log:
                     self.proc = subprocess.Popen(
                         [python, "-c", SERVER_SOURCE.read_text(), str(server_end.fileno())],
-                        cwd=work, env={"PATH": "/usr/local/bin:/usr/bin:/bin"},
+                        cwd=work, env=_SERVER_ENVIRONMENT,
                         stdin=subprocess.DEVNULL, stdout=log, stderr=log,
                         pass_fds=[server_end.fileno()], start_new_session=True,
                         preexec_fn=die_with_runner(),
@@ -169,10 +172,11 @@ class _Server:
     def close(self) -> None:
         self.control.close()  # the server ends when its control socket closes
         if self.proc is not None:
-            with suppress(subprocess.TimeoutExpired):
+            try:
                 self.proc.wait(timeout=_CLOSE_GRACE)
-            with suppress(ProcessLookupError):
-                os.killpg(self.proc.pid, signal.SIGKILL)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()  # its children ask for SIGKILL when it dies (warm_server)
+                self.proc.wait()
 
 
 class WarmPool:

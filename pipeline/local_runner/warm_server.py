@@ -5,11 +5,11 @@ dagtrain is on its path: a child imports the job's payload from the job's own da
 `python dagtrain.pyz ...` would. Standard library only, besides the payload's dependencies.
 
 Protocol, over the SOCK_SEQPACKET socket FD: the server sends b"R" once it has imported torch;
-then each request is one JSON record {argv, cwd, env}
-with four file descriptors: the job's own socket, its stdin, stdout and stderr. On the job's
-socket the server answers b"P<pid>" when the child runs and b"X<wait status>" when it has been
-reaped; the runner may send b"K<signal>" to signal the child's process group. The runner
-closing the job's socket kills the group; the runner closing FD ends the server.
+then each request is one JSON record {argv, cwd, env} with four file descriptors: the job's
+own socket, its stdin, stdout and stderr. On the job's socket the server answers b"P<pid>" when
+the child runs and b"X<wait status>" when it has been reaped; the runner may send b"K<signal>"
+to signal the child's process group. The runner closing the job's socket kills the group; the
+runner closing FD ends the server.
 
 No tensor operation runs here before a fork: torch starts its thread pools on the first one,
 and a forked child would inherit a pool without its threads.
@@ -129,6 +129,8 @@ def _fresh_libraries(env: dict[str, str]) -> None:
 
 
 class Server:
+    """One thread, no tensors: forks a child per request and reports its status."""
+
     def __init__(self, control: socket.socket) -> None:
         self.control = control
         # A running child -> its job socket; None once the runner's side has gone away.
@@ -177,7 +179,8 @@ class Server:
             os.close(fd)
         sock = socket.socket(fileno=fds[0])
         self.jobs[pid] = sock
-        sock.send(b"P%d" % pid)
+        with contextlib.suppress(OSError):  # a runner side already gone: EOF, then the kill
+            sock.send(b"P%d" % pid)
         return True
 
     def _job_message(self, pid: int, sock: socket.socket) -> None:
