@@ -108,7 +108,6 @@ def run_node(task: NodeTask) -> dict[str, Any]:
         "bytes_downloaded": stats.bytes_downloaded,
         "mirror_failovers": stats.failovers,
         "per_mirror_bytes": stats.per_mirror_bytes,
-        "model_bytes_from_mirrors": model_stats.bytes_downloaded,
         "threads": threads,
         "started_at": started_at,
         "fetch_seconds": fetched_at - started_at,

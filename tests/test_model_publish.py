@@ -209,5 +209,5 @@ def test_a_run_trains_the_same_bytes_from_published_models_as_by_file_transfer(
     assert _run_files(published) == files and _run_files(transferred) == files
     for run_dir, from_mirrors in ((embedded, True), (published, True), (transferred, False)):
         for metrics in run_dir.glob(f"rounds/*/*/{METRICS_FILE}"):
-            fetched = json.loads(metrics.read_text())["model_bytes_from_mirrors"]
+            fetched = json.loads(metrics.read_text())["bytes"]["from_mirrors"]["model_in"]
             assert (fetched > 0) == from_mirrors, (run_dir.name, metrics)

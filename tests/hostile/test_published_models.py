@@ -92,7 +92,7 @@ def test_a_mirror_serving_another_model_is_passed_over_and_never_trained_on(
     assert fetched == (tmp_path / "given" / UPDATE_FILE).read_bytes()
     metrics = json.loads((tmp_path / "fetched" / METRICS_FILE).read_text())
     size = model_path(run_dir, 0).stat().st_size
-    assert metrics["model_bytes_from_mirrors"] == 2 * size  # the bad copy, then the good one
+    assert metrics["bytes"]["from_mirrors"]["model_in"] == 2 * size  # the bad copy, the good one
     assert metrics["mirror_failovers"] == 0  # the data's own fetch went as planned
 
 
@@ -121,7 +121,7 @@ def test_a_mirror_claiming_a_larger_model_is_not_read(
     size = model_path(run_dir, 0).stat().st_size
     assert urls[0] in line and f"is {size + 1024} bytes, more than {size} allowed" in line
     metrics = json.loads((tmp_path / "n0" / METRICS_FILE).read_text())
-    assert metrics["model_bytes_from_mirrors"] == size
+    assert metrics["bytes"]["from_mirrors"]["model_in"] == size
 
 
 def _edit(field: str, value: object) -> Callable[[dict], object]:
