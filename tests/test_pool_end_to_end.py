@@ -210,7 +210,7 @@ def test_pool_runs_an_asynchronous_dag(
 ) -> None:
     """Lanes on the pool: DAGMan runs the PRE scripts (claims, PRE_SKIP past the budget) and the
     concurrent POST scripts (applies under the lock); every update lands exactly once, and each
-    lane's compression residual travels with its jobs through HTCondor's file transfer."""
+    lane's compression residual stays in the execute machine's cache for its next job."""
     config = tiny_config(
         run__mode='"async"',
         async__updates="6",
