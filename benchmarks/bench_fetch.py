@@ -13,8 +13,17 @@ without and with the node's manifest download (verified and parsed, never cached
 Reference and node fetch are timed alternately and each pair gives one ratio, median of the
 repeats, because this machine is shared. Decoding the blocks is timed and reported apart.
 
-By default the link is unshaped loopback, where the node is bound by this machine's CPU (the
-reference receives at 1.5 GB/s or more, about what sha256 verifies on one core). `--link RATE`
+Side by side with the node's fetch (BLAKE3, format dagtrain-dataset/3), each repeat fetches the
+same blocks twice more, each against the same repeat's RETR, in an order that rotates: under a
+format-2 twin of the manifest (the same shards, every block's sha256 prefix), and with RANG and
+RETR sent one at a time, each reply awaited (the node before it sent both in one write). Hashing
+alone is timed apart: each hash over the node's blocks, one core. A node without SHA extensions
+(most execute-node Xeons before 2021) is emulated with OPENSSL_ia32cap=:~0x20000000 in the
+environment, which turns them off for hashlib's sha256.
+
+By default the link is unshaped loopback, where the node is bound by round trips: every read
+is a PASV, a RANG and RETR, and a transfer reply, each through the mirror's event loop, on this
+machine's 2 shared cores, for a few KB. `--link RATE`
 (a tc rate: 1gbit, 100mbit) emulates a campus LAN instead: the script re-executes itself in a
 private network namespace (`unshare -n`, needs root), where only its own mirror and client run,
 and shapes that namespace's loopback with a token bucket filter (tc tbf) to RATE. Bandwidth only:
@@ -25,6 +34,7 @@ Run:  python benchmarks/bench_fetch.py [IMAGES_PER_CLASS] [LOCAL_TRAIN] [REPEATS
 """
 
 import argparse
+import hashlib
 import json
 import os
 import re
@@ -35,16 +45,17 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from ftplib import FTP
 from itertools import pairwise
 from pathlib import Path
 from typing import NoReturn
 from urllib.parse import urlsplit
 
-from node_payload.common.manifest import Block, Manifest
-from node_payload.fetch import FetchStats
+from node_payload.common.block_hash import BLAKE3, SHA256, hex_digest_function
+from node_payload.common.manifest import FORMAT_SHA256, HASH_HEX, Block, Manifest, encode
+from node_payload.fetch import FetchStats, _RangeFTP
 from node_payload.fragments import decode
 from node_payload.local_data import BlockSource, fetch_raw, planned_manifest
 from node_payload.sampling import local_sets
@@ -133,8 +144,8 @@ def qdisc_counters() -> str:
 
 
 @contextmanager
-def mirror_process(dataset: Path) -> Iterator[str]:
-    """`dagtrain serve` of dataset with one mirror in a subprocess; yields its URL."""
+def mirror_process(dataset: Path) -> Iterator[tuple[str, int]]:
+    """`dagtrain serve` of dataset with one mirror in a subprocess; yields its URL and pid."""
     proc = subprocess.Popen(
         [sys.executable, "-m", "pipeline.cli", "serve", str(dataset), "--mirrors", "1"],
         stdout=subprocess.PIPE,
@@ -143,7 +154,7 @@ def mirror_process(dataset: Path) -> Iterator[str]:
     try:
         for line in proc.stdout:
             if line.startswith("mirrors = "):
-                yield json.loads(line.removeprefix("mirrors = "))[0]
+                yield json.loads(line.removeprefix("mirrors = "))[0], proc.pid
                 break
         else:
             raise RuntimeError(f"dagtrain serve exited with {proc.wait()} before serving")
@@ -154,6 +165,12 @@ def mirror_process(dataset: Path) -> Iterator[str]:
         except subprocess.TimeoutExpired:
             proc.terminate()
             proc.wait()
+
+
+def cpu_seconds(pid: int) -> float:
+    """User and system CPU time of a process so far (Linux /proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def plain_retr(url: str, path: str) -> int:
@@ -170,6 +187,56 @@ def plain_retr(url: str, path: str) -> int:
         ftp.login()
         ftp.retrbinary(f"RETR {path}", drop, blocksize=BLOCK)
     return received
+
+
+def sha256_twin(manifest: Manifest, root: Path) -> Manifest:
+    """The same dataset as format dagtrain-dataset/2 described it: every block's sha256 prefix."""
+    doc = json.loads(manifest.to_bytes())
+    doc["format"] = FORMAT_SHA256
+    del doc["block_hash"]
+    for source in doc["sources"]:
+        with open(root / doc["shards"][source["shard"]]["path"], "rb") as shard:
+            shard.seek(source["offset"])
+            source["hashes"] = "".join(
+                hashlib.sha256(shard.read(n)).hexdigest()[:HASH_HEX] for n in source["lengths"]
+            )
+    return Manifest.from_bytes(encode(doc), "the format-2 twin")
+
+
+@contextmanager
+def awaited_commands() -> Iterator[None]:
+    """RANG and RETR sent one at a time, each reply awaited: how a node read before."""
+
+    def one_at_a_time(ftp: _RangeFTP, first: str, second: str) -> str:
+        ftp.sendcmd(first)
+        return ftp.sendcmd(second)
+
+    pipelined = _RangeFTP.send_pair
+    _RangeFTP.send_pair = one_at_a_time
+    try:
+        yield
+    finally:
+        _RangeFTP.send_pair = pipelined
+
+
+def hash_rate(blobs: list[bytes], name: str) -> float:
+    """Bytes per second that the named block hash verifies over blobs, one core."""
+    hex_digest = hex_digest_function(name, "bench_fetch.py")
+    started = time.perf_counter()
+    for data in blobs:
+        hex_digest(data)
+    return sum(map(len, blobs)) / (time.perf_counter() - started)
+
+
+def _spread(ratios: list[float]) -> str:
+    return (
+        f"{statistics.median(ratios):.2f} (median of {len(ratios)}; range "
+        f"{min(ratios):.2f} to {max(ratios):.2f})"
+    )
+
+
+def _over(times: list[float], references: list[float]) -> list[float]:
+    return [t / r for t, r in zip(times, references, strict=True)]
 
 
 def _runs(blocks: list[Block]) -> int:
@@ -207,30 +274,57 @@ def main() -> None:
         out = Path(tmp) / "out"
         prepare(src, out, tile=256, overlap=0.5, holdout=0.25, angles="0:360:5", progress=False)
         (out / "large.bin").write_bytes(os.urandom(LARGE))
-        digest = Manifest.load(out / "manifest.json").digest()
+        planned = Manifest.load(out / "manifest.json")
+        digest, twin = planned.digest(), sha256_twin(planned, out)
         bytes_ratios, fetch_ratios, node_ratios, rates, plains, decode_s, reads, manifest_s = (
             [] for _ in range(8)
         )
-        with mirror_process(out) as url:
+        others: dict[str, tuple[Manifest, Callable[[], AbstractContextManager]]] = {
+            "sha256": (twin, nullcontext),
+            "awaited": (planned, awaited_commands),
+        }
+        other_ratios: dict[str, list[float]] = {name: [] for name in others}
+        other_times: dict[str, list[float]] = {name: [] for name in others}
+        hash_rates: dict[str, list[float]] = {BLAKE3: [], SHA256: []}
+        walls, node_cpu, mirror_cpu = [], [], []
+        with mirror_process(out) as (url, mirror_pid):
             for seed in range(repeats):
+                train, test = local_sets(planned, seed, n_train, n_test)
+                blocks = planned.blocks_under(train + test)
+                needed = sum(b.length for b in blocks)
+                reads.append(_runs(blocks))
                 started = time.perf_counter()
                 assert plain_retr(url, "large.bin") == LARGE
                 plains.append(LARGE / (time.perf_counter() - started))
-                manifest_stats, stats = FetchStats(), FetchStats()
-                started = time.perf_counter()
-                manifest = planned_manifest([url], 0, digest, manifest_stats)
-                fetching = time.perf_counter()
-                train, test = local_sets(manifest, seed, n_train, n_test)
-                blobs = fetch_raw(manifest, train + test, BlockSource([url], 0, stats))
-                ended = time.perf_counter()
-                blocks = manifest.blocks_under(train + test)
-                needed = sum(b.length for b in blocks)
-                rates.append(needed / (ended - fetching))
-                fetch_ratios.append(rates[-1] / plains[-1])
-                node_ratios.append(needed / (ended - started) / plains[-1])
-                manifest_s.append(fetching - started)
-                bytes_ratios.append(stats.bytes_downloaded / needed)
-                reads.append(_runs(blocks))
+                order = ["node", *others]
+                for variant in order[seed % 3 :] + order[: seed % 3]:
+                    if variant in others:
+                        manifest, context = others[variant]
+                        with context():
+                            started = time.perf_counter()
+                            fetch_raw(manifest, train + test, BlockSource([url], 0, FetchStats()))
+                            ended = time.perf_counter()
+                        other_ratios[variant].append(needed / (ended - started) / plains[-1])
+                        other_times[variant].append(ended - started)
+                        continue
+                    manifest_stats, stats = FetchStats(), FetchStats()
+                    started = time.perf_counter()
+                    manifest = planned_manifest([url], 0, digest, manifest_stats)
+                    assert local_sets(manifest, seed, n_train, n_test) == (train, test)
+                    cpu, served = time.process_time(), cpu_seconds(mirror_pid)
+                    fetching = time.perf_counter()
+                    blobs = fetch_raw(manifest, train + test, BlockSource([url], 0, stats))
+                    ended = time.perf_counter()
+                    node_cpu.append(time.process_time() - cpu)
+                    mirror_cpu.append(cpu_seconds(mirror_pid) - served)
+                    walls.append(ended - fetching)
+                    rates.append(needed / (ended - fetching))
+                    fetch_ratios.append(rates[-1] / plains[-1])
+                    node_ratios.append(needed / (ended - started) / plains[-1])
+                    manifest_s.append(fetching - started)
+                    bytes_ratios.append(stats.bytes_downloaded / needed)
+                for name, rate in hash_rates.items():
+                    rate.append(hash_rate(list(blobs.values()), name))
                 started = time.perf_counter()
                 for data in blobs.values():
                     decode(data, manifest.mode)
@@ -239,13 +333,25 @@ def main() -> None:
             f"local set {n_train}+{n_test} fragments of {len(manifest.sources)} images, "
             f"{needed / 1e6:.1f} MB of blocks in {statistics.median(reads)} contiguous runs: "
             f"bytes downloaded / needed {max(bytes_ratios):.3f} (worst of {repeats})\n"
-            f"fetch+verify {statistics.median(rates) / 1e6:.0f} MB/s, plain RETR "
+            f"fetch+verify (BLAKE3) {statistics.median(rates) / 1e6:.0f} MB/s, plain RETR "
             f"{statistics.median(plains) / 1e6:.0f} MB/s (medians of {repeats}); ratio "
-            f"{statistics.median(fetch_ratios):.2f} (median of {repeats} pairs; range "
-            f"{min(fetch_ratios):.2f} to {max(fetch_ratios):.2f})\n"
+            f"{_spread(fetch_ratios)}\n"
+            f"  the same blocks under the format-2 manifest (sha256): ratio "
+            f"{_spread(other_ratios['sha256'])}; time / the node's in the same repeat "
+            f"{_spread(_over(other_times['sha256'], walls))}\n"
+            f"  BLAKE3, RANG and RETR each awaited: ratio {_spread(other_ratios['awaited'])}; "
+            f"time / the node's {_spread(_over(other_times['awaited'], walls))}\n"
             f"with the manifest ({manifest_stats.bytes_downloaded / 1e6:.2f} MB, "
             f"{statistics.median(manifest_s) * 1e3:.1f} ms to fetch, verify and parse): "
             f"ratio {statistics.median(node_ratios):.2f}\n"
+            f"one fetch: {statistics.median(walls) * 1e3:.0f} ms, of which the node's CPU "
+            f"{statistics.median(node_cpu) * 1e3:.0f} ms (all its threads) and the mirror's "
+            f"{statistics.median(mirror_cpu) * 1e3:.0f} ms (medians)\n"
+            f"hashing the {len(blobs)} blocks alone (mean {needed / len(blobs) / 1e3:.1f} KB), "
+            f"one core: BLAKE3 {statistics.median(hash_rates[BLAKE3]) / 1e9:.2f} GB/s, sha256 "
+            f"{statistics.median(hash_rates[SHA256]) / 1e9:.2f} GB/s (medians); BLAKE3 takes "
+            f"{statistics.median(rates) / statistics.median(hash_rates[BLAKE3]):.0%} of the "
+            f"fetch's time\n"
             f"decoding {len(blobs)} blocks {statistics.median(decode_s):.2f} s"
         )
         if args.link:

@@ -8,8 +8,9 @@ sha256, and still load and verify with it.
 New datasets use BLAKE3 (the `blake3` package): a node verifies every block it fetches on the
 CPU that receives it. For the 4 to 16 KB of a JPEG block, BLAKE3 runs 3 to 10 times faster than
 sha256 on CPUs without SHA extensions (most execute-node Xeons before 2021) and about as fast as
-sha256 with them (benchmarks/bench_fetch.py). It is hashed on one thread (`max_threads` = 1):
-BLAKE3's own threads pay only for inputs of hundreds of KB, not for one block.
+sha256 with them (benchmarks/bench_fetch.py). It hashes on one thread whatever the slot grants
+(`max_threads` = 1): with 2 threads a 6 KB block took 20 times longer on a 2-core machine (a
+thread hand-off per block), and even 1 MB 1.5 times longer.
 
 `blake3` is a compiled module that the job payload cannot carry: the Python that runs the jobs
 must have it. It is imported when a manifest that names it is loaded, so a node without it fails
