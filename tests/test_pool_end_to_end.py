@@ -256,7 +256,8 @@ def test_dagman_and_condor_submit_accept_the_generated_files(
     make_node_dirs(run_dir, 1, read_run_config(run_dir / CONFIG_FILE).run.nodes)
     node = _dry_run(condor_pool, dag.nodes["train_r001_n002"], RETRY="1")
     assert node["Iwd"] == str(run_dir / "rounds/r001/n002")
-    assert "../../../models/global_r001.safetensors" in node["TransferInput"]
+    # The embedded mirrors serve the run's models: the job gets the model's pointer.
+    assert "../../../models/global_r001.json" in node["TransferInput"]
     assert "--round 1 --node 2" in node["Arguments"] and "--attempt 1" in node["Arguments"]
     assert node["RequestCpus"] == "1" and node["JobMaxRetries"] == "0"
     assert (
