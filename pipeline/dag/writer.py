@@ -81,13 +81,15 @@ def _write(dag: Dag, out: TextIO) -> None:
 
 def _settings(node: Node) -> dict[str, str]:
     """The node's commands other than JOB, VARS and PARENT/CHILD, in the order they are written."""
-    settings = {}
+    settings: dict[str, str] = {}
     if node.pre is not None:
-        settings.__setitem__(*_script("PRE", node.pre))
+        head, value = _script("PRE", node.pre)
+        settings[head] = value
     if node.pre_skip is not None:
         settings["PRE_SKIP"] = str(node.pre_skip)
     if node.post is not None:
-        settings.__setitem__(*_script("POST", node.post))
+        head, value = _script("POST", node.post)
+        settings[head] = value
     if node.retries or node.unless_exit is not None:
         unless = f" UNLESS-EXIT {node.unless_exit}" if node.unless_exit is not None else ""
         settings["RETRY"] = f"{node.retries}{unless}"
