@@ -6,8 +6,8 @@ corruption and a mirror's substituted bytes, keeps big manifests small). Dataset
 sha256, and still load and verify with it.
 
 New datasets use BLAKE3 (the `blake3` package): a node verifies every block it fetches on the
-CPU that receives it. For the 4 to 16 KB of a JPEG block, BLAKE3 runs 3 to 10 times faster than
-sha256 on CPUs without SHA extensions (most execute-node Xeons before 2021) and about as fast as
+CPU that receives it. For the 4 to 16 KB of a JPEG block, BLAKE3 ran 3 to 13 times faster than
+sha256 on a CPU without SHA extensions (like most execute-node Xeons before 2021) and as fast as
 sha256 with them (benchmarks/bench_fetch.py). It hashes on one thread whatever the slot grants
 (`max_threads` = 1): with 2 threads a 6 KB block took 20 times longer on a 2-core machine (a
 thread hand-off per block), and even 1 MB 1.5 times longer.
