@@ -46,7 +46,7 @@ if action == "describe":
     print("to stderr", file=sys.stderr)
     sys.exit(int(sys.argv[3]))
 with open(out, "a") as f:
-    print(os.getpid(), file=f)
+    print(os.getpid(), os.getppid(), file=f)
 if action == "kill-server" and sys.argv[3] == "0":
     os.kill(os.getppid(), signal.SIGKILL)
 if action in ("kill-server", "wait"):
@@ -68,6 +68,12 @@ def python_job(directory: Path, name: str, arguments: str, submit: str = "") -> 
         "transfer_input_files = dagtrain.pyz\nrequest_cpus = 1\n"
         f"log = {name}.log\noutput = {name}.out\nerror = {name}.err\n{submit}\nqueue\n"
     )
+
+
+def jobs(pids: Path) -> list[tuple[int, int]]:
+    """(pid, parent pid) of each job the payload started, as it wrote them."""
+    lines = [line.split() for line in pids.read_text().splitlines()]
+    return [(int(pid), int(parent)) for pid, parent in lines]
 
 
 def alive(pid: int) -> bool:
@@ -137,7 +143,8 @@ def test_a_dead_warm_server_fails_only_its_job_and_retry_runs_it(tmp_path: Path)
     assert result.ok and result.done == ["A", "B"]
     assert [(e.kind, e.exit_code) for e in events if e.kind == "retry"] == [("retry", -9)]
     assert "Abnormal termination (signal 9)" in (tmp_path / "A.log").read_text()
-    assert len(pids.read_text().split()) == 2
+    servers = [server for _, server in jobs(pids)]  # a new server for the retry
+    assert len(set(servers)) == 2 and os.getpid() not in servers
 
 
 def test_periodic_remove_kills_a_warm_job(tmp_path: Path) -> None:
@@ -150,7 +157,8 @@ def test_periodic_remove_kills_a_warm_job(tmp_path: Path) -> None:
     path = dag(tmp_path, "JOB A A.sub\nSCRIPT POST A post.sh $RETURN\n")
     result = run_dag(path, slots=1, warm_pythons=WARM)
     assert result.ok and (tmp_path / "post.txt").read_text().strip() == str(REMOVED_RETURN)
-    assert not alive(int(pids.read_text()))
+    [(job_pid, server_pid)] = jobs(pids)
+    assert server_pid != os.getpid() and not alive(job_pid)
 
 
 RUNNER = """
@@ -166,9 +174,9 @@ def test_a_killed_runner_takes_the_server_and_its_jobs_along(tmp_path: Path) -> 
     python_job(tmp_path, "A", f"wait {pids}")
     path = dag(tmp_path, "JOB A A.sub\n")
     runner = subprocess.Popen([PYTHON, "-c", RUNNER, str(path)])
-    wait_until(pids.exists, wait_s(30, 3), "the job started")
-    job_pid = int(pids.read_text())
-    server_pid = int(Path(f"/proc/{job_pid}/stat").read_text().split()[3])
+    wait_until(lambda: pids.exists() and jobs(pids), wait_s(30, 3), "the job started")
+    [(job_pid, server_pid)] = jobs(pids)
+    assert server_pid != runner.pid
     runner.kill()
     runner.wait()
     wait_until(lambda: not alive(job_pid) and not alive(server_pid), 10, "server and job died")
