@@ -1,5 +1,8 @@
 """The one-command demo, timed: wall time and final held-out accuracy from a clean folder.
 
+As `dagtrain demo` runs it: payload jobs start in the local runner's warm interpreter. The demo
+against fresh processes (`dagtrain run --cold`) is benchmarks/bench_warm_runner.py.
+
 Run:  python benchmarks/bench_demo.py [SLOTS]
 """
 

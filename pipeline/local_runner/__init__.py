@@ -28,8 +28,9 @@ bytes. What differs from a fresh process: the interpreter's start-up was the ser
 seed, and numpy's own BLAS threads, read from the server's environment; torch's threads are set
 from the job's OMP_NUM_THREADS), so a job whose environment sets PYTHON* variables runs fresh;
 and the server stands for one machine: if it dies, the jobs it runs die with it and fail
-($RETURN -9, which RETRY reruns), and the next job starts a new server. Scripts (PRE/POST), the
-env_tarball wrapper and any other executable always start fresh.
+($RETURN -9, which RETRY reruns), and the next job starts a new server. `ps` shows a warm job
+with the server's command line (find a job by its working directory, its sandbox). Scripts
+(PRE/POST), the env_tarball wrapper and any other executable always start fresh.
 
 Serial runs (`run_dag(serial=True)`): one node at a time, PRE script to POST script, in an order
 fixed by the DAG and its finished nodes (serial_order), so the outcome never depends on timing;
