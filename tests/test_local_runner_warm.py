@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -37,7 +38,7 @@ if action == "describe":
     seen = {
         "argv": sys.argv, "cwd": os.getcwd(), "path0": sys.path[0], "env": dict(os.environ),
         "stdin": sys.stdin.read(), "threads": torch.get_num_threads(),
-        "own_group": os.getpgid(0) == os.getpid(), "main": __name__,
+        "own_group": os.getpgid(0) == os.getpid(), "main": __name__, "parent": os.getppid(),
         "dagtrain": sorted(m for m in sys.modules if m.split(".")[0] in ("pipeline", "tests")),
     }
     with open(out, "w") as f:
@@ -92,40 +93,46 @@ def wait_until(check: Callable[[], bool], seconds: float, what: str) -> None:
         time.sleep(0.05)
 
 
-def _describe(directory: Path, warm: bool) -> tuple[dict, dict, dict]:
+def _describe(directory: Path, warm: bool) -> dict[str, dict]:
+    """What each job saw: V (vanilla), L (local universe), P (sets PYTHONDONTWRITEBYTECODE,
+    which a Python reads as it starts: never warm) and S (a script: never warm)."""
     directory.mkdir()
     payload(directory)
-    python_job(directory, "V", f"describe {directory}/v.json 3")
+    python_job(directory, "V", f"describe {directory}/V.json 3")
+    python_job(directory, "P", f"describe {directory}/P.json 0",
+               submit='environment = "PYTHONDONTWRITEBYTECODE=1"')  # fmt: skip
     (directory / "L.sub").write_text(
         f"universe = local\nexecutable = {PYTHON}\n"
-        f'arguments = "dagtrain.pyz describe {directory}/l.json 0"\n'
+        f'arguments = "dagtrain.pyz describe {directory}/L.json 0"\n'
         "log = L.log\noutput = L.out\nerror = L.err\nqueue\n"
     )
-    job(directory, "S", f"echo $PPID > {directory}/s.txt")  # a script: never warm
-    text = "JOB V V.sub\nJOB L L.sub\nJOB S S.sub\n"
+    job(directory, "S", f"echo $PPID > {directory}/S.txt")
+    text = "JOB V V.sub\nJOB L L.sub\nJOB P P.sub\nJOB S S.sub\n"
     result = run_dag(dag(directory, text), slots=2, warm_pythons=WARM if warm else ())
-    assert result.failed == ["V"] and sorted(result.done) == ["L", "S"]
+    assert result.failed == ["V"] and sorted(result.done) == ["L", "P", "S"]
     assert (directory / "V.out").read_text() == "to stdout\n"
     assert (directory / "V.err").read_text() == "to stderr\n"
     assert "return value 3" in (directory / "V.log").read_text()
-    vanilla, local = (json.loads((directory / n).read_text()) for n in ("v.json", "l.json"))
-    return vanilla, local, {"server": (directory / ".local_runner/warm_server.err").exists()}
-
-
-def _same_place(seen: dict, directory: Path) -> dict:
-    """What a job saw, with its run's own directory written as RUN."""
-    return json.loads(json.dumps(seen).replace(str(directory), "RUN"))
+    seen = {n: json.loads((directory / f"{n}.json").read_text()) for n in "VLP"}
+    seen["S"] = {"parent": int((directory / "S.txt").read_text())}
+    text = json.dumps(seen).replace(str(directory), "RUN")
+    return json.loads(re.sub(r"sandbox/(\w+)\.\d+", r"sandbox/\1.N", text))  # any cluster id
 
 
 def test_a_warm_job_sees_what_a_fresh_process_sees(tmp_path: Path) -> None:
-    warm_v, warm_l, warm = _describe(tmp_path / "warm", warm=True)
-    cold_v, cold_l, cold = _describe(tmp_path / "cold", warm=False)
-    assert warm["server"] and not cold["server"]
-    assert _same_place(warm_v, tmp_path / "warm") == _same_place(cold_v, tmp_path / "cold")
-    assert _same_place(warm_l, tmp_path / "warm") == _same_place(cold_l, tmp_path / "cold")
-    assert warm_v["argv"][0] == "dagtrain.pyz" and warm_v["path0"].endswith("/dagtrain.pyz")
-    assert warm_v["threads"] == 1 and warm_v["own_group"] and warm_v["main"] == "__main__"
-    assert warm_v["dagtrain"] == [] and warm_v["stdin"] == ""
+    warm = _describe(tmp_path / "warm", warm=True)
+    cold = _describe(tmp_path / "cold", warm=False)
+    runner = os.getpid()
+    assert [warm[n].pop("parent") == runner for n in "VLPS"] == [False, False, True, True]
+    assert [cold[n].pop("parent") == runner for n in "VLPS"] == [True, True, True, True]
+    assert warm == cold
+    v = warm["V"]
+    assert (
+        v["argv"][0] == "dagtrain.pyz"
+        and v["path0"] == "RUN/.local_runner/sandbox/V.N/dagtrain.pyz"
+    )
+    assert v["threads"] == 1 and v["own_group"] and v["main"] == "__main__"
+    assert v["dagtrain"] == [] and v["stdin"] == ""
 
 
 def test_a_dead_warm_server_fails_only_its_job_and_retry_runs_it(tmp_path: Path) -> None:
