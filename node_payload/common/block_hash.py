@@ -9,8 +9,9 @@ New datasets use BLAKE3 (the `blake3` package): a node verifies every block it f
 CPU that receives it. For the 4 to 16 KB of a JPEG block, BLAKE3 ran 3 to 13 times faster than
 sha256 on a CPU without SHA extensions (like most execute-node Xeons before 2021) and as fast as
 sha256 with them (benchmarks/bench_fetch.py). It hashes on one thread whatever the slot grants
-(`max_threads` = 1): with 2 threads a 6 KB block took 20 times longer on a 2-core machine (a
-thread hand-off per block), and even 1 MB 1.5 times longer.
+(`max_threads` = 1): with 2 threads a 6 KB block took 20 times longer on a 2-core machine (the
+package builds a thread pool per hasher), and even 1 MB 1.5 times longer. Like hashlib's, its
+hashing releases the GIL for inputs of 2 KB or more, so the fetch lanes verify side by side.
 
 `blake3` is a compiled module that the job payload cannot carry: the Python that runs the jobs
 must have it. It is imported when a manifest that names it is loaded, so a node without it fails
