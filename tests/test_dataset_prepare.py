@@ -1,4 +1,5 @@
 import hashlib
+import itertools
 import json
 import logging
 from concurrent.futures import ThreadPoolExecutor
@@ -182,7 +183,7 @@ def test_a_resumed_prepare_encodes_again_what_an_older_version_hashed(src, tmp_p
         data = part.with_suffix(".bin").read_bytes()
         starts = np.cumsum([0, *meta["lengths"]])
         meta["hashes"] = "".join(
-            hashlib.sha256(data[a:b]).hexdigest()[:HASH_HEX] for a, b in zip(starts, starts[1:])
+            hashlib.sha256(data[a:b]).hexdigest()[:HASH_HEX] for a, b in itertools.pairwise(starts)
         )
         del meta["block_hash"]
         part.write_text(json.dumps(meta))

@@ -4,10 +4,9 @@ import re
 import time
 
 import pytest
-
-from node_payload.common.errors import UserError
 from blake3 import blake3
 
+from node_payload.common.errors import UserError
 from node_payload.common.manifest import (
     FORMAT,
     FORMAT_SHA256,
@@ -98,7 +97,6 @@ def test_blocks_cover_the_context():
         (1, 10, 11, H, "blake3"),
     ]
     assert origin == (112, 0)
-
 
 
 @pytest.mark.parametrize(
