@@ -62,7 +62,7 @@ def upload_model(urls: list[str], model: Path, path: str) -> tuple[int, list[int
     if not holding:
         raise UserError(
             f"no mirror in [data] publish took {path} ({'; '.join(failures.values())}); check "
-            "that the URLs are writable, then run the DAG again (its rescue DAG resumes here)"
+            "that the URLs are reachable and writable, then plan, or run the DAG, again"
         )
     return sent, holding
 
@@ -72,13 +72,12 @@ def _upload_one(mirror: Mirror, model: Path, path: str) -> int:
     try:
         transport.makedirs(str(PurePosixPath(path).parent))
         part = part_name(path)
-        sent = [0]
-        transport.put(model, part, 0, lambda n: sent.__setitem__(0, sent[0] + n))
-        size, expected = transport.size(part), model.stat().st_size
-        if size != expected:
-            raise OSError(f"the mirror holds {size} bytes of the {expected} sent")
+        transport.put(model, part, 0, lambda _chunk: None)
+        size, sent = transport.size(part), model.stat().st_size
+        if size != sent:
+            raise OSError(f"the mirror holds {size} bytes of the {sent} sent")
         transport.rename(part, path)
-        return sent[0]
+        return sent
     finally:
         transport.close()
 
