@@ -165,16 +165,19 @@ def run_models_fs(run_id: str, models_dir: Path) -> type[AbstractedFS]:
 def read_only_handler(
     root: Path,
     base: type[FTPHandler] = RangeFTPHandler,
-    fs: type[AbstractedFS] = AbstractedFS,
+    fs: type[AbstractedFS] | None = None,
 ) -> type[FTPHandler]:
-    """A handler class for anonymous, list-and-retrieve-only access to root (through `fs`).
+    """A handler class for anonymous, list-and-retrieve-only access to root (through `fs` when
+    given; otherwise through the base handler's own file system, which test mirrors replace).
 
     A fresh subclass per server: pyftpdlib configures handlers through class attributes.
     Passive data ports are left to the kernel, which always works on loopback.
     """
     authorizer = DummyAuthorizer()
     authorizer.add_anonymous(str(root), perm="elr")
-    attributes = {"authorizer": authorizer, "abstracted_fs": fs}
+    attributes: dict[str, object] = {"authorizer": authorizer}
+    if fs is not None:
+        attributes["abstracted_fs"] = fs
     return type(f"ReadOnly{base.__name__}", (base,), attributes)
 
 
