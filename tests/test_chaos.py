@@ -33,7 +33,9 @@ from tests.chaos import ChaosRun, ExternalMirror, Kill, drive, landed_job_kills,
 from tests.timing import job_seconds, wait_s
 
 SEED = 9  # the issue this test answers
-OPTIONS = {"sync": ["--slots", "2"], "async": ["--slots", "1", "--serial"]}
+# Fresh processes: the kills are timed from a fresh job's measured length (tests/timing.py), and
+# a warm job can end before its kill; test_local_runner_warm.py kills warm jobs and servers.
+OPTIONS = {"sync": ["--slots", "2", "--cold"], "async": ["--slots", "1", "--serial", "--cold"]}
 
 
 @pytest.fixture
