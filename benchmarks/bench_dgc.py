@@ -5,8 +5,8 @@ Variants of the same work: dense float32 updates; DGC at 99% sparsity without wa
 lanes' residuals in the execute machine's cache (the local runner's slots share one machine, so
 every job finds its lane's), and again with every residual lost (`[data] node_cache` relative:
 each job's own scratch folder, as if every job landed on a machine its lane never ran on); fp16
-and int8 quantised updates with error feedback. ROUNDS and LOCAL_STEPS change the demo's 6 x 45
-(error feedback needs rounds: see docs/benchmarks.md).
+and int8 quantised updates with error feedback, int8 also with every residual lost. ROUNDS and
+LOCAL_STEPS change the demo's 6 x 45 (error feedback needs rounds: see docs/benchmarks.md).
 
 Per variant, from report.json (node_payload/common/job_bytes.py): the network bytes per node job
 besides its training data (model in, payload and config in, update and metrics out) and its
@@ -31,6 +31,7 @@ VARIANTS: dict[str, dict[str, dict[str, Any]]] = {
     "dgc 99%, residuals lost": {"compression": DGC_99, "data": {"node_cache": "cache"}},
     "fp16": {"compression": {"method": "fp16"}},
     "int8": {"compression": {"method": "int8"}},
+    "int8, residuals lost": {"compression": {"method": "int8"}, "data": {"node_cache": "cache"}},
 }
 
 
