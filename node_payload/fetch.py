@@ -416,19 +416,22 @@ def fetch_file(
     timeout_s: float = 20.0,
     passes: int = PASSES,
     expected_sha256: str = "",
+    max_bytes: int | None = None,
+    expected_as: str = "the run was planned with",
 ) -> bytes:
-    """A whole file (the manifest) from the first mirror that serves all of it; given its
-    sha256, the first that serves that very file (the manifest the run was planned with)."""
+    """A whole file (the manifest, a published model: at most `max_bytes`, by default the
+    manifest's cap) from the first mirror that serves all of it; given its sha256, the first
+    that serves that very file (`expected_as` says whose)."""
     started = time.monotonic()
     result: list[bytes] = []
 
     def run(session: _Session) -> None:
-        data = session.read_file(path, MAX_MANIFEST_BYTES)
+        data = session.read_file(path, MAX_MANIFEST_BYTES if max_bytes is None else max_bytes)
         served = sha256(data).hexdigest() if expected_sha256 else ""
         if served != expected_sha256:
             raise MirrorLied(
-                f"serves a different {path} than the run was planned with ({len(data)} bytes, "
-                f"sha256 {served[:12]}..., planned {expected_sha256[:12]}...)"
+                f"serves a different {path} than {expected_as} ({len(data)} bytes, "
+                f"sha256 {served[:12]}..., expected {expected_sha256[:12]}...)"
             )
         result.append(data)
 

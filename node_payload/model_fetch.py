@@ -7,20 +7,10 @@ copy whose sha256 is not the pointer's is never written, let alone trained on; b
 to another mirror, and a mirror caught serving the wrong model is not asked again by this job.
 """
 
-import hashlib
-import time
 from pathlib import Path
 
 from node_payload.common.model_pointer import ModelPointer, read_pointer
-from node_payload.fetch import (
-    FetchStats,
-    MirrorLied,
-    _mirrors,
-    _order,
-    _Session,
-    _Task,
-    _with_failover,
-)
+from node_payload.fetch import FetchStats, fetch_file
 
 
 def fetch_model(
@@ -28,28 +18,17 @@ def fetch_model(
 ) -> Path:
     """Write the pointer's model to `target` once a mirror served its exact bytes; raises
     DataUnreachable (a retryable exit) when none did."""
-    started = time.monotonic()
-    verified: list[bytes] = []
-
-    def run(session: _Session) -> None:
-        data = session.read_file(pointer.path, pointer.bytes)
-        served = hashlib.sha256(data).hexdigest()
-        if len(data) != pointer.bytes or served != pointer.sha256:
-            raise MirrorLied(
-                f"serves another {pointer.path} than the run published ({len(data)} bytes, "
-                f"sha256 {served[:12]}...; published {pointer.bytes} bytes, "
-                f"{pointer.sha256[:12]}...)"
-            )
-        verified.append(data)
-
-    try:
-        parsed = _mirrors(mirrors)
-        task = _Task(pointer.path, _order(first, len(parsed), 0), run)
-        _with_failover(parsed, [task], stats, timeout_s=20.0)
-    finally:
-        stats.seconds += time.monotonic() - started
+    data = fetch_file(
+        mirrors,
+        first,
+        pointer.path,
+        stats,
+        expected_sha256=pointer.sha256,
+        max_bytes=pointer.bytes,
+        expected_as="the run published",
+    )
     target.parent.mkdir(parents=True, exist_ok=True)
-    target.write_bytes(verified[0])
+    target.write_bytes(data)
     return target
 
 

@@ -87,7 +87,7 @@ def test_a_mirror_serving_another_model_is_passed_over_and_never_trained_on(
         # The same job given the model itself, as file transfer would give it.
         assert node(run_dir, model_path(run_dir, 0), tmp_path / "given") == EXIT_OK
     (line,) = warnings(caplog)
-    assert urls[0] in line and "serves another" in line and "than the run published" in line
+    assert urls[0] in line and "serves a different" in line and "than the run published" in line
     fetched = (tmp_path / "fetched" / UPDATE_FILE).read_bytes()
     assert fetched == (tmp_path / "given" / UPDATE_FILE).read_bytes()
     metrics = json.loads((tmp_path / "fetched" / METRICS_FILE).read_text())
