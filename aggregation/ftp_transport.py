@@ -16,6 +16,15 @@ CHUNK = 256 * 1024
 TIMEOUT_S = 30.0
 
 
+def failure_reason(exc: BaseException) -> str:
+    """Why a transfer to a server failed, in its own words (for one line naming the server)."""
+    if isinstance(exc, EOFError):
+        return "connection closed by the server"
+    if isinstance(exc, OSError) and exc.strerror:
+        return exc.strerror
+    return str(exc) or type(exc).__name__
+
+
 class FtpTransport:
     """ftplib on one FTP server; the URL's path is below the login directory (RFC 1738)."""
 

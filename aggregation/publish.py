@@ -21,7 +21,7 @@ from dataclasses import replace
 from ftplib import all_errors
 from pathlib import Path, PurePosixPath
 
-from aggregation.ftp_transport import FtpTransport, part_name
+from aggregation.ftp_transport import FtpTransport, failure_reason, part_name
 from node_payload.common.atomic_file import write_text
 from node_payload.common.errors import UserError
 from node_payload.common.mirror_url import Mirror
@@ -56,7 +56,7 @@ def upload_model(urls: list[str], model: Path, path: str) -> tuple[int, list[int
             sent += _upload_one(mirror, model, path)
             holding.append(place)
         except (OSError, EOFError, *all_errors) as exc:
-            failures[mirror.label] = _reason(exc)
+            failures[mirror.label] = failure_reason(exc)
     for label, why in failures.items():
         print(f"publishing {path} on {label} failed: {why}; nodes use the others", flush=True)
     if not holding:
@@ -101,11 +101,3 @@ def with_password(mirror: Mirror) -> Mirror:
             f"line 'machine {mirror.host} login {mirror.user} password ...' to it"
         )
     return replace(mirror, password=entry[2] or "")
-
-
-def _reason(exc: BaseException) -> str:
-    if isinstance(exc, EOFError):
-        return "connection closed by the server"
-    if isinstance(exc, OSError) and exc.strerror:
-        return exc.strerror
-    return str(exc) or type(exc).__name__

@@ -38,7 +38,7 @@ from rich.progress import (
     TransferSpeedColumn,
 )
 
-from aggregation.ftp_transport import FtpTransport, part_name
+from aggregation.ftp_transport import FtpTransport, failure_reason, part_name
 from node_payload.common.errors import UserError
 from node_payload.common.manifest import DataFile, Manifest
 from node_payload.common.mirror_url import Mirror, redact
@@ -79,15 +79,7 @@ def connect(url: str, known_hosts: Path | None = None, identity: Path | None = N
     try:
         return FtpTransport(mirror)
     except all_errors as exc:
-        raise UserError(f"mirror {mirror.label}: cannot log in: {_reason(exc)}") from None
-
-
-def _reason(exc: BaseException) -> str:
-    if isinstance(exc, EOFError):
-        return "connection closed by the server"
-    if isinstance(exc, OSError) and exc.strerror:
-        return exc.strerror
-    return str(exc) or type(exc).__name__
+        raise UserError(f"mirror {mirror.label}: cannot log in: {failure_reason(exc)}") from None
 
 
 @dataclass
@@ -286,7 +278,7 @@ def upload(
                 job.upload(manifest_bytes, held)
             except (UserError, OSError, EOFError, paramiko.SSHException, *all_errors) as exc:
                 with lock:
-                    failures[job.t.label] = _reason(exc)
+                    failures[job.t.label] = failure_reason(exc)
 
         with progress, ThreadPoolExecutor(len(uploads)) as pool:
             list(pool.map(run, uploads, remote))
@@ -307,7 +299,9 @@ def _held_manifest(t: Transport) -> bytes | None:
     try:
         return t.read(MANIFEST)
     except (OSError, EOFError, paramiko.SSHException, *all_errors) as exc:
-        raise UserError(f"mirror {t.label}: cannot read {MANIFEST}: {_reason(exc)}") from None
+        raise UserError(
+            f"mirror {t.label}: cannot read {MANIFEST}: {failure_reason(exc)}"
+        ) from None
 
 
 def report(results: list[MirrorUpload], console: Console) -> None:
