@@ -208,7 +208,7 @@ def _table(results: dict[str, dict[str, Any]], nodes: int) -> Table:
             "{points:+.1f} points (target >= +5)",
         ),
         "federated_c": (
-            f"federated (c), {nodes} x rounds, lr x {nodes}",
+            f"federated (c), rounds and lr x {nodes}",
             "{points:+.1f} points (target >= +5)",
         ),
         "parallel_a": (
