@@ -21,14 +21,11 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # the pool harness lives in the test suite, not in the package
 
-from bench_planner import _htcondor_dags  # noqa: E402  (this folder is on sys.path)
+from bench_planner import _htcondor_dags, plan_tiny  # noqa: E402  (this folder is on sys.path)
 
 from node_payload.common.run_config import read_run_config  # noqa: E402
 from node_payload.common.run_layout import CONFIG_FILE, DAG_FILE  # noqa: E402
-from pipeline import config  # noqa: E402
-from pipeline.dataset_prepare import prepare  # noqa: E402
-from pipeline.planner import make_plan, write  # noqa: E402
-from pipeline.textures import generate  # noqa: E402
+from pipeline.planner import write  # noqa: E402
 from tests.condor_pool.fixtures import WORK_BASE  # noqa: E402
 from tests.condor_pool.pool import CondorPool, provision, reason_unavailable  # noqa: E402
 
@@ -41,22 +38,8 @@ _MARKS = {
 
 
 def _plan(work: Path, nodes: int, rounds: int) -> Path:
-    source = generate(work / "src", classes=4, images_per_class=4, size=128, progress=False)
-    prepare(source, work / "dataset", tile=32, overlap=0.5, holdout=0.25, progress=False)
-    cfg = config.from_dict(
-        {
-            "run": {"nodes": nodes, "rounds": rounds},
-            "data": {
-                "dataset": str(work / "dataset"),
-                "local_train": 64,
-                "local_test": 16,
-                "heldout_test": 64,
-            },
-            "execution": {"python": sys.executable, "submit_python": sys.executable},
-        },
-        base_dir=work,
-    )
-    return write(make_plan(cfg), work / "run")
+    python = {"python": sys.executable, "submit_python": sys.executable}
+    return write(plan_tiny(work, nodes, rounds, python), work / "run")
 
 
 def _stamps(out: Path, timeout_s: float) -> dict[str, datetime]:

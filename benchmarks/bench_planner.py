@@ -1,12 +1,13 @@
 """The planner against htcondor2.dags, side by side, for a 1,000-node x 100-round synchronous DAG.
 
 Both build the same DAG in memory and write it: per round a layer of node jobs (VARS round,
-rtag, node, ntag, seed, attempt; RETRY 2 UNLESS-EXIT 78; the POST script; CATEGORY train) and one
+rtag, node, ntag, attempt; RETRY 2 UNLESS-EXIT 78; the POST script; CATEGORY train) and one
 aggregation job after it, rounds chained, and the FINAL report node. dagtrain's figure is
 `run_dag` + `write_dag`; htcondor2.dags' is building its `DAG` of layers + `write_dag` (which
 also writes one submit file per layer). The two alternate in one process, REPEATS times each;
-the best of each is kept, as CPU time and as wall time. Then the whole `dagtrain plan` write (DAG, submit files,
-payload, initial model, round 0's folders) is timed once, with the initial model apart.
+the best of each is kept, as CPU time and as wall time. Then the whole `dagtrain plan` write
+(DAG, submit files, payload, initial model, round 0's folders) is timed once, with the initial
+model apart.
 
 Run:  python benchmarks/bench_planner.py [NODES ROUNDS] [--repeats N]
 """
@@ -23,13 +24,21 @@ from htcondor2 import dags
 
 from node_payload.common.run_config import RunConfig
 from node_payload.common.run_layout import DAG_FILE, MODELS_DIR, node_tag, round_tag
-from node_payload.sampling import node_seed
 from pipeline import config
 from pipeline.dag.run_dag import run_dag
 from pipeline.dag.writer import write_dag
 from pipeline.dataset_prepare import prepare
-from pipeline.planner import _initial_model, make_plan, write
+from pipeline.planner import Plan, _initial_model, make_plan, write
 from pipeline.textures import generate
+
+
+def plan_tiny(base: Path, nodes: int, rounds: int, execution: dict[str, str] | None = None) -> Plan:
+    """A plan of the given shape over a tiny procedural dataset prepared under base."""
+    source = generate(base / "src", classes=4, images_per_class=4, size=128, progress=False)
+    prepare(source, base / "dataset", tile=32, overlap=0.5, holdout=0.25, progress=False)
+    data = {"dataset": str(base / "dataset"), "local_train": 64, "local_test": 16}
+    raw = {"run": {"nodes": nodes, "rounds": rounds}, "data": {**data, "heldout_test": 64}}
+    return make_plan(config.from_dict({**raw, "execution": execution or {}}, base_dir=base))
 
 
 def _dagtrain(cfg: RunConfig, out: Path) -> Path:
@@ -50,8 +59,11 @@ def _htcondor_dags(cfg: RunConfig, out: Path) -> Path:
         rtag = round_tag(r)
         nodes = [
             {
-                **{"round": str(r), "rtag": rtag, "node": str(n), "ntag": node_tag(n)},
-                **{"seed": str(node_seed(run.seed, r, n)), "attempt": "$(RETRY)"},
+                "round": str(r),
+                "rtag": rtag,
+                "node": str(n),
+                "ntag": node_tag(n),
+                "attempt": "$(RETRY)",
             }
             for n in range(run.nodes)
         ]
@@ -102,21 +114,7 @@ def main() -> None:
     nodes, rounds = args.shape
     with tempfile.TemporaryDirectory() as tmp:
         base = Path(tmp)
-        source = generate(base / "src", classes=4, images_per_class=4, size=128, progress=False)
-        prepare(source, base / "dataset", tile=32, overlap=0.5, holdout=0.25, progress=False)
-        cfg = config.from_dict(
-            {
-                "run": {"nodes": nodes, "rounds": rounds},
-                "data": {
-                    "dataset": str(base / "dataset"),
-                    "local_train": 64,
-                    "local_test": 16,
-                    "heldout_test": 64,
-                },
-            },
-            base_dir=base,
-        )
-        plan = make_plan(cfg)
+        plan = plan_tiny(base, nodes, rounds)
         builders = {"dagtrain": _dagtrain, "htcondor2.dags": _htcondor_dags}
         best = _best(builders, plan.config, base, args.repeats)
         started = time.perf_counter()
