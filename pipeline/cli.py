@@ -1,5 +1,5 @@
 """The `dagtrain` command: plan, run, submit, status, rm, serve, upload, prepare, demo,
-baseline, predict, evaluate and export."""
+baseline, predict, evaluate, export and simulate."""
 
 import argparse
 import shlex
@@ -48,6 +48,13 @@ def _run(args: argparse.Namespace) -> int:
         warm=not args.cold,
     )
     return 0 if report["status"] == "completed" else 1
+
+
+def _simulate(args: argparse.Namespace) -> int:
+    from pipeline.simulate.command import run
+
+    run(args.config, args.set, args.pool, args.machines, args.quorum, args.seed, args.out, console)
+    return 0
 
 
 def _slow_slot(text: str) -> tuple[int, float]:
@@ -573,6 +580,34 @@ def parser() -> argparse.ArgumentParser:
     )
     _round_option(exp)
     exp.set_defaults(func=_export)
+
+    sim = commands.add_parser(
+        "simulate",
+        help="simulate the planned DAG on a model of a pool: sync, sync with a quorum, async",
+    )
+    sim.add_argument("config", type=Path, help="a TOML config file")
+    sim.add_argument("--pool", type=Path, help="a pool model (default: the one dagtrain ships)")
+    sim.add_argument("--machines", type=int, help="machines in the pool (default: the model's)")
+    sim.add_argument(
+        "--quorum",
+        type=float,
+        help="the quorum to compare (default: the config's if below 1, else 0.8)",
+    )
+    sim.add_argument("--seed", type=int, default=0, help="the pool's random seed (default: 0)")
+    sim.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="TABLE.KEY=VALUE",
+        help="set one config key over the file's, as for plan; repeatable (default: none)",
+    )
+    sim.add_argument(
+        "--out",
+        type=Path,
+        default=Path("simulate"),
+        help="folder for simulate.json and simulate.png (default: ./simulate)",
+    )
+    sim.set_defaults(func=_simulate)
     return root
 
 
