@@ -3,6 +3,8 @@
 import argparse
 from pathlib import Path
 
+from node_payload.checkpoint import CheckpointTaken
+from node_payload.checkpoint_files import CHECKPOINT_EXIT
 from node_payload.common.job_exit import run_job
 from node_payload.node_job import NodeTask, run_node
 
@@ -37,4 +39,9 @@ def main(argv: list[str] | None = None) -> int:
             f"in {metrics['seconds']:.1f} s"
         )
 
-    return run_job(f"dagtrain node (round {task.round_} node {task.node})", work)
+    where = f"dagtrain node (round {task.round_} node {task.node})"
+    try:
+        return run_job(where, work)
+    except CheckpointTaken as taken:  # HTCondor keeps the checkpoint and restarts the job
+        print(f"{where}: {taken}, exiting to be restarted")
+        return CHECKPOINT_EXIT

@@ -8,6 +8,7 @@ from typing import Any
 
 import torch
 
+from node_payload.checkpoint import Checkpoints, JobIdentity
 from node_payload.common.job_bytes import JobBytes, Moved, payload_bytes
 from node_payload.common.model_file import load_model
 from node_payload.common.run_config import read_run_config
@@ -66,7 +67,15 @@ def run_node(task: NodeTask) -> dict[str, Any]:
     global_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
     # Where the run is in its schedule: the round, or (asynchronous) the model's version.
     position = base_version if config.is_async else task.round_
-    result, schedule, first_step = train_job(model, train.x, train.y, config, position, seed)
+    checkpoints = None
+    if config.train.checkpoint_s:
+        identity = JobIdentity.of(
+            config.run.run_id, task.round_, task.node, [task.config_path, task.model_path]
+        )
+        checkpoints = Checkpoints(task.out_dir, identity, config.train.checkpoint_s)
+    result, schedule, first_step = train_job(
+        model, train.x, train.y, config, position, seed, checkpoints
+    )
     test_loss, test_accuracy = evaluate(model, test.x, test.y)
     real_seconds = time.time() - started_at
     factor = slowdown(config, task.node)
@@ -116,6 +125,8 @@ def run_node(task: NodeTask) -> dict[str, Any]:
         "slowdown": factor,
         "train_fragments": train_ids,  # for the run's coverage of the training fragments
         "bytes": moved.to_json(),  # by kind and way (node_payload/common/job_bytes.py)
+        # Self-checkpointing: when each checkpoint was written and each restart resumed.
+        "checkpoints": checkpoints.history.to_json() if checkpoints else None,
         **compression,  # update_bytes; compressed: residual, and kept_fraction, sparsity, ...
     }
     (task.out_dir / METRICS_FILE).write_text(json.dumps(metrics, indent=1) + "\n")

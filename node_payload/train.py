@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from node_payload.batches import augment as augment_batch
+from node_payload.checkpoint import Checkpoints, CheckpointTaken, Progress
 from node_payload.common.run_config import RunConfig, TrainTable
 
 
@@ -67,17 +68,35 @@ def sgd(
     )
 
 
-def shuffled_batches(n: int, batch_size: int, generator: torch.Generator) -> Iterator[torch.Tensor]:
+class Sampler:
     """Index batches over shuffled epochs of n samples; an epoch's last partial batch is left
-    out (the planner warns about a local_train that is not a multiple of batch_size)."""
-    order = torch.randperm(n, generator=generator)
-    cursor = 0
+    out (the planner warns about a local_train that is not a multiple of batch_size). Its
+    position (the epoch's order and the cursor in it) lives in a Progress, so a checkpoint
+    can carry it."""
+
+    def __init__(self, n: int, batch_size: int, generator: torch.Generator, at: Progress) -> None:
+        self.n = n
+        self.batch_size = batch_size
+        self.generator = generator
+        self.at = at
+        if len(at.order) == 0:
+            at.order = torch.randperm(n, generator=generator)
+
+    def next(self) -> torch.Tensor:
+        at = self.at
+        if at.cursor + self.batch_size > self.n:
+            at.order = torch.randperm(self.n, generator=self.generator)
+            at.cursor = 0
+        index = at.order[at.cursor : at.cursor + self.batch_size]
+        at.cursor += self.batch_size
+        return index
+
+
+def shuffled_batches(n: int, batch_size: int, generator: torch.Generator) -> Iterator[torch.Tensor]:
+    """The Sampler's batches, endlessly (the centralized baseline's)."""
+    sampler = Sampler(n, batch_size, generator, Progress())
     while True:
-        if cursor + batch_size > n:
-            order = torch.randperm(n, generator=generator)
-            cursor = 0
-        yield order[cursor : cursor + batch_size]
-        cursor += batch_size
+        yield sampler.next()
 
 
 def train_local(
@@ -94,32 +113,49 @@ def train_local(
     weight_decay: float,
     augment: bool,
     seed: int,
+    checkpoints: Checkpoints | None = None,
 ) -> LocalResult:
     """SGD with (Nesterov) momentum over shuffled epochs of the local set, at the schedule's
-    rates for global steps first_step onwards; seeded so a node is reproducible."""
+    rates for global steps first_step onwards; seeded so a node is reproducible. With
+    `checkpoints`, it starts from the job's checkpoint if there is one, and writes one and
+    raises CheckpointTaken once their interval has passed (between two steps)."""
     generator = torch.Generator().manual_seed(seed)
     optimizer = sgd(model, schedule.lr(first_step), momentum, nesterov, weight_decay)
     loss_fn = nn.CrossEntropyLoss()
     model.train()
-    batches = shuffled_batches(len(y), batch_size, generator)
-    total_loss, correct, seen = 0.0, 0, 0
-    for step, index in zip(range(first_step, first_step + steps), batches, strict=False):
+    at = Progress()
+    sampler = Sampler(len(y), batch_size, generator, at)
+    if checkpoints is not None:
+        checkpoints.resume(model, optimizer, generator, at, steps, len(y))
+    start = at.step  # a checkpoint needs a step of progress in this process
+    while at.step < steps:
+        if checkpoints is not None and at.step > start and checkpoints.due():
+            checkpoints.save(model, optimizer, generator, at)
+            raise CheckpointTaken(f"checkpoint written at step {at.step} of {steps}")
         for group in optimizer.param_groups:
-            group["lr"] = schedule.lr(step)
+            group["lr"] = schedule.lr(first_step + at.step)
+        index = sampler.next()
         inputs = augment_batch(x[index], generator) if augment else x[index]
         logits = model(inputs)
         loss = loss_fn(logits, y[index])
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-        total_loss += loss.item() * len(index)
-        correct += int((logits.argmax(1) == y[index]).sum())
-        seen += len(index)
-    return LocalResult(total_loss / max(seen, 1), correct / max(seen, 1), steps)
+        at.total_loss += loss.item() * len(index)
+        at.correct += int((logits.argmax(1) == y[index]).sum())
+        at.seen += len(index)
+        at.step += 1
+    return LocalResult(at.total_loss / max(at.seen, 1), at.correct / max(at.seen, 1), steps)
 
 
 def train_job(
-    model: nn.Module, x: torch.Tensor, y: torch.Tensor, config: RunConfig, position: int, seed: int
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    config: RunConfig,
+    position: int,
+    seed: int,
+    checkpoints: Checkpoints | None = None,
 ) -> tuple[LocalResult, Schedule, int]:
     """A node job's training: its steps at its place in the run's schedule (the round, or the
     model's version when asynchronous); the result, the schedule and the first global step."""
@@ -139,6 +175,7 @@ def train_job(
         weight_decay=train.weight_decay,
         augment=train.augment,
         seed=seed,
+        checkpoints=checkpoints,
     )
     return result, schedule, position * steps
 

@@ -273,6 +273,11 @@ class TrainTable:
     nesterov: bool = key(False, "true: Nesterov momentum on the nodes")
     weight_decay: float = key(5e-4, "a non-negative number", _non_negative)
     augment: bool = key(True, "true or false")
+    checkpoint_s: int = key(
+        0,
+        "seconds of training between a node job's checkpoints (self-checkpointing); 0: off",
+        _non_negative,
+    )
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,56 @@
+"""A small node training, interrupted at chosen steps, for the checkpoint tests."""
+
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from node_payload.checkpoint import Checkpoints, CheckpointTaken, JobIdentity
+from node_payload.common.models import build_model
+from node_payload.train import LocalResult, Schedule, train_local
+
+STEPS = 12
+IDENTITY = JobIdentity("run-a", 2, 1, "ab" * 32)
+
+
+class AtSteps(Checkpoints):
+    """Checkpoints due after the chosen steps (numbered from the job's start), not by time."""
+
+    def __init__(self, directory: Path, at: set[int], identity: JobIdentity = IDENTITY) -> None:
+        super().__init__(directory, identity, interval_s=0)
+        self.at = at
+        self.calls = 0
+
+    def due(self) -> bool:
+        self.calls += 1
+        resumed = self.history.resumed
+        return (int(resumed[-1]["step"]) if resumed else 0) + self.calls in self.at
+
+
+def data() -> tuple[torch.Tensor, torch.Tensor]:
+    generator = torch.Generator().manual_seed(5)
+    return torch.rand(40, 3, 16, 16, generator=generator), torch.arange(40) % 4
+
+
+def train(checkpoints: Checkpoints | None) -> tuple[LocalResult, dict[str, torch.Tensor]]:
+    """One process's training of the same job: the same model, data and seed every time."""
+    torch.manual_seed(11)  # the process's global random state, as a fresh job starts with
+    model = build_model("smallcnn", 4, 3, seed=3)
+    x, y = data()
+    result = train_local(
+        model, x, y, steps=STEPS, batch_size=8, schedule=Schedule(0.05, "cosine", 100, 5),
+        first_step=20, momentum=0.9, nesterov=True, weight_decay=5e-4, augment=True, seed=7,
+        checkpoints=checkpoints,
+    )  # fmt: skip
+    return result, model.state_dict()
+
+
+def until_done(make: Callable[[], Checkpoints]) -> tuple[LocalResult, dict[str, torch.Tensor], int]:
+    """Restart the job (a new Checkpoints, as a new process) until it finishes."""
+    for restarts in range(STEPS + 1):
+        try:
+            result, state = train(make())
+        except CheckpointTaken:
+            continue
+        return result, state, restarts
+    raise AssertionError("the job never finished")
