@@ -62,7 +62,7 @@ from pipeline.dag.writer import write_dag
 from pipeline.dataset_prepare import prepare
 from pipeline.mirror_check import check_mirrors
 from pipeline.mirrors import free_ports
-from pipeline.payload_zip import write_payload
+from pipeline.payload_zip import write_launcher, write_payload
 from pipeline.submit_files import submit_files
 
 
@@ -88,8 +88,8 @@ class Plan:
 
     @property
     def dag(self) -> Dag:
-        """The run's DAG as data: `write` writes it, and reading the file back gives it again."""
-        return run_dag(self.config)
+        """The run's DAG node by node: reading the file `write` writes gives it again."""
+        return run_dag(self.config).expand()
 
 
 def _warn(message: str, label: str = "[yellow]warning:[/]") -> None:
@@ -288,7 +288,7 @@ def write(plan: Plan, run_dir: Path) -> Path:
     _check_target(run_dir)
     staging = _staging_dir(run_dir)
     try:
-        write_dag(plan.dag, staging / DAG_FILE)
+        write_dag(run_dag(plan.config), staging / DAG_FILE)
         for relative, text in _text_files(plan).items():
             target = staging / relative
             target.parent.mkdir(parents=True, exist_ok=True)
@@ -299,6 +299,7 @@ def write(plan: Plan, run_dir: Path) -> Path:
             (staging / "config.toml").chmod(0o600)
         (staging / PAYLOAD_DIR).mkdir()
         write_payload(staging / PAYLOAD_DIR)
+        write_launcher(staging / PAYLOAD_DIR, plan.config)
         (staging / MODELS_DIR).mkdir()
         _initial_model(plan, staging)
         _job_dirs(plan, staging)

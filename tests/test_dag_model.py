@@ -10,7 +10,7 @@ from aggregation.async_claim import EXIT_SKIP
 from node_payload.common.errors import EXIT_FATAL, UserError
 from node_payload.common.run_layout import DAG_FILE
 from pipeline import config as config_mod
-from pipeline.dag.model import Dag, Node, Script
+from pipeline.dag.model import Dag, Layer, LayeredDag, Node, Script
 from pipeline.dag.writer import dag_text, dag_var
 from pipeline.local_runner.dag_file import parse_dag
 from pipeline.planner import make_plan, write
@@ -167,3 +167,40 @@ def test_the_writer_refuses_what_a_dag_line_cannot_hold(tmp_path: Path) -> None:
         dag_text(Dag(tmp_path / "x.dag", nodes={"a b": Node("a b", "a.sub")}))
     with pytest.raises(ValueError, match="line break"):
         dag_var("two\nlines")
+
+
+def test_a_layer_is_written_as_the_nodes_it_stands_for(tmp_path: Path) -> None:
+    """A layer's nodes share all but their names and VARS columns; a layer may wait for nodes
+    declared after it, and its PARENT line then follows theirs."""
+    dag = LayeredDag(tmp_path / "layers.dag", comment=("layers",))
+    post = Script("post.sh", ["$JOB"])
+    names, tags = ["a0", "a1", "a2"], ["x", 'say "{hi}"', "\\o/"]
+    dag.layers += [
+        Layer(
+            names,
+            "a.sub",
+            vars={"tag": tags, "round": "0"},
+            parents=["b"],
+            post=post,
+            retries=2,
+            comment=("---- a ----",),
+        ),
+        Layer(["b"], "b.sub", vars={"round": "1"}, post=post, retries=2, category="merge"),
+        Layer(["end"], "end.sub", final=True, vars={"why": "{}"}),
+    ]
+    text = dag_text(dag)
+    assert 'VARS a1 tag="say \\"{hi}\\"" round="0"' in text.splitlines()
+    assert text.index("JOB b b.sub") < text.index("PARENT b CHILD a0 a1 a2")
+    assert "RETRY ALL_NODES 2" in text.splitlines() and "CATEGORY b merge" in text.splitlines()
+    dag.path.write_text(text)
+    parsed = parse_dag(dag.path)
+    assert parsed == dag.expand()
+    assert parsed.nodes["a2"].vars == {"tag": "\\o/", "round": "0"}
+    assert parsed.nodes["a0"].comment == ("---- a ----",) and parsed.nodes["a1"].comment == ()
+    assert parsed.nodes["b"].children == set(names) and parsed.final == "end"
+
+
+def test_the_writer_refuses_a_parent_that_is_never_declared(tmp_path: Path) -> None:
+    dag = LayeredDag(tmp_path / "x.dag", layers=[Layer(["a"], "a.sub", parents=["ghost"])])
+    with pytest.raises(ValueError, match="never declared: 'ghost'"):
+        dag_text(dag)

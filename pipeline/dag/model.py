@@ -1,14 +1,18 @@
-"""A DAGMan input file as typed objects, for both sides: the planner builds one and the writer
-writes it; the local runner's parser reads one back. Names and paths are kept as the file writes
-them; where the file lies is not part of what it says, so it is kept but never compared."""
+"""A DAGMan input file as typed objects, for both sides. The planner builds a `LayeredDag`: layers
+of nodes that are alike but for their names and some VARS values (a round's node jobs), which the
+writer writes at the cost of one formatted line per node. The local runner's parser reads a file
+back as a `Dag`, node by node; a `LayeredDag` expands to the same `Dag`, and a `Dag` is a
+`LayeredDag` of one-node layers. Names and paths are kept as the file writes them; where the file
+lies is not part of what it says, so it is kept but never compared."""
 
 from __future__ import annotations
 
 import gc
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from functools import cached_property
+from operator import attrgetter
 from pathlib import Path
 
 
@@ -55,11 +59,11 @@ class Node:
 
 
 @dataclass
-class Dag:
+class DagSettings:
+    """What a DAG file says before its nodes: the header and the DAG-wide settings."""
+
     path: Path = field(compare=False)  # the DAG file
-    nodes: dict[str, Node] = field(default_factory=dict)
     comment: tuple[str, ...] = ()  # the header: comment lines at the top of the file
-    final: str | None = None
     maxjobs: dict[str, int] = field(default_factory=dict)  # category -> node jobs at once
     status_file: str | None = None  # NODE_STATUS_FILE, relative to the DAG's folder
     status_min_update: int = 60
@@ -69,6 +73,14 @@ class Dag:
     @cached_property
     def directory(self) -> Path:
         return self.path.parent
+
+
+@dataclass
+class Dag(DagSettings):
+    """The DAG node by node, as the local runner reads and runs it."""
+
+    nodes: dict[str, Node] = field(default_factory=dict)
+    final: str | None = None
 
     def add(self, node: Node) -> Node:
         """Declare a node (after the ones already declared); a FINAL node becomes the DAG's."""
@@ -85,6 +97,70 @@ class Dag:
             nodes[parent].children.update(children)
             for child in children:
                 nodes[child].parents.add(parent)
+
+    def layered(self) -> LayeredDag:
+        """The same DAG as one-node layers, in declaration order, for the writer."""
+        settings = {name: getattr(self, name) for name in _SETTINGS_FIELDS}
+        layers = LayeredDag(**settings)
+        order = {name: node.order for name, node in self.nodes.items()}
+        for node in sorted(self.nodes.values(), key=attrgetter("order")):
+            like = {name: getattr(node, name) for name in _LIKE_FIELDS}
+            parents = sorted(node.parents, key=order.__getitem__)
+            layers.layers.append(Layer([node.name], vars=dict(node.vars), parents=parents, **like))
+        return layers
+
+
+@dataclass(slots=True)
+class Layer:
+    """Nodes declared one after another that are alike but for their names and some VARS values:
+    a round's node jobs, say. A VARS value is one string for every node of the layer or a column
+    of one per node; `comment` stands above the first node, and every node waits for each of
+    `parents` (declared earlier or later). The other fields are those of `Node`."""
+
+    names: Sequence[str]
+    submit: str
+    vars: Mapping[str, str | Sequence[str]] = field(default_factory=dict)
+    parents: Sequence[str] = ()
+    dir: str = ""
+    final: bool = False
+    done: bool = False
+    retries: int = 0
+    unless_exit: int | None = None
+    pre: Script | None = None
+    post: Script | None = None
+    pre_skip: int | None = None
+    category: str | None = None
+    priority: int = 0
+    abort_on: tuple[int, int | None] | None = None
+    comment: tuple[str, ...] = ()
+
+    def nodes(self) -> Iterator[Node]:
+        """The layer's nodes, without their edges."""
+        like = {name: getattr(self, name) for name in _LIKE_FIELDS if name != "comment"}
+        for i, name in enumerate(self.names):
+            values = {k: v if isinstance(v, str) else v[i] for k, v in self.vars.items()}
+            comment = self.comment if i == 0 else ()
+            yield Node(name, vars=values, comment=comment, **like)
+
+
+@dataclass
+class LayeredDag(DagSettings):
+    """The DAG as the planner builds it and the writer writes it: layers in declaration order."""
+
+    layers: list[Layer] = field(default_factory=list)
+
+    def expand(self) -> Dag:
+        """The same DAG node by node, as parsing its file gives it."""
+        dag = Dag(**{name: getattr(self, name) for name in _SETTINGS_FIELDS})
+        declared = [[dag.add(node).name for node in layer.nodes()] for layer in self.layers]
+        for layer, names in zip(self.layers, declared, strict=True):
+            dag.connect(layer.parents, names)  # a parent may be declared after its children
+        return dag
+
+
+# What a layer shares with each of its nodes, and what a Dag shares with a LayeredDag.
+_LIKE_FIELDS = [f.name for f in fields(Layer) if f.name not in ("names", "vars", "parents")]
+_SETTINGS_FIELDS = [f.name for f in fields(DagSettings)]
 
 
 @contextmanager

@@ -1,6 +1,9 @@
 """The DAG of a run, from its resolved config: synchronous rounds (a layer of node jobs, then
 one aggregation job, rounds chained) or asynchronous lanes (chains of node jobs whose PRE script
-claims the newest model and whose POST script applies the update), and the FINAL report."""
+claims the newest model and whose POST script applies the update), and the FINAL report.
+
+A round's node jobs are one layer: their names and node columns are made once per round, and
+nothing else per job, so planning 100,000 jobs costs about as much as writing their lines."""
 
 from itertools import pairwise
 from pathlib import Path
@@ -27,7 +30,7 @@ from node_payload.common.run_layout import (
     round_tag,
 )
 
-from .model import Dag, Node, Script, paused_gc
+from .model import Layer, LayeredDag, Script, paused_gc
 
 STATUS_INTERVAL_S = 10
 TRAIN, AGGREGATE = "train", "aggregate"  # node categories; MAXJOBS throttles TRAIN
@@ -41,8 +44,8 @@ SUBMIT_HINT = (
 )
 
 
-def run_dag(config: RunConfig) -> Dag:
-    dag = Dag(Path(DAG_FILE), status_file=STATUS_FILE, status_min_update=STATUS_INTERVAL_S)
+def run_dag(config: RunConfig) -> LayeredDag:
+    dag = LayeredDag(Path(DAG_FILE), status_file=STATUS_FILE, status_min_update=STATUS_INTERVAL_S)
     if config.run.max_node_jobs:
         dag.maxjobs[TRAIN] = config.run.max_node_jobs
     with paused_gc():
@@ -50,11 +53,11 @@ def run_dag(config: RunConfig) -> Dag:
             _lanes(dag, config)
         else:
             _rounds(dag, config)
-    dag.add(Node(REPORT, REPORT_SUBMIT, final=True, comment=("---- report ----",)))
+    dag.layers.append(Layer([REPORT], REPORT_SUBMIT, final=True, comment=("---- report ----",)))
     return dag
 
 
-def _rounds(dag: Dag, config: RunConfig) -> None:
+def _rounds(dag: LayeredDag, config: RunConfig) -> None:
     run = config.run
     dag.comment = (
         f'dagtrain run "{run.name}": {run.nodes} node jobs x {run.rounds} synchronous rounds.',
@@ -64,39 +67,37 @@ def _rounds(dag: Dag, config: RunConfig) -> None:
         "report.json whatever happens.",
     )
     retried = _retried(config)
-    nodes = [{"node": str(n), "ntag": node_tag(n), "attempt": ATTEMPT} for n in range(run.nodes)]
+    nodes = [str(n) for n in range(run.nodes)]
+    ntags = [node_tag(n) for n in range(run.nodes)]
     waiting_for: list[str] = []
     for r in range(run.rounds):
-        variables = {"round": str(r), "rtag": round_tag(r)}
+        rtag = round_tag(r)
+        variables = {"round": str(r), "rtag": rtag}
         # Node n's job in round r (a compressed update's residual stays on the execute machine).
-        jobs = [
-            Node(
-                node_name(r, n),
-                NODE_SUBMIT,
-                vars=variables | node,
-                post=_NODE_POST,
-                category=TRAIN,
-                **retried,
-            )
-            for n, node in enumerate(nodes)
-        ]
-        jobs[0].comment = (f"---- round {r} ----",)
-        names = [dag.add(job).name for job in jobs]
-        if waiting_for:
-            dag.connect(waiting_for, names)
-        aggregate = Node(
-            aggregate_name(r),
+        jobs = Layer(
+            [node_name(r, n) for n in range(run.nodes)],
+            NODE_SUBMIT,
+            vars=variables | {"node": nodes, "ntag": ntags, "attempt": ATTEMPT},
+            parents=waiting_for,
+            post=_NODE_POST,
+            category=TRAIN,
+            comment=(f"---- round {r} ----",),
+            **retried,
+        )
+        aggregate = Layer(
+            [aggregate_name(r)],
             AGGREGATE_SUBMIT,
             vars=variables | {"attempt": ATTEMPT},
+            parents=jobs.names,
             post=_NODE_POST,
             category=AGGREGATE,
             **retried,
         )
-        waiting_for = [dag.add(aggregate).name]
-        dag.connect(names, waiting_for)
+        dag.layers += [jobs, aggregate]
+        waiting_for = aggregate.names
 
 
-def _lanes(dag: Dag, config: RunConfig) -> None:
+def _lanes(dag: LayeredDag, config: RunConfig) -> None:
     run, length = config.run, lane_length(config)
     budget = f"{config.update_budget} updates in all"
     if config.async_.time_budget_s:
@@ -114,20 +115,21 @@ def _lanes(dag: Dag, config: RunConfig) -> None:
     for lane in range(run.nodes):
         jobs = [_lane_job(config, lane, step) for step in range(length)]
         jobs[0].comment = (f"---- lane {lane} ----",)
-        names = [dag.add(job).name for job in jobs]
-        for before, after in pairwise(names):
-            dag.connect([before], [after])
+        for before, after in pairwise(jobs):
+            after.parents = before.names
+        dag.layers += jobs
 
 
-def _lane_job(config: RunConfig, lane: int, step: int) -> Node:
-    """A lane's job `step`: its PRE script hands it the newest model, or skips it once the budget
-    is spoken for; its POST script applies its update."""
+def _lane_job(config: RunConfig, lane: int, step: int) -> Layer:
+    """A lane's job `step`, a layer of its own since its scripts name it: its PRE script hands it
+    the newest model, or skips it once the budget is spoken for; its POST script applies its
+    update."""
     variables = {"round": str(step), "node": str(lane), "ltag": lane_tag(lane)}
     variables |= {"jtag": job_tag(step), "attempt": ATTEMPT}
     which = ["--config", CONFIG_FILE, "--lane", str(lane), "--step", str(step)]
     retry = ["--return", "$RETURN", "--retry", "$RETRY", "--max-retries", "$MAX_RETRIES"]
-    return Node(
-        lane_job_name(lane, step),
+    return Layer(
+        [lane_job_name(lane, step)],
         NODE_SUBMIT,
         vars=variables,
         pre=Script(LANE_SCRIPT, ["claim", *which]),

@@ -1,10 +1,13 @@
-"""One writer for every DAG: a `Dag` becomes DAGMan's input file, deterministically, in one pass.
+"""One writer for every DAG: a `LayeredDag` (or a `Dag`, as one-node layers) becomes DAGMan's
+input file, deterministically, in one streamed pass.
 
 The header comes first, then the settings (status file, CONFIG, MAXJOBS), then what every node
-but the FINAL one shares, as DAGMan's `ALL_NODES` lines, then each node's block in declaration
-order: its JOB line, one VARS line with the values that are its own, and the commands in which
-it differs from the shared ones. Each PARENT/CHILD line follows the last block it names, so the
-file never refers to a node ahead of its JOB line.
+but the FINAL one shares, as DAGMan's `ALL_NODES` lines, then each layer's nodes in declaration
+order: a node's JOB line, one VARS line with the values that are its own, and the commands in
+which it differs from the shared ones. A layer's nodes differ only in their names and some VARS
+values, so the layer makes one template of its nodes' lines and each node costs one format of
+it. A layer's PARENT/CHILD line follows the last block it names, so the file never refers to a
+node ahead of its JOB line.
 
 A setting is shared only when every node but the FINAL one has it (a later command can change a
 node's setting but never remove it) and its most common value serves more than one node; a node
@@ -16,20 +19,20 @@ holds the same one, since DAGMan warns when a node's variable is set twice.
 import io
 import re
 from collections import Counter
-from operator import attrgetter
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TextIO
 
-from .model import Dag, Node, Script, paused_gc
+from .model import Dag, Layer, LayeredDag, Script, paused_gc
 
 ALL_NODES = "ALL_NODES"
 SHARED_COMMENT = "Every node but the FINAL one, unless its own lines below say otherwise:"
-_CHUNK = 4096  # node blocks per write
 _SPACE = re.compile(r"\s")
 _ESCAPED = re.compile(r'[\\"\n\r]')  # what dag_var escapes or refuses
 
 # A node's settings as (command head, value after its name): the line is "head name value".
 Setting = tuple[str, str]
+_UNEVEN = object()  # a VARS column whose values differ
 
 
 def dag_var(value: object) -> str:
@@ -40,19 +43,19 @@ def dag_var(value: object) -> str:
     return text.replace("\\", "\\\\").replace('"', '\\"')
 
 
-def write_dag(dag: Dag, path: Path) -> None:
+def write_dag(dag: LayeredDag | Dag, path: Path) -> None:
     """Write the DAG file at `path`, streamed: never the whole text in memory."""
     with path.open("w") as out:
-        _write(dag, out)
+        _write(dag.layered() if isinstance(dag, Dag) else dag, out)
 
 
-def dag_text(dag: Dag) -> str:
+def dag_text(dag: LayeredDag | Dag) -> str:
     out = io.StringIO()
-    _write(dag, out)
+    _write(dag.layered() if isinstance(dag, Dag) else dag, out)
     return out.getvalue()
 
 
-def _write(dag: Dag, out: TextIO) -> None:
+def _write(dag: LayeredDag, out: TextIO) -> None:
     with paused_gc():
         lines = [_comment(text) for text in dag.comment]
         if dag.status_file is not None:
@@ -62,60 +65,54 @@ def _write(dag: Dag, out: TextIO) -> None:
         for category, limit in dag.maxjobs.items():
             lines += ["", f"# At most {limit} node jobs of category {category} at once."]
             lines.append(f"MAXJOBS {_word(category)} {limit}")
-        nodes = sorted(dag.nodes.values(), key=attrgetter("order"))
-        shared = _Shared([node for node in nodes if not node.final])
+        shared = _Shared([layer for layer in dag.layers if not layer.final])
         lines += shared.lines()
         out.write("\n".join(lines) + "\n")
-        edges = _edges_by_last_node(dag, nodes)
-        block: list[str] = []
-        for count, node in enumerate(nodes, start=1):
-            shared.node_lines(node, block)
-            for parents, children in edges.get(node.name, ()):
-                block.append(f"PARENT {' '.join(parents)} CHILD {' '.join(children)}")
-            if count % _CHUNK == 0:
-                out.write("\n".join(block) + "\n")
-                block = []
-        if block:
-            out.write("\n".join(block) + "\n")
+        edges = _Edges(out)
+        for layer in dag.layers:
+            out.write(shared.block(layer))
+            edges.declared(layer)
+        edges.check()
 
 
-def _settings(node: Node) -> dict[str, str]:
-    """The node's commands other than JOB, VARS and PARENT/CHILD, in the order they are written."""
+def _settings(layer: Layer) -> dict[str, str]:
+    """The commands other than JOB, VARS and PARENT/CHILD of each node of the layer, in the order
+    they are written."""
     settings: dict[str, str] = {}
-    if node.pre is not None:
-        head, value = _script("PRE", node.pre)
+    if layer.pre is not None:
+        head, value = _script("PRE", layer.pre)
         settings[head] = value
-    if node.pre_skip is not None:
-        settings["PRE_SKIP"] = str(node.pre_skip)
-    if node.post is not None:
-        head, value = _script("POST", node.post)
+    if layer.pre_skip is not None:
+        settings["PRE_SKIP"] = str(layer.pre_skip)
+    if layer.post is not None:
+        head, value = _script("POST", layer.post)
         settings[head] = value
-    if node.retries or node.unless_exit is not None:
-        unless = f" UNLESS-EXIT {node.unless_exit}" if node.unless_exit is not None else ""
-        settings["RETRY"] = f"{node.retries}{unless}"
-    if node.category is not None:
-        settings["CATEGORY"] = _word(node.category)
-    if node.priority:
-        settings["PRIORITY"] = str(node.priority)
-    if node.abort_on is not None:
-        status, value = node.abort_on
+    if layer.retries or layer.unless_exit is not None:
+        unless = f" UNLESS-EXIT {layer.unless_exit}" if layer.unless_exit is not None else ""
+        settings["RETRY"] = f"{layer.retries}{unless}"
+    if layer.category is not None:
+        settings["CATEGORY"] = _word(layer.category)
+    if layer.priority:
+        settings["PRIORITY"] = str(layer.priority)
+    if layer.abort_on is not None:
+        status, value = layer.abort_on
         settings["ABORT-DAG-ON"] = f"{status}{f' RETURN {value}' if value is not None else ''}"
     return settings
 
 
-def _settings_key(node: Node) -> tuple[object, ...]:
-    """What decides a node's settings; nodes built alike share their script objects, so their
+def _settings_key(layer: Layer) -> tuple[object, ...]:
+    """What decides a layer's settings; layers built alike share their script objects, so their
     settings are worked out once (the scripts live as long as the DAG, so their ids are unique)."""
-    pre, post = id(node.pre), id(node.post)
+    pre, post = id(layer.pre), id(layer.post)
     return (
         pre,
-        node.pre_skip,
+        layer.pre_skip,
         post,
-        node.retries,
-        node.unless_exit,
-        node.category,
-        node.priority,
-        node.abort_on,
+        layer.retries,
+        layer.unless_exit,
+        layer.category,
+        layer.priority,
+        layer.abort_on,
     )
 
 
@@ -127,16 +124,17 @@ def _script(kind: str, script: Script) -> Setting:
 
 
 class _Shared:
-    """What the nodes (all but the FINAL one) share: the ALL_NODES lines; and each node's own
-    lines."""
+    """What the nodes (all but the FINAL one) share: the ALL_NODES lines; and each layer's block
+    of its nodes' own lines."""
 
-    def __init__(self, nodes: list[Node]) -> None:
-        node_keys = [_settings_key(node) for node in nodes]
+    def __init__(self, layers: list[Layer]) -> None:
+        layer_keys = [_settings_key(layer) for layer in layers]
         self.by_key: dict[tuple[object, ...], dict[str, str]] = {}
-        for key, node in zip(node_keys, nodes, strict=True):
+        keys: Counter[tuple[object, ...]] = Counter()
+        for key, layer in zip(layer_keys, layers, strict=True):
             if key not in self.by_key:
-                self.by_key[key] = _settings(node)
-        keys = Counter(node_keys)
+                self.by_key[key] = _settings(layer)
+            keys[key] += len(layer.names)
         self.settings: dict[str, str] = {}
         heads = dict.fromkeys(head for settings in self.by_key.values() for head in settings)
         for head in heads:
@@ -154,72 +152,104 @@ class _Shared:
             ]
             for key, settings in self.by_key.items()
         }
-        names = [node.name for node in nodes]
-        # each node's own settings, by name
-        self.own_of = dict(zip(names, map(self.own.__getitem__, node_keys), strict=True))
-        first = nodes[0].vars.items() if len(nodes) > 1 else ()
-        self.vars = {
-            key: value for key, value in first if all(n.vars.get(key) == value for n in nodes)
-        }
-        self.templates: dict[tuple[tuple[str, ...], bool], str] = {}
-        self.job_words: dict[str, str] = {}  # by submit file, for nodes without DIR or DONE
+        self.vars = _shared_vars(layers) if sum(keys.values()) > 1 else {}
 
     def lines(self) -> list[str]:
         if not self.settings and not self.vars:
             return []
         lines = ["", _comment(SHARED_COMMENT)]
         if self.vars:
-            lines.append(f"VARS {ALL_NODES} {self.pairs(self.vars)}")
+            pairs = " ".join(f'{_word(k)}="{dag_var(v)}"' for k, v in self.vars.items())
+            lines.append(f"VARS {ALL_NODES} {pairs}")
         lines += [f"{head} {ALL_NODES} {value}" for head, value in self.settings.items()]
         return lines
 
-    def pairs(self, pairs: dict[str, str], shared: dict[str, str] | None = None) -> str:
-        """name="value" words of the pairs, but those in `shared`."""
-        keys = tuple(pairs)
-        template = self.templates.get((keys, shared is None))
-        if template is None:
-            # nodes built alike have the same names in the same order: one template for them
-            # (str.format takes the values of all, and uses those that are not shared)
-            skip = shared or {}
-            literal = {k: _word(k).replace("{", "{{").replace("}", "}}") for k in keys}
-            words = [f'{literal[k]}="{{{i}}}"' for i, k in enumerate(keys) if k not in skip]
-            template = self.templates[keys, shared is None] = " ".join(words)
-        values = pairs.values()
-        if _ESCAPED.search("".join(values)):
-            values = map(dag_var, values)
-        return template.format(*values)
-
-    def node_lines(self, node: Node, lines: list[str]) -> None:
-        """Append the node's block to `lines`."""
-        name = node.name
-        if not name or _SPACE.search(name):
-            _word(name)
-        if node.comment:
-            lines += ["", *map(_comment, node.comment)]
-        job = self.job_words.get(node.submit) if not (node.dir or node.done) else None
-        if job is None:
-            job = _job_words(node)
-            if not (node.dir or node.done):
-                self.job_words[node.submit] = job
-        if node.final:
-            lines.append(f"FINAL {name}{job}")
-            if node.vars:
-                lines.append(f"VARS {name} {self.pairs(node.vars)}")
-            settings = _settings(node).items()
-        else:
-            lines.append(f"JOB {name}{job}")
-            pairs = self.pairs(node.vars, self.vars)
-            if pairs:
-                lines.append(f"VARS {name} {pairs}")
-            settings = self.own_of[name]
-        for head, value in settings:
-            lines.append(f"{head} {name} {value}")
+    def block(self, layer: Layer) -> str:
+        """The layer's lines: its comment, then each node's JOB line and own lines. One template
+        for them all, its fields the node's name and its VARS columns."""
+        names = layer.names
+        if not all(names) or _SPACE.search("".join(names)):
+            for name in names:
+                _word(name)
+        shared = {} if layer.final else self.vars
+        pairs, columns = [], []
+        for key, value in layer.vars.items():
+            if key in shared:
+                continue
+            if isinstance(value, str):
+                pairs.append(f'{_literal(_word(key))}="{_literal(dag_var(value))}"')
+            else:
+                columns.append(_escaped(value))
+                pairs.append(f'{_literal(_word(key))}="{{{len(columns)}}}"')
+        settings = _settings(layer).items() if layer.final else self.own[_settings_key(layer)]
+        template = "".join(
+            [
+                f"{'FINAL' if layer.final else 'JOB'} {{0}}{_literal(_job_words(layer))}",
+                f"\nVARS {{0}} {' '.join(pairs)}" if pairs else "",
+                *(f"\n{head} {{0}} {_literal(value)}" for head, value in settings),
+            ]
+        )
+        lines = ["", *map(_comment, layer.comment)] if layer.comment else []
+        lines += map(template.format, names, *columns)
+        return "\n".join(lines) + "\n"
 
 
-def _job_words(node: Node) -> str:
+def _shared_vars(layers: list[Layer]) -> dict[str, str]:
+    """The VARS values that every node holds: the first layer's values that every layer has."""
+    uniform = [{k: _uniform(v) for k, v in layer.vars.items()} for layer in layers]
+    first = uniform[0].items() if uniform else ()
+    return {
+        key: value
+        for key, value in first
+        if isinstance(value, str) and all(values.get(key) == value for values in uniform)
+    }
+
+
+def _uniform(value: str | Sequence[str]) -> object:
+    """A VARS value for a whole layer: its string, or _UNEVEN when its nodes hold different ones."""
+    if isinstance(value, str):
+        return value
+    distinct = set(value)
+    return distinct.pop() if len(distinct) == 1 else _UNEVEN
+
+
+def _escaped(column: Sequence[str]) -> Sequence[str]:
+    """A VARS column as the file writes it (most columns need no escaping: checked at once)."""
+    return list(map(dag_var, column)) if _ESCAPED.search("".join(column)) else column
+
+
+class _Edges:
+    """Writes each layer's PARENT/CHILD line once every node it names is declared."""
+
+    def __init__(self, out: TextIO) -> None:
+        self.out = out
+        self.names: set[str] = set()
+        self.waiting: dict[str, list[Layer]] = {}  # by a parent not declared yet
+
+    def declared(self, layer: Layer) -> None:
+        self.names.update(layer.names)
+        ready = [layer] if layer.parents else []
+        if self.waiting:
+            ready += [each for name in layer.names for each in self.waiting.pop(name, ())]
+        for each in ready:
+            missing = next((name for name in each.parents if name not in self.names), None)
+            if missing is None:
+                parents, children = " ".join(each.parents), " ".join(each.names)
+                self.out.write(f"PARENT {parents} CHILD {children}\n")
+            else:
+                self.waiting.setdefault(missing, []).append(each)
+
+    def check(self) -> None:
+        if self.waiting:
+            raise ValueError(
+                f"PARENT/CHILD names a node that is never declared: {min(self.waiting)!r}"
+            )
+
+
+def _job_words(layer: Layer) -> str:
     """What follows the name on a JOB line."""
-    words = f" {_word(node.submit)}" + (f" DIR {_word(node.dir)}" if node.dir else "")
-    return words + (" DONE" if node.done else "")
+    words = f" {_word(layer.submit)}" + (f" DIR {_word(layer.dir)}" if layer.dir else "")
+    return words + (" DONE" if layer.done else "")
 
 
 def _shareable(head: str, value: str | None, values: Counter[str | None]) -> bool:
@@ -232,34 +262,16 @@ def _shareable(head: str, value: str | None, values: Counter[str | None]) -> boo
     return all(other is not None and "UNLESS-EXIT" in other for other in values)
 
 
-def _edges_by_last_node(
-    dag: Dag, nodes: list[Node]
-) -> dict[str, list[tuple[list[str], list[str]]]]:
-    """Children that share their parents are one PARENT/CHILD group, placed after the block of
-    the group's last-declared node."""
-    groups: dict[object, tuple[set[str], list[str]]] = {}
-    for node in nodes:
-        parents = node.parents
-        if parents:
-            # one parent, the common case, is its own key: a name never equals a frozenset
-            key = frozenset(parents) if len(parents) > 1 else next(iter(parents))
-            group = groups.get(key)
-            if group is None:
-                group = groups[key] = (parents, [])
-            group[1].append(node.name)
-    placed: dict[str, list[tuple[list[str], list[str]]]] = {}
-    for parent_set, children in groups.values():
-        parents = sorted(parent_set, key=lambda name: dag.nodes[name].order)
-        last = max(parents[-1], children[-1], key=lambda name: dag.nodes[name].order)
-        placed.setdefault(last, []).append((parents, children))
-    return placed
-
-
 def _word(text: str) -> str:
     """A name, path or argument: DAGMan splits lines on whitespace, so it may hold none."""
     if not text or _SPACE.search(text):
         raise ValueError(f"a DAG file word cannot be empty or hold whitespace: {text!r}")
     return text
+
+
+def _literal(text: str) -> str:
+    """Text as a literal part of a str.format template."""
+    return text.replace("{", "{{").replace("}", "}}")
 
 
 def _comment(text: str) -> str:
