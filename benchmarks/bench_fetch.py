@@ -5,26 +5,28 @@ it does not share the node's interpreter (GIL) and runs on its own core. Loopbac
 the machine's 2 cores between both ends and everything else running.
 
 Bytes ratio: bytes downloaded / bytes of the blocks the node's fragments need (what coalescing
-wastes on gaps). Throughput ratio: needed bytes fetched and hash-verified per second, fetched as
-a node job does (train and test set in one fetch, sessions and logins included) / bytes
-per second of one plain RETR (stdlib ftplib, login included, 1 MiB blocks dropped on arrival) of
-a large file from the same mirror: what the mirror and the link can deliver. The ratio is given
-without and with the node's manifest download (verified and parsed, never cached on a node).
-Reference and node fetch are timed alternately and each pair gives one ratio, median of the
-repeats, because this machine is shared. Decoding the blocks is timed and reported apart.
+reads through in gaps). Throughput ratio: needed bytes fetched and hash-verified per second,
+fetched as a node job does (train and test set in one fetch, sessions and logins included;
+bytes read through in gaps count as time, not as bytes) / bytes per second of one plain RETR
+(stdlib ftplib, login included, 1 MiB blocks dropped on arrival) of a file of exactly as many
+bytes as the node needs, from the same mirror: the same bytes, moved the simplest way. A plain
+RETR of a 256 MiB file is timed beside it as what the mirror and the link deliver at length
+(it amortises a login and TCP's start over 60 times the bytes, which a node cannot). The ratio
+is given without and with the node's manifest download (verified and parsed, never cached on a
+node). References and node fetch are timed alternately and each repeat gives one ratio, median
+of the repeats, because this machine is shared. Decoding the blocks is timed and reported apart.
 
 Side by side with the node's fetch (BLAKE3, format dagtrain-dataset/3), each repeat fetches the
-same blocks twice more, each against the same repeat's RETR, in an order that rotates: under a
-format-2 twin of the manifest (the same shards, every block's sha256 prefix), and with RANG and
-RETR sent one at a time, each reply awaited (the node before it sent both in one write). Hashing
-alone is timed apart: each hash over the node's blocks, one core. A node without SHA extensions
-(most execute-node Xeons before 2021) is emulated with OPENSSL_ia32cap=:~0x20000000 in the
-environment, which turns them off for hashlib's sha256.
+same blocks twice more, each against the same repeat's reference, in an order that rotates:
+under a format-2 twin of the manifest (the same shards, every block's sha256 prefix), and with
+PASV, RANG and RETR sent one at a time, each reply awaited (the node sends the three in one
+write). Hashing alone is timed apart: each hash over the node's blocks, one core. A node without
+SHA extensions (most execute-node Xeons before 2021) is emulated with
+OPENSSL_ia32cap=:~0x20000000 in the environment, which turns them off for hashlib's sha256.
 
 By default the link is unshaped loopback, where the node is bound by round trips: every read
-is a PASV, a RANG and RETR, and a transfer reply, each through the mirror's event loop, on this
-machine's 2 shared cores, for a few KB. `--link RATE`
-(a tc rate: 1gbit, 100mbit) emulates a campus LAN instead: the script re-executes itself in a
+is a PASV + RANG + RETR, a data connection and a transfer reply, each through the mirror's event
+loop, on this machine's 2 shared cores, for some 60 KB. `--link RATE` (a tc rate: 1gbit, 100mbit) emulates a campus LAN instead: the script re-executes itself in a
 private network namespace (`unshare -n`, needs root), where only its own mirror and client run,
 and shapes that namespace's loopback with a token bucket filter (tc tbf) to RATE. Bandwidth only:
 no propagation delay is added (this kernel has no netem), and on loopback both directions share
@@ -40,6 +42,7 @@ import os
 import re
 import shutil
 import signal
+import socket
 import statistics
 import subprocess
 import sys
@@ -47,7 +50,7 @@ import tempfile
 import time
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager, nullcontext
-from ftplib import FTP
+from ftplib import FTP, error_reply
 from itertools import pairwise
 from pathlib import Path
 from typing import NoReturn
@@ -62,7 +65,8 @@ from node_payload.sampling import local_sets
 from pipeline.dataset_prepare import prepare
 from pipeline.textures import generate
 
-LARGE = 256 * 2**20  # the plain RETR reference: large enough that its login is negligible
+LARGE = 256 * 2**20  # what the mirror and link deliver: large enough that its login is negligible
+SAME = "same.bin"  # the reference: as many bytes as the node needs, one file, one RETR
 BLOCK = 2**20  # the reference's recv size: large, so that Python's per-call cost stays out of it
 IN_NETNS = "BENCH_FETCH_IN_NETNS"  # "OUTER_NETNS RATE" once re-executed in a namespace of its own
 LO_PACKET = 65536 + 14  # the largest frame loopback hands to its qdisc (MTU 65536, GSO included)
@@ -205,18 +209,29 @@ def sha256_twin(manifest: Manifest, root: Path) -> Manifest:
 
 @contextmanager
 def awaited_commands() -> Iterator[None]:
-    """RANG and RETR sent one at a time, each reply awaited: how a node read before."""
+    """PASV, RANG and RETR sent one at a time, each reply awaited, as most FTP clients do."""
 
-    def one_at_a_time(ftp: _RangeFTP, first: str, second: str) -> str:
-        ftp.sendcmd(first)
-        return ftp.sendcmd(second)
+    def one_at_a_time(ftp: _RangeFTP, path: str, offset: int, length: int) -> socket.socket:
+        host, port = ftp.makepasv()
+        conn = socket.create_connection((host, port), ftp.timeout)
+        try:
+            ftp.sendcmd(f"RANG {offset} {offset + length - 1}")
+            resp = ftp.sendcmd(f"RETR {path}")
+            if resp[0] == "2":
+                resp = ftp.getresp()
+            if resp[0] != "1":
+                raise error_reply(resp)
+        except BaseException:
+            conn.close()
+            raise
+        return conn
 
-    pipelined = _RangeFTP.send_pair
-    _RangeFTP.send_pair = one_at_a_time
+    pipelined = _RangeFTP.open_announced_range
+    _RangeFTP.open_announced_range = one_at_a_time
     try:
         yield
     finally:
-        _RangeFTP.send_pair = pipelined
+        _RangeFTP.open_announced_range = pipelined
 
 
 def hash_rate(blobs: list[bytes], name: str) -> float:
@@ -279,6 +294,7 @@ def main() -> None:
         bytes_ratios, fetch_ratios, node_ratios, rates, plains, decode_s, reads, manifest_s = (
             [] for _ in range(8)
         )
+        sames, link_ratios = [], []
         others: dict[str, tuple[Manifest, Callable[[], AbstractContextManager]]] = {
             "sha256": (twin, nullcontext),
             "awaited": (planned, awaited_commands),
@@ -296,6 +312,10 @@ def main() -> None:
                 started = time.perf_counter()
                 assert plain_retr(url, "large.bin") == LARGE
                 plains.append(LARGE / (time.perf_counter() - started))
+                (out / SAME).write_bytes(os.urandom(needed))
+                started = time.perf_counter()
+                assert plain_retr(url, SAME) == needed
+                sames.append(needed / (time.perf_counter() - started))
                 order = ["node", *others]
                 for variant in order[seed % 3 :] + order[: seed % 3]:
                     if variant in others:
@@ -304,7 +324,7 @@ def main() -> None:
                             started = time.perf_counter()
                             fetch_raw(manifest, train + test, BlockSource([url], 0, FetchStats()))
                             ended = time.perf_counter()
-                        other_ratios[variant].append(needed / (ended - started) / plains[-1])
+                        other_ratios[variant].append(needed / (ended - started) / sames[-1])
                         other_times[variant].append(ended - started)
                         continue
                     manifest_stats, stats = FetchStats(), FetchStats()
@@ -319,8 +339,9 @@ def main() -> None:
                     mirror_cpu.append(cpu_seconds(mirror_pid) - served)
                     walls.append(ended - fetching)
                     rates.append(needed / (ended - fetching))
-                    fetch_ratios.append(rates[-1] / plains[-1])
-                    node_ratios.append(needed / (ended - started) / plains[-1])
+                    fetch_ratios.append(rates[-1] / sames[-1])
+                    link_ratios.append(rates[-1] / plains[-1])
+                    node_ratios.append(needed / (ended - started) / sames[-1])
                     manifest_s.append(fetching - started)
                     bytes_ratios.append(stats.bytes_downloaded / needed)
                 for name, rate in hash_rates.items():
@@ -333,13 +354,16 @@ def main() -> None:
             f"local set {n_train}+{n_test} fragments of {len(manifest.sources)} images, "
             f"{needed / 1e6:.1f} MB of blocks in {statistics.median(reads)} contiguous runs: "
             f"bytes downloaded / needed {max(bytes_ratios):.3f} (worst of {repeats})\n"
-            f"fetch+verify (BLAKE3) {statistics.median(rates) / 1e6:.0f} MB/s, plain RETR "
-            f"{statistics.median(plains) / 1e6:.0f} MB/s (medians of {repeats}); ratio "
-            f"{_spread(fetch_ratios)}\n"
+            f"fetch+verify (BLAKE3) {statistics.median(rates) / 1e6:.0f} MB/s of needed bytes, "
+            f"plain RETR of as many bytes {statistics.median(sames) / 1e6:.0f} MB/s (medians of "
+            f"{repeats}); ratio {_spread(fetch_ratios)}\n"
+            f"  against a plain RETR of {LARGE >> 20} MiB ({statistics.median(plains) / 1e6:.0f} "
+            f"MB/s, what the mirror and link deliver): ratio {_spread(link_ratios)}\n"
             f"  the same blocks under the format-2 manifest (sha256): ratio "
             f"{_spread(other_ratios['sha256'])}; time / the node's in the same repeat "
             f"{_spread(_over(other_times['sha256'], walls))}\n"
-            f"  BLAKE3, RANG and RETR each awaited: ratio {_spread(other_ratios['awaited'])}; "
+            f"  BLAKE3, PASV, RANG and RETR each awaited: ratio "
+            f"{_spread(other_ratios['awaited'])}; "
             f"time / the node's {_spread(_over(other_times['awaited'], walls))}\n"
             f"with the manifest ({manifest_stats.bytes_downloaded / 1e6:.2f} MB, "
             f"{statistics.median(manifest_s) * 1e3:.1f} ms to fetch, verify and parse): "

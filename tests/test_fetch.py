@@ -16,6 +16,7 @@ from pyftpdlib.authorizers import DummyAuthorizer
 from pyftpdlib.filesystems import AbstractedFS
 from pyftpdlib.handlers import FTPHandler
 
+from node_payload import fetch
 from node_payload.common.manifest import Block as Fragment
 from node_payload.fetch import DataUnreachable, FetchStats, fetch_file, fetch_fragments
 from pipeline.mirrors import MirrorServer, RangeFTPHandler, free_ports, read_only_handler, serve
@@ -261,10 +262,27 @@ def test_small_gaps_are_read_through_within_the_waste_bound(counting, dataset) -
     assert fetch_fragments([url], 0, sparse, stats) == expected(root, sparse)
     assert commands.count("RETR") == 1  # a 1-in-20 gap costs 5%: cheaper than a new read
     assert stats.bytes_downloaded == 99 * FRAG  # 95 needed, 4 gaps read through
-    dense_gaps = [f for f in frags if f.shard == SHARD][::2]
+    dense_gaps = [f for f in frags if f.shard == SHARD][::2]  # 50 needed, 49 gaps of one
+    allowance = int(fetch.MAX_WASTE * len(dense_gaps))  # gaps' worth of bytes to read through
+    commands.clear()
     stats = FetchStats()
     assert fetch_fragments([url], 0, dense_gaps, stats) == expected(root, dense_gaps)
-    assert stats.bytes_downloaded == len(dense_gaps) * FRAG  # 1-in-2 gaps: never read
+    assert stats.bytes_downloaded == (len(dense_gaps) + allowance) * FRAG
+    assert commands.count("RETR") == len(dense_gaps) - allowance
+
+
+def test_the_smallest_gaps_are_read_through_first(counting, dataset, monkeypatch) -> None:
+    """Gaps of 3, 1, 2 and 1 fragments between five needed ones, with room for 2 fragments of
+    gap: both one-fragment gaps are read through, whatever their place."""
+    monkeypatch.setattr("node_payload.fetch.MAX_WASTE", 2 / 5)
+    url, commands = counting
+    root, frags = dataset
+    shard = [f for f in frags if f.shard == SHARD]
+    wanted = [shard[i] for i in (0, 4, 6, 9, 11)]
+    stats = FetchStats()
+    assert fetch_fragments([url], 0, wanted, stats) == expected(root, wanted)
+    assert commands.count("RETR") == 3  # 0 | 4-6 | 9-11
+    assert stats.bytes_downloaded == 7 * FRAG
 
 
 def sending_handler(base: type[FTPHandler], sent: list[int]) -> type[FTPHandler]:
