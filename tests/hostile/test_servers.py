@@ -16,7 +16,7 @@ import sys
 import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import pytest
 from pyftpdlib.authorizers import DummyAuthorizer
@@ -544,3 +544,128 @@ def test_a_mirror_refusing_the_range_it_announced_is_passed_over(
     assert got == {b.id: shard[b.shard][b.offset : b.offset + b.length] for b in blocks}
     (line,) = warnings(caplog)
     assert refusing in line and "RANG refused: 504 Ranges are off today." in line
+
+
+class RefusingPassive(RangeFTPHandler):
+    """Announces RANG STREAM, then refuses every passive data connection."""
+
+    def ftp_PASV(self, line: str) -> None:
+        self.respond("425 No data connections today.")
+
+
+def test_a_mirror_refusing_the_data_connection_is_passed_over(
+    tiny_dataset: Path, mirror: Callable[..., str], caplog
+) -> None:
+    """PASV, RANG and RETR go out together: a refused PASV leaves the other replies to come, so
+    the session is dropped rather than read out of step."""
+    refusing = mirror(RefusingPassive)
+    good = mirror(RangeFTPHandler)
+    manifest = Manifest.load(tiny_dataset / "manifest.json")
+    blocks = manifest.blocks_under(range(0, len(manifest), 7))
+    got = fetch_fragments([refusing, good], 0, blocks, FetchStats())
+    shard = {b.shard: (tiny_dataset / b.shard).read_bytes() for b in blocks}
+    assert got == {b.id: shard[b.shard][b.offset : b.offset + b.length] for b in blocks}
+    (line,) = warnings(caplog)
+    assert refusing in line and "PASV refused: 425 No data connections today." in line
+
+
+def test_a_passive_reply_naming_another_host_is_not_followed(
+    tiny_dataset: Path, mirror: Callable[..., str], caplog
+) -> None:
+    """A data connection goes to the mirror's own address, whatever host PASV names."""
+    elsewhere = mirror(RangeFTPHandler, masquerade_address="203.0.113.9")
+    manifest = Manifest.load(tiny_dataset / "manifest.json")
+    blocks = manifest.blocks_under(range(0, len(manifest), 7))
+    stats = FetchStats()
+    got = fetch_fragments([elsewhere], 0, blocks, stats, timeout_s=5)
+    shard = {b.shard: (tiny_dataset / b.shard).read_bytes() for b in blocks}
+    assert got == {b.id: shard[b.shard][b.offset : b.offset + b.length] for b in blocks}
+    assert stats.failovers == 0 and warnings(caplog) == []
+
+
+class ShortRanges(RangeFTPHandler):
+    """Announces RANG STREAM, then ends every range halfway, with a 226 as if it were whole."""
+
+    def ftp_RANG(self, line: str) -> None:
+        super().ftp_RANG(line)
+        if self._range_end is not None:
+            self._range_end -= (self._range_end - self._restart_position) // 2
+
+
+class WholeFiles(RangeFTPHandler):
+    """Announces RANG STREAM, then forgets every range end: each read runs to the file's end."""
+
+    def ftp_RANG(self, line: str) -> None:
+        super().ftp_RANG(line)
+        self._range_end = None
+
+
+def coalesced_blocks(manifest: Manifest) -> list[Block]:
+    """Blocks of one shard with small gaps between them: reads of several blocks each."""
+    blocks = sorted(manifest.blocks_under(range(len(manifest))), key=lambda b: b.offset)
+    shard = [b for b in blocks if b.shard == blocks[0].shard]
+    return [b for k, b in enumerate(shard) if k % 5 != 4]
+
+
+def test_a_mirror_answering_a_coalesced_range_short_is_passed_over(
+    tiny_dataset: Path, mirror: Callable[..., str], caplog
+) -> None:
+    short = mirror(ShortRanges)
+    good = mirror(RangeFTPHandler)
+    manifest = Manifest.load(tiny_dataset / "manifest.json")
+    blocks = coalesced_blocks(manifest)
+    stats = FetchStats()
+    got = fetch_fragments([short, good], 0, blocks, stats)
+    shard = (tiny_dataset / blocks[0].shard).read_bytes()
+    assert got == {b.id: shard[b.offset : b.offset + b.length] for b in blocks}
+    assert stats.failovers >= 1
+    assert warnings(caplog) and all(short in line and " of " in line for line in warnings(caplog))
+
+
+def test_a_mirror_answering_a_coalesced_range_long_is_read_only_to_its_end(
+    tiny_dataset: Path, mirror: Callable[..., str], caplog
+) -> None:
+    """The node stops reading at the range end it asked for: bytes past it are never counted,
+    never buffered and never taken for a block."""
+    long = mirror(WholeFiles)
+    manifest = Manifest.load(tiny_dataset / "manifest.json")
+    blocks = coalesced_blocks(manifest)
+    stats = FetchStats()
+    got = fetch_fragments([long], 0, blocks, stats)
+    shard = (tiny_dataset / blocks[0].shard).read_bytes()
+    assert got == {b.id: shard[b.offset : b.offset + b.length] for b in blocks}
+    needed = sum(b.length for b in blocks)
+    assert needed <= stats.bytes_downloaded <= (1 + fetch.MAX_WASTE) * needed
+    assert stats.failovers == 0 and warnings(caplog) == []
+
+
+class StallingOneRead(RangeFTPHandler):
+    """Announces RANG STREAM and serves every read but the second, which it never answers: one
+    of a node's parallel connections hangs while the others flow."""
+
+    retrs: ClassVar[list[str]]
+
+    def ftp_RETR(self, file: str) -> str | None:
+        self.retrs.append(file)
+        if len(self.retrs) == 2:
+            return None
+        return super().ftp_RETR(file)
+
+
+def test_a_mirror_stalling_one_of_a_nodes_connections_costs_that_read_a_timeout(
+    tiny_dataset: Path, mirror: Callable[..., str], caplog
+) -> None:
+    """The stalled read times out and moves to the other mirror; the node's other connections
+    keep their sessions and every block arrives verified."""
+    retrs: list[str] = []
+    stalling = mirror(StallingOneRead, retrs=retrs) + "?timeout=1"
+    good = mirror(RangeFTPHandler)
+    manifest = Manifest.load(tiny_dataset / "manifest.json")
+    ids = list(range(0, len(manifest), 3))
+    stats = FetchStats()
+    blobs = fetch_raw(manifest, ids, BlockSource([stalling, good], 0, stats))
+    blocks = manifest.blocks_under(ids)
+    assert set(blobs) == {b.id for b in blocks}
+    assert all(b.matches(blobs[b.id]) for b in blocks)
+    assert len(retrs) >= 2 and stats.failovers >= 1
+    assert any("timed out" in line for line in warnings(caplog))
