@@ -27,9 +27,8 @@ from pathlib import Path
 from aggregation.node_outcome import Verdict, decide
 from aggregation.quorum import required_updates
 from node_payload.common.errors import EXIT_FATAL, EXIT_OK, EXIT_RETRYABLE
-from node_payload.common.job_bytes import JobBytes, Moved
 from node_payload.common.run_layout import LANE_SCRIPT, NODE_SUBMIT
-from pipeline.dag.model import Node
+from pipeline.dag.model import Node, paused_gc
 
 from . import intervals
 from .machines import FreeMachines, speeds
@@ -91,12 +90,12 @@ class Trace:
     first_claim: float = 0.0  # async: the ledger's start
     versions: list[float] = field(default_factory=list)  # async: when each version was applied
     staleness: list[int] = field(default_factory=list)
-    moved: JobBytes = field(default_factory=JobBytes)
+    jobs_begun: int = 0  # each sent its inputs (an evicted job sends them again)
+    jobs_returned: int = 0  # each sent its update back
     evictions: int = 0
     lost_s: float = 0.0  # machine seconds of evicted or removed runs
     machine_busy_s: float = 0.0
     machine_available_s: float = 0.0
-    jobs_run: int = 0
     jobs_skipped: int = 0
     failed: list[str] = field(default_factory=list)
 
@@ -131,6 +130,10 @@ class Simulation:
         self.lock_free_at = 0.0
         self.faults = self.config.faults
         self.slow = dict(self.faults.slow)
+        submit, mirrors = work.job_bytes.through_submit_host, work.job_bytes.from_mirrors
+        self.bytes_in = submit.model_in + submit.payload_in
+        self.bytes_out = submit.update_out + submit.metrics_out
+        self.bytes_fetched = mirrors.total
         self.starts: dict[str, float] = {}  # node: its accepted job's payload start
         self.futile: set[str] = set()
 
@@ -247,7 +250,11 @@ class Simulation:
             self.submitted[node.category] = self.submitted.get(node.category, 0) + 1
         when = max(self.now, self.next_submit)
         self.next_submit = when + negotiation.submit_interval_s / negotiation.submits_per_interval
-        self.at(when, "submitted", Job(node, self.attempts.get(node.name, 0), when))
+        job = Job(node, self.attempts.get(node.name, 0), when)
+        if when == self.now:
+            self._submitted(job)
+        else:
+            self.at(when, "submitted", job)
 
     def _submitted(self, job: Job) -> None:
         if job.node.submit != NODE_SUBMIT:  # local universe, on the submit host
@@ -339,11 +346,18 @@ class Simulation:
             todo.extend(self.dag.nodes[name].children)
 
     def _node_done(self, node: Node) -> None:
+        """Its children whose parents are all done become ready, in declaration order (a set's
+        order would change with the interpreter's string hashing, and the run with it)."""
         self.unresolved -= 1
+        nodes, left, ready = self.dag.nodes, self.left, []
         for name in node.children:
-            self.left[name] -= 1
-            if self.left[name] == 0:
-                self._ready(self.dag.nodes[name])
+            left[name] -= 1
+            if left[name] == 0:
+                ready.append(nodes[name])
+        if len(ready) > 1:
+            ready.sort(key=_order)
+        for child in ready:
+            self._ready(child)
 
     # ----- the submit host's local universe: aggregations -----
     def _local_start(self, job: Job) -> None:
@@ -383,23 +397,20 @@ class Simulation:
     def _start(self, job: Job, machine: int, when: float) -> None:
         self.running[machine] = job
         job.machine, job.started = machine, when
-        self.at(when, "begin", (job, job.token))
+        if when == self.now:
+            self._begin((job, job.token))
+        else:
+            self.at(when, "begin", (job, job.token))
 
     def _begin(self, item: tuple[Job, int]) -> None:
         """Input files through the submit host, start-up, data from the mirrors, training."""
         job, token = item
         if token != job.token:
             return
-        moved = self.work.job_bytes
         node, now = job.node, self.now
-        self.trace.jobs_run += 1
-        self.trace.moved += JobBytes(
-            through_submit_host=_inputs(moved.through_submit_host),
-            from_mirrors=moved.from_mirrors,
-        )
-        inputs = moved.through_submit_host.model_in + moved.through_submit_host.payload_in
-        ready = self.submit_link.send(now, inputs) + self.pool.jobs.startup_s
-        fetched = self.mirror_link.send(ready, moved.from_mirrors.total)
+        self.trace.jobs_begun += 1
+        ready = self.submit_link.send(now, self.bytes_in) + self.pool.jobs.startup_s
+        fetched = self.mirror_link.send(ready, self.bytes_fetched)
         round_, index = int(node.vars.get("round", "0")), int(node.vars.get("node", "0"))
         if (round_, index) in self.faults.fail:
             self.at(ready, "exited", (job, token, EXIT_RETRYABLE, 0.0, ready))
@@ -414,8 +425,7 @@ class Simulation:
         job, token, payload_start = item
         if token != job.token:
             return
-        out = self.work.job_bytes.through_submit_host
-        done = self.submit_link.send(self.now, out.update_out + out.metrics_out)
+        done = self.submit_link.send(self.now, self.bytes_out)
         self.at(done, "exited", (job, token, EXIT_OK, self.now - payload_start, payload_start))
 
     def _exited(self, item: tuple[Job, int, int, float, float]) -> None:
@@ -427,10 +437,7 @@ class Simulation:
         assert machine is not None
         self.trace.machine_busy_s += self.now - job.started
         if code == EXIT_OK:
-            out = self.work.job_bytes.through_submit_host
-            self.trace.moved += JobBytes(
-                through_submit_host=Moved(update_out=out.update_out, metrics_out=out.metrics_out)
-            )
+            self.trace.jobs_returned += 1
             index = int(job.node.vars.get("node", "0"))
             self.trace.busy[index] = self.trace.busy.get(index, 0.0) + seconds
             self.starts[job.node.name] = payload_start
@@ -460,10 +467,11 @@ class Simulation:
         self._post_start(job, REMOVED)
 
 
-def _inputs(moved: Moved) -> Moved:
-    return Moved(model_in=moved.model_in, payload_in=moved.payload_in)
+def _order(node: Node) -> int:
+    return node.order
 
 
 def simulate(work: Workload, pool: PoolModel, seed: int = 0) -> Trace:
     """One simulated run of the planned DAG on the pool."""
-    return Simulation(work, pool, seed).run()
+    with paused_gc():
+        return Simulation(work, pool, seed).run()

@@ -7,6 +7,7 @@ from statistics import fmean
 from typing import Any
 
 from aggregation.utilization import node_usage
+from node_payload.common.job_bytes import JobBytes, Moved
 
 from .engine import Trace
 from .workload import Workload
@@ -28,6 +29,23 @@ def _round_seconds(trace: Trace) -> list[float]:
     return [end - before for before, end in zip([0.0, *ends], ends, strict=False)]
 
 
+def moved(trace: Trace, work: Workload) -> JobBytes:
+    """The run's bytes: every job that began sent its inputs (again after an eviction), every
+    job that finished sent its update and metrics back."""
+    one = work.job_bytes
+    submit, mirrors = one.through_submit_host, one.from_mirrors
+    began, returned = trace.jobs_begun, trace.jobs_returned
+    return JobBytes(
+        through_submit_host=Moved(
+            model_in=submit.model_in * began,
+            payload_in=submit.payload_in * began,
+            update_out=submit.update_out * returned,
+            metrics_out=submit.metrics_out * returned,
+        ),
+        from_mirrors=Moved(model_in=mirrors.model_in * began, data_in=mirrors.data_in * began),
+    )
+
+
 def summarise(label: str, trace: Trace, work: Workload, machines: int) -> dict[str, Any]:
     config = work.config
     wall = _report_wall(trace, work)
@@ -35,6 +53,7 @@ def summarise(label: str, trace: Trace, work: Workload, machines: int) -> dict[s
     usage = node_usage(busy, wall)
     staleness = trace.staleness
     rounds = _round_seconds(trace)
+    total = moved(trace, work)
     return {
         "variant": label,
         "mode": config.run.mode,
@@ -61,10 +80,10 @@ def summarise(label: str, trace: Trace, work: Workload, machines: int) -> dict[s
             "max": max(staleness, default=None),
             "histogram": {str(k): n for k, n in sorted(Counter(staleness).items())},
         },
-        "bytes": trace.moved.to_json(),
-        "bytes_through_submit_host": trace.moved.through_submit_host.total,
-        "bytes_from_mirrors": trace.moved.from_mirrors.total,
-        "jobs_run": trace.jobs_run,
+        "bytes": total.to_json(),
+        "bytes_through_submit_host": total.through_submit_host.total,
+        "bytes_from_mirrors": total.from_mirrors.total,
+        "jobs_run": trace.jobs_begun,
         "jobs_skipped": trace.jobs_skipped,
         "evictions": trace.evictions,
         "lost_machine_seconds": trace.lost_s,
