@@ -1,33 +1,47 @@
 """The local runner's warm interpreters against fresh processes, side by side in one run.
 
-Run:  python benchmarks/bench_warm_runner.py [--slots 2] [--jobs 12] [--pairs 2] [--skip-demo]
-      [--warm-first]
+Run:  python benchmarks/bench_warm_runner.py [--slots 2] [--jobs 12] [--pairs 2] [--skip-probe]
+      [--demo-pairs 2] [--rounds 3] [--skip-demo]
+
+The machine is shared, so its load moves between runs: runs go in ABBA order (cold, warm, warm,
+cold, cold, warm, ...), each pair's warm/cold ratio is taken, and the median of those ratios is
+reported, with each run's load average (sampled every 2 s) beside it. CPU seconds (the runner's
+own and its children's, the warm server's children included, from getrusage) move far less with
+the load than wall time on 2 cores, so their ratio is reported too.
 
 1. Start-up: JOBS payload jobs (the payload's imports, then a fixed torch workload), through
-   the local runner, cold and warm in turn, PAIRS times: the slot seconds a job costs, its
-   time beyond its work, its work (the same warm or cold?), and the warm server's resident
-   memory (what a second server, one per slot, would cost again).
-2. The demo (`dagtrain demo`'s config and dataset), planned twice and run once cold and once
-   warm: wall time, node utilization (busy training seconds, the node jobs' metrics.json
-   `seconds`, over slots x wall seconds) and whether both runs wrote the same model bytes.
+   the local runner: the slot seconds a job costs, its time beyond its work, its work (the same
+   warm or cold?), and the warm server's resident memory (what a second server would cost).
+2. The demo (`dagtrain demo`'s config and dataset, ROUNDS rounds instead of 6: the same node
+   jobs, 4 per round, and the same aggregation), planned afresh for every run: wall time, CPU
+   seconds, node utilization (busy training seconds, the node jobs' metrics.json `seconds`,
+   over slots x wall seconds), where the slot time went, and whether all runs wrote the same
+   model bytes.
 """
 
 import argparse
 import hashlib
 import json
 import os
+import resource
 import statistics
 import sys
 import tempfile
+import threading
 import time
 import zipfile
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
+import pipeline.local_run
 from node_payload.common.run_layout import METRICS_FILE, MODELS_DIR, ROUNDS_DIR
 from pipeline import planner
 from pipeline.demo import DEMO_CONFIG, demo_textures
 from pipeline.local_run import run_local
 from pipeline.local_runner import NodeEvent, run_dag
+
+MODES = ("cold", "warm")
 
 # A payload job: the payload's imports, then a fixed piece of torch work, timed in the job.
 PROBE_MAIN = """
@@ -60,6 +74,46 @@ queue
 """
 
 
+def abba(pairs: int) -> Iterator[tuple[int, str]]:
+    """(pair, mode) in ABBA order, so that a trend in the load favours neither mode."""
+    for pair in range(pairs):
+        yield from ((pair, mode) for mode in (MODES if pair % 2 == 0 else MODES[::-1]))
+
+
+class Measured:
+    """Wall and CPU seconds of what runs inside it (this process and every child it reaped),
+    and the 1-minute load average sampled every 2 s meanwhile."""
+
+    def __enter__(self) -> "Measured":
+        self.loads = [os.getloadavg()[0]]
+        self._stop = threading.Event()
+        self._sampler = threading.Thread(target=self._sample, daemon=True)
+        self._sampler.start()
+        self._cpu = _cpu_seconds()
+        self.started = time.time()
+        return self
+
+    def _sample(self) -> None:
+        while not self._stop.wait(2.0):
+            self.loads.append(os.getloadavg()[0])
+
+    def __exit__(self, *_: object) -> None:
+        self.wall = time.time() - self.started
+        self.cpu = _cpu_seconds() - self._cpu
+        self._stop.set()
+        self._sampler.join()
+        self.loads.append(os.getloadavg()[0])
+
+    def load(self) -> str:
+        return f"{statistics.mean(self.loads):.1f} ({min(self.loads):.1f} to {max(self.loads):.1f})"
+
+
+def _cpu_seconds() -> float:
+    own = resource.getrusage(resource.RUSAGE_SELF)
+    children = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
+
+
 def startup(jobs: int, slots: int, warm: bool) -> dict[str, float]:
     """Slot seconds per job (a warm server's start included); per job, the median of its
     time from start to end less its work (what a job costs beyond its work, once a warm server
@@ -72,44 +126,80 @@ def startup(jobs: int, slots: int, warm: bool) -> dict[str, float]:
         lines = [f'JOB j{i} probe.sub\nVARS j{i} name="j{i}"' for i in range(jobs)]
         (base / "probe.dag").write_text("\n".join(lines) + "\n")
         events: list[NodeEvent] = []
-        started = time.perf_counter()
-        result = run_dag(
-            base / "probe.dag",
-            slots=slots,
-            on_event=events.append,
-            warm_pythons=[sys.executable] if warm else (),
-        )
-        seconds = time.perf_counter() - started
+        with Measured() as measured:
+            result = run_dag(
+                base / "probe.dag",
+                slots=slots,
+                on_event=events.append,
+                warm_pythons=[sys.executable] if warm else (),
+            )
         assert result.ok, result
         seen = {f"j{i}": json.loads((base / f"j{i}.json").read_text()) for i in range(jobs)}
         began = {e.node: e.time for e in events if e.kind == "running"}
         ended = {e.node: e.time for e in events if e.kind == "done"}
         return {
-            "slot_s": seconds * slots / jobs,
+            "slot_s": measured.wall * slots / jobs,
+            "cpu_s": measured.cpu / jobs,
             "overhead_s": statistics.median(ended[n] - began[n] - seen[n]["work"] for n in seen),
             "work_s": statistics.median(job["work"] for job in seen.values()),
             "parent_mb": seen[f"j{jobs - 1}"]["parent_kb"] / 1024,
         }
 
 
+@contextmanager
+def recorded_events(events: list[NodeEvent]) -> Iterator[None]:
+    """The local runner's node events of run_local, as its progress display gets them."""
+    original = pipeline.local_run.run_dag
+
+    def run_dag_recording(*args: object, on_event: Callable[[NodeEvent], None], **kw: object):
+        def both(event: NodeEvent) -> None:
+            events.append(event)
+            on_event(event)
+
+        return original(*args, on_event=both, **kw)  # type: ignore[arg-type]
+
+    pipeline.local_run.run_dag = run_dag_recording  # type: ignore[assignment]
+    try:
+        yield
+    finally:
+        pipeline.local_run.run_dag = original
+
+
 def demo_run(base: Path, name: str, slots: int, warm: bool) -> dict:
+    """One planned demo run, measured, with where its slot seconds went."""
     run_dir = base / name
     planner.plan_from_file(base / "demo.toml", run_dir)
-    load = os.getloadavg()[0]
-    started = time.perf_counter()
-    report = run_local(run_dir, slots=slots, show_progress=False, warm=warm)
-    wall = time.perf_counter() - started
-    load = (load, os.getloadavg()[0])
-    busy = sum(
-        json.loads(p.read_text())["seconds"]
+    events: list[NodeEvent] = []
+    with recorded_events(events), Measured() as measured:
+        report = run_local(run_dir, slots=slots, show_progress=False, warm=warm)
+    metrics = {
+        p.parent.relative_to(run_dir / ROUNDS_DIR).as_posix().replace("/", "_"): json.loads(
+            p.read_text()
+        )
         for p in (run_dir / ROUNDS_DIR).glob(f"*/*/{METRICS_FILE}")
-    )
+    }
+    busy = sum(m["seconds"] for m in metrics.values())
+    running = {e.node: e.time for e in events if e.kind == "running"}  # the last attempt's
+    done = {e.node: e.time for e in events if e.kind == "done"}
+    # Node job start-up: from the runner starting it to the job's own clock starting (imports).
+    start_up = sum(m["started_at"] - running[f"train_{key}"] for key, m in metrics.items())
+    # Aggregations and the report: the whole job (their POST scripts included).
+    others = sum(done[n] - running[n] for n in done if not n.startswith("train_"))
     models = {
         p.name: hashlib.sha256(p.read_bytes()).hexdigest()
         for p in sorted((run_dir / MODELS_DIR).glob("*.safetensors"))
     }
-    return {"wall": wall, "busy": busy, "util": busy / (slots * wall), "models": models,
-            "accuracy": report["final_accuracy"], "status": report["status"], "load": load}  # fmt: skip
+    return {
+        "wall": measured.wall, "cpu": measured.cpu, "load": measured.load(), "busy": busy,
+        "util": busy / (slots * measured.wall), "start_up": start_up, "aggregation": others,
+        "other": slots * measured.wall - busy - start_up - others, "models": models,
+        "accuracy": report["final_accuracy"], "status": report["status"],
+    }  # fmt: skip
+
+
+def paired_ratios(runs: dict[tuple[int, str], dict], key: str) -> list[float]:
+    pairs = sorted({pair for pair, _ in runs})
+    return [runs[pair, "warm"][key] / runs[pair, "cold"][key] for pair in pairs]
 
 
 def main() -> None:
@@ -117,39 +207,54 @@ def main() -> None:
     parser.add_argument("--slots", type=int, default=2)
     parser.add_argument("--jobs", type=int, default=12)
     parser.add_argument("--pairs", type=int, default=2, help="probe runs of each (default 2)")
+    parser.add_argument("--skip-probe", action="store_true")
+    parser.add_argument("--demo-pairs", type=int, default=2, help="demo runs of each (default 2)")
+    parser.add_argument("--rounds", type=int, default=3, help="demo rounds (the demo: 6)")
     parser.add_argument("--skip-demo", action="store_true")
-    parser.add_argument(
-        "--warm-first", dest="order", action="store_const", const=("warm", "cold"),
-        default=("cold", "warm"), help="warm runs first (default: cold first)",
-    )  # fmt: skip
     args = parser.parse_args()
 
-    probes: dict[str, list[dict[str, float]]] = {"cold": [], "warm": []}
-    for _ in range(args.pairs):  # alternating, so that both see the same load
-        for name in args.order:
-            probes[name].append(startup(args.jobs, args.slots, warm=name == "warm"))
-    print(f"payload jobs (imports, then a fixed torch workload), {args.jobs} per run, "
-          f"{args.slots} slots, {args.pairs} runs each, medians:")  # fmt: skip
-    for name, runs in probes.items():
-        med = {k: statistics.median(run[k] for run in runs) for k in runs[0]}
-        server = f"; the server resident {med['parent_mb']:.0f} MB" if name == "warm" else ""
-        print(f"  {name}: {med['slot_s']:.2f} s of slot time per job, {med['overhead_s']:.2f} s "
-              f"from start to end beyond the work, work {med['work_s']:.2f} s{server}")  # fmt: skip
+    if not args.skip_probe:
+        probes: dict[str, list[dict[str, float]]] = {mode: [] for mode in MODES}
+        for _, mode in abba(args.pairs):
+            probes[mode].append(startup(args.jobs, args.slots, warm=mode == "warm"))
+        print(f"payload jobs (imports, then a fixed torch workload), {args.jobs} per run, "
+              f"{args.slots} slots, {args.pairs} runs each, medians:")  # fmt: skip
+        for mode, runs in probes.items():
+            med = {k: statistics.median(run[k] for run in runs) for k in runs[0]}
+            server = f"; the server resident {med['parent_mb']:.0f} MB" if mode == "warm" else ""
+            print(f"  {mode}: {med['slot_s']:.2f} s of slot time and {med['cpu_s']:.2f} CPU s per "
+                  f"job, {med['overhead_s']:.2f} s from start to end beyond the work, work "
+                  f"{med['work_s']:.2f} s{server}")  # fmt: skip
     if args.skip_demo:
         return
+    runs: dict[tuple[int, str], dict] = {}
     with tempfile.TemporaryDirectory() as tmp:
         base = Path(tmp)
         demo_textures(base)
-        (base / "demo.toml").write_text(DEMO_CONFIG)
-        runs = {name: demo_run(base, name, args.slots, name == "warm") for name in args.order}
-    for name, run in runs.items():
-        print(f"demo {name}: {run['wall']:.0f} s wall, {run['busy']:.0f} s busy training, "
-              f"utilization {run['util']:.2f}, final accuracy {run['accuracy']:.3f}, "
-              f"{run['status']} (load average {run['load'][0]:.1f} at its start, "
-              f"{run['load'][1]:.1f} at its end)")  # fmt: skip
-    cold, warm = runs["cold"], runs["warm"]
-    print(f"warm/cold wall time {warm['wall'] / cold['wall']:.2f}; same model bytes: "
-          f"{warm['models'] == cold['models']} ({len(warm['models'])} models)")  # fmt: skip
+        (base / "demo.toml").write_text(
+            DEMO_CONFIG.replace("rounds = 6", f"rounds = {args.rounds}")
+        )
+        for pair, mode in abba(args.demo_pairs):
+            run = runs[pair, mode] = demo_run(base, f"{mode}{pair}", args.slots, mode == "warm")
+            print(f"demo {mode} (pair {pair}): {run['wall']:.0f} s wall, {run['cpu']:.0f} CPU s, "
+                  f"load {run['load']}; {run['busy']:.0f} s busy training, utilization "
+                  f"{run['util']:.2f}; other slot seconds: node start-up {run['start_up']:.0f}, "
+                  f"aggregations and report {run['aggregation']:.0f}, idle and between jobs "
+                  f"{run['other']:.0f}; accuracy {run['accuracy']:.3f}, {run['status']}",
+                  flush=True)  # fmt: skip
+    print(
+        f"demo ({args.rounds} rounds x 4 nodes, {args.slots} slots), {args.demo_pairs} ABBA pairs:"
+    )
+    for key, what in (("wall", "wall time"), ("cpu", "CPU seconds")):
+        ratios = paired_ratios(runs, key)
+        print(f"  warm/cold {what}: median {statistics.median(ratios):.2f} "
+              f"(pairs: {', '.join(f'{r:.2f}' for r in ratios)})")  # fmt: skip
+    for mode in MODES:
+        utils = [run["util"] for (_, m), run in runs.items() if m == mode]
+        print(f"  {mode} utilization: median {statistics.median(utils):.2f}")
+    models = [run["models"] for run in runs.values()]
+    same = all(m == models[0] for m in models)
+    print(f"  same model bytes in every run: {same} ({len(models[0])} models)")
 
 
 if __name__ == "__main__":
