@@ -204,3 +204,24 @@ def test_the_writer_refuses_a_parent_that_is_never_declared(tmp_path: Path) -> N
     dag = LayeredDag(tmp_path / "x.dag", layers=[Layer(["a"], "a.sub", parents=["ghost"])])
     with pytest.raises(ValueError, match="never declared: 'ghost'"):
         dag_text(dag)
+
+
+def test_vars_lines_alike_but_for_their_values_read_each_their_own(tmp_path: Path) -> None:
+    """The parser learns a VARS line's keys from the first line of its shape; escapes, +names and
+    repeated keys still read as DAGMan reads them."""
+    path = tmp_path / "vars.dag"
+    path.write_text(
+        "JOB A a.sub\nJOB B b.sub\nJOB C c.sub\nJOB D d.sub\n"
+        'VARS A +x="1" y="a"\nVARS B +x="2" y="b"\nVARS C +x="3\\"" y="c"\n'
+        'VARS D k="1" k="2"\nVARS A k="3" k="4"\n'
+    )
+    dag = parse_dag(path)
+    assert [dag.nodes[n].vars for n in "ABCD"] == [
+        {"MY.x": "1", "y": "a", "k": "4"},
+        {"MY.x": "2", "y": "b"},
+        {"MY.x": '3"', "y": "c"},
+        {"k": "2"},
+    ]
+    path.write_text('JOB A a.sub\nJOB B b.sub\nVARS A q="1"\nVARS B queue="2"\n')
+    with pytest.raises(UserError, match=r"vars.dag:4: VARS name 'queue' may not begin"):
+        parse_dag(path)

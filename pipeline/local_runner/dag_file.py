@@ -13,6 +13,7 @@ PRE_SKIP, RETRY, CATEGORY, PRIORITY, ABORT-DAG-ON) means every node but the FINA
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from pathlib import Path
 
 from node_payload.common.errors import UserError
@@ -35,6 +36,9 @@ INERT_CONFIG = {
 }  # fmt: skip
 ALL_NODES = "ALL_NODES"
 _VAR = re.compile(r'\s*((?:[+]|[Mm][Yy]\.)?[A-Za-z0-9_]+)\s*=\s*"((?:[^"\\]|\\.)*)"')
+# Commands that declare nodes or set the DAG's settings are applied at once; node commands after
+# every JOB line, since they may name nodes declared later.
+_AT_ONCE = {"JOB", "FINAL", "DOT", "CONFIG", "MAXJOBS", "NODE_STATUS_FILE"}
 
 
 class _Parser:
@@ -42,14 +46,18 @@ class _Parser:
         self.path = path
         self.dag = Dag(path=path)
         self.lineno = 0
-        self.deferred: list[tuple[int, list[str], str]] = []
         self.comments: list[str] = []  # the comment lines since the last blank line or command
         self.in_header = True  # no blank line or command yet
+        self.vars_keys: dict[tuple[str, ...] | None, list[str]] = {}  # cmd_VARS: by line shape
 
     def fail(self, message: str) -> UserError:
         return UserError(f"{self.path}:{self.lineno}: {message}")
 
     def parse(self, text: str) -> Dag:
+        handlers = self.handlers()
+        # node commands, applied once every node is declared (a local: a bound method the parser
+        # held would make it a reference cycle of the file's size)
+        deferred: list[tuple[int, Callable[[list[str], str], None], list[str], str]] = []
         for self.lineno, raw in enumerate(text.splitlines(), start=1):
             line = raw.strip()
             if line.startswith("#"):
@@ -63,21 +71,25 @@ class _Parser:
                 continue
             words = line.split()
             keyword = words[0].upper()
-            handler = getattr(self, "cmd_" + keyword.replace("-", "_"), None)
-            if keyword in {"JOB", "FINAL", "DOT", "CONFIG", "MAXJOBS", "NODE_STATUS_FILE"}:
-                handler(words, line)
+            handler = handlers.get(keyword.replace("-", "_"))
+            if keyword in _AT_ONCE:
+                handlers[keyword](words, line)
             elif handler is not None:
-                self.deferred.append((self.lineno, words, line))  # nodes may be declared later
+                deferred.append((self.lineno, handler, words, line))
             elif keyword in KEYWORDS:
                 raise self.fail(f"DAG command {keyword} is not supported by the local runner")
             else:
                 raise self.fail(f"unknown DAG command {words[0]!r}")
             self.comments = []
-        for lineno, words, line in self.deferred:
+        for lineno, handler, words, line in deferred:
             self.lineno = lineno
-            getattr(self, "cmd_" + words[0].upper().replace("-", "_"))(words, line)
+            handler(words, line)
         self.check_cycles()
         return self.dag
+
+    def handlers(self) -> dict[str, Callable[[list[str], str], None]]:
+        """Each command's handler, by its keyword with "-" as "_" (ABORT-DAG-ON, PRE_SKIP)."""
+        return {name[4:]: getattr(self, name) for name in dir(self) if name.startswith("cmd_")}
 
     def node(self, name: str, *, final_ok: bool = True) -> Node:
         if name.upper() == ALL_NODES:
@@ -94,6 +106,9 @@ class _Parser:
 
     def targets(self, name: str, *, final_ok: bool = True) -> list[Node]:
         """The node a command names, or with ALL_NODES every node but the FINAL one."""
+        node = self.dag.nodes.get(name)  # ALL_NODES is a keyword: never a node's name
+        if node is not None and (final_ok or not node.final):
+            return [node]
         if name.upper() == ALL_NODES:
             return [node for node in self.dag.nodes.values() if not node.final]
         return [self.node(name, final_ok=final_ok)]
@@ -174,9 +189,25 @@ class _Parser:
         if len(words) < 3:
             raise self.fail('expected VARS node name="value" ...')
         nodes = self.targets(words[1])
-        rest = line.split(None, 2)[2]
-        if rest.split()[0].upper() in ("PREPEND", "APPEND"):
+        if words[2].upper() in ("PREPEND", "APPEND"):
             raise self.fail("VARS PREPEND/APPEND is not supported by the local runner")
+        rest = line.split(None, 2)[2]
+        # Without escapes, the quotes split the line into its values and what surrounds them:
+        # lines that look alike around their values (a layer's nodes) have the same keys.
+        parts = rest.split('"')
+        shape = tuple(parts[0::2]) if "\\" not in rest else None
+        keys = self.vars_keys.get(shape)
+        if keys is not None:
+            pairs = dict(zip(keys, parts[1::2], strict=True))
+        else:
+            pairs = self.vars_pairs(rest)
+            if shape is not None and 2 * len(pairs) + 1 == len(parts):
+                self.vars_keys[shape] = list(pairs)
+        for node in nodes:
+            node.vars.update(pairs)
+
+    def vars_pairs(self, rest: str) -> dict[str, str]:
+        """A VARS line's pairs one by one: escapes undone, +name as MY.name, errors named."""
         pairs: dict[str, str] = {}
         while rest.strip():
             match = _VAR.match(rest)
@@ -191,19 +222,21 @@ class _Parser:
                 key = "MY." + key[1:]
             pairs[key] = value
             rest = rest[match.end() :]
-        for node in nodes:
-            node.vars.update(pairs)
+        return pairs
 
     def cmd_PARENT(self, words: list[str], line: str) -> None:
-        upper = [w.upper() for w in words]
+        upper = line.upper().split()
         if "CHILD" not in upper:
             raise self.fail("PARENT without CHILD")
         split = upper.index("CHILD")
         parents, children = words[1:split], words[split + 1 :]
         if not parents or not children:
             raise self.fail("expected 'PARENT p... CHILD c...'")
-        for name in parents + children:
-            self.node(name, final_ok=False)
+        nodes = self.dag.nodes
+        named = [nodes.get(name) for name in parents + children]
+        if any(node is None or node.final for node in named):
+            for name in parents + children:
+                self.node(name, final_ok=False)  # says which name is wrong
         self.dag.connect(parents, children)
 
     def cmd_RETRY(self, words: list[str], line: str) -> None:
@@ -265,6 +298,19 @@ class _Parser:
             node.abort_on = abort_on
 
     def check_cycles(self) -> None:
+        """Kahn's order reaches every node unless PARENT/CHILD has a cycle; then one is named."""
+        nodes = self.dag.nodes
+        waiting = {name: len(node.parents) for name, node in nodes.items()}
+        reached = [name for name, count in waiting.items() if not count]
+        for name in reached:  # grows as children become free
+            for child in nodes[name].children:
+                waiting[child] -= 1
+                if not waiting[child]:
+                    reached.append(child)
+        if len(reached) < len(nodes):
+            self.name_a_cycle()
+
+    def name_a_cycle(self) -> None:
         state: dict[str, int] = {}
         for start in self.dag.nodes:
             stack = [(start, iter(sorted(self.dag.nodes[start].children)))]
