@@ -1,0 +1,253 @@
+"""`dagtrain simulate` against measured runs, and its speed on a 1,000-machine pool.
+
+Validation: each case is planned and run on the local runner (slow slots, [faults]), then the
+same config is simulated on a pool model of the local runner's slots (dedicated, matched at
+once, the lowest free slot first), calibrated only from what the run itself measured per job:
+the time of one SGD step (the node jobs' own training time over their steps, unslowed) and the
+start-up costs (a node job's wall time in its job log less its training; an aggregation's and
+the report's wall time; a POST script's). The predicted wall time and mean node utilization are
+compared with report.json's, and the command's own wall time with the simulated time to finish.
+
+Scale: a 1,000-node x 100-round synchronous run planned and simulated on 1,000 desktop machines
+(the default pool model), timed apart.
+
+Run:  python benchmarks/bench_simulate.py [OUT] [--cases a,b,c] [--no-scale]
+"""
+
+import argparse
+import json
+import subprocess
+import time
+from datetime import datetime
+from pathlib import Path
+from statistics import fmean
+from typing import Any
+
+from node_payload.common.run_layout import METRICS_FILE, NODE_POST_SCRIPT
+from pipeline.config import load
+from pipeline.dataset_prepare import prepare
+from pipeline.local_run import run_local
+from pipeline.planner import plan_from_file
+from pipeline.simulate import pool_model
+from pipeline.simulate.command import pool_for
+from pipeline.simulate.engine import simulate
+from pipeline.simulate.summary import summarise
+from pipeline.simulate.workload import plan_workload
+from pipeline.textures import generate
+
+SLOTS = 4
+CONFIG = """\
+[run]
+name = "bench-simulate"
+nodes = 4
+rounds = 3
+seed = 1
+[data]
+dataset = "{dataset}"
+local_train = 96
+local_test = 32
+heldout_test = 96
+[train]
+local_steps = 30
+batch_size = 16
+"""
+# name: (config overrides, slow slots)
+CASES: dict[str, tuple[list[str], dict[int, float]]] = {
+    "a": (["run.mode=sync"], {0: 3.0}),
+    "b": (
+        [
+            "run.mode=sync",
+            "run.quorum=0.5",
+            "run.retries=1",
+            "run.node_deadline_s=40",
+            "faults.fail=[[1, 1]]",
+            "faults.hang=[[0, 2]]",
+        ],
+        {3: 2.0},
+    ),
+    "c": (["run.mode=async"], {0: 3.0}),
+}
+LABELS = {
+    "a": "sync, slow slot 0 x3",
+    "b": "sync, quorum 0.5, [faults] fail + hang (deadline 40 s), slow slot 3 x2",
+    "c": "async, slow slot 0 x3",
+}
+
+
+def _dataset(out: Path) -> Path:
+    prepared = out / "prepared"
+    if not (prepared / "manifest.json").is_file():
+        source = generate(out / "textures", classes=4, images_per_class=6, size=128, seed=3)
+        prepare(source, prepared, tile=32, overlap=0.5, holdout=0.25, seed=0, progress=False)
+    return prepared
+
+
+def _log_times(path: Path) -> list[tuple[int, float]]:
+    """(event code, time) of each event in a job log (one-second resolution)."""
+    events = []
+    for line in path.read_text().splitlines():
+        parts = line.split(" ")
+        if len(parts) > 3 and parts[0].isdigit() and parts[1].startswith("("):
+            stamp = datetime.strptime(f"{parts[2]} {parts[3]}", "%Y-%m-%d %H:%M:%S")
+            events.append((int(parts[0]), stamp.timestamp()))
+    return events
+
+
+def _wall(path: Path) -> float | None:
+    """The last run's executing-to-terminated time in a job log."""
+    times = _log_times(path)
+    starts = [t for code, t in times if code == 1]
+    ends = [t for code, t in times if code == 5]
+    return ends[-1] - starts[-1] if starts and ends and ends[-1] >= starts[-1] else None
+
+
+def _post_script_s(run_dir: Path) -> float:
+    """A POST script's cost: the run's own script, on a job it accepted, timed five times."""
+    job = next(run_dir.glob("rounds/r000/n*/metrics.json")).parent
+    name = f"train_r000_{job.name}"
+    started = time.perf_counter()
+    for _ in range(5):
+        subprocess.run(
+            [run_dir / NODE_POST_SCRIPT, "0", "0", "1", name], cwd=run_dir, capture_output=True
+        )
+    return (time.perf_counter() - started) / 5
+
+
+def calibrate(run_dir: Path) -> dict[str, float]:
+    """Per-step time and start-up costs, measured in the run itself."""
+    steps, startups = [], []
+    for metrics_path in run_dir.glob("**/" + METRICS_FILE):
+        metrics = json.loads(metrics_path.read_text())
+        training = metrics["real_seconds"] - metrics["fetch_seconds"]
+        steps.append(training / metrics["local_steps"])
+        wall = _wall(metrics_path.parent / "job.log")
+        if wall is not None and metrics["slowdown"] == 1:
+            startups.append(wall - training)
+    aggregations = [_wall(p) for p in run_dir.glob("rounds/r*/aggregate.log")]
+    report = _wall(run_dir / "report.log")
+    return {
+        "step_s": fmean(steps),
+        "startup_s": max(0.0, fmean(startups)),
+        "aggregate_s": fmean([w for w in aggregations if w is not None] or [0.0]),
+        "report_s": report or 0.0,
+        "script_s": _post_script_s(run_dir) if not (run_dir / "async").exists() else 0.2,
+    }
+
+
+def local_pool(measured: dict[str, float], slow: dict[int, float]) -> pool_model.PoolModel:
+    """The local runner's slots as a pool: dedicated, matched at once, lowest slot first."""
+    return pool_model.from_dict(
+        {
+            "machines": {
+                "count": SLOTS,
+                "speed": "constant",
+                "order": "listed",
+                "slow": [[s, f] for s, f in slow.items()],
+            },
+            "availability": {"on": "always"},
+            "negotiation": {
+                "interval_s": 0,
+                "claim_reuse_s": 0,
+                "periodic_s": 1,
+                "submit_interval_s": 0,
+            },
+            "transfer": {"submit_host_mb_s": 1e4, "mirrors_mb_s": 1e4, "machine_mb_s": 1e4},
+            "jobs": {**measured, "merge_mb_s": 1e4},
+        },
+        "local runner",
+    )
+
+
+def validate(out: Path, name: str) -> dict[str, Any]:
+    overrides, slow = CASES[name]
+    config = out / f"{name}.toml"
+    config.write_text(CONFIG.format(dataset=_dataset(out)))
+    run_dir = out / f"run_{name}"
+    if not run_dir.exists():
+        plan_from_file(config, run_dir, overrides)
+    started = time.perf_counter()
+    report = run_local(run_dir, slots=SLOTS, show_progress=False, slow_slots=slow, force=True)
+    measured_total = time.perf_counter() - started
+    measured = calibrate(run_dir)
+    work = plan_workload(load(config, overrides))
+    trace = simulate(work, local_pool(measured, slow), seed=0)
+    predicted = summarise(LABELS[name], trace, work, SLOTS)
+    return {
+        "case": LABELS[name],
+        "calibration": measured,
+        "measured": {
+            "wall_seconds": report["wall_seconds"],
+            "mean_utilization": report["mean_utilization"],
+            "command_seconds": measured_total,
+        },
+        "predicted": {
+            "wall_seconds": predicted["wall_seconds"],
+            "mean_utilization": predicted["mean_utilization"],
+            "seconds_to_finish": predicted["seconds_to_finish"],
+        },
+    }
+
+
+def scale(out: Path) -> dict[str, float]:
+    """1,000 nodes x 100 rounds on 1,000 machines of the default pool: plan, then simulate."""
+    config = out / "scale.toml"
+    config.write_text(CONFIG.format(dataset=_dataset(out)))
+    pool = pool_for(None, 1000)
+    started = time.perf_counter()
+    work = plan_workload(load(config, ["run.nodes=1000", "run.rounds=100", "run.quorum=0.9"]))
+    planned = time.perf_counter()
+    trace = simulate(work, pool, seed=0)
+    simulated = time.perf_counter()
+    return {
+        "plan_seconds": planned - started,
+        "simulate_seconds": simulated - planned,
+        "dag_nodes": len(work.dag.nodes),
+        "virtual_hours": trace.end / 3600,
+        "jobs_begun": trace.jobs_begun,
+        "evictions": trace.evictions,
+    }
+
+
+def _error(predicted: float | None, measured: float | None) -> str:
+    if predicted is None or not measured:
+        return "-"
+    return f"{(predicted - measured) / measured:+.1%}"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("out", nargs="?", type=Path, default=Path("bench_simulate_out"))
+    parser.add_argument("--cases", default=",".join(CASES))
+    parser.add_argument("--no-scale", action="store_true")
+    args = parser.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    results: dict[str, Any] = {"validation": []}
+    for name in filter(None, args.cases.split(",")):
+        result = validate(args.out.resolve(), name)
+        results["validation"].append(result)
+        m, p = result["measured"], result["predicted"]
+        print(
+            f"{result['case']}: wall measured {m['wall_seconds']:.1f} s, predicted "
+            f"{p['wall_seconds']:.1f} s ({_error(p['wall_seconds'], m['wall_seconds'])}); "
+            f"utilization measured {m['mean_utilization']:.2f}, predicted "
+            f"{p['mean_utilization']:.2f} ({_error(p['mean_utilization'], m['mean_utilization'])});"
+            f" command {m['command_seconds']:.1f} s, predicted to finish "
+            f"{p['seconds_to_finish']:.1f} s "
+            f"({_error(p['seconds_to_finish'], m['command_seconds'])})",
+            flush=True,
+        )
+        print("  calibration:", {k: round(v, 3) for k, v in result["calibration"].items()})
+    if not args.no_scale:
+        results["scale"] = scale(args.out.resolve())
+        s = results["scale"]
+        print(
+            f"scale: {s['dag_nodes']} DAG nodes on 1,000 machines: planned in "
+            f"{s['plan_seconds']:.1f} s, simulated in {s['simulate_seconds']:.1f} s "
+            f"({s['virtual_hours']:.1f} virtual hours, {s['jobs_begun']} jobs begun, "
+            f"{s['evictions']} evictions)"
+        )
+    (args.out / "results.json").write_text(json.dumps(results, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()
