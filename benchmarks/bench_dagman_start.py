@@ -18,10 +18,12 @@ import time
 from datetime import datetime
 from pathlib import Path
 
+from htcondor2 import dags
+
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # the pool harness lives in the test suite, not in the package
 
-from bench_planner import _htcondor_dags, plan_tiny  # noqa: E402  (this folder is on sys.path)
+from bench_planner import plan_tiny, reference_dag  # noqa: E402  (this folder is on sys.path)
 
 from node_payload.common.run_config import read_run_config  # noqa: E402
 from node_payload.common.run_layout import CONFIG_FILE, DAG_FILE  # noqa: E402
@@ -94,7 +96,8 @@ def main() -> None:
         reference = work / "htcondor2.dags"
         reference.mkdir()
         (reference / "rounds/r000").mkdir(parents=True)  # its first layer's initialdir
-        _htcondor_dags(read_run_config(run_dir / CONFIG_FILE), reference)
+        # its DAG file and its layers' submit files
+        dags.write_dag(reference_dag(read_run_config(run_dir / CONFIG_FILE)), reference, DAG_FILE)
         pool.own(work)
         pool.start([Path(sys.base_prefix), Path(sys.prefix), REPO, work])
         version = pool.run(["condor_version"], cwd=work).stdout.split("\n")[0]
