@@ -46,6 +46,7 @@ def _run(args: argparse.Namespace) -> int:
         force=args.force,
         serial=args.serial,
         warm=not args.cold,
+        evictions=args.evict,
     )
     return 0 if report["status"] == "completed" else 1
 
@@ -65,6 +66,17 @@ def _slow_slot(text: str) -> tuple[int, float]:
     except ValueError:
         raise argparse.ArgumentTypeError(
             f"{text!r}: expected SLOT=FACTOR, e.g. 1=3 (slot 1 three times as slow)"
+        ) from None
+
+
+def _eviction(text: str) -> tuple[int, float]:
+    """SLOT@SECONDS as given to `dagtrain run --evict`."""
+    slot, _, seconds = text.partition("@")
+    try:
+        return int(slot), float(seconds)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: expected SLOT@SECONDS, e.g. 1@30 (evict slot 1's job 30 s into the run)"
         ) from None
 
 
@@ -386,6 +398,16 @@ def parser() -> argparse.ArgumentParser:
         metavar="SLOT=FACTOR",
         help="node jobs in slot SLOT (0..SLOTS-1) work FACTOR times as long: a local stand-in "
         "for slower machines (on a pool: [faults] slow); repeatable (default: none)",
+    )
+    run.add_argument(
+        "--evict",
+        type=_eviction,
+        action="append",
+        default=[],
+        metavar="SLOT@SECONDS",
+        help="evict the job running on slot SLOT SECONDS into the run, as a desktop's owner "
+        "coming back: it goes back to the queue and resumes from its last checkpoint "
+        "([train] checkpoint_s), or starts again; repeatable (default: none)",
     )
     run.add_argument(
         "--serial",

@@ -51,6 +51,7 @@ def run_local(
     force: bool = False,
     serial: bool = False,
     warm: bool = True,
+    evictions: list[tuple[int, float]] | None = None,
 ) -> dict[str, Any]:
     """Run (or resume) a planned run; returns report.json written by the DAG's FINAL node.
 
@@ -63,12 +64,20 @@ def run_local(
     timing, an asynchronous run's included (pipeline.local_runner.serial_order).
     `warm` starts the jobs that run the payload with the configured Pythons in a warm
     interpreter that has torch imported (pipeline.local_runner.warm_pool); False: fresh processes.
+    `evictions` (slot, seconds) evict the job on that slot that many seconds into the run: it
+    goes back to the queue and resumes from its checkpoint (pipeline.local_runner.slots).
     """
     for slot, factor in (slow_slots or {}).items():
         if not 0 <= slot < slots or not (math.isfinite(factor) and factor >= 1):
             raise UserError(
                 f"slow slot {slot}={factor}: slots are numbered 0 to {slots - 1} and a factor "
                 "is a number >= 1"
+            )
+    for slot, seconds in evictions or []:
+        if not 0 <= slot < slots or not (math.isfinite(seconds) and seconds >= 0):
+            raise UserError(
+                f"--evict {slot}@{seconds}: slots are numbered 0 to {slots - 1} and the time is "
+                "seconds >= 0 from the run's start"
             )
     slot_environment = {
         slot: {SLOWDOWN_VARIABLE: repr(float(factor))}
@@ -91,7 +100,9 @@ def run_local(
         if force:
             reset_run(run_dir, config)
         try:
-            _execute(run_dir, config, slots, slot_environment, console, serial, warm)
+            _execute(
+                run_dir, config, slots, slot_environment, console, serial, warm, evictions or []
+            )
         except DagInterrupted as exc:
             raise RunStopped(run_dir, exc.exit_code) from None
         except KeyboardInterrupt:
@@ -112,6 +123,7 @@ def _execute(
     console: Console,
     serial: bool,
     warm: bool,
+    evictions: list[tuple[int, float]],
 ) -> None:
     """Missing nodes reopened, embedded mirrors up, then the DAG with a live progress table."""
     reopened = reopen_missing_nodes(run_dir)
@@ -129,6 +141,7 @@ def _execute(
                 slot_environment=slot_environment,
                 serial=serial,
                 warm_pythons=_configured_pythons(config) if warm else (),
+                evictions=evictions,
             )
     finally:
         if mirrors is not None:

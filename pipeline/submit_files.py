@@ -1,5 +1,6 @@
 """The submit files and scripts of a run, rendered from dagman_templates/ with its config."""
 
+from node_payload.checkpoint_files import CHECKPOINT_EXIT, FILES
 from node_payload.common.errors import EXIT_FATAL
 from node_payload.common.run_config import RunConfig
 from node_payload.common.run_layout import (
@@ -29,6 +30,9 @@ def submit_files(config: RunConfig) -> dict[str, str]:
             deadline_s=config.run.node_deadline_s,
             resources=config.resources,
             config=CONFIG_FILE,
+            checkpoint_s=config.train.checkpoint_s,
+            checkpoint_exit=CHECKPOINT_EXIT,
+            checkpoint_files=FILES,
         ),
         REPORT_SUBMIT: render("report.sub.j2", python=submit_python, **run_files),
     }

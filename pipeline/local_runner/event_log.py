@@ -9,6 +9,12 @@ from pathlib import Path
 
 _LOCK = threading.Lock()  # several nodes may share one log file
 _HOST = "<127.0.0.1:0?alias=local-runner>"
+_RUN_USAGE = (
+    "\t\tUsr 0 00:00:00, Sys 0 00:00:00  -  Run Remote Usage\n"
+    "\t\tUsr 0 00:00:00, Sys 0 00:00:00  -  Run Local Usage\n"
+    "\t0  -  Run Bytes Sent By Job\n"
+    "\t0  -  Run Bytes Received By Job\n"
+)
 _USAGE = (
     "\t\tUsr 0 00:00:00, Sys 0 00:00:00  -  Run Remote Usage\n"
     "\t\tUsr 0 00:00:00, Sys 0 00:00:00  -  Run Local Usage\n"
@@ -42,8 +48,17 @@ class UserLog:
     def submitted(self) -> None:
         self._write(0, f"Job submitted from host: {_HOST}", f"    DAG Node: {self.node}\n")
 
-    def executing(self) -> None:
-        self._write(1, f"Job executing on host: {_HOST}")
+    def executing(self, slot: int | None = None) -> None:
+        """On the slot's own host name, so a job restarted elsewhere names another machine."""
+        host = (
+            _HOST if slot is None else _HOST.replace("=local-runner", f"=slot{slot}.local-runner")
+        )
+        self._write(1, f"Job executing on host: {host}")
+
+    def evicted(self) -> None:
+        """As a pool logs a vacated job (condor_vacate_job, an owner back at the machine):
+        it goes back to the queue, to start again wherever it is matched next."""
+        self._write(4, "Job was evicted.", "\t(0) Job was not checkpointed.\n" + _RUN_USAGE)
 
     def terminated(self, exit_code: int | None, signal: int | None) -> None:
         if signal is not None:

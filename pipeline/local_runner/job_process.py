@@ -24,6 +24,8 @@ import classad2
 from .event_log import UserLog
 from .parent_death import die_with_runner
 from .sandbox import command_path, should_transfer_output, stage_in, stage_out
+from .slots import Evictions
+from .spool import restore_checkpoint, save_checkpoint
 from .submit_description import JobSpec
 from .warm_pool import WarmPool
 
@@ -84,10 +86,18 @@ class JobResult:
     return_value: int  # what DAGMan passes to a POST script as $RETURN
     removed: bool = False
     reason: str = ""
+    evicted: bool = False  # back in the queue, to run again on the next slot it gets
 
 
 class JobProcess:
-    """One job cluster (one proc); `run()` blocks until it leaves the queue."""
+    """One job cluster (one proc). Each `run()` is one match to a slot, until the job leaves
+    the queue or is evicted (then `run()` again); `leave_queue()` drops its spool.
+
+    Self-checkpointing (`checkpoint_exit_code`): when the job exits with that code, its
+    `transfer_checkpoint_files` are copied to the job's spool and the job is restarted in the
+    same sandbox; a job evicted later starts its next run with the spool's files among its
+    inputs, as a pool's starter hands them to whatever machine it lands on.
+    """
 
     def __init__(
         self,
@@ -97,22 +107,25 @@ class JobProcess:
         scratch_root: Path,
         cancel: threading.Event,
         on_running: Callable[[], None],
-        slot_environment: dict[str, str] | None = None,
         warm: WarmPool | None = None,
+        evictions: Evictions | None = None,
     ) -> None:
         self.spec = spec
         self.warm = warm
-        self.slot_environment = slot_environment or {}
+        self.evictions = evictions
         self.cluster = cluster
         self.cancel = cancel
         self.on_running = on_running
         self.log = UserLog(spec.log, cluster, node)
         # Every job gets a scratch directory for its job ad and temporary files, removed when it
-        # leaves the queue; a sandboxed job also runs there, the others run in initialdir.
+        # leaves its slot; a sandboxed job also runs there, the others run in initialdir.
         self.scratch = scratch_root / f"{node}.{cluster}"
         self.sandbox = self.scratch if spec.sandboxed else None
+        self.spool = scratch_root / f"{node}.{cluster}.spool"  # its checkpoint, on the AP
         self.ad_file = self.scratch / ".job.ad"
         self.ad = self._initial_ad()
+        self.slot = 0
+        self.slot_environment: dict[str, str] = {}
 
     def _initial_ad(self) -> classad2.ClassAd:
         now = int(time.time())
@@ -131,6 +144,8 @@ class JobProcess:
             ad[name] = value
         if spec.allowed_job_duration is not None:
             ad["AllowedJobDuration"] = spec.allowed_job_duration
+        if spec.checkpoint_exit_code is not None:
+            ad["CheckpointExitCode"] = spec.checkpoint_exit_code
         ad["CurrentTime"] = classad2.ExprTree("time()")
         return ad
 
@@ -178,11 +193,16 @@ class JobProcess:
         )
         return env
 
-    def run(self) -> JobResult:
-        self.log.submitted()
+    def run(self, slot: int = 0, slot_environment: dict[str, str] | None = None) -> JobResult:
+        """Run on `slot` (a machine whose jobs get `slot_environment`) until the job exits, is
+        removed or held, or is evicted."""
+        self.slot, self.slot_environment = slot, slot_environment or {}
+        if self.ad["NumJobStarts"] == 0:
+            self.log.submitted()
         try:
             if self.sandbox is not None:
                 inputs = stage_in(self.spec, self.sandbox)
+                restore_checkpoint(self.spool, self.sandbox)
             else:
                 self.scratch.mkdir(parents=True)
                 inputs = {}
@@ -194,29 +214,47 @@ class JobProcess:
         finally:
             shutil.rmtree(self.scratch, ignore_errors=True)
 
+    def leave_queue(self) -> None:
+        shutil.rmtree(self.spool, ignore_errors=True)
+
     def _execute(self, inputs: dict[str, float]) -> JobResult:
         spec = self.spec
         cwd = self.sandbox if self.sandbox is not None else spec.initialdir
         out = self.sandbox / "_condor_stdout" if self.sandbox else spec.output
         err = self.sandbox / "_condor_stderr" if self.sandbox else spec.error
         self._set_status(RUNNING)
+        placed = time.monotonic()
         self.ad["JobCurrentStartDate"] = int(time.time())
-        self.ad["NumJobStarts"] = 1
+        self.ad["NumJobStarts"] = self.ad["NumJobStarts"] + 1
         self.ad_file.write_text(str(self.ad))
-        with _open_or_null(out) as stdout, _open_or_null(err) as stderr:
-            proc = self._start(cwd, stdout, stderr)
-        self.log.executing()
-        self.on_running()
-        stopped = self._watch(proc)
-        if proc.note and err is not None:
-            with err.open("a") as stream:
-                stream.write(proc.note)
-        if self.sandbox is not None:
-            _copy_stream(self.sandbox / "_condor_stdout", spec.output)
-            _copy_stream(self.sandbox / "_condor_stderr", spec.error)
-        if stopped is not None:
-            return stopped
-        returned = proc.wait()
+        self.log.executing(self.slot)
+        restarted = False
+        while True:
+            # A restart after a checkpoint goes on in the same sandbox, its streams appended.
+            with _open_or_null(out, restarted) as stdout, _open_or_null(err, restarted) as stderr:
+                proc = self._start(cwd, stdout, stderr)
+            if not restarted:
+                self.on_running()
+            stopped = self._watch(proc, placed)
+            if proc.note and err is not None:
+                with err.open("a") as stream:
+                    stream.write(proc.note)
+            returned = proc.wait() if stopped is None else None
+            if self.sandbox is not None and (
+                stopped is not None or not self._checkpointed(returned)
+            ):
+                _copy_stream(self.sandbox / "_condor_stdout", spec.output)
+                _copy_stream(self.sandbox / "_condor_stderr", spec.error)
+            if stopped is not None:
+                return stopped
+            assert returned is not None
+            if not self._checkpointed(returned):
+                break
+            missing = save_checkpoint(spec, cwd, self.spool)
+            if missing:
+                reason = f"Transfer checkpoint files failure: {', '.join(missing)} not found"
+                return self._hold(HOLD_TRANSFER_OUTPUT, 2, reason)
+            restarted = True
         code = returned if returned >= 0 else None
         sig = -returned if returned < 0 else None
         if self.sandbox is not None and should_transfer_output(spec, code):
@@ -226,6 +264,10 @@ class JobProcess:
                 return self._hold(HOLD_TRANSFER_OUTPUT, 2, reason)
         self.log.terminated(code, sig)
         return JobResult(code if code is not None else -(sig or 0))
+
+    def _checkpointed(self, returned: int | None) -> bool:
+        code = self.spec.checkpoint_exit_code
+        return code is not None and returned == code
 
     def _start(self, cwd: Path, stdout: IO[bytes] | int, stderr: IO[bytes] | int) -> RunningJob:
         """In a warm interpreter when the job may go warm (warm_pool), else a fresh process."""
@@ -241,7 +283,7 @@ class JobProcess:
         )  # fmt: skip
         return FreshJob(proc)
 
-    def _watch(self, proc: RunningJob) -> JobResult | None:
+    def _watch(self, proc: RunningJob, placed: float) -> JobResult | None:
         """Wait for exit while enforcing policy; a result here means the job did not exit."""
         next_check = time.monotonic() + POLICY_INTERVAL
         started = time.time()
@@ -249,6 +291,11 @@ class JobProcess:
             if self.cancel.wait(0.1):
                 _kill_group(proc)
                 return self._removed("removed: the local runner was interrupted")
+            if self.evictions is not None and self.evictions.due(self.slot, placed):
+                _kill_group(proc)
+                self.log.evicted()
+                self._set_status(IDLE)
+                return JobResult(0, evicted=True, reason=f"evicted from slot {self.slot}")
             if time.monotonic() < next_check:
                 continue
             next_check += POLICY_INTERVAL
@@ -266,11 +313,11 @@ class JobProcess:
         return None
 
 
-def _open_or_null(path: Path | None) -> AbstractContextManager[IO[bytes] | int]:
+def _open_or_null(path: Path | None, append: bool) -> AbstractContextManager[IO[bytes] | int]:
     if path is None:
         return nullcontext(subprocess.DEVNULL)
     path.parent.mkdir(parents=True, exist_ok=True)
-    return path.open("wb")
+    return path.open("ab" if append else "wb")
 
 
 def _copy_stream(src: Path, dst: Path | None) -> None:

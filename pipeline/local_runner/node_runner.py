@@ -17,8 +17,9 @@ from pathlib import Path
 
 from pipeline.dag.model import Node, Script
 
-from .job_process import JobProcess, JobResult
+from .job_process import REMOVED_RETURN, JobProcess, JobResult
 from .parent_death import die_with_runner
+from .slots import Evictions
 from .status_file import POSTRUN, PRERUN, READY, SUBMITTED
 from .submit_description import load_job
 from .warm_pool import WarmPool
@@ -48,6 +49,7 @@ class NodeContext:
     set_state: Callable[[str, int, str, int], None]  # node, status, details, retry count
     slot_environment: dict[int, dict[str, str]]  # slot -> variables its jobs get
     warm: WarmPool | None = None  # warm interpreters for payload jobs (None: all start fresh)
+    evictions: Evictions | None = None  # `dagtrain run --evict`: when each slot's job is evicted
 
 
 class NodeRunner:
@@ -83,10 +85,7 @@ class NodeRunner:
         slot = self.ctx.acquire_slot(node)
         if slot is None:
             return False, -1
-        try:
-            cluster, result = self._job(attempt, slot)
-        finally:
-            self.ctx.release_slot(node, slot)
+        cluster, result = self._job(attempt, slot)
         if result.removed:
             self.ctx.emit(node.name, "removed", attempt, result.return_value)
         if self.ctx.cancel.is_set():
@@ -118,16 +117,27 @@ class NodeRunner:
             ctx.emit(node.name, "running", attempt, None)
 
         job = JobProcess(
-            spec,
-            cluster,
-            node.name,
-            ctx.scratch_root,
-            ctx.cancel,
-            running,
-            ctx.slot_environment.get(slot, {}),
-            ctx.warm,
-        )
-        return cluster, job.run()
+            spec, cluster, node.name, ctx.scratch_root, ctx.cancel, running, ctx.warm,
+            ctx.evictions,
+        )  # fmt: skip
+        held: int | None = slot
+        try:
+            while True:
+                result = job.run(slot, ctx.slot_environment.get(slot, {}))
+                if not result.evicted:
+                    return cluster, result
+                # Back in the queue: the slot goes to whoever ranks first, this job included.
+                ctx.emit(node.name, "evicted", attempt, None)
+                ctx.set_state(node.name, SUBMITTED, "idle (evicted)", attempt)
+                ctx.release_slot(node, slot)
+                held = ctx.acquire_slot(node)
+                if held is None:  # the DAG is stopping
+                    return cluster, JobResult(REMOVED_RETURN, removed=True, reason="stopped")
+                slot = held
+        finally:
+            if held is not None:
+                ctx.release_slot(node, held)
+            job.leave_queue()
 
     def _script(self, script: Script, attempt: int, extra: dict[str, str]) -> int:
         """Run a PRE/POST script from the node's directory; whole-argument $MACROs only."""

@@ -24,7 +24,7 @@ from .dag_file import parse_dag
 from .journal import Journal, journal_path, read_journal, read_rescue, rescue_files, write_rescue
 from .node_runner import NodeContext, NodeRunner, Outcome
 from .serial_order import serial_ranks
-from .slots import SlotPool
+from .slots import Evictions, SlotPool
 from .status_file import DONE, ERROR, FUTILE, NOT_READY, READY, NodeState
 from .warm_pool import WarmPool
 
@@ -34,7 +34,7 @@ DAG_OK, DAG_NODES_FAILED, DAG_ABORTED = 0, 2, 3
 
 @dataclass(frozen=True)
 class NodeEvent:
-    """kind: submitted | running | done | failed | retry | removed."""
+    """kind: submitted | running | evicted | done | failed | retry | removed."""
 
     node: str
     kind: str
@@ -71,6 +71,7 @@ class _Scheduler:
         slot_environment: dict[int, dict[str, str]],
         serial: bool,
         warm_pythons: frozenset[str],
+        evictions: Evictions | None,
     ) -> None:
         if slots < 1:
             raise UserError(f"slots must be at least 1, got {slots}")
@@ -93,6 +94,7 @@ class _Scheduler:
         self.last_status_write = 0.0
         self.ranks = serial_ranks(dag) if serial else None
         self.warm = WarmPool(warm_pythons, self.work) if warm_pythons else None
+        self.evictions = evictions
 
     # ----- state shared with node threads (read-only or locked) -----
     def next_cluster(self) -> int:
@@ -157,6 +159,7 @@ class _Scheduler:
             set_state=lambda *a: self.inbox.put(("state", *a)),
             slot_environment=self.slot_environment,
             warm=self.warm,
+            evictions=self.evictions,
         )
         runner = NodeRunner(self.dag.nodes[name], ctx)
 
@@ -322,6 +325,7 @@ def run_dag(
     slot_environment: dict[int, dict[str, str]] | None = None,
     serial: bool = False,
     warm_pythons: Collection[str] = (),
+    evictions: Collection[tuple[int, float]] = (),
 ) -> DagResult:
     """Run a DAG file locally as DAGMan + a schedd would; see the package docstring.
 
@@ -329,7 +333,9 @@ def run_dag(
     variables, so one slot can play a different machine (e.g. a slower one). `serial` runs one
     node at a time in a fixed order (serial_order), so that the outcome never depends on
     timing: DAGMan makes no such promise, it is the local runner's own. Jobs that run the
-    payload with one of `warm_pythons` start in a warm interpreter (warm_pool).
+    payload with one of `warm_pythons` start in a warm interpreter (warm_pool). `evictions`
+    (slot, seconds) evict the job on that slot that many seconds after the run starts (slots:
+    Evictions); it goes back to the queue and restarts from its checkpoint, if it took one.
     """
     scheduler = _Scheduler(
         parse_dag(Path(dag_path)),
@@ -338,6 +344,7 @@ def run_dag(
         slot_environment or {},
         serial,
         frozenset(warm_pythons),
+        Evictions(evictions) if evictions else None,
     )
     in_main = threading.current_thread() is threading.main_thread()
     previous = {}

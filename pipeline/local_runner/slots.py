@@ -8,6 +8,8 @@ machine of a heterogeneous pool (see `run_dag`'s slot_environment).
 from __future__ import annotations
 
 import threading
+import time
+from collections.abc import Iterable
 
 from pipeline.dag.model import Node
 
@@ -62,3 +64,23 @@ class SlotPool:
             self.running[node.category] -= 1
             self.free.add(slot)
             self.cond.notify_all()
+
+
+class Evictions:
+    """`dagtrain run --evict SLOT@SECONDS`: the job running on SLOT that many seconds after the
+    run started is evicted, as when a desktop machine's owner comes back. Each eviction acts
+    once, on the job running then; a slot idle at that moment loses nothing."""
+
+    def __init__(self, schedule: Iterable[tuple[int, float]]) -> None:
+        self.start = time.monotonic()
+        self.pending = sorted((at, slot) for slot, at in schedule)
+        self.lock = threading.Lock()
+
+    def due(self, slot: int, since: float) -> bool:
+        """Whether the job placed on `slot` at `since` (time.monotonic) is evicted now."""
+        now = time.monotonic() - self.start
+        with self.lock:
+            passed = [(at, s) for at, s in self.pending if s == slot and at <= now]
+            for item in passed:
+                self.pending.remove(item)
+        return any(self.start + at >= since for at, _ in passed)

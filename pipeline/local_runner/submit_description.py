@@ -23,7 +23,7 @@ SUPPORTED = {
     "transfer_input_files", "transfer_output_files", "transfer_output_remaps", "log", "output",
     "error", "request_cpus", "request_memory", "request_disk", "request_gpus", "periodic_remove",
     "allowed_job_duration", "notification", "getenv", "max_retries", "stream_output",
-    "stream_error",
+    "stream_error", "checkpoint_exit_code", "transfer_checkpoint_files",
 }  # fmt: skip
 TRANSFER_WHEN = ("ON_EXIT", "ON_SUCCESS", "ON_EXIT_OR_EVICT")
 _UNITS = {"": 1, "K": 1 / 1024, "KB": 1 / 1024, "M": 1, "MB": 1, "G": 1024, "GB": 1024,
@@ -55,6 +55,8 @@ class JobSpec:
     request_disk_kb: int = 0
     periodic_remove: str | None = None
     allowed_job_duration: int | None = None
+    checkpoint_exit_code: int | None = None  # the job took a checkpoint: spool it, restart
+    transfer_checkpoint_files: list[str] | None = None  # None: as transfer_output_files
     attributes: dict[str, str] = field(default_factory=dict)
 
 
@@ -193,6 +195,8 @@ def _build(
 
     outputs = values.get("transfer_output_files")
     duration = values.get("allowed_job_duration", "").strip()
+    checkpoint_code = values.get("checkpoint_exit_code", "").strip()
+    checkpoint_files = values.get("transfer_checkpoint_files")
     return JobSpec(
         submit_file=submit_file,
         universe=universe,
@@ -215,5 +219,7 @@ def _build(
         request_disk_kb=round(1024 * _megabytes(values.get("request_disk", "0"), where("request_disk"), "KB")),
         periodic_remove=values.get("periodic_remove", "").strip() or None,
         allowed_job_duration=_int(duration, where("allowed_job_duration")) if duration else None,
+        checkpoint_exit_code=_int(checkpoint_code, where("checkpoint_exit_code")) if checkpoint_code else None,
+        transfer_checkpoint_files=None if checkpoint_files is None else _file_list(checkpoint_files),
         attributes=attrs,
     )  # fmt: skip
