@@ -15,6 +15,7 @@ from typing import Any
 import torch
 
 from aggregation.aggregator import Aggregator, Offered
+from aggregation.evictions import round_evictions
 from aggregation.heldout import load_heldout, run_manifest, training_coverage
 from aggregation.heldout_metrics import heldout_metrics
 from aggregation.merge import MergeResult
@@ -79,6 +80,7 @@ def aggregate_round(run_dir: Path, config: RunConfig, round_: int) -> dict[str, 
         "mirror_failovers": sum(m["mirror_failovers"] for m in node_metrics.values()),
         "coverage": training_coverage(run_dir, config, manifest, round_),
         **_sources_per_class(round_, node_metrics),
+        **round_evictions(run_dir, round_, config.run.nodes),  # and the work they lost and saved
         "started_at": started,  # with seconds: the report's wall time and node utilization
         "seconds": time.time() - started,
     }
