@@ -172,17 +172,20 @@ def demo_run(base: Path, name: str, slots: int, warm: bool) -> dict:
     events: list[NodeEvent] = []
     with recorded_events(events), Measured() as measured:
         report = run_local(run_dir, slots=slots, show_progress=False, warm=warm)
-    metrics = {
-        p.parent.relative_to(run_dir / ROUNDS_DIR).as_posix().replace("/", "_"): json.loads(
-            p.read_text()
-        )
-        for p in (run_dir / ROUNDS_DIR).glob(f"*/*/{METRICS_FILE}")
+    rounds = run_dir / ROUNDS_DIR
+    metrics = {  # by node name: train_rRRR_nNNN
+        "_".join(("train", *p.parent.relative_to(rounds).parts)): json.loads(p.read_text())
+        for p in rounds.glob(f"*/*/{METRICS_FILE}")
     }
     busy = sum(m["seconds"] for m in metrics.values())
-    running = {e.node: e.time for e in events if e.kind == "running"}  # the last attempt's
+    submitted = {e.node: e.time for e in events if e.kind == "submitted"}  # the last attempt's
+    running = {e.node: e.time for e in events if e.kind == "running"}
     done = {e.node: e.time for e in events if e.kind == "done"}
-    # Node job start-up: from the runner starting it to the job's own clock starting (imports).
-    start_up = sum(m["started_at"] - running[f"train_{key}"] for key, m in metrics.items())
+    # In a slot before a job runs: its input files copied, its process started (warm: once the
+    # server has imported torch, which the first jobs wait for).
+    starting = sum(running[n] - submitted[n] for n in running)
+    # Node job start-up: from its process starting to the job's own clock starting (imports).
+    start_up = sum(m["started_at"] - running[node] for node, m in metrics.items())
     # Aggregations and the report: the whole job (their POST scripts included).
     others = sum(done[n] - running[n] for n in done if not n.startswith("train_"))
     models = {
@@ -191,8 +194,9 @@ def demo_run(base: Path, name: str, slots: int, warm: bool) -> dict:
     }
     return {
         "wall": measured.wall, "cpu": measured.cpu, "load": measured.load(), "busy": busy,
-        "util": busy / (slots * measured.wall), "start_up": start_up, "aggregation": others,
-        "other": slots * measured.wall - busy - start_up - others, "models": models,
+        "util": busy / (slots * measured.wall), "starting": starting, "start_up": start_up,
+        "aggregation": others, "models": models,
+        "other": slots * measured.wall - busy - starting - start_up - others,
         "accuracy": report["final_accuracy"], "status": report["status"],
     }  # fmt: skip
 
@@ -238,7 +242,8 @@ def main() -> None:
             run = runs[pair, mode] = demo_run(base, f"{mode}{pair}", args.slots, mode == "warm")
             print(f"demo {mode} (pair {pair}): {run['wall']:.0f} s wall, {run['cpu']:.0f} CPU s, "
                   f"load {run['load']}; {run['busy']:.0f} s busy training, utilization "
-                  f"{run['util']:.2f}; other slot seconds: node start-up {run['start_up']:.0f}, "
+                  f"{run['util']:.2f}; other slot seconds: jobs starting {run['starting']:.0f}, "
+                  f"node job imports {run['start_up']:.0f}, "
                   f"aggregations and report {run['aggregation']:.0f}, idle and between jobs "
                   f"{run['other']:.0f}; accuracy {run['accuracy']:.3f}, {run['status']}",
                   flush=True)  # fmt: skip
