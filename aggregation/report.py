@@ -100,7 +100,8 @@ def build_report(
 def _run_bytes(rounds: list[dict[str, Any]]) -> dict[str, Any]:
     """The rounds' byte records summed (aggregation/round_bytes.py), the submit host's mean per
     round, the mean network bytes per job besides data, and the jobs that started without their
-    lane's residual; nothing for rounds written before jobs recorded their bytes."""
+    lane's residual or fetched their model whole instead of by delta; nothing for rounds
+    written before jobs recorded their bytes."""
     counted = [r for r in rounds if r.get("jobs_counted")]
     if not counted:
         return {}
@@ -113,6 +114,7 @@ def _run_bytes(rounds: list[dict[str, Any]]) -> dict[str, Any]:
         "submit_host_bytes_per_round": round(total.through_submit_host.total / len(counted)),
         "bytes_per_job": round(total.network_without_data / jobs),
         "residual_misses": sum(r["residual_misses"] for r in counted),
+        "model_delta_misses": sum(r.get("model_delta_misses", 0) for r in counted),
     }
 
 

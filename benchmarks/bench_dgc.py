@@ -2,36 +2,45 @@
 side in one run: the bytes a node job moves and the accuracy the run reaches.
 
 Variants of the same work: dense float32 updates; DGC at 99% sparsity without warm-up, with the
-lanes' residuals in the execute machine's cache (the local runner's slots share one machine, so
-every job finds its lane's), and again with every residual lost (`[data] node_cache` relative:
-each job's own scratch folder, as if every job landed on a machine its lane never ran on); fp16
-and int8 quantised updates with error feedback, int8 also with every residual lost. ROUNDS and
-LOCAL_STEPS change the demo's 6 x 45 (error feedback needs rounds: see docs/benchmarks.md).
+machine cache (`[data] node_cache`: the lanes' residuals, the last global model, the job
+payload) kept (the local runner's slots share one machine, so every job finds them), and again
+with the machine cache lost (`node_cache` relative: each job's own scratch folder, as if every
+job landed on a machine none of its run's jobs ran on); fp16 and int8 quantised updates with
+error feedback; and DGC 99% with server momentum 0.9, to show what momentum does to the model's
+delta. ROUNDS and LOCAL_STEPS change the demo's 6 x 45 (error feedback needs rounds: see
+docs/benchmarks.md).
 
 Per variant, from report.json (node_payload/common/job_bytes.py): the network bytes per node job
-besides its training data (model in, payload and config in, update and metrics out) and its
-parts, the submit host's bytes per round, the residual misses and the final held-out accuracy;
-writes results-ROUNDSxLOCAL_STEPS.json to OUT.
+besides its training data (model or its delta in, payload's launcher and config in, update and
+metrics out) and its parts, the submit host's bytes per round, the jobs that fetched their
+model whole although a delta was published and those that started without their residual, the
+final held-out accuracy; and from the run's models, how many of the model's values changed from
+one version to the next (the delta's density) and the delta's size. Writes
+results-ROUNDSxLOCAL_STEPS.json to OUT.
 
 Run:  python benchmarks/bench_dgc.py [OUT] [ROUNDS] [LOCAL_STEPS] [SLOTS]
 """
 
 import json
 import sys
+import tempfile
 from pathlib import Path
 from typing import Any
 
 from node_payload.common.job_bytes import JobBytes
+from node_payload.common.model_delta import DeltaIdentity, write_delta
+from node_payload.common.run_layout import model_path
+from node_payload.common.tensor_io import load_tensors
 from pipeline.demo import run_demo_variant
 
 DGC_99 = {"method": "dgc", "sparsity": 0.99, "warmup": 0}
 VARIANTS: dict[str, dict[str, dict[str, Any]]] = {
     "dense": {"compression": {"method": "none"}},
     "dgc 99%": {"compression": DGC_99},
-    "dgc 99%, residuals lost": {"compression": DGC_99, "data": {"node_cache": "cache"}},
+    "dgc 99%, machine cache lost": {"compression": DGC_99, "data": {"node_cache": "cache"}},
     "fp16": {"compression": {"method": "fp16"}},
     "int8": {"compression": {"method": "int8"}},
-    "int8, residuals lost": {"compression": {"method": "int8"}, "data": {"node_cache": "cache"}},
+    "dgc 99%, server momentum 0.9": {"compression": DGC_99, "server": {"momentum": 0.9}},
 }
 
 
@@ -43,16 +52,34 @@ def job_figures(report: dict[str, Any]) -> dict[str, Any]:
     return {
         "bytes_per_job": report["bytes_per_job"],
         "model_in": (host.model_in + mirrors.model_in) / jobs,
-        "payload_in": host.payload_in / jobs,
+        "model_delta_in": mirrors.model_delta_in / jobs,
+        "payload_in": (host.payload_in + mirrors.payload_in) / jobs,
+        "payload_from_mirrors": mirrors.payload_in / jobs,
         "update_out": host.update_out / jobs,
         "metrics_out": host.metrics_out / jobs,
         "residual_over_network": (host.residual_in + host.residual_out) / jobs,
-        "residual_on_machine": (moved.on_machine.residual_in + moved.on_machine.residual_out)
-        / jobs,
         "submit_host_bytes_per_round": report["submit_host_bytes_per_round"],
+        "model_delta_misses": report["model_delta_misses"],
         "residual_misses": report["residual_misses"],
         "jobs": jobs,
     }
+
+
+def delta_figures(run_dir: Path, rounds: int) -> dict[str, float]:
+    """From version to version of the run's models: the share of values that changed and the
+    delta's size against the model's (written whether or not it was published)."""
+    changed = total = delta_bytes = model_bytes = 0
+    with tempfile.TemporaryDirectory() as tmp:
+        delta = Path(tmp) / "delta.safetensors"
+        for version in range(1, rounds + 1):
+            base, model = model_path(run_dir, version - 1), model_path(run_dir, version)
+            identity = DeltaIdentity("bench", version - 1, version, "", "")
+            delta_bytes += write_delta(base, model, delta, identity)
+            model_bytes += model.stat().st_size
+            positions = load_tensors(delta)[0]
+            changed += sum(len(t) for name, t in positions.items() if name.endswith("::idx"))
+            total += sum(t.numel() for t in load_tensors(model)[0].values())
+    return {"delta_density": changed / total, "delta_to_model": delta_bytes / model_bytes}
 
 
 def main() -> None:
@@ -63,7 +90,7 @@ def main() -> None:
     cache = str(out / "machine-cache")
     results: dict[str, Any] = {}
     for name, tables in VARIANTS.items():
-        tag = name.replace(",", "").replace(" ", "-").replace("%", "")
+        tag = name.replace(",", "").replace(" ", "-").replace("%", "").replace(".", "")
         overrides = {
             "run": {"rounds": rounds, "quorum": 1.0},
             "train": {"local_steps": local_steps},
@@ -71,8 +98,13 @@ def main() -> None:
         }
         for table, keys in tables.items():
             overrides[table] = overrides.get(table, {}) | keys
-        report = run_demo_variant(out, f"{tag}-{rounds}x{local_steps}", overrides, slots)
-        results[name] = {**job_figures(report), "final_accuracy": report["final_accuracy"]}
+        run_name = f"{tag}-{rounds}x{local_steps}"
+        report = run_demo_variant(out, run_name, overrides, slots)
+        results[name] = {
+            **job_figures(report),
+            **delta_figures(out / run_name, rounds),
+            "final_accuracy": report["final_accuracy"],
+        }
     dense = results["dense"]
     print(f"demo task, 4 nodes x {rounds} rounds x {local_steps} local steps; per node job:")
     for name, r in results.items():
@@ -80,15 +112,15 @@ def main() -> None:
         r["update_bytes_ratio"] = r["update_out"] / dense["update_out"]
         r["accuracy_points"] = 100 * (r["final_accuracy"] - dense["final_accuracy"])
         print(
-            f"{name:24s} {r['bytes_per_job'] / 1e3:7.1f} KB ({r['job_bytes_ratio']:.3f}x dense): "
-            f"model {r['model_in'] / 1e3:.1f} KB, payload {r['payload_in'] / 1e3:.1f} KB, "
-            f"update {r['update_out'] / 1e3:.1f} KB ({r['update_bytes_ratio']:.4f}x), metrics "
-            f"{r['metrics_out'] / 1e3:.1f} KB, residual over the network "
-            f"{r['residual_over_network']:.0f} B (on the machine "
-            f"{r['residual_on_machine'] / 1e3:.0f} KB); submit host "
-            f"{r['submit_host_bytes_per_round'] / 1e3:.0f} KB/round; {r['residual_misses']} "
-            f"residual misses; accuracy {r['final_accuracy']:.3f} "
-            f"({r['accuracy_points']:+.1f} points)"
+            f"{name:30s} {r['bytes_per_job'] / 1e3:7.1f} KB ({r['job_bytes_ratio']:.3f}x dense): "
+            f"model {r['model_in'] / 1e3:.1f} KB whole + {r['model_delta_in'] / 1e3:.1f} KB "
+            f"delta, payload and config {r['payload_in'] / 1e3:.1f} KB (from the mirrors "
+            f"{r['payload_from_mirrors'] / 1e3:.1f}), update {r['update_out'] / 1e3:.1f} KB "
+            f"({r['update_bytes_ratio']:.4f}x), metrics {r['metrics_out'] / 1e3:.1f} KB; "
+            f"delta density {r['delta_density']:.4f}, delta {r['delta_to_model']:.3f}x the "
+            f"model; submit host {r['submit_host_bytes_per_round'] / 1e3:.0f} KB/round; "
+            f"{r['model_delta_misses']} delta misses, {r['residual_misses']} residual misses; "
+            f"accuracy {r['final_accuracy']:.3f} ({r['accuracy_points']:+.1f} points)"
         )
     (out / f"results-{rounds}x{local_steps}.json").write_text(json.dumps(results, indent=1) + "\n")
 

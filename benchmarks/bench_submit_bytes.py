@@ -6,9 +6,12 @@ mirrors of a small procedural dataset), each a real `dagtrain plan`:
 
 - file transfer: external mirrors and no `[data] publish`: each node job's submit file transfers
   the job payload, config.toml and the round's model;
-- published to 2 mirrors, and to the first of them: the aggregation uploads the model to each
-  publish URL (a real upload to loopback FTP servers), and each job's submit file transfers the
-  payload, config.toml and the model's pointer; the nodes fetch the model from the mirrors.
+- published to 2 mirrors, and to the first of them: the aggregation uploads the model (and its
+  delta from the version before) to each publish URL (a real upload to loopback FTP servers),
+  and each job's submit file transfers the payload's launcher, config.toml and the model's
+  pointer; the nodes fetch the model from the mirrors (whole: a node without the version before
+  in its cache) and the payload, which the planner published once, from the mirrors or their
+  machine's cache.
 
 What a round sends down is what HTCondor's own reading of the planned node.sub (through the local
 runner's `load_job`) names for each node job of round 1, summed from the files' sizes; what it
@@ -41,7 +44,6 @@ from node_payload.common.run_layout import (
     node_name,
 )
 from node_payload.common.tensor_io import save_tensors, update_metadata
-from node_payload.fetch import FetchStats
 from node_payload.model_fetch import model_file
 from node_payload.train import update_tensors
 from pipeline import config as config_mod
@@ -119,10 +121,11 @@ def _round(run_dir: Path, scratch: Path) -> dict[str, float]:
     up = config.run.nodes * _update_bytes(run_dir, scratch)
     from_mirrors = 0
     if config.models_from_mirrors:
-        stats = FetchStats()
         pointer = model_pointer_path(run_dir, 1)
-        model_file(pointer, config.run.run_id, list(config.data.mirrors), 0, stats, scratch)
-        from_mirrors = config.run.nodes * stats.bytes_downloaded
+        mirrors, cache = list(config.data.mirrors), str(scratch / "machine-cache")
+        got = model_file(pointer, config.run.run_id, mirrors, 0, cache, scratch)
+        fetched = got.moved.from_mirrors
+        from_mirrors = config.run.nodes * (fetched.model_in + fetched.model_delta_in)
     model = model_path(run_dir, 1).stat().st_size
     return {
         "model_MB": model / MB,

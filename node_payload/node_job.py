@@ -46,9 +46,9 @@ def run_node(task: NodeTask) -> dict[str, Any]:
     mirrors = data.mirrors
     first = (task.node + task.attempt) % len(mirrors)
     stats = FetchStats()
-    model_stats = FetchStats()  # the global model from the mirrors, when it was published
-    given = model_file(
-        task.model_path, config.run.run_id, mirrors, first, model_stats, task.out_dir
+    # The global model: given, or from the mirrors by its pointer (whole, or by delta).
+    got = model_file(
+        task.model_path, config.run.run_id, mirrors, first, data.node_cache, task.out_dir
     )
 
     manifest = planned_manifest(mirrors, first, data.manifest_sha256, stats)
@@ -62,7 +62,7 @@ def run_node(task: NodeTask) -> dict[str, Any]:
     test = Tensors(both.x[len(train_ids) :], both.y[len(train_ids) :])
     fetched_at = time.time()
 
-    model, model_meta = load_model(given)
+    model, model_meta = load_model(got.path)
     base_version = int(model_meta["version"])
     global_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
     # Where the run is in its schedule: the round, or (asynchronous) the model's version.
@@ -90,14 +90,14 @@ def run_node(task: NodeTask) -> dict[str, Any]:
     compression, on_machine = write_update(
         update, params, config, metadata, task.node, task.round_, task.out_dir / UPDATE_FILE
     )
-    moved = JobBytes(
-        through_submit_host=Moved(
-            model_in=task.model_path.stat().st_size,
-            payload_in=payload_bytes(task.config_path),
-            update_out=compression["update_bytes"],
-        ),
-        from_mirrors=Moved(model_in=model_stats.bytes_downloaded, data_in=stats.bytes_downloaded),
-        on_machine=on_machine,
+    moved = (
+        JobBytes(
+            through_submit_host=Moved(update_out=compression["update_bytes"]),
+            from_mirrors=Moved(data_in=stats.bytes_downloaded),
+            on_machine=on_machine,
+        )
+        + got.moved
+        + payload_bytes(task.config_path)
     )
     metrics = {
         "round": task.round_,
@@ -125,6 +125,7 @@ def run_node(task: NodeTask) -> dict[str, Any]:
         "slowdown": factor,
         "train_fragments": train_ids,  # for the run's coverage of the training fragments
         "bytes": moved.to_json(),  # by kind and way (node_payload/common/job_bytes.py)
+        "model": got.how,  # "given", "whole", "delta", or "whole: why not by delta"
         # Self-checkpointing: when each checkpoint was written and each restart resumed.
         "checkpoints": checkpoints.history.to_json() if checkpoints else None,
         **compression,  # update_bytes; compressed: residual, and kept_fraction, sparsity, ...

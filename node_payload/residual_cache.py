@@ -15,8 +15,6 @@ back is lost (docs/benchmarks.md measures what that costs), and metrics.json say
 run, lane, step or model, or holds NaN/Inf is named in one warning line and never used.
 """
 
-import hashlib
-import os
 import re
 import sys
 from collections.abc import Mapping
@@ -27,8 +25,8 @@ import torch
 
 from node_payload.common import tensor_io
 from node_payload.common.run_layout import job_tag, lane_tag
+from node_payload.machine_cache import private_folder, run_key
 
-DEFAULT_PARENT = Path("/var/tmp")
 RESIDUALS = "residuals"
 _NAME = re.compile(r"l(\d{3,})_j(\d{4,})\.safetensors")
 
@@ -55,25 +53,12 @@ class Found:
 
 
 def run_cache(node_cache: str, run_id: str) -> Path | None:
-    """This run's residual folder on this machine, created private to this user; None (after
+    """This run's residual folder on this machine (node_payload/machine_cache.py); None (after
     one warning line) when the machine gives none: the lane then starts from zero every job."""
-    if node_cache:
-        root = Path(node_cache).expanduser() / RESIDUALS
-    else:
-        root = DEFAULT_PARENT / f"dagtrain-{os.getuid()}" / RESIDUALS
-    try:
-        root.mkdir(mode=0o700, parents=True, exist_ok=True)
-        status = os.lstat(root)
-    except OSError as exc:
-        print(f"warning: residual cache {root}: {exc}; no residual is kept", file=sys.stderr)
+    root = private_folder(node_cache, RESIDUALS, "no residual is kept")
+    if root is None:
         return None
-    if not root.is_dir() or root.is_symlink() or status.st_uid != os.getuid():
-        print(
-            f"warning: residual cache {root} is not a folder of this user's; no residual is kept",
-            file=sys.stderr,
-        )
-        return None
-    folder = root / hashlib.sha256(run_id.encode()).hexdigest()[:16]
+    folder = root / run_key(run_id)
     folder.mkdir(mode=0o700, exist_ok=True)
     return folder
 

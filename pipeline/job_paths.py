@@ -22,7 +22,7 @@ from node_payload.common.run_layout import (
     global_model_name,
     global_pointer_name,
 )
-from pipeline.payload_zip import PAYLOAD_NAME
+from pipeline.payload_zip import LAUNCHER, PAYLOAD_NAME
 
 PAYLOAD = f"{PAYLOAD_DIR}/{PAYLOAD_NAME}"
 ROUND_DIR = f"{ROUNDS_DIR}/$(rtag)"  # a round's folder: its aggregation job's logs
@@ -46,7 +46,8 @@ def node_job_files(config: RunConfig) -> NodeJobFiles:
     """Synchronous jobs take the round's model from the run directory (a lane's residual stays
     on the execute machines: node_payload/residual_cache.py);
     an asynchronous job's PRE script puts it in the job's own folder. When the mirrors serve
-    the run's models, a job gets the model's pointer instead (aggregation/publish.py)."""
+    the run's models, a job gets the model's pointer instead (aggregation/publish.py), and the
+    payload's launcher instead of the payload (pipeline/payload_launcher.py)."""
     if config.is_async:
         initialdir = f"{LANES_DIR}/$(ltag)/$(jtag)"
         model = f"{initialdir}/{model_input(config)}"
@@ -54,7 +55,8 @@ def node_job_files(config: RunConfig) -> NodeJobFiles:
         initialdir = f"{ROUND_DIR}/$(ntag)"
         name = global_pointer_name if config.models_from_mirrors else global_model_name
         model = f"{MODELS_DIR}/{name('$(rtag)')}"
-    from_run = [PAYLOAD, CONFIG_FILE, model]
+    payload = LAUNCHER if config.models_from_mirrors else PAYLOAD
+    from_run = [payload, CONFIG_FILE, model]
     inputs = [posixpath.relpath(path, initialdir) for path in from_run]
     if config.execution.env_tarball:
         inputs.append(config.execution.env_tarball)

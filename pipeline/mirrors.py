@@ -9,8 +9,9 @@ and the mirror stops there instead of streaming on until the node closes the dat
 
 Mirrors of a run also serve its global models, read-only, at published/RUN_ID/ (the path a
 model's pointer names, node_payload/common/model_pointer.py): that folder maps onto the run's
-models/ folder, where only the global_rNNN.safetensors files are visible (never the server
-optimizer's state), so a model is published the moment its atomic write renames it into place.
+models/ folder, where only the global_rNNN.safetensors files and their deltas delta_rNNN are
+visible (never the server optimizer's state), so a model is published the moment its atomic
+write renames it into place; and the run's job payload, payload/dagtrain.pyz, beside them.
 """
 
 import errno
@@ -31,7 +32,7 @@ from pyftpdlib.servers import FTPServer
 from rich.console import Console
 
 from node_payload.common.errors import UserError
-from node_payload.common.run_layout import PUBLISHED_DIR
+from node_payload.common.run_layout import PAYLOAD_DIR, PAYLOAD_NAME, PUBLISHED_DIR
 
 HOST = "127.0.0.1"
 POLL_S = 0.05  # longest wait of close() for a server thread to notice the stop request
@@ -136,13 +137,15 @@ class RangeFTPHandler(FTPHandler):
         super().push_dtp_data(data, isproducer, file, cmd)
 
 
-_GLOBAL_MODEL = re.compile(r"global_r[0-9]{3,}\.safetensors")
+_GLOBAL_MODEL = re.compile(r"(global|delta)_r[0-9]{3,}\.safetensors")
 
 
 def run_models_fs(run_id: str, models_dir: Path) -> type[AbstractedFS]:
-    """A file system whose published/RUN_ID/ shows the global models of models_dir."""
+    """A file system whose published/RUN_ID/ shows the global models and deltas of models_dir,
+    and the job payload of its run directory."""
     virtual = f"/{PUBLISHED_DIR}/{run_id}/"
     models = os.path.realpath(models_dir)
+    payload = os.path.join(os.path.dirname(models), PAYLOAD_DIR, PAYLOAD_NAME)
 
     class RunModelsFS(AbstractedFS):
         def ftp2fs(self, ftppath: str) -> str:
@@ -150,13 +153,17 @@ def run_models_fs(run_id: str, models_dir: Path) -> type[AbstractedFS]:
             name = path[len(virtual) :]
             if path.startswith(virtual) and _GLOBAL_MODEL.fullmatch(name):
                 return os.path.join(models, name)
+            if path == virtual + PAYLOAD_NAME:
+                return payload
             return super().ftp2fs(ftppath)
 
         def validpath(self, path: str) -> bool:
             real = os.path.realpath(path)
             published = os.path.dirname(real) == models
-            return super().validpath(path) or (
-                published and bool(_GLOBAL_MODEL.fullmatch(os.path.basename(real)))
+            return (
+                super().validpath(path)
+                or (published and bool(_GLOBAL_MODEL.fullmatch(os.path.basename(real))))
+                or real == os.path.realpath(payload)
             )
 
     return RunModelsFS

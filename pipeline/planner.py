@@ -62,7 +62,7 @@ from pipeline.dag.writer import write_dag
 from pipeline.dataset_prepare import prepare
 from pipeline.mirror_check import check_mirrors
 from pipeline.mirrors import free_ports
-from pipeline.payload_zip import write_payload
+from pipeline.payload_zip import write_launcher, write_payload
 from pipeline.submit_files import submit_files
 
 
@@ -299,6 +299,7 @@ def write(plan: Plan, run_dir: Path) -> Path:
             (staging / "config.toml").chmod(0o600)
         (staging / PAYLOAD_DIR).mkdir()
         write_payload(staging / PAYLOAD_DIR)
+        write_launcher(staging / PAYLOAD_DIR, plan.config)
         (staging / MODELS_DIR).mkdir()
         _initial_model(plan, staging)
         _job_dirs(plan, staging)

@@ -9,7 +9,7 @@ import torch
 
 from aggregation.job_plan import JobPlan
 from aggregation.validate import validate_update
-from node_payload import dgc, node_job, residual_cache
+from node_payload import dgc, machine_cache, node_job, residual_cache
 from node_payload.common import model_file, sparse_update, tensor_io
 from node_payload.common.models import build_model
 from node_payload.common.run_config import RunConfig, read_run_config, to_toml
@@ -223,7 +223,7 @@ def test_a_job_takes_its_lanes_newest_earlier_residual_and_older_ones_go(tmp_pat
 
 
 def test_runs_are_kept_apart_and_the_default_cache_is_not_the_jobs_scratch(tmp_path, monkeypatch):
-    monkeypatch.setattr(residual_cache, "DEFAULT_PARENT", tmp_path / "var-tmp")
+    monkeypatch.setattr(machine_cache, "DEFAULT_PARENT", tmp_path / "var-tmp")
     monkeypatch.setenv("TMPDIR", str(tmp_path / "scratch"))
     folder = residual_cache.run_cache("", RUN_ID)
     assert folder.parent == tmp_path / "var-tmp" / f"dagtrain-{os.getuid()}" / "residuals"

@@ -14,7 +14,7 @@ import pytest
 from pyftpdlib.authorizers import DummyAuthorizer
 from pyftpdlib.handlers import FTPHandler
 
-from aggregation.publish import publish_model, upload_model
+from aggregation.publish import publish_model, upload_files
 from node_payload.common.errors import UserError
 from node_payload.common.model_pointer import read_pointer
 from node_payload.common.run_config import RunConfig, read_run_config
@@ -22,13 +22,13 @@ from node_payload.common.run_layout import (
     CONFIG_FILE,
     METRICS_FILE,
     NODE_SUBMIT,
+    PAYLOAD_NAME,
     UPDATE_FILE,
     model_path,
     model_pointer_path,
     published_model_path,
 )
-from node_payload.fetch import FetchStats
-from node_payload.model_fetch import fetch_model, model_file
+from node_payload.model_fetch import model_file
 from pipeline.local_run import run_local
 from pipeline.mirrors import MirrorServer, serve
 from pipeline.planner import plan_from_file
@@ -91,13 +91,15 @@ def test_plan_publishes_the_initial_model_to_every_mirror_then_writes_its_pointe
         assert pointer.mirrors == (0, 1)
         for root in mirror_roots:
             assert (root / pointer.path).read_bytes() == model.read_bytes()
-            assert [p.name for p in (root / pointer.path).parent.iterdir()] == [model.name]
+            on_mirror = sorted(p.name for p in (root / pointer.path).parent.iterdir())
+            assert on_mirror == [PAYLOAD_NAME, model.name]
         # The submit file transfers the pointer; the node fetches the model from the mirrors.
         assert "models/global_$(rtag).json" in (run_dir / NODE_SUBMIT).read_text()
-        stats = FetchStats()
-        fetched = fetch_model(pointer, readers, 1, stats, tmp_path / "fetched.safetensors")
-        assert fetched.read_bytes() == model.read_bytes()
-        assert stats.per_mirror_bytes == {readers[1]: pointer.bytes}
+        got = model_file(
+            model_pointer_path(run_dir, 0), config.run.run_id, readers, 1, "", tmp_path / "job"
+        )
+        assert got.path.read_bytes() == model.read_bytes() and got.how == "whole"
+        assert got.moved.from_mirrors.model_in == pointer.bytes
         # Publishing again (a rerun of the aggregation) sends the model once more to each.
         assert publish_model(run_dir, config, 0) == 2 * pointer.bytes
 
@@ -128,13 +130,12 @@ def test_a_mirror_the_upload_missed_is_named_and_left_out_of_the_pointer(
             assert f"publishing {path} on {gone} failed" in capsys.readouterr().out
             pointer = read_pointer(model_pointer_path(run_dir, 3), "r1", 2)
             assert pointer.mirrors == (1,)  # the nodes never ask the mirror that missed it
-            stats = FetchStats()
-            given = model_file(
-                model_pointer_path(run_dir, 3), "r1", list(config.data.mirrors), 0, stats, tmp_path
-            )
-            assert given.read_bytes() == model.read_bytes() and stats.failovers == 0
+            mirrors = list(config.data.mirrors)
+            got = model_file(model_pointer_path(run_dir, 3), "r1", mirrors, 0, "", tmp_path)
+            assert got.path.read_bytes() == model.read_bytes()
+            assert got.moved.from_mirrors.model_in == 3000
         with pytest.raises(UserError, match="no mirror in \\[data\\] publish took"):
-            upload_model([gone], model, path)
+            upload_files([gone], [(model, path)])
     finally:
         server.close()
 
@@ -149,13 +150,13 @@ def test_a_publish_password_comes_from_netrc_or_is_one_message(
     model.write_bytes(b"x")
     url = f"ftp://{USER}@127.0.0.1:1/data"
     with pytest.raises(UserError) as err:
-        upload_model([url], model, "published/r/global_r000.safetensors")
+        upload_files([url], [(model, "published/r/global_r000.safetensors")])
     assert f"[data] publish ftp://{USER}@127.0.0.1:1/data: cannot read ~/.netrc" in str(err.value)
     assert f"'machine 127.0.0.1 login {USER} password ...'" in str(err.value)
     (home / ".netrc").write_text("machine 127.0.0.1 login someone password x\n")
     (home / ".netrc").chmod(0o600)
     with pytest.raises(UserError, match=f"~/.netrc has no password for {USER} on 127.0.0.1"):
-        upload_model([url], model, "published/r/global_r000.safetensors")
+        upload_files([url], [(model, "published/r/global_r000.safetensors")])
 
 
 def test_external_mirrors_without_publish_keep_file_transfer_and_say_so(
@@ -212,5 +213,6 @@ def test_a_run_trains_the_same_bytes_from_published_models_as_by_file_transfer(
     assert _run_files(published) == files and _run_files(transferred) == files
     for run_dir, from_mirrors in ((embedded, True), (published, True), (transferred, False)):
         for metrics in run_dir.glob(f"rounds/*/*/{METRICS_FILE}"):
-            fetched = json.loads(metrics.read_text())["bytes"]["from_mirrors"]["model_in"]
-            assert (fetched > 0) == from_mirrors, (run_dir.name, metrics)
+            fetched = json.loads(metrics.read_text())["bytes"]["from_mirrors"]
+            model_in = fetched["model_in"] + fetched["model_delta_in"]
+            assert (model_in > 0) == from_mirrors, (run_dir.name, metrics)

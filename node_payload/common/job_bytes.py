@@ -9,21 +9,30 @@ file the job cannot measure while writing it (metrics.json) and sums the round's
 
 In metrics.json, round.json and report.json:
   "bytes": {"through_submit_host": {KIND: n, ...}, "from_mirrors": {...}, "on_machine": {...}}
+
+The job payload: run as itself, it came through the submit host; run by its launcher
+(pipeline/payload_launcher.py), only the launcher did, and the payload came from the machine's
+cache or the mirrors, which the launcher tells it in LAUNCHED_VARIABLE.
 """
 
+import os
 import zipimport
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
 _MOST = 2**63  # a count beyond this is no file size
+# Set by the payload's launcher: "LAUNCHER_BYTES FROM_MIRRORS FROM_CACHE" (the payload's bytes)
+LAUNCHED_VARIABLE = "DAGTRAIN_LAUNCHED"
 
 
 @dataclass(frozen=True)
 class Moved:
-    """Bytes by kind: payload_in is the job payload (dagtrain.pyz) and config.toml."""
+    """Bytes by kind: payload_in is the job payload (dagtrain.pyz, or its launcher) and
+    config.toml; model_delta_in a published model's delta from the version before."""
 
     model_in: int = 0
+    model_delta_in: int = 0
     payload_in: int = 0
     data_in: int = 0
     residual_in: int = 0
@@ -88,10 +97,20 @@ class JobBytes:
         return cls(*ways)
 
 
-def payload_bytes(config_path: Path) -> int:
-    """The job payload the job runs from (0 from a source tree, as in tests) and its config."""
+def payload_bytes(config_path: Path) -> JobBytes:
+    """The job payload the job runs from (nothing from a source tree, as in tests), and its
+    config, by the way they came."""
+    config = config_path.stat().st_size
+    launched = os.environ.get(LAUNCHED_VARIABLE, "").split()
+    if len(launched) == 3 and all(n.isdigit() for n in launched):
+        launcher, fetched, cached = map(int, launched)
+        return JobBytes(
+            through_submit_host=Moved(payload_in=launcher + config),
+            from_mirrors=Moved(payload_in=fetched),
+            on_machine=Moved(payload_in=cached),
+        )
     loader = globals().get("__loader__")
     archive = (
         Path(loader.archive).stat().st_size if isinstance(loader, zipimport.zipimporter) else 0
     )
-    return archive + config_path.stat().st_size
+    return JobBytes(through_submit_host=Moved(payload_in=archive + config))

@@ -5,24 +5,41 @@ When the mirrors serve a run's models (`RunConfig.models_from_mirrors`), the agg
 file transfers that pointer (a few hundred bytes) instead of the model (45 MB for resnet18). The
 node fetches the model from the mirrors that hold it (all of them for embedded mirrors, those
 the upload reached for `[data] publish`) and trains on it only if its size and sha256 are the
-pointer's. The pointer crosses the pool like any other input, so a node reads it strictly: any
-other shape is one message naming the file and the field. Standard library only.
+pointer's. From version 1 on, a pointer may also name a delta from the version before
+(node_payload/common/model_delta.py): a node whose cache holds that version fetches the delta
+instead, and still trains only on a model of the pointer's sha256. The pointer crosses the pool
+like any other input, so a node reads it strictly: any other shape is one message naming the
+file and the field. Standard library only.
 """
 
 import hashlib
 import json
 import re
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from node_payload.common.errors import UserError
-from node_payload.common.run_layout import published_model_path
+from node_payload.common.run_layout import published_delta_path, published_model_path
 
-FORMAT = "dagtrain-model-pointer/1"
+FORMAT = "dagtrain-model-pointer/2"
 MAX_POINTER_BYTES = 4096  # a pointer is about 250 bytes: more is not a pointer
 MAX_MODEL_BYTES = 16 * 2**30  # believed of no pointer: no classifier dagtrain builds is near it
 _SHA256 = re.compile(r"[0-9a-f]{64}")
-_FIELDS = ("format", "run_id", "version", "path", "bytes", "sha256", "mirrors")
+_FIELDS = ("format", "run_id", "version", "path", "bytes", "sha256", "mirrors", "delta")
+_DELTA_FIELDS = ("path", "bytes", "sha256", "base_version", "base_sha256")
+
+
+@dataclass(frozen=True)
+class DeltaPointer:
+    """Where the delta from the version before is, its size and sha256, and the sha256 of the
+    model it applies to."""
+
+    path: str  # published/RUN_ID/delta_rNNN.safetensors, on the mirrors that hold the model
+    bytes: int
+    sha256: str
+    base_version: int
+    base_sha256: str
 
 
 @dataclass(frozen=True)
@@ -36,6 +53,7 @@ class ModelPointer:
     bytes: int
     sha256: str
     mirrors: tuple[int, ...]  # which of the run's [data] mirrors serve it, by their place
+    delta: DeltaPointer | None = None
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=1) + "\n"
@@ -49,7 +67,9 @@ def file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def pointer_to(model: Path, run_id: str, version: int, mirrors: list[int]) -> ModelPointer:
+def pointer_to(
+    model: Path, run_id: str, version: int, mirrors: list[int], delta: DeltaPointer | None = None
+) -> ModelPointer:
     """The pointer to a model file as the given mirrors (by their place) serve it."""
     return ModelPointer(
         FORMAT,
@@ -59,6 +79,7 @@ def pointer_to(model: Path, run_id: str, version: int, mirrors: list[int]) -> Mo
         model.stat().st_size,
         file_sha256(model),
         tuple(mirrors),
+        delta,
     )
 
 
@@ -87,13 +108,10 @@ def read_pointer(path: Path, run_id: str, mirror_count: int) -> ModelPointer:
         raise refused(f"format {fields['format']!r}, expected {FORMAT!r}")
     if fields["run_id"] != run_id:
         raise refused(f"run_id {fields['run_id']!r}, expected {run_id!r}")
-    version, size = fields["version"], fields["bytes"]
+    version = fields["version"]
     if type(version) is not int or not 0 <= version < 2**31:
         raise refused(f"version {version!r} is not a version number")
-    if type(size) is not int or not 0 < size <= MAX_MODEL_BYTES:
-        raise refused(f"bytes {size!r} is not a size from 1 to {MAX_MODEL_BYTES}")
-    if not isinstance(fields["sha256"], str) or not _SHA256.fullmatch(fields["sha256"]):
-        raise refused(f"sha256 {fields['sha256']!r} is not 64 lowercase hex digits")
+    _check_file(fields, "", refused)
     expected_path = published_model_path(run_id, version)
     if fields["path"] != expected_path:
         raise refused(f"path {fields['path']!r}, expected {expected_path!r}")
@@ -108,4 +126,37 @@ def read_pointer(path: Path, run_id: str, mirror_count: int) -> ModelPointer:
             f"mirrors {held!r} is not a list of the places of the run's {mirror_count} mirrors "
             f"(0 to {mirror_count - 1}, ascending)"
         )
-    return ModelPointer(**(fields | {"mirrors": tuple(held)}))
+    delta = _read_delta(fields["delta"], run_id, version, refused)
+    return ModelPointer(**(fields | {"mirrors": tuple(held), "delta": delta}))
+
+
+def _check_file(fields: dict, where: str, refused: Callable[[str], UserError]) -> None:
+    """A file's size and sha256 fields, as a pointer may claim them."""
+    size, digest = fields["bytes"], fields["sha256"]
+    if type(size) is not int or not 0 < size <= MAX_MODEL_BYTES:
+        raise refused(f"{where}bytes {size!r} is not a size from 1 to {MAX_MODEL_BYTES}")
+    if not isinstance(digest, str) or not _SHA256.fullmatch(digest):
+        raise refused(f"{where}sha256 {digest!r} is not 64 lowercase hex digits")
+
+
+def _read_delta(
+    raw: object, run_id: str, version: int, refused: Callable[[str], UserError]
+) -> DeltaPointer | None:
+    """The pointer's delta: none (null), or one from the version before to this one."""
+    if raw is None:
+        return None
+    if not isinstance(raw, dict) or sorted(raw) != sorted(_DELTA_FIELDS):
+        keys = sorted(raw) if isinstance(raw, dict) else type(raw).__name__
+        raise refused(
+            f"delta: expected null or the fields {', '.join(_DELTA_FIELDS)}, found {keys}"
+        )
+    _check_file(raw, "delta ", refused)
+    base = raw["base_version"]
+    if type(base) is not int or base != version - 1 or base < 0:
+        raise refused(f"delta base_version {base!r}, expected {version - 1}")
+    if not isinstance(raw["base_sha256"], str) or not _SHA256.fullmatch(raw["base_sha256"]):
+        raise refused(f"delta base_sha256 {raw['base_sha256']!r} is not 64 lowercase hex digits")
+    expected_path = published_delta_path(run_id, version)
+    if raw["path"] != expected_path:
+        raise refused(f"delta path {raw['path']!r}, expected {expected_path!r}")
+    return DeltaPointer(**raw)

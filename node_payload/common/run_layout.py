@@ -109,6 +109,30 @@ def published_model_path(run_id: str, version: int) -> str:
     return f"{PUBLISHED_DIR}/{run_id}/{global_model_name(round_tag(version))}"
 
 
+def delta_name(tag: str) -> str:
+    """The file name of the delta that makes a version's model of the one before it."""
+    return f"delta_{tag}.safetensors"
+
+
+def model_delta_path(run_dir: Path, version: int) -> Path:
+    """The delta beside a published model (node_payload/common/model_delta.py)."""
+    return run_dir / MODELS_DIR / delta_name(round_tag(version))
+
+
+def published_delta_path(run_id: str, version: int) -> str:
+    """A published delta's path on every mirror that holds its model."""
+    return f"{PUBLISHED_DIR}/{run_id}/{delta_name(round_tag(version))}"
+
+
+# The job payload; published beside the models, node jobs get only its launcher.
+PAYLOAD_NAME = "dagtrain.pyz"
+
+
+def published_payload_path(run_id: str) -> str:
+    """The run's job payload on the mirrors that hold its models."""
+    return f"{PUBLISHED_DIR}/{run_id}/{PAYLOAD_NAME}"
+
+
 def server_state_path(run_dir: Path, version: int) -> Path:
     return run_dir / MODELS_DIR / f"server_{round_tag(version)}.safetensors"
 
