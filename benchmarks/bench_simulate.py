@@ -3,10 +3,12 @@
 Validation: each case is planned and run on the local runner (slow slots, [faults]), then the
 same config is simulated on a pool model of the local runner's slots (dedicated, matched at
 once, the lowest free slot first), calibrated only from what the run itself measured per job:
-the time of one SGD step (the node jobs' own training time over their steps, unslowed) and the
-start-up costs (a node job's wall time in its job log less its training; an aggregation's and
-the report's wall time; a POST script's). The predicted wall time and mean node utilization are
-compared with report.json's, and the command's own wall time with the simulated time to finish.
+the time of one SGD step (a node job's own time, fetch and local evaluation included, unslowed,
+over its steps) and the start-up costs (a node job's wall time in its job log less its own time;
+what a slot's first job takes more, the warm interpreter's start; an aggregation's and the
+report's wall time; a POST script's). The predicted wall time and mean
+node utilization are compared with report.json's, and the command's own wall time with the
+simulated time to finish.
 
 Scale: a 1,000-node x 100-round synchronous run planned and simulated on 1,000 desktop machines
 (the default pool model), timed apart.
@@ -93,6 +95,16 @@ def _log_times(path: Path) -> list[tuple[int, float]]:
     return events
 
 
+def _slot(path: Path) -> str:
+    """The host (slot) a job log says the job's last run executed on."""
+    hosts = [line for line in path.read_text().splitlines() if line.startswith("001 ")]
+    return hosts[-1].rsplit("host:", 1)[-1].strip() if hosts else ""
+
+
+def _first_start(path: Path) -> float:
+    return next((t for code, t in _log_times(path) if code == 1), 0.0)
+
+
 def _wall(path: Path) -> float | None:
     """The last run's executing-to-terminated time in a job log."""
     times = _log_times(path)
@@ -115,19 +127,26 @@ def _post_script_s(run_dir: Path) -> float:
 
 def calibrate(run_dir: Path) -> dict[str, float]:
     """Per-step time and start-up costs, measured in the run itself."""
-    steps, startups = [], []
+    steps, startups, first = [], {}, {}
     for metrics_path in run_dir.glob("**/" + METRICS_FILE):
         metrics = json.loads(metrics_path.read_text())
-        training = metrics["real_seconds"] - metrics["fetch_seconds"]
-        steps.append(training / metrics["local_steps"])
-        wall = _wall(metrics_path.parent / "job.log")
+        work = metrics["real_seconds"]  # fetch, training and local evaluation, unslowed
+        steps.append(work / metrics["local_steps"])
+        log = metrics_path.parent / "job.log"
+        wall = _wall(log)
         if wall is not None and metrics["slowdown"] == 1:
-            startups.append(wall - training)
+            startups[log] = wall - work
+        slot, start = _slot(log), _first_start(log)
+        if slot not in first or start < first[slot][0]:
+            first[slot] = (start, log)
+    firsts = [startups[log] for _, log in first.values() if log in startups]
+    later = [s for log, s in startups.items() if all(log != f for _, f in first.values())]
     aggregations = [_wall(p) for p in run_dir.glob("rounds/r*/aggregate.log")]
     report = _wall(run_dir / "report.log")
     return {
         "step_s": fmean(steps),
-        "startup_s": max(0.0, fmean(startups)),
+        "startup_s": max(0.0, fmean(later)),
+        "first_startup_s": max(0.0, fmean(firsts) - fmean(later)) if firsts else 0.0,
         "aggregate_s": fmean([w for w in aggregations if w is not None] or [0.0]),
         "report_s": report or 0.0,
         "script_s": _post_script_s(run_dir) if not (run_dir / "async").exists() else 0.2,

@@ -29,6 +29,7 @@ def _pool(machines: int = 3, **tables: dict[str, Any]) -> pool_model.PoolModel:
         },
         "jobs": {
             "startup_s": STARTUP_S,
+            "first_startup_s": 0,
             "step_s": STEP_S,
             "script_s": 0,
             "aggregate_s": AGGREGATE_S,

@@ -136,6 +136,7 @@ class Simulation:
         self.bytes_fetched = mirrors.total
         self.starts: dict[str, float] = {}  # node: its accepted job's payload start
         self.futile: set[str] = set()
+        self.warmed: set[int | None] = set()  # machines that have started a job
 
     # ----- the event queue -----
     def at(self, when: float, kind: str, item: object = None) -> None:
@@ -410,6 +411,9 @@ class Simulation:
         node, now = job.node, self.now
         self.trace.jobs_begun += 1
         ready = self.submit_link.send(now, self.bytes_in) + self.pool.jobs.startup_s
+        if job.machine not in self.warmed:
+            self.warmed.add(job.machine)
+            ready += self.pool.jobs.first_startup_s
         fetched = self.mirror_link.send(ready, self.bytes_fetched)
         round_, index = int(node.vars.get("round", "0")), int(node.vars.get("node", "0"))
         if (round_, index) in self.faults.fail:

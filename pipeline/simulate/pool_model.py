@@ -97,6 +97,7 @@ class Transfer:
 @dataclass(frozen=True)
 class Jobs:
     startup_s: float = _spec(30.0, "a non-negative number of seconds", _non_negative)
+    first_startup_s: float = _spec(60.0, "a non-negative number of seconds", _non_negative)
     step_s: float = _spec(0.25, "a positive number of seconds", _positive)
     script_s: float = _spec(0.2, "a non-negative number of seconds", _non_negative)
     aggregate_s: float = _spec(10.0, "a non-negative number of seconds", _non_negative)
