@@ -7,6 +7,10 @@ its update by a factor (100: a blown-up update, -1: a sign flip) or puts a NaN i
 validation and robust aggregation can be shown to keep the global model sound.
 `slow` pairs play a slower machine: the node works `factor` times as long in every round, so that
 synchronous and asynchronous runs can be compared on heterogeneous nodes with the same work.
+`evict` triples [node, seconds, times] play a desktop whose owner keeps coming back: each of the
+node's jobs is evicted `seconds` into each run, `times` times. A job cannot evict itself, so the
+local runner acts on it (pipeline/local_run.py); a pool's owners, or condor_vacate_job, do there.
+With `[train] checkpoint_s` the job resumes from its checkpoint each time; without, from zero.
 """
 
 import os

@@ -142,6 +142,7 @@ def _execute(
                 serial=serial,
                 warm_pythons=_configured_pythons(config) if warm else (),
                 evictions=evictions,
+                repeated_evictions={n: (s, times) for n, s, times in config.faults.evict},
             )
     finally:
         if mirrors is not None:

@@ -132,6 +132,19 @@ def _node_slowdowns(v: tuple) -> bool:
     )
 
 
+def _node_evictions(v: tuple) -> bool:
+    return all(
+        isinstance(p, tuple)
+        and len(p) == 3
+        and _is_count(p[0])
+        and _is_finite_number(p[1])
+        and p[1] > 0
+        and _is_count(p[2])
+        and p[2] >= 1
+        for p in v
+    )
+
+
 def _angles(v: str) -> bool:
     parts = v.split(":")
     return (
@@ -378,6 +391,12 @@ class FaultsTable:
         (),
         "a list of [node, factor >= 1]: the node works factor times as long in every round",
         _node_slowdowns,
+    )
+    evict: tuple[tuple[int, float, int], ...] = key(
+        (),
+        "a list of [node, seconds > 0, times >= 1]: its jobs are evicted seconds into a run, "
+        "times times",
+        _node_evictions,
     )
 
 

@@ -13,11 +13,17 @@ Resuming: nodes marked DONE by the newest `<dag>.rescueNNN` and by the runner's 
 writes the next rescue DAG in DAGMan's partial format. A removed job (periodic_remove, or a
 hold nothing would release) gives $RETURN -1002, as DAGMan reports externally removed jobs.
 
+Self-checkpointing and evictions: a job exiting with its `checkpoint_exit_code` has its
+`transfer_checkpoint_files` copied to its spool (spool.py) and is restarted in its sandbox; an
+evicted job (`run_dag(evictions=...)`, slots.Evictions) is logged as evicted (event 004), goes
+back to the queue and starts its next run, on the next free slot, with the spool's files.
+
 Deliberate differences from a pool: should_transfer_files IF_NEEDED (or unset) transfers, as
 on an execute node without a shared file system (the strictest case); a vanilla job's PATH is
 /usr/local/bin:/usr/bin:/bin unless `environment` sets it; PRE/POST script output is
 discarded (DAGMan without DEBUG); SIGINT/SIGTERM stop the run without running FINAL, so a
-rerun resumes instead of reporting on a half-finished DAG.
+rerun resumes instead of reporting on a half-finished DAG; an evicted job gives its slot back and
+queues for one again by priority, its MAXJOBS place kept only while it holds a slot.
 
 Warm interpreters (`run_dag(warm_pythons=...)`, what `dagtrain run` does unless `--cold`): a job
 that runs `PYTHON dagtrain.pyz ...` with one of the run's configured Pythons starts in a fork of

@@ -109,10 +109,13 @@ class JobProcess:
         on_running: Callable[[], None],
         warm: WarmPool | None = None,
         evictions: Evictions | None = None,
+        fault_node: int | None = None,
     ) -> None:
         self.spec = spec
         self.warm = warm
         self.evictions = evictions
+        self.fault_node = fault_node  # the node its VARS name, for [faults] evict
+        self.times_evicted = 0
         self.cluster = cluster
         self.cancel = cancel
         self.on_running = on_running
@@ -291,8 +294,10 @@ class JobProcess:
             if self.cancel.wait(0.1):
                 _kill_group(proc)
                 return self._removed("removed: the local runner was interrupted")
-            if self.evictions is not None and self.evictions.due(self.slot, placed):
+            evictions = self.evictions
+            if evictions and evictions.due(self.slot, placed, self.fault_node, self.times_evicted):
                 _kill_group(proc)
+                self.times_evicted += 1
                 self.log.evicted()
                 self._set_status(IDLE)
                 return JobResult(0, evicted=True, reason=f"evicted from slot {self.slot}")

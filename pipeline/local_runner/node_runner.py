@@ -118,7 +118,7 @@ class NodeRunner:
 
         job = JobProcess(
             spec, cluster, node.name, ctx.scratch_root, ctx.cancel, running, ctx.warm,
-            ctx.evictions,
+            ctx.evictions, _node_number(node),
         )  # fmt: skip
         held: int | None = slot
         try:
@@ -154,6 +154,12 @@ class NodeRunner:
                 return code
             if self.ctx.cancel.wait(script.defer_time):
                 return code
+
+
+def _node_number(node: Node) -> int | None:
+    """The training node a DAG node's job stands for (its VARS node), if it names one."""
+    value = node.vars.get("node", "")
+    return int(value) if value.isdigit() else None
 
 
 def _expand(value: str, macros: dict[str, str]) -> str:

@@ -326,6 +326,7 @@ def run_dag(
     serial: bool = False,
     warm_pythons: Collection[str] = (),
     evictions: Collection[tuple[int, float]] = (),
+    repeated_evictions: dict[int, tuple[float, int]] | None = None,
 ) -> DagResult:
     """Run a DAG file locally as DAGMan + a schedd would; see the package docstring.
 
@@ -336,6 +337,8 @@ def run_dag(
     payload with one of `warm_pythons` start in a warm interpreter (warm_pool). `evictions`
     (slot, seconds) evict the job on that slot that many seconds after the run starts (slots:
     Evictions); it goes back to the queue and restarts from its checkpoint, if it took one.
+    `repeated_evictions` (node -> seconds, times) evict each job whose VARS name the node
+    that many seconds into each of its runs, `times` times ([faults] evict).
     """
     scheduler = _Scheduler(
         parse_dag(Path(dag_path)),
@@ -344,7 +347,7 @@ def run_dag(
         slot_environment or {},
         serial,
         frozenset(warm_pythons),
-        Evictions(evictions) if evictions else None,
+        Evictions(evictions, repeated_evictions) if evictions or repeated_evictions else None,
     )
     in_main = threading.current_thread() is threading.main_thread()
     previous = {}

@@ -67,20 +67,35 @@ class SlotPool:
 
 
 class Evictions:
-    """`dagtrain run --evict SLOT@SECONDS`: the job running on SLOT that many seconds after the
-    run started is evicted, as when a desktop machine's owner comes back. Each eviction acts
-    once, on the job running then; a slot idle at that moment loses nothing."""
+    """When jobs are evicted, as when a desktop machine's owner comes back.
 
-    def __init__(self, schedule: Iterable[tuple[int, float]]) -> None:
+    `schedule` (slot, seconds; `dagtrain run --evict SLOT@SECONDS`): the job running on the
+    slot that many seconds after the run started; each acts once, on the job running then, and
+    a slot idle at that moment loses nothing. `repeat` (node -> seconds, times; `[faults]
+    evict`): each job whose VARS name that node is evicted that many seconds into each of its
+    runs, until it has been evicted `times` times.
+    """
+
+    def __init__(
+        self,
+        schedule: Iterable[tuple[int, float]],
+        repeat: dict[int, tuple[float, int]] | None = None,
+    ) -> None:
         self.start = time.monotonic()
         self.pending = sorted((at, slot) for slot, at in schedule)
+        self.repeat = repeat or {}
         self.lock = threading.Lock()
 
-    def due(self, slot: int, since: float) -> bool:
-        """Whether the job placed on `slot` at `since` (time.monotonic) is evicted now."""
-        now = time.monotonic() - self.start
+    def due(self, slot: int, since: float, node: int | None, evicted: int) -> bool:
+        """Whether the job of `node` placed on `slot` at `since` (time.monotonic), evicted
+        `evicted` times before, is evicted now."""
+        now = time.monotonic()
+        if node in self.repeat:
+            after, times = self.repeat[node]
+            if evicted < times and now - since >= after:
+                return True
         with self.lock:
-            passed = [(at, s) for at, s in self.pending if s == slot and at <= now]
+            passed = [(at, s) for at, s in self.pending if s == slot and self.start + at <= now]
             for item in passed:
                 self.pending.remove(item)
         return any(self.start + at >= since for at, _ in passed)
