@@ -1,6 +1,6 @@
 """The report of an asynchronous run: held-out accuracy (fragments and images), recall and
 confusion against versions and wall time (also as TensorBoard scalars), what became of every job,
-staleness, and each lane's busy time against the run's wall time."""
+staleness, each lane's busy time against the run's wall time, and the bytes the jobs moved."""
 
 import json
 from collections import Counter
@@ -12,6 +12,7 @@ from aggregation.heldout import load_heldout, run_manifest
 from aggregation.heldout_metrics import final_metrics, heldout_metrics
 from aggregation.tensorboard_log import log_evaluations
 from aggregation.utilization import node_usage
+from node_payload.common.job_bytes import JobBytes
 from node_payload.common.model_file import load_model
 from node_payload.common.run_config import RunConfig
 from node_payload.common.run_layout import METRICS_FILE, UPDATE_FILE, lane_job_dir, model_path
@@ -52,6 +53,34 @@ def _update_bytes(run_dir: Path, ledger: Ledger) -> int:
     for key in (key for version in ledger.versions for key in version["updates"]):
         total += (lane_job_dir(run_dir, *lane_step(key)) / UPDATE_FILE).stat().st_size
     return total
+
+
+def run_bytes(run_dir: Path, jobs: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """What the finished jobs moved, as a synchronous report sums its rounds' jobs
+    (aggregation/round_bytes.py): their metrics.json `bytes` summed by kind and way, with
+    metrics.json itself; the submit host's total; the mean network bytes per job besides data;
+    and the compressed jobs that started without their lane's residual (a lane's first job has
+    none). A node's record that is not one is named and left out; nothing without a record."""
+    total, counted, misses = JobBytes(), 0, 0
+    for key, metrics in sorted(jobs.items()):
+        lane, step = lane_step(key)
+        record = JobBytes.from_json(metrics.get("bytes")) if isinstance(metrics, dict) else None
+        if record is None:
+            print(f"lane {lane} job {step}: bytes left out: no byte record", flush=True)
+            continue
+        size = (lane_job_dir(run_dir, lane, step) / METRICS_FILE).stat().st_size
+        total += record.with_metrics(size)
+        counted += 1
+        misses += step > 0 and metrics.get("residual") not in (None, "loaded")
+    if not counted:
+        return {}
+    return {
+        "bytes": total.to_json(),
+        "submit_host_bytes": total.through_submit_host.total,
+        "bytes_per_job": round(total.network_without_data / counted),
+        "jobs_counted": counted,
+        "residual_misses": misses,
+    }
 
 
 def _outcomes(ledger: Ledger) -> dict[str, dict[str, str]]:
@@ -95,6 +124,7 @@ def async_report(run_dir: Path, config: RunConfig, dag_status: int) -> dict[str,
         "bytes_downloaded": sum(m["bytes_downloaded"] for m in jobs.values()),
         "mirror_failovers": sum(m["mirror_failovers"] for m in jobs.values()),
         "update_bytes": _update_bytes(run_dir, ledger),
+        **run_bytes(run_dir, jobs),
         "updates_rejected": len(outcomes["rejected"]),
         "rejected": outcomes["rejected"],
         "jobs_failed": outcomes["failed"],

@@ -62,9 +62,8 @@ def test_a_lanes_next_job_on_the_same_machine_finds_its_residual(
     report = json.loads((compressed / "report.json").read_text())
     dense_report = json.loads((dense / "report.json").read_text())
     assert 0 < report["update_bytes"] < dense_report["update_bytes"] / 5
-    if mode == "sync":
-        assert report["residual_misses"] == 0
-        assert report["bytes_per_job"] < dense_report["bytes_per_job"]
+    assert report["residual_misses"] == 0
+    assert report["bytes_per_job"] < dense_report["bytes_per_job"]
 
 
 @pytest.mark.slow
