@@ -6,7 +6,8 @@ once, the lowest free slot first), calibrated only from what the run itself meas
 the time of one SGD step (a node job's own time, fetch and local evaluation included, unslowed,
 over its steps) and the start-up costs (a node job's wall time in its job log less its own time;
 what a slot's first job takes more, the warm interpreter's start; an aggregation's and the
-report's wall time; a POST script's). The predicted wall time and mean
+report's wall time; a POST script's; an asynchronous claim's, and an arrival's before and under
+the ledger's lock). The predicted wall time and mean
 node utilization are compared with report.json's, and the command's own wall time with the
 simulated time to finish.
 
@@ -25,7 +26,15 @@ from pathlib import Path
 from statistics import fmean
 from typing import Any
 
-from node_payload.common.run_layout import METRICS_FILE, NODE_POST_SCRIPT
+from aggregation.async_state import lane_step
+from node_payload.common.run_layout import (
+    ASYNC_STATE,
+    CONFIG_FILE,
+    LANE_SCRIPT,
+    METRICS_FILE,
+    NODE_POST_SCRIPT,
+    lane_job_dir,
+)
 from pipeline.config import load
 from pipeline.dataset_prepare import prepare
 from pipeline.local_run import run_local
@@ -113,16 +122,47 @@ def _wall(path: Path) -> float | None:
     return ends[-1] - starts[-1] if starts and ends and ends[-1] >= starts[-1] else None
 
 
-def _post_script_s(run_dir: Path) -> float:
-    """A POST script's cost: the run's own script, on a job it accepted, timed five times."""
+def _accepting_post(run_dir: Path) -> list[str | Path]:
+    """The POST script of a node job it accepted (it then only reads and returns 0)."""
     job = next(run_dir.glob("rounds/r000/n*/metrics.json")).parent
-    name = f"train_r000_{job.name}"
+    return [run_dir / NODE_POST_SCRIPT, "0", "0", "1", f"train_r000_{job.name}"]
+
+
+def _timed(run_dir: Path, command: list[str | Path]) -> float:
+    """A script's cost: run from the run directory five times, as DAGMan would run it."""
     started = time.perf_counter()
     for _ in range(5):
-        subprocess.run(
-            [run_dir / NODE_POST_SCRIPT, "0", "0", "1", name], cwd=run_dir, capture_output=True
-        )
+        subprocess.run(command, cwd=run_dir, capture_output=True)
     return (time.perf_counter() - started) / 5
+
+
+def _async_scripts(run_dir: Path) -> dict[str, float]:
+    """A lane's PRE script (a claim, timed: on the finished run it skips, as most late claims
+    do), and an arrival's POST script: from its job's end (or the version before, while the
+    ledger was locked) to the lane's next job, less a claim."""
+    claim = [run_dir / LANE_SCRIPT, "claim", "--config", CONFIG_FILE, "--lane", "0", "--step", "0"]
+    script_s = _timed(run_dir, claim)
+    ledger = json.loads((run_dir / ASYNC_STATE).read_text())
+    arrivals, applies, previous = [], [], 0.0
+    for version in ledger["versions"]:
+        for key in version["updates"]:
+            lane, step = lane_step(key)
+            ended = max(
+                t for c, t in _log_times(lane_job_dir(run_dir, lane, step) / "job.log") if c == 5
+            )
+            if ended < previous:  # it waited for the lock: the versions' gap is one apply
+                applies.append(version["at"] - previous)
+            following = lane_job_dir(run_dir, lane, step + 1) / "job.log"
+            if following.is_file():
+                submitted = _log_times(following)[0][1]
+                arrivals.append(submitted - max(ended, previous) - script_s)
+        previous = version["at"]
+    apply_s = fmean(applies) if applies else 0.0
+    return {
+        "arrive_s": max(0.0, fmean(arrivals) - apply_s),
+        "apply_s": apply_s,
+        "script_s": script_s,
+    }
 
 
 def calibrate(run_dir: Path) -> dict[str, float]:
@@ -149,8 +189,11 @@ def calibrate(run_dir: Path) -> dict[str, float]:
         "first_startup_s": max(0.0, fmean(firsts) - fmean(later)) if firsts else 0.0,
         "aggregate_s": fmean([w for w in aggregations if w is not None] or [0.0]),
         "report_s": report or 0.0,
-        "script_s": _post_script_s(run_dir) if not (run_dir / "async").exists() else 0.2,
-    }
+    } | (
+        _async_scripts(run_dir)
+        if (run_dir / ASYNC_STATE).is_file()
+        else {"script_s": _timed(run_dir, _accepting_post(run_dir))}
+    )
 
 
 def local_pool(measured: dict[str, float], slow: dict[int, float]) -> pool_model.PoolModel:

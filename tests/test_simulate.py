@@ -32,6 +32,8 @@ def _pool(machines: int = 3, **tables: dict[str, Any]) -> pool_model.PoolModel:
             "first_startup_s": 0,
             "step_s": STEP_S,
             "script_s": 0,
+            "arrive_s": 0,
+            "apply_s": 0,
             "aggregate_s": AGGREGATE_S,
             "report_s": 0,
             "merge_mb_s": 1e6,

@@ -283,7 +283,18 @@ class Simulation:
         if job.node.post is None:
             self._resolve(job.node, returned)
             return
-        self.at(self.now + self.pool.jobs.script_s, "post", (job, returned))
+        jobs, node = self.pool.jobs, job.node
+        if node.post.executable == LANE_SCRIPT and (
+            returned == EXIT_OK or job.attempt >= node.retries
+        ):
+            # An arrival's script starts (arrive_s), then applies the update under the ledger's
+            # lock (async_apply), one arrival at a time (apply_s).
+            merge = self.work.update_bytes / (jobs.merge_mb_s * _MB)
+            self.lock_free_at = max(self.now + jobs.arrive_s, self.lock_free_at) + jobs.apply_s
+            self.lock_free_at += merge
+            self.at(self.lock_free_at, "post", (job, returned))
+            return
+        self.at(self.now + jobs.script_s, "post", (job, returned))
 
     def _post_done(self, item: tuple[Job, int]) -> None:
         job, returned = item
@@ -300,15 +311,13 @@ class Simulation:
             self._resolve(node, outcome.exit_code)
 
     def _arrive(self, job: Job, verdict: Verdict) -> None:
-        """A lane's POST script (async_apply.arrive), under the ledger's lock."""
+        """A lane's POST script (async_apply.arrive), as it releases the ledger's lock."""
         if verdict is Verdict.RETRY:
             return  # the claim stays; the retry's PRE script claims the newest model
         ledger = self.ledger
         version = ledger.claims.pop(job.node.name, ledger.version)
         if verdict is not Verdict.ACCEPT:
             return
-        merge = self.work.update_bytes / (self.pool.jobs.merge_mb_s * _MB)
-        self.lock_free_at = max(self.now, self.lock_free_at) + merge
         ledger.accepted += 1
         ledger.buffered += 1
         self.trace.staleness.append(ledger.version - version)
@@ -318,7 +327,7 @@ class Simulation:
         ):
             ledger.version += 1
             ledger.buffered = 0
-            self.trace.versions.append(self.lock_free_at)
+            self.trace.versions.append(self.now)
 
     def _resolve(self, node: Node, code: int) -> None:
         """DAGMan's verdict on a node from its POST script's (or job's) exit code."""

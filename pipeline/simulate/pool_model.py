@@ -100,6 +100,8 @@ class Jobs:
     first_startup_s: float = _spec(60.0, "a non-negative number of seconds", _non_negative)
     step_s: float = _spec(0.25, "a positive number of seconds", _positive)
     script_s: float = _spec(0.2, "a non-negative number of seconds", _non_negative)
+    arrive_s: float = _spec(5.0, "a non-negative number of seconds", _non_negative)
+    apply_s: float = _spec(2.0, "a non-negative number of seconds", _non_negative)
     aggregate_s: float = _spec(10.0, "a non-negative number of seconds", _non_negative)
     merge_mb_s: float = _spec(1000.0, "a positive number of MB/s", _positive)
     report_s: float = _spec(20.0, "a non-negative number of seconds", _non_negative)
