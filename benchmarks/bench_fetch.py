@@ -17,10 +17,11 @@ node). References and node fetch are timed alternately and each repeat gives one
 of the repeats, because this machine is shared. Decoding the blocks is timed and reported apart.
 
 Side by side with the node's fetch (BLAKE3, format dagtrain-dataset/3), each repeat fetches the
-same blocks twice more, each against the same repeat's reference, in an order that rotates:
-under a format-2 twin of the manifest (the same shards, every block's sha256 prefix), and with
-PASV, RANG and RETR sent one at a time, each reply awaited (the node sends the three in one
-write). Hashing alone is timed apart: each hash over the node's blocks, one core. A node without
+same blocks four times more, each against the same repeat's reference, in an order that rotates:
+under a format-2 twin of the manifest (the same shards, every block's sha256 prefix); with PASV,
+RANG and RETR sent one at a time, each reply awaited (the node sends the three in one write);
+with no gap read through (one read per byte-contiguous run); and with both, as the node read
+before. Hashing alone is timed apart: each hash over the node's blocks, one core. A node without
 SHA extensions (most execute-node Xeons before 2021) is emulated with
 OPENSSL_ia32cap=:~0x20000000 in the environment, which turns them off for hashlib's sha256.
 
@@ -56,17 +57,24 @@ from pathlib import Path
 from typing import NoReturn
 from urllib.parse import urlsplit
 
+from node_payload import fetch
 from node_payload.common.block_hash import BLAKE3, SHA256, hex_digest_function
 from node_payload.common.manifest import FORMAT_SHA256, HASH_HEX, Block, Manifest, encode
-from node_payload.fetch import FetchStats, _RangeFTP
+from node_payload.fetch import FetchStats, _coalesce, _RangeFTP
 from node_payload.fragments import decode
-from node_payload.local_data import BlockSource, fetch_raw, planned_manifest
+from node_payload.local_data import CONNECTIONS, BlockSource, _lanes, fetch_raw, planned_manifest
 from node_payload.sampling import local_sets
 from pipeline.dataset_prepare import prepare
 from pipeline.textures import generate
 
 LARGE = 256 * 2**20  # what the mirror and link deliver: large enough that its login is negligible
 SAME = "same.bin"  # the reference: as many bytes as the node needs, one file, one RETR
+VARIANTS = {  # the node's fetch of the same blocks in other ways, timed in the same repeats
+    "sha256": "the same blocks under the format-2 manifest (sha256)",
+    "awaited": "PASV, RANG and RETR each awaited",
+    "exact": "no gap read through (one read per contiguous run)",
+    "before": "both: commands awaited, no gap read through (the node before)",
+}
 BLOCK = 2**20  # the reference's recv size: large, so that Python's per-call cost stays out of it
 IN_NETNS = "BENCH_FETCH_IN_NETNS"  # "OUTER_NETNS RATE" once re-executed in a namespace of its own
 LO_PACKET = 65536 + 14  # the largest frame loopback hands to its qdisc (MTU 65536, GSO included)
@@ -234,6 +242,24 @@ def awaited_commands() -> Iterator[None]:
         _RangeFTP.open_announced_range = pipelined
 
 
+@contextmanager
+def exact_reads() -> Iterator[None]:
+    """No gap read through: one read per byte-contiguous run of needed blocks."""
+    allowance = fetch.MAX_WASTE
+    fetch.MAX_WASTE = 0
+    try:
+        yield
+    finally:
+        fetch.MAX_WASTE = allowance
+
+
+@contextmanager
+def as_before() -> Iterator[None]:
+    """Commands awaited one at a time and no gap read through: how a node read before."""
+    with awaited_commands(), exact_reads():
+        yield
+
+
 def hash_rate(blobs: list[bytes], name: str) -> float:
     """Bytes per second that the named block hash verifies over blobs, one core."""
     hex_digest = hex_digest_function(name, "bench_fetch.py")
@@ -260,6 +286,11 @@ def _runs(blocks: list[Block]) -> int:
     return 1 + sum(
         (a.shard, a.offset + a.length) != (b.shard, b.offset) for a, b in pairwise(ordered)
     )
+
+
+def node_reads(blocks: list[Block]) -> int:
+    """The reads a node makes for blocks: its lanes' coalesced ranges."""
+    return sum(len(reads) for lane in _lanes(blocks) for reads in _coalesce(lane).values())
 
 
 def main() -> None:
@@ -294,10 +325,12 @@ def main() -> None:
         bytes_ratios, fetch_ratios, node_ratios, rates, plains, decode_s, reads, manifest_s = (
             [] for _ in range(8)
         )
-        sames, link_ratios = [], []
+        sames, link_ratios, coalesced = [], [], []
         others: dict[str, tuple[Manifest, Callable[[], AbstractContextManager]]] = {
             "sha256": (twin, nullcontext),
             "awaited": (planned, awaited_commands),
+            "exact": (planned, exact_reads),
+            "before": (planned, as_before),
         }
         other_ratios: dict[str, list[float]] = {name: [] for name in others}
         other_times: dict[str, list[float]] = {name: [] for name in others}
@@ -309,6 +342,7 @@ def main() -> None:
                 blocks = planned.blocks_under(train + test)
                 needed = sum(b.length for b in blocks)
                 reads.append(_runs(blocks))
+                coalesced.append(node_reads(blocks))
                 started = time.perf_counter()
                 assert plain_retr(url, "large.bin") == LARGE
                 plains.append(LARGE / (time.perf_counter() - started))
@@ -317,7 +351,8 @@ def main() -> None:
                 assert plain_retr(url, SAME) == needed
                 sames.append(needed / (time.perf_counter() - started))
                 order = ["node", *others]
-                for variant in order[seed % 3 :] + order[: seed % 3]:
+                turn = seed % len(order)
+                for variant in order[turn:] + order[:turn]:
                     if variant in others:
                         manifest, context = others[variant]
                         with context():
@@ -352,20 +387,20 @@ def main() -> None:
                 decode_s.append(time.perf_counter() - started)
         print(
             f"local set {n_train}+{n_test} fragments of {len(manifest.sources)} images, "
-            f"{needed / 1e6:.1f} MB of blocks in {statistics.median(reads)} contiguous runs: "
+            f"{needed / 1e6:.1f} MB of blocks in {statistics.median(reads):.0f} contiguous runs, "
+            f"read in {statistics.median(coalesced):.0f} ranges over {CONNECTIONS} connections: "
             f"bytes downloaded / needed {max(bytes_ratios):.3f} (worst of {repeats})\n"
             f"fetch+verify (BLAKE3) {statistics.median(rates) / 1e6:.0f} MB/s of needed bytes, "
             f"plain RETR of as many bytes {statistics.median(sames) / 1e6:.0f} MB/s (medians of "
             f"{repeats}); ratio {_spread(fetch_ratios)}\n"
             f"  against a plain RETR of {LARGE >> 20} MiB ({statistics.median(plains) / 1e6:.0f} "
             f"MB/s, what the mirror and link deliver): ratio {_spread(link_ratios)}\n"
-            f"  the same blocks under the format-2 manifest (sha256): ratio "
-            f"{_spread(other_ratios['sha256'])}; time / the node's in the same repeat "
-            f"{_spread(_over(other_times['sha256'], walls))}\n"
-            f"  BLAKE3, PASV, RANG and RETR each awaited: ratio "
-            f"{_spread(other_ratios['awaited'])}; "
-            f"time / the node's {_spread(_over(other_times['awaited'], walls))}\n"
-            f"with the manifest ({manifest_stats.bytes_downloaded / 1e6:.2f} MB, "
+            + "".join(
+                f"  {label}: ratio {_spread(other_ratios[name])}; time / the node's in the same "
+                f"repeat {_spread(_over(other_times[name], walls))}\n"
+                for name, label in VARIANTS.items()
+            )
+            + f"with the manifest ({manifest_stats.bytes_downloaded / 1e6:.2f} MB, "
             f"{statistics.median(manifest_s) * 1e3:.1f} ms to fetch, verify and parse): "
             f"ratio {statistics.median(node_ratios):.2f}\n"
             f"one fetch: {statistics.median(walls) * 1e3:.0f} ms, of which the node's CPU "
