@@ -27,11 +27,12 @@ OPENSSL_ia32cap=:~0x20000000 in the environment, which turns them off for hashli
 
 By default the link is unshaped loopback, where the node is bound by round trips: every read
 is a PASV + RANG + RETR, a data connection and a transfer reply, each through the mirror's event
-loop, on this machine's 2 shared cores, for some 60 KB. `--link RATE` (a tc rate: 1gbit, 100mbit) emulates a campus LAN instead: the script re-executes itself in a
-private network namespace (`unshare -n`, needs root), where only its own mirror and client run,
-and shapes that namespace's loopback with a token bucket filter (tc tbf) to RATE. Bandwidth only:
-no propagation delay is added (this kernel has no netem), and on loopback both directions share
-the one bucket, so the client's commands and ACKs queue behind data in flight.
+loop, on this machine's 2 shared cores, for some 60 KB. `--link RATE` (a tc rate: 1gbit,
+100mbit) emulates a campus LAN instead: the script re-executes itself in a private network
+namespace (`unshare -n`, needs root), where only its own mirror and client run, and shapes that
+namespace's loopback with a token bucket filter (tc tbf) to RATE. Bandwidth only: no propagation
+delay is added (this kernel has no netem), and on loopback both directions share the one bucket,
+so the client's commands and ACKs queue behind data in flight.
 
 Run:  python benchmarks/bench_fetch.py [IMAGES_PER_CLASS] [LOCAL_TRAIN] [REPEATS] [--link RATE]
 """

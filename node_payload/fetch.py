@@ -511,10 +511,10 @@ def probe_file(url: str, path: str, timeout_s: float) -> bytes:
 def _coalesce(frags: list[Fragment]) -> dict[str, list[list[Fragment]]]:
     """Per shard, fragments grouped into reads.
 
-    Byte-contiguous fragments share a read up to MAX_SPAN. Gaps are then read through smallest first,
-    each at most MAX_GAP and a read at most MAX_SPAN, for as long as the bytes read through stay
-    within MAX_WASTE of the bytes needed: the node never downloads more than 1 + MAX_WASTE
-    times what it needs, and spends that allowance where it saves the most reads.
+    Byte-contiguous fragments share a read up to MAX_SPAN. Gaps are then read through, smallest
+    first, each at most MAX_GAP and a read at most MAX_SPAN, for as long as the bytes read
+    through stay within MAX_WASTE of the bytes needed: the node never downloads more than
+    1 + MAX_WASTE times what it needs, and spends that allowance where it saves the most reads.
     """
     by_shard: dict[str, list[Fragment]] = {}
     for frag in {f.id: f for f in frags}.values():
