@@ -14,25 +14,34 @@ simulated time to finish.
 Scale: a 1,000-node x 100-round synchronous run planned and simulated on 1,000 desktop machines
 (the default pool model), timed apart.
 
-Run:  python benchmarks/bench_simulate.py [OUT] [--cases a,b,c] [--no-scale]
+Pool: with --pool, case a on tests/condor_pool's personal HTCondor pool (as root; its node 0
+slowed by [faults] slow), on a pool model of its 4 slots and short intervals.
+
+Run:  python benchmarks/bench_simulate.py [OUT] [--cases a,b,c] [--no-scale] [--pool]
 """
 
 import argparse
 import json
 import subprocess
+import sys
+import tempfile
 import time
+from dataclasses import replace
 from datetime import datetime
 from pathlib import Path
 from statistics import fmean
 from typing import Any
 
 from aggregation.async_state import lane_step
+from node_payload.common.run_config import read_run_config
 from node_payload.common.run_layout import (
     ASYNC_STATE,
     CONFIG_FILE,
+    DAG_FILE,
     LANE_SCRIPT,
     METRICS_FILE,
     NODE_POST_SCRIPT,
+    REPORT_FILE,
     lane_job_dir,
 )
 from pipeline.config import load
@@ -93,14 +102,24 @@ def _dataset(out: Path) -> Path:
     return prepared
 
 
+def _stamp(date: str, clock: str) -> float:
+    """A job log's event time: ISO dates (the local runner, HTCondor's ISO_DATE) or MM/DD."""
+    if "/" not in date:
+        return datetime.strptime(f"{date} {clock}", "%Y-%m-%d %H:%M:%S").timestamp()
+    month_day = date.split("/")[:2]
+    year = datetime.now().year
+    return datetime.strptime(
+        f"{year}/{'/'.join(month_day)} {clock}", "%Y/%m/%d %H:%M:%S"
+    ).timestamp()
+
+
 def _log_times(path: Path) -> list[tuple[int, float]]:
     """(event code, time) of each event in a job log (one-second resolution)."""
     events = []
     for line in path.read_text().splitlines():
         parts = line.split(" ")
         if len(parts) > 3 and parts[0].isdigit() and parts[1].startswith("("):
-            stamp = datetime.strptime(f"{parts[2]} {parts[3]}", "%Y-%m-%d %H:%M:%S")
-            events.append((int(parts[0]), stamp.timestamp()))
+            events.append((int(parts[0]), _stamp(parts[2], parts[3])))
     return events
 
 
@@ -250,6 +269,63 @@ def validate(out: Path, name: str) -> dict[str, Any]:
     }
 
 
+def condor_pool_model(measured: dict[str, float]) -> pool_model.PoolModel:
+    """tests/condor_pool's personal pool: 4 slots, the intervals its provision.sh sets
+    (NEGOTIATOR_INTERVAL, PERIODIC_EXPR_INTERVAL 2 s, DAGMAN_USER_LOG_SCAN_INTERVAL 1 s)."""
+    pool = local_pool(measured, {})
+    negotiation = replace(pool.negotiation, interval_s=2.0, periodic_s=2.0, submit_interval_s=1.0)
+    return replace(pool, negotiation=negotiation, machines=replace(pool.machines, order="random"))
+
+
+def pool_run(out: Path) -> dict[str, Any]:
+    """Case a on the test pool (a node slowed by [faults] slow: a pool has no slow slots)."""
+    from pipeline.local_run import embedded_mirrors
+    from tests.condor_pool.fixtures import REPO, WORK_BASE
+    from tests.condor_pool.pool import CondorPool, provision, reason_unavailable
+
+    reason = reason_unavailable()
+    if reason is not None:
+        raise SystemExit(f"no test pool here: {reason}")
+    provision()
+    overrides = ["run.mode=sync", "faults.slow=[[0, 3.0]]"]
+    WORK_BASE.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix="bench-simulate-", dir=WORK_BASE))
+    config = work / "pool.toml"
+    config.write_text(CONFIG.format(dataset=_dataset(out)))
+    run_dir = plan_from_file(config, work / "run", overrides)
+    pool = CondorPool()
+    pool.own(work)
+    pool.start([Path(sys.base_prefix), Path(sys.prefix), REPO, work, out])
+    try:
+        with embedded_mirrors(run_dir, read_run_config(run_dir / CONFIG_FILE)):
+            pool.own(run_dir)
+            started = time.perf_counter()
+            pool.submit_dag(run_dir / DAG_FILE)
+            status = pool.wait_dag(run_dir / DAG_FILE, 1800)
+            measured_total = time.perf_counter() - started
+    finally:
+        pool.stop()
+    report = json.loads((run_dir / REPORT_FILE).read_text())
+    measured = calibrate(run_dir)
+    work_load = plan_workload(load(config, overrides))
+    predicted = summarise("pool", simulate(work_load, condor_pool_model(measured), 0), work_load, 4)
+    return {
+        "case": "test pool (4 slots), sync, [faults] slow node 0 x3",
+        "dag_status": status,
+        "calibration": measured,
+        "measured": {
+            "wall_seconds": report["wall_seconds"],
+            "mean_utilization": report["mean_utilization"],
+            "command_seconds": measured_total,
+        },
+        "predicted": {
+            "wall_seconds": predicted["wall_seconds"],
+            "mean_utilization": predicted["mean_utilization"],
+            "seconds_to_finish": predicted["seconds_to_finish"],
+        },
+    }
+
+
 def scale(out: Path) -> dict[str, float]:
     """1,000 nodes x 100 rounds on 1,000 machines of the default pool: plan, then simulate."""
     config = out / "scale.toml"
@@ -281,11 +357,17 @@ def main() -> None:
     parser.add_argument("out", nargs="?", type=Path, default=Path("bench_simulate_out"))
     parser.add_argument("--cases", default=",".join(CASES))
     parser.add_argument("--no-scale", action="store_true")
+    parser.add_argument("--pool", action="store_true", help="also a run on tests/condor_pool")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     results: dict[str, Any] = {"validation": []}
-    for name in filter(None, args.cases.split(",")):
-        result = validate(args.out.resolve(), name)
+    cases = [
+        lambda n=n: validate(args.out.resolve(), n) for n in filter(None, args.cases.split(","))
+    ]
+    if args.pool:
+        cases.append(lambda: pool_run(args.out.resolve()))
+    for case in cases:
+        result = case()
         results["validation"].append(result)
         m, p = result["measured"], result["predicted"]
         print(
