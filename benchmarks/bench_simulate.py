@@ -22,6 +22,7 @@ Run:  python benchmarks/bench_simulate.py [OUT] [--cases a,b,c] [--no-scale] [--
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import tempfile
@@ -331,14 +332,17 @@ def scale(out: Path) -> dict[str, float]:
     config = out / "scale.toml"
     config.write_text(CONFIG.format(dataset=_dataset(out)))
     pool = pool_for(None, 1000)
-    started = time.perf_counter()
+    started, cpu = time.perf_counter(), time.process_time()
     work = plan_workload(load(config, ["run.nodes=1000", "run.rounds=100", "run.quorum=0.9"]))
-    planned = time.perf_counter()
+    planned, planned_cpu = time.perf_counter(), time.process_time()
     trace = simulate(work, pool, seed=0)
-    simulated = time.perf_counter()
+    simulated, simulated_cpu = time.perf_counter(), time.process_time()
     return {
         "plan_seconds": planned - started,
+        "plan_cpu_seconds": planned_cpu - cpu,
         "simulate_seconds": simulated - planned,
+        "simulate_cpu_seconds": simulated_cpu - planned_cpu,
+        "load_average": os.getloadavg()[0],
         "dag_nodes": len(work.dag.nodes),
         "virtual_hours": trace.end / 3600,
         "jobs_begun": trace.jobs_begun,
@@ -386,7 +390,9 @@ def main() -> None:
         s = results["scale"]
         print(
             f"scale: {s['dag_nodes']} DAG nodes on 1,000 machines: planned in "
-            f"{s['plan_seconds']:.1f} s, simulated in {s['simulate_seconds']:.1f} s "
+            f"{s['plan_seconds']:.1f} s ({s['plan_cpu_seconds']:.1f} s CPU), simulated in "
+            f"{s['simulate_seconds']:.1f} s ({s['simulate_cpu_seconds']:.1f} s CPU; load average "
+            f"{s['load_average']:.1f}) "
             f"({s['virtual_hours']:.1f} virtual hours, {s['jobs_begun']} jobs begun, "
             f"{s['evictions']} evictions)"
         )

@@ -35,6 +35,7 @@ from .machines import FreeMachines, speeds
 from .pool_model import PoolModel
 from .workload import Workload
 
+_NO_DIR = Path()  # decide() names a job's folder only in its reasons, which are not simulated
 REMOVED = -1002  # $RETURN of a job removed by periodic_remove (DAGMan: never completed)
 _MB = 1e6
 
@@ -299,7 +300,7 @@ class Simulation:
     def _post_done(self, item: tuple[Job, int]) -> None:
         job, returned = item
         node = job.node
-        outcome = decide(returned, job.attempt, node.retries, Path(node.name))
+        outcome = decide(returned, job.attempt, node.retries, _NO_DIR)
         if node.submit != NODE_SUBMIT:  # an aggregation's POST script passes its code on
             self._resolve(node, returned)
         elif node.post is not None and node.post.executable == LANE_SCRIPT:
