@@ -1,5 +1,6 @@
 """A small node training, interrupted at chosen steps, for the checkpoint tests."""
 
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -54,3 +55,23 @@ def until_done(make: Callable[[], Checkpoints]) -> tuple[LocalResult, dict[str, 
             continue
         return result, state, restarts
     raise AssertionError("the job never finished")
+
+
+def steps_in(seconds: float, image_size: int = 32, batch_size: int = 16) -> int:
+    """How many SGD steps a tiny node job takes in `seconds` on this machine now (one thread,
+    as a one-CPU slot), so a test's jobs train for a few checkpoint intervals, not hundreds."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        model = build_model("smallcnn", 4, 3, seed=0)
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+        x, y = torch.rand(batch_size, 3, image_size, image_size), torch.arange(batch_size) % 4
+        started, steps = time.monotonic(), 0
+        while steps < 5 or time.monotonic() - started < 1.0:
+            optimizer.zero_grad()
+            torch.nn.functional.cross_entropy(model(x), y).backward()
+            optimizer.step()
+            steps += 1
+        return max(1, round(seconds * steps / (time.monotonic() - started)))
+    finally:
+        torch.set_num_threads(threads)

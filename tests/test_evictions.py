@@ -19,6 +19,7 @@ from node_payload.common.run_layout import METRICS_FILE, model_path, node_dir
 from node_payload.common.tensor_io import load_tensors
 from pipeline.cli import main
 from pipeline.local_runner import NodeEvent, run_dag
+from tests.checkpoint_training import steps_in
 
 # Counts steps in `state` (its checkpoint): checkpoints after step 2; a job restarted from that
 # checkpoint the first time waits to be evicted; the next start finishes from the checkpoint.
@@ -99,7 +100,8 @@ def test_a_run_whose_node_jobs_checkpoint_and_are_evicted_makes_the_uninterrupte
 ) -> None:
     """Node jobs train for seconds with a checkpoint every second; slot 0 plays a slow machine
     whose job is evicted mid-run and resumes on the next free slot from its last checkpoint."""
-    shape = {"run__nodes": "2", "run__rounds": "1", "train__local_steps": "400"}
+    # About three checkpoints a job: each restart pays for a start-up and a fetch again.
+    shape = {"run__nodes": "2", "run__rounds": "1", "train__local_steps": str(steps_in(3))}
     runs = {"plain": tmp_path / "plain", "evicted": tmp_path / "evicted"}
     cold = ["--cold"] if start == "cold" else []
     config = tiny_config(**shape)
