@@ -58,7 +58,7 @@ def test_a_checkpoint_exit_spools_the_files_and_restarts_the_job(tmp_path: Path)
         "start at 2",
         "start at 4",
     ]  # the same sandbox: the restarts see its files, their output appended
-    assert _events(tmp_path / "A.log") == [0, 1, 5]
+    assert _events(tmp_path / "A.log") == [0, 1, 40, 40, 40, 40, 5]  # each checkpoint spooled
     assert not list((tmp_path / ".local_runner" / "sandbox").glob("*"))  # spool dropped
 
 
@@ -75,7 +75,7 @@ def test_an_evicted_job_goes_back_to_the_queue_and_resumes_from_its_spooled_chec
     assert result.ok
     # Not "finished from 5": what it did after its checkpoint died with the eviction.
     assert (tmp_path / "result").read_text() == "finished from 2\n"
-    assert _events(tmp_path / "A.log") == [0, 1, 4, 1, 5]
+    assert _events(tmp_path / "A.log") == [0, 1, 40, 40, 4, 1, 5]
     assert [e.kind for e in events] == ["submitted", "running", "evicted", "running", "done"]
     hosts = [
         e["ExecuteHost"] for e in htcondor2.JobEventLog(str(tmp_path / "A.log")).events(0)

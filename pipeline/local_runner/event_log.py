@@ -55,6 +55,11 @@ class UserLog:
         )
         self._write(1, f"Job executing on host: {host}")
 
+    def checkpoint_transferred(self) -> None:
+        """As HTCondor 23 logs a self-checkpointing job's checkpoint going to the spool."""
+        self._write(40, "Started transferring output files")
+        self._write(40, "Finished transferring output files")
+
     def evicted(self) -> None:
         """As a pool logs a vacated job (condor_vacate_job, an owner back at the machine):
         it goes back to the queue, to start again wherever it is matched next."""

@@ -257,6 +257,7 @@ class JobProcess:
             if missing:
                 reason = f"Transfer checkpoint files failure: {', '.join(missing)} not found"
                 return self._hold(HOLD_TRANSFER_OUTPUT, 2, reason)
+            self.log.checkpoint_transferred()
             restarted = True
         code = returned if returned >= 0 else None
         sig = -returned if returned < 0 else None
