@@ -226,20 +226,26 @@ def _check_scalars(state: dict[str, Any], steps: int) -> None:
         raise _Refused(f"step {state['step']} is outside this job's 1 to {steps - 1}")
     if not isinstance(state.get("tensors_sha256"), str):
         raise _Refused("no tensors_sha256")
-    history = state.get("history")
-    entries = (
-        []
-        if not isinstance(history, dict)
-        else history.get("written", []) + history.get("resumed", [])
-    )
-    if not isinstance(history, dict) or not all(
-        isinstance(e, dict) and all(type(v) in (int, float) for v in e.values()) for e in entries
-    ):
-        raise _Refused("history must hold lists of numbers")
+    _check_history(state.get("history"))
     try:
         _python_random_state(state.get("python_random"))
-    except (TypeError, ValueError) as exc:
+    except (TypeError, ValueError, OverflowError) as exc:
         raise _Refused(f"python_random is not a random state: {exc}") from None
+
+
+def _check_history(history: Any) -> None:
+    """Lists of {at, step, seconds} numbers, as `save` writes them."""
+    if not isinstance(history, dict):
+        raise _Refused("history must be an object")
+    for kind in ("written", "resumed"):
+        entries = history.get(kind)
+        if not isinstance(entries, list) or not all(
+            isinstance(e, dict)
+            and set(e) == {"at", "step", "seconds"}
+            and all(type(v) in (int, float) for v in e.values())
+            for e in entries
+        ):
+            raise _Refused(f"history.{kind} must be a list of {{at, step, seconds}} numbers")
 
 
 def _python_random_state(value: Any) -> tuple[Any, ...]:
@@ -249,6 +255,8 @@ def _python_random_state(value: Any) -> tuple[Any, ...]:
     version, internal, gauss = value
     if not all(type(v) is int for v in internal) or len(internal) != 625:
         raise ValueError("expected 625 integers")
+    if gauss is not None and type(gauss) is not float:
+        raise ValueError("gauss_next must be null or a number")
     state = (version, tuple(internal), gauss)
     random.Random().setstate(state)  # raises on anything random.setstate would refuse
     return state

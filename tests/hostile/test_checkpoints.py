@@ -93,6 +93,14 @@ CASES: dict[str, tuple[Callable[[Path], None], str]] = {
     "a negative cursor": (lambda f: _restate(f, cursor=-1), "must be non-negative integers"),
     "an infinite loss": (lambda f: _restate(f, total_loss=float("inf")), "finite"),
     "a bad random state": (lambda f: _restate(f, python_random=[3, [1], None]), "python_random"),
+    "a history that is not one": (
+        lambda f: _restate(f, history={"written": "x", "resumed": []}),
+        "history.written",
+    ),
+    "a random state past 32 bits": (
+        lambda f: _restate(f, python_random=[3, [2**80] * 624 + [624], None]),
+        "too large",
+    ),
     "a huge state": (lambda f: (f / STATE_FILE).write_text(" " * (2 << 20)), "larger than"),
     "a wrong shape": (lambda f: _retensor(f, _shape), "is torch.float32[3, 3]"),
     "a nan weight": (lambda f: _retensor(f, _nan), "is not finite"),
