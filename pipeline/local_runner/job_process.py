@@ -242,16 +242,12 @@ class JobProcess:
             if proc.note and err is not None:
                 with err.open("a") as stream:
                     stream.write(proc.note)
-            returned = proc.wait() if stopped is None else None
-            if self.sandbox is not None and (
-                stopped is not None or not self._checkpointed(returned)
-            ):
-                _copy_stream(self.sandbox / "_condor_stdout", spec.output)
-                _copy_stream(self.sandbox / "_condor_stderr", spec.error)
             if stopped is not None:
+                self._copy_streams()
                 return stopped
-            assert returned is not None
+            returned = proc.wait()
             if not self._checkpointed(returned):
+                self._copy_streams()
                 break
             missing = save_checkpoint(spec, cwd, self.spool)
             if missing:
@@ -269,9 +265,14 @@ class JobProcess:
         self.log.terminated(code, sig)
         return JobResult(code if code is not None else -(sig or 0))
 
-    def _checkpointed(self, returned: int | None) -> bool:
-        code = self.spec.checkpoint_exit_code
-        return code is not None and returned == code
+    def _checkpointed(self, returned: int) -> bool:
+        return returned == self.spec.checkpoint_exit_code
+
+    def _copy_streams(self) -> None:
+        """A sandboxed job's output and error, to where its submit file names them."""
+        if self.sandbox is not None:
+            _copy_stream(self.sandbox / "_condor_stdout", self.spec.output)
+            _copy_stream(self.sandbox / "_condor_stderr", self.spec.error)
 
     def _start(self, cwd: Path, stdout: IO[bytes] | int, stderr: IO[bytes] | int) -> RunningJob:
         """In a warm interpreter when the job may go warm (warm_pool), else a fresh process."""
