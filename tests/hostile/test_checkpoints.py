@@ -5,6 +5,7 @@ on stderr and starts afresh, so its update is the uninterrupted job's."""
 import hashlib
 import json
 import pickle
+import shutil
 from collections.abc import Callable
 from pathlib import Path
 
@@ -20,6 +21,15 @@ from tests.checkpoint_training import IDENTITY, AtSteps, train
 @pytest.fixture(scope="module")
 def uninterrupted() -> tuple[object, dict[str, torch.Tensor]]:
     return train(None)
+
+
+@pytest.fixture(scope="module")
+def written(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The job's own checkpoint after step 4, written once for every case to spoil a copy of."""
+    folder = tmp_path_factory.mktemp("checkpoint")
+    with pytest.raises(CheckpointTaken):
+        train(AtSteps(folder, {4}))
+    return folder
 
 
 def _state(folder: Path) -> dict:
@@ -112,10 +122,10 @@ CASES: dict[str, tuple[Callable[[Path], None], str]] = {
 
 @pytest.mark.parametrize("case", CASES)
 def test_a_hostile_checkpoint_is_refused_in_one_line_and_the_job_starts_afresh(
-    case: str, uninterrupted, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    case: str, uninterrupted, written: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    with pytest.raises(CheckpointTaken):
-        train(AtSteps(tmp_path, {4}))
+    for name in (STATE_FILE, TENSORS_FILE):
+        shutil.copy(written / name, tmp_path / name)
     hostile, words = CASES[case]
     hostile(tmp_path)
     capsys.readouterr()
