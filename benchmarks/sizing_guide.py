@@ -2,9 +2,10 @@
 a run soonest on desktop pools of 50, 500 and 5,000 machines with typical availability.
 
 For each pool (the default pool model, `pipeline/simulate/default_pool.toml`, with its machine
-count set) a run of half as many nodes as machines does the same planned work, 1,000 SGD steps
-per node, as rounds x local steps = 20 x 50, 10 x 100 or 5 x 200, synchronously (every node,
-or a quorum of 0.9 or 0.75) or asynchronously, with a node deadline of 30, 60 or 120 minutes.
+count set) a run of 0.6 nodes per machine (about the share available at a time) does the same
+planned work, 4,000 SGD steps per node, as rounds x local steps = 20 x 200, 8 x 500 or
+4 x 1000, synchronously (every node, or a quorum of 0.9 or 0.75) or asynchronously, with a node
+deadline of 10, 20 or 40 minutes.
 Each (mode, rounds, local steps) is planned once by the real planner; quorum and deadline are
 then set on the planned run's config, as they change no line of its DAG (they live in
 config.toml and the submit file's periodic_remove, which the simulation reads from the config).
@@ -28,9 +29,10 @@ from pipeline.simulate.summary import summarise
 from pipeline.simulate.workload import Workload, plan_workload
 from pipeline.textures import generate
 
-SHAPES = [(20, 50), (10, 100), (5, 200)]  # rounds x local steps: 1,000 steps per node
+SHAPES = [(20, 200), (8, 500), (4, 1000)]  # rounds x local steps: 4,000 steps per node
 QUORUMS = [1.0, 0.9, 0.75]
-DEADLINES_MIN = [30, 60, 120]
+DEADLINES_MIN = [10, 20, 40]
+NODES_SHARE = 0.6  # nodes per machine: about as many as are available at a time (0.66)
 CONFIG = """\
 [run]
 name = "sizing"
@@ -74,7 +76,7 @@ def _simulated(work: Workload, machines: int, seeds: int) -> dict[str, Any]:
 
 
 def sweep(config: Path, machines: int, seeds: int) -> list[dict[str, Any]]:
-    nodes = machines // 2
+    nodes = round(machines * NODES_SHARE)
     rows = []
     for rounds, steps in SHAPES:
         base = [f"run.nodes={nodes}", f"run.rounds={rounds}", f"train.local_steps={steps}"]
@@ -137,7 +139,7 @@ def main() -> None:
         took = time.perf_counter() - started
         best = rows[0]
         parts.append(
-            f"\n### {machines:,} machines, {machines // 2:,} nodes\n\n"
+            f"\n### {machines:,} machines, {round(machines * NODES_SHARE):,} nodes\n\n"
             f"Fastest: **{best['mode']}, {best['rounds']} rounds x {best['steps']} local steps, "
             f"deadline {best['deadline_min']} min: {best['finish_h']:.2f} h** "
             f"({len(rows)} configurations simulated in {took:.0f} s).\n\n{HEADER}\n"
