@@ -132,3 +132,21 @@ def test_the_command_prints_and_writes_json_and_a_plot(config: Path, tmp_path: P
     assert (out / "simulate.png").stat().st_size > 0
     text = (out / "simulate.json").read_text()
     assert '"variant": "async"' in text and '"variant": "sync, quorum 0.8"' in text
+
+
+def test_an_evicted_job_resumes_from_its_last_checkpoint(config: Path) -> None:
+    pool = _pool(
+        machines=3,
+        availability={
+            "on": "weibull",
+            "on_shape": 0.6,
+            "on_scale_s": 30,
+            "off_scale_s": 5,
+            "share_at_start": 1.0,
+        },
+    )
+    afresh = _simulated(config, pool=pool, seed=3)
+    resumed = _simulated(config, "train.checkpoint_s=5", pool=pool, seed=3)
+    assert afresh["evictions"] > 0 and afresh["saved_machine_seconds"] == 0
+    assert resumed["saved_machine_seconds"] > 0
+    assert resumed["lost_machine_seconds"] < afresh["lost_machine_seconds"]

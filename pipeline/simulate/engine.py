@@ -66,6 +66,8 @@ class Job:
     started: float = 0.0
     token: int = 0  # bumped on eviction, so the evicted run's events are void
     over: bool = False
+    left: float = 1.0  # share of its training still to do: less after an eviction it resumes
+    training: tuple[float, float] = (math.inf, 0.0)  # this run's training: (start, seconds)
 
 
 @dataclass
@@ -94,7 +96,8 @@ class Trace:
     jobs_begun: int = 0  # each sent its inputs (an evicted job sends them again)
     jobs_returned: int = 0  # each sent its update back
     evictions: int = 0
-    lost_s: float = 0.0  # machine seconds of evicted or removed runs
+    lost_s: float = 0.0  # machine seconds of evicted or removed runs, lost
+    saved_s: float = 0.0  # and the training seconds of evicted runs their checkpoints kept
     machine_busy_s: float = 0.0
     machine_available_s: float = 0.0
     jobs_skipped: int = 0
@@ -203,18 +206,28 @@ class Simulation:
             self.at(self.now + intervals.next_on(self.rng, model), "toggle", machine)
 
     def _evict(self, job: Job) -> None:
-        """The owner is back: the job loses its work and waits in the queue again."""
+        """The owner is back: the job waits in the queue again, and starts again from nothing,
+        or with `[train] checkpoint_s` from its last checkpoint (HTCondor's self-checkpointing:
+        a checkpoint every checkpoint_s seconds of training goes back to the submit host)."""
         self.trace.evictions += 1
-        self._stop(job)
+        saved = 0.0
+        every = self.config.train.checkpoint_s
+        start, seconds = job.training
+        if every and self.now > start and seconds > 0:
+            saved = min(seconds, (self.now - start) // every * every)
+            job.left *= 1 - saved / seconds
+        self._stop(job, saved)
         self.idle.appendleft(job)
         self._want_cycle()
 
-    def _stop(self, job: Job) -> None:
-        """The job leaves its machine without finishing: its run so far is lost."""
+    def _stop(self, job: Job, saved: float = 0.0) -> None:
+        """The job leaves its machine without finishing: its run so far is lost, but for the
+        training its checkpoints saved."""
         ran = max(0.0, self.now - job.started)
-        self.trace.lost_s += ran
+        self.trace.lost_s += ran - saved
+        self.trace.saved_s += saved
         self.trace.machine_busy_s += ran
-        job.machine, job.token = None, job.token + 1
+        job.machine, job.token, job.training = None, job.token + 1, (math.inf, 0.0)
 
     # ----- DAGMan: nodes -----
     def _ready(self, node: Node) -> None:
@@ -431,8 +444,9 @@ class Simulation:
             return
         if (round_, index) in self.faults.hang:
             return  # sleeps past the deadline: periodic_remove ends it
-        train = self.work.steps * self.pool.jobs.step_s / self.speed[job.machine]
+        train = job.left * self.work.steps * self.pool.jobs.step_s / self.speed[job.machine]
         train *= self.slow.get(index, 1.0)
+        job.training = (fetched, train)
         self.at(fetched + train, "computed", (job, token, ready))
 
     def _computed(self, item: tuple[Job, int, float]) -> None:

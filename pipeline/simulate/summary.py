@@ -87,5 +87,6 @@ def summarise(label: str, trace: Trace, work: Workload, machines: int) -> dict[s
         "jobs_skipped": trace.jobs_skipped,
         "evictions": trace.evictions,
         "lost_machine_seconds": trace.lost_s,
+        "saved_machine_seconds": trace.saved_s,
         "node_usage": usage["node_usage"] if config.run.nodes <= 64 else None,
     }
