@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from aggregation.async_state import Ledger, lane_step, read_ledger
+from aggregation.evictions import lane_evictions, with_evictions
 from aggregation.heldout import load_heldout, run_manifest
 from aggregation.heldout_metrics import final_metrics, heldout_metrics
 from aggregation.tensorboard_log import log_evaluations
@@ -107,6 +108,8 @@ def async_report(run_dir: Path, config: RunConfig, dag_status: int) -> dict[str,
     wall = max(ends) - ledger.started_at if ends and ledger.started_at else None
     staleness = [s for v in ledger.versions for s in v["staleness"]]
     outcomes = _outcomes(ledger)
+    evictions = lane_evictions(run_dir, lanes)  # and the work they lost and saved, per lane
+    per_lane = evictions.pop("evictions_per_node")
     return {
         "run": config.run.name,
         "mode": "async",
@@ -137,7 +140,8 @@ def async_report(run_dir: Path, config: RunConfig, dag_status: int) -> dict[str,
         "jobs_per_lane": {
             str(lane): sum(1 for key in jobs if lane_step(key)[0] == lane) for lane in range(lanes)
         },
-        **node_usage(busy, wall),
+        **evictions,
+        **with_evictions(node_usage(busy, wall), per_lane),
         "evaluations": evaluations,
         "version_log": ledger.versions,
     }

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from node_payload.common.run_layout import METRICS_FILE, node_dir
+from node_payload.common.run_layout import METRICS_FILE, lane_dir, node_dir
 
 JOB_LOG = "job.log"  # the node submit file's `log`
 _EVENT = re.compile(r"^(\d{3}) \(\d+\.\d+\.\d+\) (\d{4}-\d\d-\d\d \d\d:\d\d:\d\d) ", re.MULTILINE)
@@ -115,3 +115,25 @@ def _figures(record: dict[str, Any]) -> Evictions:
         record.get("eviction_seconds_lost", 0.0),
         record.get("eviction_seconds_saved", 0.0),
     )
+
+
+def with_evictions(usage: dict[str, Any], per_node: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """The report's per-node view (utilization.node_usage) with each evicted node's figures."""
+    for node, figures in per_node.items():
+        usage["node_usage"].setdefault(node, {}).update(figures)
+    return usage
+
+
+def lane_evictions(run_dir: Path, lanes: int) -> dict[str, Any]:
+    """An asynchronous run's figures: every job of every lane, totals and per evicted lane."""
+    per_lane = {
+        lane: sum(
+            (job_evictions(d) for d in sorted(lane_dir(run_dir, lane).glob("j*")) if d.is_dir()),
+            Evictions(),
+        )
+        for lane in range(lanes)
+    }
+    return {
+        **sum(per_lane.values(), Evictions()).to_json(),
+        "evictions_per_node": {str(n): e.to_json() for n, e in per_lane.items() if e.count},
+    }

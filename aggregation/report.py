@@ -9,7 +9,7 @@ from typing import Any
 
 from aggregation.async_apply import flush
 from aggregation.async_report import async_report
-from aggregation.evictions import node_evictions, run_evictions
+from aggregation.evictions import node_evictions, run_evictions, with_evictions
 from aggregation.heldout_metrics import final_metrics
 from aggregation.report_plots import plot_accuracy, plot_confusion
 from aggregation.utilization import node_usage
@@ -92,7 +92,7 @@ def build_report(
         "nodes_ever_rejected": _nodes_listed(rounds, "nodes_rejected"),
         "nodes_ever_clipped": _nodes_listed(rounds, "nodes_clipped"),
         **run_evictions(rounds),
-        **_with_evictions(node_usage(busy or {}, wall_seconds(rounds)), rounds),
+        **with_evictions(node_usage(busy or {}, wall_seconds(rounds)), node_evictions(rounds)),
         "rounds": rounds,
     }
 
@@ -125,13 +125,6 @@ def _with_counts(round_: dict[str, Any]) -> dict[str, Any]:
         "updates_rejected": len(round_["nodes_rejected"]),
         "updates_clipped": len(round_.get("nodes_clipped", {})),
     }
-
-
-def _with_evictions(usage: dict[str, Any], rounds: list[dict[str, Any]]) -> dict[str, Any]:
-    """The per-node view with each evicted node's evictions and the work they lost and saved."""
-    for node, figures in node_evictions(rounds).items():
-        usage["node_usage"].setdefault(node, {}).update(figures)
-    return usage
 
 
 def _nodes_listed(rounds: list[dict[str, Any]], key: str) -> list[int]:

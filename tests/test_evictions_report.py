@@ -8,10 +8,16 @@ import json
 import time
 from pathlib import Path
 
-from aggregation.evictions import job_evictions, node_evictions, round_evictions, run_evictions
-from aggregation.report import _with_evictions
+from aggregation.evictions import (
+    job_evictions,
+    lane_evictions,
+    node_evictions,
+    round_evictions,
+    run_evictions,
+    with_evictions,
+)
 from aggregation.utilization import node_usage
-from node_payload.common.run_layout import METRICS_FILE, node_dir
+from node_payload.common.run_layout import METRICS_FILE, lane_job_dir, node_dir
 
 T0 = time.mktime(time.strptime("2026-12-01 10:00:00", "%Y-%m-%d %H:%M:%S"))
 
@@ -63,6 +69,16 @@ def test_round_run_and_per_node_figures(tmp_path: Path) -> None:
     assert node_evictions(rounds) == {
         "1": {"evictions": 2, "eviction_seconds_lost": 20.0, "eviction_seconds_saved": 0.0}
     }
-    view = _with_evictions(node_usage({0: 20.0, 1: 40.0, 2: 0.0}, 100.0), rounds)["node_usage"]
+    usage = node_usage({0: 20.0, 1: 40.0, 2: 0.0}, 100.0)
+    view = with_evictions(usage, node_evictions(rounds))["node_usage"]
     assert view["1"]["evictions"] == 2 and view["1"]["busy_seconds"] == 40.0
     assert "evictions" not in view["0"]
+
+
+def test_an_asynchronous_run_counts_every_job_of_each_lane(tmp_path: Path) -> None:
+    for step in range(3):
+        _log(lane_job_dir(tmp_path, 1, step), [("001", 0), ("004", 5), ("001", 6), ("005", 9)])
+    _log(lane_job_dir(tmp_path, 0, 0), [("001", 0), ("005", 9)])
+    figures = lane_evictions(tmp_path, 2)
+    assert figures["evictions"] == 3 and figures["eviction_seconds_lost"] == 15
+    assert list(figures["evictions_per_node"]) == ["1"]
