@@ -66,11 +66,14 @@ def test_an_asynchronous_run_survives_2_evictions_of_every_job_of_half_its_lanes
         train__local_steps=str(steps_in(3)), train__checkpoint_s="1", faults__evict=faults,
     )  # fmt: skip
     run_dir = tmp_path / "run"
-    assert _run(config, run_dir)["status"] == "completed"
+    report = _run(config, run_dir)
+    assert report["status"] == "completed"
     lanes = [int(p.split(",")[0]) for p in faults.strip("[]").split("], [")]
     logs = [log for lane in lanes for log in lane_dir(run_dir, lane).glob("*/job.log")]
     ran = [log for log in logs if "Job executing" in log.read_text()]
     assert ran  # the evicting lanes' jobs ran, and each was evicted twice, then finished
     assert [_evictions(log) for log in ran] == [TIMES] * len(ran)
+    assert report["evictions"] == TIMES * len(ran)
+    assert sorted(int(n) for n, u in report["node_usage"].items() if u.get("evictions")) == lanes
     others = [lane_dir(run_dir, n) for n in range(NODES) if n not in lanes]
     assert sum(_evictions(log) for d in others for log in d.glob("*/job.log")) == 0
