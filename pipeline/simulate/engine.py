@@ -31,28 +31,15 @@ from node_payload.common.run_layout import LANE_SCRIPT, NODE_SUBMIT
 from pipeline.dag.model import Node, paused_gc
 
 from . import intervals
+from .links import Link
 from .machines import FreeMachines, speeds
 from .pool_model import PoolModel
+from .trace import Trace
 from .workload import Workload
 
 _NO_DIR = Path()  # decide() names a job's folder only in its reasons, which are not simulated
 REMOVED = -1002  # $RETURN of a job removed by periodic_remove (DAGMan: never completed)
-_MB = 1e6
-
-
-class Link:
-    """A shared link (the submit host's, the mirrors'): transfers queue for it in turn, and one
-    transfer goes no faster than the execute machine's own link."""
-
-    def __init__(self, mb_s: float, machine_mb_s: float) -> None:
-        self.rate, self.machine_rate, self.free_at = mb_s * _MB, machine_mb_s * _MB, 0.0
-
-    def send(self, now: float, size: int) -> float:
-        """When `size` bytes starting now have arrived."""
-        if size <= 0:
-            return now
-        self.free_at = max(now, self.free_at) + size / self.rate
-        return max(self.free_at, now + size / self.machine_rate)
+_MB = 1e6  # bytes in the pool model's MB
 
 
 @dataclass
@@ -79,29 +66,6 @@ class Ledger:
     buffered: int = 0
     started_at: float | None = None
     claims: dict[str, int] = field(default_factory=dict)  # node -> the version it was given
-
-
-@dataclass
-class Trace:
-    """What happened, for summary.py."""
-
-    end: float = 0.0
-    dag_ok: bool = True
-    rounds: dict[int, tuple[float, float]] = field(default_factory=dict)  # round: (start, end)
-    missing: dict[int, int] = field(default_factory=dict)  # round: nodes missing
-    busy: dict[int, float] = field(default_factory=dict)  # node index: payload seconds
-    first_claim: float = 0.0  # async: the ledger's start
-    versions: list[float] = field(default_factory=list)  # async: when each version was applied
-    staleness: list[int] = field(default_factory=list)
-    jobs_begun: int = 0  # each sent its inputs (an evicted job sends them again)
-    jobs_returned: int = 0  # each sent its update back
-    evictions: int = 0
-    lost_s: float = 0.0  # machine seconds of evicted or removed runs, lost
-    saved_s: float = 0.0  # and the training seconds of evicted runs their checkpoints kept
-    machine_busy_s: float = 0.0
-    machine_available_s: float = 0.0
-    jobs_skipped: int = 0
-    failed: list[str] = field(default_factory=list)
 
 
 class Simulation:

@@ -9,7 +9,7 @@ from typing import Any
 from aggregation.utilization import node_usage
 from node_payload.common.job_bytes import JobBytes, Moved
 
-from .engine import Trace
+from .trace import Trace
 from .workload import Workload
 
 
