@@ -142,7 +142,10 @@ def _drop(field: str) -> Callable[[dict], object]:
         (_edit("mirrors", [1, 0]), "(0 to 1, ascending)"),
         (_edit("mirrors", [0, 0]), "mirrors [0, 0] is not"),
         (_edit("mirrors", "0"), "mirrors '0' is not"),
-        (_drop("sha256"), "found ['bytes', 'delta', 'format', 'mirrors', 'path', 'run_id', 'version']"),
+        (
+            _drop("sha256"),
+            "found ['bytes', 'delta', 'format', 'mirrors', 'path', 'run_id', 'version']",
+        ),
         (_edit("format", "dagtrain-model-pointer/9"), "format 'dagtrain-model-pointer/9'"),
         (_edit("run_id", "another-run"), "run_id 'another-run', expected"),
         (_edit("version", "0"), "version '0' is not a version number"),
