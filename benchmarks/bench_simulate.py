@@ -254,8 +254,17 @@ def validate(out: Path, name: str) -> dict[str, Any]:
     work = plan_workload(load(config, overrides))
     trace = simulate(work, local_pool(measured, slow), seed=0)
     predicted = summarise(LABELS[name], trace, work, SLOTS)
+    return {"case": LABELS[name], **_compared(measured, report, measured_total, predicted)}
+
+
+def _compared(
+    measured: dict[str, float],
+    report: dict[str, Any],
+    measured_total: float,
+    predicted: dict[str, Any],
+) -> dict[str, Any]:
+    """A case's calibration, what its run measured and what the simulation predicted."""
     return {
-        "case": LABELS[name],
         "calibration": measured,
         "measured": {
             "wall_seconds": report["wall_seconds"],
@@ -313,17 +322,7 @@ def pool_run(out: Path) -> dict[str, Any]:
     return {
         "case": "test pool (4 slots), sync, [faults] slow node 0 x3",
         "dag_status": status,
-        "calibration": measured,
-        "measured": {
-            "wall_seconds": report["wall_seconds"],
-            "mean_utilization": report["mean_utilization"],
-            "command_seconds": measured_total,
-        },
-        "predicted": {
-            "wall_seconds": predicted["wall_seconds"],
-            "mean_utilization": predicted["mean_utilization"],
-            "seconds_to_finish": predicted["seconds_to_finish"],
-        },
+        **_compared(measured, report, measured_total, predicted),
     }
 
 

@@ -58,26 +58,24 @@ def _simulate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _slot_and_number(text: str, separator: str, expected: str) -> tuple[int, float]:
+    slot, _, number = text.partition(separator)
+    try:
+        return int(slot), float(number)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected {expected}") from None
+
+
 def _slow_slot(text: str) -> tuple[int, float]:
     """SLOT=FACTOR as given to `dagtrain run --slow-slot`."""
-    slot, _, factor = text.partition("=")
-    try:
-        return int(slot), float(factor)
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"{text!r}: expected SLOT=FACTOR, e.g. 1=3 (slot 1 three times as slow)"
-        ) from None
+    return _slot_and_number(text, "=", "SLOT=FACTOR, e.g. 1=3 (slot 1 three times as slow)")
 
 
 def _eviction(text: str) -> tuple[int, float]:
     """SLOT@SECONDS as given to `dagtrain run --evict`."""
-    slot, _, seconds = text.partition("@")
-    try:
-        return int(slot), float(seconds)
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"{text!r}: expected SLOT@SECONDS, e.g. 1@30 (evict slot 1's job 30 s into the run)"
-        ) from None
+    return _slot_and_number(
+        text, "@", "SLOT@SECONDS, e.g. 1@30 (evict slot 1's job 30 s into the run)"
+    )
 
 
 def _ssh(args: argparse.Namespace) -> "SshOptions":

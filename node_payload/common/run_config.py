@@ -181,8 +181,7 @@ class RunTable:
 class AsyncTable:
     updates: int = key(
         0,
-        "the update budget: lanes stop once this many updates are applied "
-        "(0: nodes x rounds, the work of the synchronous run)",
+        "the update budget: lanes stop once this many updates are applied (0: nodes x rounds)",
         _between(0, 10**7),
     )
     time_budget_s: int = key(
@@ -207,8 +206,7 @@ class AsyncTable:
     staleness_b: int = key(4, "a non-negative integer", _non_negative)
     mixing_schedule: str = key(
         "cosine",
-        '"constant" or "cosine": the server lr (mixing weight) falls to 0 over the versions, '
-        "so late, stale updates move the model little",
+        '"constant" or "cosine": the server lr (mixing weight) falls to 0 over the versions',
         _one_of("constant", "cosine"),
     )
     evaluations: int = key(
@@ -237,7 +235,8 @@ class DataTable:
     lossless: bool = key(False, "true: PNG blocks; false: JPEG quality 90 (about 10x smaller)")
     node_cache: str = key(
         "",
-        "where execute nodes keep verified blocks (empty: off) and residuals (empty: /var/tmp)",
+        "where execute nodes keep verified blocks (empty: off), residuals, models, payloads "
+        "(empty: /var/tmp)",
         _fits_a_submit_line,
     )
     local_train: int = key(384, "a positive number of fragments", _positive)
@@ -404,9 +403,8 @@ class FaultsTable:
 class ExecutionTable:
     python: str = key(
         "",
-        "an absolute path to a Python with torch on the execute nodes (inside the container "
-        "with container_image; default: the planner's own Python, or /usr/bin/python3 in a "
-        "container)",
+        "an absolute path to a Python with torch on the execute nodes (default: the "
+        "planner's, or /usr/bin/python3 in a container_image)",
         _fits_a_submit_line,
     )
     container_image: str = key(
@@ -422,7 +420,7 @@ class ExecutionTable:
     submit_python: str = key(
         "",
         "an absolute path to a Python with torch on the submit host, for the aggregation and "
-        "report jobs (default: the planner's own Python)",
+        "report jobs (default: the planner's)",
         _fits_a_submit_line,
     )
 
