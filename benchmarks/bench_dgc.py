@@ -15,16 +15,20 @@ besides its training data (model or its delta in, payload's launcher and config 
 metrics out) and its parts, the submit host's bytes per round, the jobs that fetched their
 model whole although a delta was published and those that started without their residual, the
 final held-out accuracy; and from the run's models, how many of the model's values changed from
-one version to the next (the delta's density) and the delta's size. Writes
-results-ROUNDSxLOCAL_STEPS.json to OUT.
+one version to the next (the delta's density) and the delta's size. With --seeds, every variant
+runs once per `[run] seed` (its data draws and initial model) and its accuracy is their mean, with
+each seed's beside it; the bytes are the first seed's. Writes results-ROUNDSxLOCAL_STEPS.json to
+OUT.
 
-Run:  python benchmarks/bench_dgc.py [OUT] [ROUNDS] [LOCAL_STEPS] [SLOTS]
+Run:  python benchmarks/bench_dgc.py [OUT] [ROUNDS] [LOCAL_STEPS] [SLOTS] [--seeds 1,2]
+          [--variants "dense,dgc 99%"]
 """
 
+import argparse
 import json
-import sys
 import tempfile
 from pathlib import Path
+from statistics import fmean
 from typing import Any
 
 from node_payload.common.job_bytes import JobBytes
@@ -83,28 +87,39 @@ def delta_figures(run_dir: Path, rounds: int) -> dict[str, float]:
 
 
 def main() -> None:
-    out = Path(sys.argv[1] if len(sys.argv) > 1 else "bench-dgc").resolve()
-    rounds = int(sys.argv[2]) if len(sys.argv) > 2 else 6
-    local_steps = int(sys.argv[3]) if len(sys.argv) > 3 else 45
-    slots = int(sys.argv[4]) if len(sys.argv) > 4 else 2
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("out", nargs="?", type=Path, default=Path("bench-dgc"))
+    parser.add_argument("rounds", nargs="?", type=int, default=6)
+    parser.add_argument("local_steps", nargs="?", type=int, default=45)
+    parser.add_argument("slots", nargs="?", type=int, default=2)
+    parser.add_argument("--seeds", default="", help="comma-separated [run] seeds (default: one)")
+    parser.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated names")
+    args = parser.parse_args()
+    out, rounds, local_steps = args.out.resolve(), args.rounds, args.local_steps
+    seeds = [int(seed) for seed in args.seeds.split(",")] if args.seeds else [None]
     cache = str(out / "machine-cache")
     results: dict[str, Any] = {}
-    for name, tables in VARIANTS.items():
+    for name in args.variants.split(","):
         tag = name.replace(",", "").replace(" ", "-").replace("%", "").replace(".", "")
-        overrides = {
-            "run": {"rounds": rounds, "quorum": 1.0},
-            "train": {"local_steps": local_steps},
-            "data": {"node_cache": cache},
-        }
-        for table, keys in tables.items():
-            overrides[table] = overrides.get(table, {}) | keys
-        run_name = f"{tag}-{rounds}x{local_steps}"
-        report = run_demo_variant(out, run_name, overrides, slots)
-        results[name] = {
-            **job_figures(report),
-            **delta_figures(out / run_name, rounds),
-            "final_accuracy": report["final_accuracy"],
-        }
+        accuracies = []
+        for seed in seeds:
+            overrides = {
+                "run": {"rounds": rounds, "quorum": 1.0} | ({} if seed is None else {"seed": seed}),
+                "train": {"local_steps": local_steps},
+                "data": {"node_cache": cache},
+            }
+            for table, keys in VARIANTS[name].items():
+                overrides[table] = overrides.get(table, {}) | keys
+            run_name = f"{tag}-{rounds}x{local_steps}" + ("" if seed is None else f"-seed{seed}")
+            report = run_demo_variant(out, run_name, overrides, args.slots)
+            accuracies.append(report["final_accuracy"])
+            if name not in results:
+                results[name] = {
+                    **job_figures(report),
+                    **delta_figures(out / run_name, rounds),
+                }
+        results[name]["final_accuracy"] = fmean(accuracies)
+        results[name]["seed_accuracies"] = accuracies
     dense = results["dense"]
     print(f"demo task, 4 nodes x {rounds} rounds x {local_steps} local steps; per node job:")
     for name, r in results.items():
@@ -120,7 +135,8 @@ def main() -> None:
             f"delta density {r['delta_density']:.4f}, delta {r['delta_to_model']:.3f}x the "
             f"model; submit host {r['submit_host_bytes_per_round'] / 1e3:.0f} KB/round; "
             f"{r['model_delta_misses']} delta misses, {r['residual_misses']} residual misses; "
-            f"accuracy {r['final_accuracy']:.3f} ({r['accuracy_points']:+.1f} points)"
+            f"accuracy {r['final_accuracy']:.3f} ({r['accuracy_points']:+.1f} points; seeds "
+            f"{', '.join(f'{a:.3f}' for a in r['seed_accuracies'])})"
         )
     (out / f"results-{rounds}x{local_steps}.json").write_text(json.dumps(results, indent=1) + "\n")
 
