@@ -16,7 +16,7 @@ metrics out) and its parts, the submit host's bytes per round, the jobs that fet
 model whole although a delta was published and those that started without their residual, the
 final held-out accuracy; and from the run's models, how many of the model's values changed from
 one version to the next (the delta's density) and the delta's size. With --seeds, every variant
-runs once per `[run] seed` (its data draws and initial model) and its accuracy is their mean, with
+runs once per `[run] seed` (its held-out split, data draws and initial model) in OUT/seedN and its accuracy is their mean, with
 each seed's beside it; the bytes are the first seed's. Writes results-ROUNDSxLOCAL_STEPS.json to
 OUT.
 
@@ -110,13 +110,15 @@ def main() -> None:
             }
             for table, keys in VARIANTS[name].items():
                 overrides[table] = overrides.get(table, {}) | keys
-            run_name = f"{tag}-{rounds}x{local_steps}" + ("" if seed is None else f"-seed{seed}")
-            report = run_demo_variant(out, run_name, overrides, args.slots)
+            # a seed also draws the held-out images, so each seed has its own prepared dataset
+            where = out if seed is None else out / f"seed{seed}"
+            run_name = f"{tag}-{rounds}x{local_steps}"
+            report = run_demo_variant(where, run_name, overrides, args.slots)
             accuracies.append(report["final_accuracy"])
             if name not in results:
                 results[name] = {
                     **job_figures(report),
-                    **delta_figures(out / run_name, rounds),
+                    **delta_figures(where / run_name, rounds),
                 }
         results[name]["final_accuracy"] = fmean(accuracies)
         results[name]["seed_accuracies"] = accuracies
