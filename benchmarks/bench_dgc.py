@@ -16,9 +16,9 @@ metrics out) and its parts, the submit host's bytes per round, the jobs that fet
 model whole although a delta was published and those that started without their residual, the
 final held-out accuracy; and from the run's models, how many of the model's values changed from
 one version to the next (the delta's density) and the delta's size. With --seeds, every variant
-runs once per `[run] seed` (its held-out split, data draws and initial model) in OUT/seedN and its accuracy is their mean, with
-each seed's beside it; the bytes are the first seed's. Writes results-ROUNDSxLOCAL_STEPS.json to
-OUT.
+runs once per `[run] seed` (its held-out split, data draws and initial model), in OUT/seedN, and
+its accuracy is their mean, with each seed's beside it; the bytes are the first seed's. Writes
+results-ROUNDSxLOCAL_STEPS.json to OUT.
 
 Run:  python benchmarks/bench_dgc.py [OUT] [ROUNDS] [LOCAL_STEPS] [SLOTS] [--seeds 1,2]
           [--variants "dense,dgc 99%"]
