@@ -3,7 +3,7 @@ deltas and of the payload's launcher: the run's embedded mirrors, served on thei
 from a models/ folder the test may tamper with."""
 
 import shutil
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
@@ -15,6 +15,7 @@ from node_payload.common.run_config import RunConfig, read_run_config
 from node_payload.common.run_layout import CONFIG_FILE, MODELS_DIR, model_path
 from pipeline.local_run import mirror_ports
 from pipeline.mirrors import serve
+from pipeline.planner import plan_from_file
 
 
 def config_of(run_dir: Path) -> RunConfig:
@@ -35,6 +36,15 @@ def publish_version_1(run_dir: Path, changed: float = 0.02) -> None:
             buffer += 1 if not buffer.is_floating_point() else 0.01 * ("var" in name)
     save_model(model_path(run_dir, 1), model, metadata | {"version": "1"})
     publish_model(run_dir, config_of(run_dir), 1)
+
+
+def planned_with_version_1(tiny_config: Callable[..., Path], tmp_path: Path) -> Path:
+    """A planned run on embedded mirrors, its machine cache in tmp_path/cache, with version 1
+    published."""
+    cache = f'"{tmp_path / "cache"}"'
+    run_dir = plan_from_file(tiny_config(data__node_cache=cache), tmp_path / "run")
+    publish_version_1(run_dir)
+    return run_dir
 
 
 @contextmanager

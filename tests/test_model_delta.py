@@ -24,18 +24,12 @@ from node_payload.common.run_layout import (
 )
 from node_payload.model_fetch import model_file
 from pipeline.payload_zip import LAUNCHER
-from pipeline.planner import plan_from_file
-from tests.model_versions import config_of, publish_version_1, served
+from tests.model_versions import config_of, planned_with_version_1, publish_version_1, served
 
 
 @pytest.fixture
 def run_dir(tiny_config: Callable[..., Path], tmp_path: Path) -> Path:
-    """A planned run on embedded mirrors, its machine cache in tmp_path/cache, with version 1
-    published."""
-    cache = f'"{tmp_path / "cache"}"'
-    run_dir = plan_from_file(tiny_config(data__node_cache=cache), tmp_path / "run")
-    publish_version_1(run_dir)
-    return run_dir
+    return planned_with_version_1(tiny_config, tmp_path)
 
 
 def _get(run_dir: Path, out: Path, version: int = 1):

@@ -29,17 +29,13 @@ from node_payload.common.run_layout import (
     model_pointer_path,
 )
 from node_payload.model_fetch import model_file
-from pipeline.planner import plan_from_file
-from tests.model_versions import config_of, models_copy, publish_version_1, served
+from tests.model_versions import config_of, models_copy, planned_with_version_1, served
 from tests.test_model_delta import _launch
 
 
 @pytest.fixture
 def run_dir(tiny_config: Callable[..., Path], tmp_path: Path) -> Path:
-    cache = f'"{tmp_path / "cache"}"'
-    run_dir = plan_from_file(tiny_config(data__node_cache=cache), tmp_path / "run")
-    publish_version_1(run_dir)
-    return run_dir
+    return planned_with_version_1(tiny_config, tmp_path)
 
 
 def _cache_version_0(run_dir: Path, data: bytes | None = None) -> Path:
