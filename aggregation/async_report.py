@@ -2,7 +2,6 @@
 confusion against versions and wall time (also as TensorBoard scalars), what became of every job,
 staleness, each lane's busy time against the run's wall time, and the bytes the jobs moved."""
 
-import json
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -11,6 +10,7 @@ from aggregation.async_state import Ledger, lane_step, read_ledger
 from aggregation.evictions import lane_evictions, with_evictions
 from aggregation.heldout import load_heldout, run_manifest
 from aggregation.heldout_metrics import final_metrics, heldout_metrics
+from aggregation.node_metrics import figure, read_node_metrics
 from aggregation.tensorboard_log import log_evaluations
 from aggregation.utilization import node_usage
 from node_payload.common.job_bytes import JobBytes
@@ -30,9 +30,11 @@ def job_metrics(run_dir: Path, ledger: Ledger) -> dict[str, dict[str, Any]]:
     """metrics.json of every job that finished, by job key."""
     found = {}
     for key in ledger.done:
-        path = lane_job_dir(run_dir, *lane_step(key)) / METRICS_FILE
-        if path.is_file():
-            found[key] = json.loads(path.read_text())
+        lane, step = lane_step(key)
+        path = lane_job_dir(run_dir, lane, step) / METRICS_FILE
+        metrics = read_node_metrics(path, f"lane {lane} job {step}") if path.is_file() else None
+        if metrics is not None:
+            found[key] = metrics
     return found
 
 
@@ -103,7 +105,7 @@ def async_report(run_dir: Path, config: RunConfig, dag_status: int) -> dict[str,
     lanes = config.run.nodes
     busy = dict.fromkeys(range(lanes), 0.0)
     for key, metrics in jobs.items():
-        busy[lane_step(key)[0]] += metrics["seconds"]
+        busy[lane_step(key)[0]] += figure(metrics, "seconds")
     ends = [v["at"] for v in ledger.versions]
     wall = max(ends) - ledger.started_at if ends and ledger.started_at else None
     staleness = [s for v in ledger.versions for s in v["staleness"]]
@@ -124,8 +126,8 @@ def async_report(run_dir: Path, config: RunConfig, dag_status: int) -> dict[str,
         "versions": ledger.version,
         **final_metrics(evaluations[-1] if ledger.version else None),
         "seconds": wall,
-        "bytes_downloaded": sum(m["bytes_downloaded"] for m in jobs.values()),
-        "mirror_failovers": sum(m["mirror_failovers"] for m in jobs.values()),
+        "bytes_downloaded": sum(figure(m, "bytes_downloaded") for m in jobs.values()),
+        "mirror_failovers": sum(figure(m, "mirror_failovers") for m in jobs.values()),
         "update_bytes": _update_bytes(run_dir, ledger),
         **run_bytes(run_dir, jobs),
         "updates_rejected": len(outcomes["rejected"]),

@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 
 from aggregation.heldout_cache import Expected, cached
+from aggregation.node_metrics import fragment_ids, read_node_metrics
 from node_payload.common.manifest import Manifest
 from node_payload.common.run_config import RunConfig
 from node_payload.common.run_layout import (
@@ -132,16 +133,18 @@ def training_coverage(run_dir: Path, config: RunConfig, manifest: Manifest, roun
     Positions rather than (position, angle) fragments: with 72 angles, fragments are 72 times
     more numerous and mostly differ by a rotation the model also learns from its neighbours.
     """
-    total = sum(
-        len(ids) // len(manifest.angles)
+    training = {
+        manifest.position_of(i)
         for s, ids in manifest.by_source().items()
         if not manifest.sources[s].holdout
-    )
+        for i in ids
+    }
     seen: set[int] = set()
     for r in range(round_ + 1):
         for node in range(config.run.nodes):
             path = node_dir(run_dir, r, node) / METRICS_FILE
-            if path.is_file():
-                ids = json.loads(path.read_text()).get("train_fragments", [])
-                seen.update(manifest.position_of(i) for i in ids)
-    return len(seen) / total
+            metrics = read_node_metrics(path, f"round {r} node {node}") if path.is_file() else None
+            if metrics is not None:
+                seen.update(manifest.position_of(i) for i in fragment_ids(metrics))
+    seen &= training  # an id a node made up covers nothing
+    return len(seen) / len(training)

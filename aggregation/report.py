@@ -11,6 +11,7 @@ from aggregation.async_apply import flush
 from aggregation.async_report import async_report
 from aggregation.evictions import node_evictions, run_evictions, with_evictions
 from aggregation.heldout_metrics import final_metrics
+from aggregation.node_metrics import figure, read_node_metrics
 from aggregation.report_plots import plot_accuracy, plot_confusion
 from aggregation.utilization import node_usage
 from node_payload.common.atomic_file import write_text
@@ -44,8 +45,8 @@ def busy_seconds(run_dir: Path, rounds: int, nodes: int) -> dict[int, float]:
     for r in range(rounds):
         for n in busy:
             path = node_dir(run_dir, r, n) / METRICS_FILE
-            if path.is_file():
-                busy[n] += json.loads(path.read_text())["seconds"]
+            metrics = read_node_metrics(path, f"round {r} node {n}") if path.is_file() else None
+            busy[n] += figure(metrics, "seconds") if metrics is not None else 0.0
     return busy
 
 

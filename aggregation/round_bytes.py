@@ -8,10 +8,10 @@ metrics.json comes from the node: a record that is not one is named in the job's
 left out, never a reason to fail the round.
 """
 
-import json
 from pathlib import Path
 from typing import Any
 
+from aggregation.node_metrics import read_node_metrics
 from node_payload.common.job_bytes import JobBytes
 from node_payload.common.run_layout import METRICS_FILE, node_dir
 
@@ -24,11 +24,8 @@ def round_bytes(run_dir: Path, round_: int, nodes: int) -> dict[str, Any]:
         if not path.is_file():
             continue
         size = path.stat().st_size
-        try:
-            metrics = json.loads(path.read_text())
-        except (ValueError, UnicodeDecodeError):
-            metrics = None
-        record = JobBytes.from_json(metrics.get("bytes")) if isinstance(metrics, dict) else None
+        metrics = read_node_metrics(path, f"round {round_} node {node}")
+        record = JobBytes.from_json(metrics.get("bytes")) if metrics is not None else None
         if record is None:
             print(f"round {round_} node {node}: bytes left out: no byte record", flush=True)
             continue

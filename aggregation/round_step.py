@@ -19,6 +19,7 @@ from aggregation.evictions import round_evictions
 from aggregation.heldout import load_heldout, run_manifest, training_coverage
 from aggregation.heldout_metrics import heldout_metrics
 from aggregation.merge import MergeResult
+from aggregation.node_metrics import figure, read_node_metrics
 from aggregation.publish import publish_model
 from aggregation.quorum import QuorumNotMet, required_updates
 from aggregation.round_bytes import round_bytes
@@ -61,7 +62,8 @@ def aggregate_round(run_dir: Path, config: RunConfig, round_: int) -> dict[str, 
     manifest = run_manifest(config, first_mirror)
     heldout = load_heldout(run_dir, config, manifest, first_mirror)
     node_metrics = _node_metrics(run_dir, round_, merged.accepted)
-    started = min((m["started_at"] for m in node_metrics.values()), default=time.time())
+    starts = [figure(m, "started_at") for m in node_metrics.values()]
+    started = min((at for at in starts if at > 0), default=time.time())
     round_metrics = {
         "round": round_,
         **heldout_metrics(model.network, heldout),
@@ -74,10 +76,10 @@ def aggregate_round(run_dir: Path, config: RunConfig, round_: int) -> dict[str, 
         "train_samples": merged.samples,
         "update_bytes": sum(dict(updates)[n].stat().st_size for n in merged.accepted),
         **round_bytes(run_dir, round_, config.run.nodes),  # every job that returned, by kind
-        "local_test_accuracy": sum(m["local_test_accuracy"] for m in node_metrics.values())
+        "local_test_accuracy": sum(figure(m, "local_test_accuracy") for m in node_metrics.values())
         / max(len(node_metrics), 1),
-        "bytes_downloaded": sum(m["bytes_downloaded"] for m in node_metrics.values()),
-        "mirror_failovers": sum(m["mirror_failovers"] for m in node_metrics.values()),
+        "bytes_downloaded": sum(figure(m, "bytes_downloaded") for m in node_metrics.values()),
+        "mirror_failovers": sum(figure(m, "mirror_failovers") for m in node_metrics.values()),
         "coverage": training_coverage(run_dir, config, manifest, round_),
         **_sources_per_class(round_, node_metrics),
         **round_evictions(run_dir, round_, config.run.nodes),  # and the work they lost and saved
@@ -158,6 +160,7 @@ def _node_metrics(run_dir: Path, round_: int, nodes: list[int]) -> dict[int, dic
     found = {}
     for node in nodes:
         path = node_dir(run_dir, round_, node) / METRICS_FILE
-        if path.is_file():
-            found[node] = json.loads(path.read_text())
+        metrics = read_node_metrics(path, f"round {round_} node {node}") if path.is_file() else None
+        if metrics is not None:
+            found[node] = metrics
     return found

@@ -26,6 +26,7 @@ from aggregation.job_plan import JobPlan
 from aggregation.merge import merge_updates
 from aggregation.model_check import BrokenModel, check_next_model
 from aggregation.quorum import QuorumNotMet
+from aggregation.report import busy_seconds
 from aggregation.round_step import aggregate_round
 from aggregation.validate import validate_update
 from node_payload.common import sparse_update, tensor_io
@@ -922,3 +923,54 @@ def test_a_final_flush_that_would_break_the_model_is_logged_and_saves_nothing(
     )
     _nothing_saved(run_dir, 1)
     assert len(read_ledger(run_dir).buffer) == 1
+
+
+NOT_AN_OBJECT = "round 0 node 2: its metrics.json is not a JSON object; left out"
+
+
+@pytest.mark.parametrize(
+    ("metrics", "said"),
+    [
+        (b"\xff\xfe not json", NOT_AN_OBJECT),
+        (b"[1, 2, 3]", NOT_AN_OBJECT),
+        (
+            json.dumps(
+                {
+                    "seconds": "forever",
+                    "started_at": None,
+                    "local_test_accuracy": "NaN",
+                    "bytes_downloaded": -5,
+                    "mirror_failovers": 1e999,
+                    "train_fragments": ["x", -1, True, 10**30, None],
+                    "bytes": "all of them",
+                }
+            ).encode(),
+            "round 0 node 2: bytes left out: no byte record",
+        ),
+    ],
+    ids=["not-json", "not-an-object", "lying-figures"],
+)
+def test_a_lying_metrics_file_skews_nothing_and_stops_no_round(sync_run, metrics, said, capsys):
+    """metrics.json comes from the node: beside a valid update, whatever it holds is left out or
+    counts as nothing, and the round and the run's busy times are still made."""
+    run_dir, config = sync_run
+    for node in range(3):
+        update = _node_update(model_path(run_dir, 0))
+        tensor_io.save_tensors(
+            node_dir(run_dir, 0, node) / "update.safetensors",
+            update,
+            tensor_io.update_metadata(0, node, 48, 0),
+        )
+        honest = {"seconds": 2.0, "started_at": 1e9, "local_test_accuracy": 0.5}
+        honest |= {"bytes_downloaded": 100, "mirror_failovers": 0, "train_fragments": [0, 1]}
+        (node_dir(run_dir, 0, node) / "metrics.json").write_text(json.dumps(honest))
+    (node_dir(run_dir, 0, 2) / "metrics.json").write_bytes(metrics)
+    round_metrics = aggregate_round(run_dir, config, 0)
+    assert round_metrics["nodes_used"] == 3
+    assert round_metrics["bytes_downloaded"] == 200
+    assert round_metrics["mirror_failovers"] == 0
+    assert 0 < round_metrics["coverage"] <= 1
+    assert math.isfinite(round_metrics["local_test_accuracy"])
+    assert json.loads(round_metrics_path(run_dir, 0).read_text())["round"] == 0
+    assert said in capsys.readouterr().out
+    assert busy_seconds(run_dir, 1, 3) == {0: 2.0, 1: 2.0, 2: 0.0}
