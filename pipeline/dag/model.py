@@ -26,14 +26,13 @@ class Script:
     defer_time: int = 0
 
 
-@dataclass(slots=True)
-class Node:
-    name: str
-    submit: str  # the submit file as its JOB line names it, relative to `dir`
+@dataclass(slots=True, kw_only=True)
+class NodeOptions:
+    """What a node's lines say besides its name and VARS; a `Layer` gives it to all its nodes."""
+
     dir: str = ""  # JOB ... DIR: where DAGMan runs condor_submit, relative to the DAG's folder
     final: bool = False
     done: bool = False
-    vars: dict[str, str] = field(default_factory=dict)
     retries: int = 0
     unless_exit: int | None = None
     pre: Script | None = None
@@ -42,7 +41,14 @@ class Node:
     category: str | None = None
     priority: int = 0
     abort_on: tuple[int, int | None] | None = None  # (status, DAG return value)
-    comment: tuple[str, ...] = ()  # comment lines right above its JOB line
+    comment: tuple[str, ...] = ()  # comment lines right above its (first) JOB line
+
+
+@dataclass(slots=True)
+class Node(NodeOptions):
+    name: str
+    submit: str  # the submit file as its JOB line names it, relative to `dir`
+    vars: dict[str, str] = field(default_factory=dict)
     parents: set[str] = field(default_factory=set)
     children: set[str] = field(default_factory=set)
     order: int = 0  # declaration order, which breaks ties between ready nodes
@@ -111,28 +117,16 @@ class Dag(DagSettings):
 
 
 @dataclass(slots=True)
-class Layer:
+class Layer(NodeOptions):
     """Nodes declared one after another that are alike but for their names and some VARS values:
     a round's node jobs, say. A VARS value is one string for every node of the layer or a column
     of one per node; `comment` stands above the first node, and every node waits for each of
-    `parents` (declared earlier or later). The other fields are those of `Node`."""
+    `parents` (declared earlier or later)."""
 
     names: Sequence[str]
     submit: str
     vars: Mapping[str, str | Sequence[str]] = field(default_factory=dict)
     parents: Sequence[str] = ()
-    dir: str = ""
-    final: bool = False
-    done: bool = False
-    retries: int = 0
-    unless_exit: int | None = None
-    pre: Script | None = None
-    post: Script | None = None
-    pre_skip: int | None = None
-    category: str | None = None
-    priority: int = 0
-    abort_on: tuple[int, int | None] | None = None
-    comment: tuple[str, ...] = ()
 
     def nodes(self) -> Iterator[Node]:
         """The layer's nodes, without their edges."""
@@ -159,7 +153,7 @@ class LayeredDag(DagSettings):
 
 
 # What a layer shares with each of its nodes, and what a Dag shares with a LayeredDag.
-_LIKE_FIELDS = [f.name for f in fields(Layer) if f.name not in ("names", "vars", "parents")]
+_LIKE_FIELDS = ["submit", *(f.name for f in fields(NodeOptions))]
 _SETTINGS_FIELDS = [f.name for f in fields(DagSettings)]
 
 
