@@ -134,6 +134,14 @@ def test_the_command_prints_and_writes_json_and_a_plot(config: Path, tmp_path: P
     assert '"variant": "async"' in text and '"variant": "sync, quorum 0.8"' in text
 
 
+def test_the_command_gives_a_planner_note_once_for_its_three_variants(
+    tiny_config: Callable[..., Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    config = tiny_config(data__local_train="40")  # not a multiple of the batch: a note
+    assert main(["simulate", str(config), "--out", str(tmp_path / "sim")]) == 0
+    assert capsys.readouterr().err.count("is not a multiple of [train] batch_size") == 1
+
+
 def test_an_evicted_job_resumes_from_its_last_checkpoint(config: Path) -> None:
     pool = _pool(
         machines=3,

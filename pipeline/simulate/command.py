@@ -1,6 +1,9 @@
 """`dagtrain simulate CONFIG [--machines N] [--pool MODEL.toml]`."""
 
-from collections.abc import Sequence
+import io
+import sys
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager, redirect_stderr
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -26,7 +29,27 @@ def simulate_config(
 ) -> list[dict[str, Any]]:
     """Simulate the config as sync, sync with a quorum and async on the pool model."""
     q = quorum_to_compare(config_path, overrides, quorum)
-    return [simulate_variant(config_path, overrides, v, pool, seed) for v in variants(q)]
+    said: set[str] = set()
+    results = []
+    for variant in variants(q):
+        with _notes_once(said):
+            results.append(simulate_variant(config_path, overrides, variant, pool, seed))
+    return results
+
+
+@contextmanager
+def _notes_once(said: set[str]) -> Iterator[None]:
+    """What planning a variant prints, less the lines an earlier variant printed: the variants
+    share the config, so its dataset and mirror notes would otherwise come three times."""
+    printed = io.StringIO()
+    try:
+        with redirect_stderr(printed):
+            yield
+    finally:
+        for line in printed.getvalue().splitlines(keepends=True):
+            if line not in said:
+                said.add(line)
+                sys.stderr.write(line)
 
 
 def run(
