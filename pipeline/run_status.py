@@ -79,6 +79,7 @@ class RoundStatus:
     bytes_per_job: int | None = None  # network bytes per node job besides its data
     submit_host_bytes: int | None = None  # through the submit host (HTCondor file transfer)
     residual_misses: int | None = None  # compressed jobs that started without their residual
+    model_delta_misses: int | None = None  # jobs that fetched a published model whole
 
 
 @dataclass
@@ -205,6 +206,7 @@ def _round(run_dir: Path, index: int, nodes: int, ads: dict[str, classad2.ClassA
         status.bytes_per_job = scores.get("bytes_per_job")
         status.submit_host_bytes = scores.get("submit_host_bytes")
         status.residual_misses = scores.get("residual_misses")
+        status.model_delta_misses = scores.get("model_delta_misses")
     return status
 
 
@@ -328,14 +330,19 @@ def render(status: RunStatus) -> Group:
 
 def _transfer(rounds: list[RoundStatus]) -> str:
     """The last round's network bytes per node job besides data, the submit host's mean bytes
-    per round so far, and the jobs that started without their residual, if any."""
+    per round so far, and the jobs that started without their residual or fetched the model
+    whole although its delta was published, if any."""
     done = [r for r in rounds if r.submit_host_bytes is not None and r.bytes_per_job is not None]
     if not done:
         return ""
     host = sum(r.submit_host_bytes for r in done) / len(done) / 1e6
     text = f"; {done[-1].bytes_per_job / 1e3:.0f} kB per job, submit host {host:.2f} MB/round"
-    misses = sum(r.residual_misses or 0 for r in done)
-    return text + (f", {misses} residual misses" if misses else "")
+    for name, misses in (
+        ("residual", sum(r.residual_misses or 0 for r in done)),
+        ("model delta", sum(r.model_delta_misses or 0 for r in done)),
+    ):
+        text += f", {misses} {name} misses" if misses else ""
+    return text
 
 
 def to_json(status: RunStatus) -> dict[str, Any]:
@@ -344,7 +351,8 @@ def to_json(status: RunStatus) -> dict[str, Any]:
     Rows are rounds (`round`, numbered as rounds/rNNN from 0) or, in an asynchronous run, lanes
     (`lane`); each has its node jobs by state, missing nodes, retries, the aggregation's state,
     the held-out accuracy of the model it made and the bytes its jobs moved (network bytes per
-    job besides data, the submit host's total, jobs that started without their residual)."""
+    job besides data, the submit host's total, jobs that started without their residual or
+    fetched the model whole although its delta was published)."""
     row = "lane" if status.lanes is not None else "round"
     return {
         "run_dir": str(status.run_dir),
@@ -372,6 +380,7 @@ def to_json(status: RunStatus) -> dict[str, Any]:
                 "bytes_per_job": r.bytes_per_job,
                 "submit_host_bytes": r.submit_host_bytes,
                 "residual_misses": r.residual_misses,
+                "model_delta_misses": r.model_delta_misses,
             }
             for r in status.rounds
         ],

@@ -129,6 +129,7 @@ def test_status_json_holds_the_facts_of_the_table(
         "bytes_per_job": None,
         "submit_host_bytes": None,
         "residual_misses": None,
+        "model_delta_misses": None,
     }
 
 
@@ -140,16 +141,20 @@ def test_status_shows_the_bytes_a_round_moved(
     for r, misses in ((0, 0), (1, 2)):
         figures = {"bytes_per_job": 691_234, "submit_host_bytes": 2_500_000 + r * 1_000_000}
         scores = {"accuracy": 0.5, **figures, "residual_misses": misses}
+        scores["model_delta_misses"] = 3 * r
         (run / f"rounds/r00{r}/round.json").write_text(json.dumps(scores))
     assert cli.main(["status", str(run), "--json"]) == 0
     rows = json.loads(capsys.readouterr().out)["rows"]
-    assert [(r["bytes_per_job"], r["submit_host_bytes"], r["residual_misses"]) for r in rows] == [
-        (691_234, 2_500_000, 0),
-        (691_234, 3_500_000, 2),
-    ]
+    assert [
+        (r["bytes_per_job"], r["submit_host_bytes"], r["residual_misses"], r["model_delta_misses"])
+        for r in rows
+    ] == [(691_234, 2_500_000, 0, 0), (691_234, 3_500_000, 2, 3)]
     assert cli.main(["status", str(run)]) == 0
     shown = capsys.readouterr().out
-    assert "691 kB per job, submit host 3.00 MB/round, 2 residual misses" in " ".join(shown.split())
+    assert (
+        "691 kB per job, submit host 3.00 MB/round, 2 residual misses, 3 model delta misses"
+        in " ".join(shown.split())
+    )
 
 
 def test_progress_without_a_terminal_is_a_line_per_round(
