@@ -1,8 +1,10 @@
 """Fetch dataset bytes from FTP mirrors: coalesced byte ranges, hash checks, mirror failover.
 
 Runs on execute nodes that only have Python and torch, hence plain ftplib. A node needs a few
-hundred small fragments scattered over large shards, so neighbouring fragments are read with one
-`REST` + `RETR` that stops after the needed bytes, over one control connection per mirror.
+hundred small fragments scattered over large shards. A mirror that takes several byte ranges per
+`RETR` (`MRNG`, pipeline/mirrors.py) sends a shard's needed ranges in one transfer; from any other
+mirror neighbouring fragments are read with one `REST` + `RETR` that stops after the needed bytes.
+Either way, over one control connection per mirror.
 Any fault of a mirror (refused, silent, dropped, truncated or wrong bytes) moves the affected
 reads to other mirrors, spread over all of them so that no single neighbour takes a failed
 mirror's whole load; after every mirror failed a read, the node pauses (exponential backoff with
@@ -49,6 +51,7 @@ log = logging.getLogger(__name__)
 MAX_GAP = 64 * 1024
 MAX_WASTE = 1 / 10
 MAX_SPAN = 8 * 1024 * 1024  # bounds the memory of one read and the bytes wasted when it fails
+MAX_RANGES = 256  # ranges of one multi-range read: its commands fit in one write of some 8 KB
 PASSES = 3  # every mirror gets more chances, after pauses, before a read is given up
 BACKOFF_S = 0.5  # pause before the second pass, doubled for each later one
 BACKOFF_MAX_S = 8.0  # bounded: DAGMan retries the whole node (on another mirror) for long outages
@@ -109,13 +112,16 @@ class _RangeFTP(FTP):
     """ftplib with byte-range reads over passive data connections.
 
     A server that lists `RANG STREAM` in FEAT (draft-bryan-ftp-range, as the embedded mirrors
-    do) is told where a read ends and stops there, with PASV, RANG and RETR sent together; any
-    other server gets `REST` and a receive window the size of the read, which bounds what it
-    sends past the end before the node closes. Commands to such a server wait for each reply, as
-    most clients do: not every server reads commands ahead.
+    do) is told where a read ends and stops there, with PASV, RANG and RETR sent together; one
+    that lists `MRNG <max>` as well is sent up to `max` ranges (MRNG) for one RETR, and sends
+    them concatenated on one data connection. Any other server gets `REST` and a receive window
+    the size of the read, which bounds what it sends past the end before the node closes.
+    Commands to such a server wait for each reply, as most clients do: not every server reads
+    commands ahead.
     """
 
     ranged = False
+    max_ranges = 1  # ranges one RETR may carry: up to MAX_RANGES on a server listing MRNG
 
     def getmultiline(self) -> str:
         """ftplib's reply reader, bounded: a server streaming reply lines would fill memory."""
@@ -145,7 +151,11 @@ class _RangeFTP(FTP):
             reply = self.sendcmd("FEAT")
         except error_perm:  # FEAT itself is an extension (RFC 2389)
             return
-        self.ranged = any(line.strip().upper() == "RANG STREAM" for line in reply.splitlines())
+        features = [line.strip().upper().split() for line in reply.splitlines()[1:-1]]
+        self.ranged = ["RANG", "STREAM"] in features
+        announced = [f[1] for f in features if len(f) == 2 and f[0] == "MRNG" and f[1].isdigit()]
+        if self.ranged and announced and len(announced[0]) <= 6:  # a number beyond is no limit
+            self.max_ranges = max(1, min(MAX_RANGES, int(announced[0])))
 
     def _send_lines(self, *lines: str) -> None:
         """Commands in one write: the server reads them in order, as if each had been awaited."""
@@ -180,6 +190,16 @@ class _RangeFTP(FTP):
         if resp[0] != "1":
             raise error_reply(resp)
 
+    def open_ranges(self, path: str, ranges: list[tuple[int, int]]) -> socket.socket:
+        """The data connection of a RETR that sends the (offset, length) ranges one after the
+        other: several only to a server that takes that many (max_ranges)."""
+        if len(ranges) == 1:
+            return self.open_range(path, *ranges[0])
+        if not 1 < len(ranges) <= self.max_ranges:
+            raise ValueError(f"{len(ranges)} ranges in one read; this server takes 1")
+        commands = [f"MRNG {offset} {offset + length - 1}" for offset, length in ranges]
+        return self.open_announced(path, commands, sum(n for _, n in ranges))
+
     def open_range(self, path: str, offset: int, length: int) -> socket.socket:
         """The data connection of a RETR that starts at offset; ends at offset + length if the
         server knows RANG."""
@@ -199,14 +219,19 @@ class _RangeFTP(FTP):
 
     def open_announced_range(self, path: str, offset: int, length: int) -> socket.socket:
         """PASV (EPSV over IPv6), RANG and RETR in one write, then the data connection: a read
-        of a ranged server waits for one round trip and a connect instead of three of them.
+        of a ranged server waits for one round trip and a connect instead of three of them."""
+        return self.open_announced(path, [f"RANG {offset} {offset + length - 1}"], length)
 
-        The server answers the passive address before it reads RANG, and waits for the data
-        connection before it answers RETR; a server that announces RANG STREAM but answers
-        out of step ends its session (error_proto), as with any broken session.
+    def open_announced(self, path: str, ranges: list[str], length: int) -> socket.socket:
+        """PASV (EPSV over IPv6), the range commands and RETR in one write, then the data
+        connection.
+
+        The server answers the passive address before it reads the ranges, and waits for the
+        data connection before it answers RETR; a server that announced the range commands but
+        answers out of step ends its session (error_proto), as with any broken session.
         """
         passive = "PASV" if self.af == socket.AF_INET else "EPSV"
-        self._send_lines(passive, f"RANG {offset} {offset + length - 1}", f"RETR {path}")
+        self._send_lines(passive, *ranges, f"RETR {path}")
         reply = self._reply_in_step(passive, "2")
         try:
             if passive == "PASV":
@@ -219,7 +244,8 @@ class _RangeFTP(FTP):
         conn = self._data_socket(host, length)
         try:
             conn.connect((host, port))
-            self._reply_in_step("RANG", "3")
+            for command in ranges:
+                self._reply_in_step(command.partition(" ")[0], "3")
             self._transfer_started(self.getresp())
         except BaseException:
             conn.close()
@@ -281,20 +307,28 @@ class _Session:
         self._end_read(path, offset=0, length=claimed, got=got)
         return b"".join(parts)
 
-    def read(self, path: str, offset: int, length: int) -> memoryview:
-        """Exactly `length` bytes from `offset`, valid until the next read of this session.
+    @property
+    def max_ranges(self) -> int:
+        """How many ranges one read of this mirror may carry."""
+        return self._ftp.max_ranges
+
+    def read(self, path: str, ranges: list[tuple[int, int]]) -> memoryview:
+        """Exactly the bytes of the (offset, length) ranges, one after the other, valid until
+        the next read of this session.
 
         One receive buffer per session, grown as needed: a fresh buffer per read costs a zeroing
         and page faults for every byte, which is much of what receiving the byte costs. Lengths
-        come from the validated manifest (at most MAX_SPAN, or one block of plausible size),
-        never from the mirror, and no byte past `length` is read.
+        come from the validated manifest (at most MAX_SPAN in all, or one block of plausible
+        size), never from the mirror, and no byte past their sum is read.
         """
+        length = sum(n for _, n in ranges)
+        offset = ranges[0][0]
         if len(self._buf) < length:
             self._buf = bytearray(length)
         view = memoryview(self._buf)[:length]
         got = 0
         try:
-            with self._ftp.open_range(self.mirror.remote(path), offset, length) as conn:
+            with self._ftp.open_ranges(self.mirror.remote(path), ranges) as conn:
                 while got < length:
                     n = conn.recv_into(view[got:])
                     if n == 0:
@@ -508,18 +542,13 @@ def probe_file(url: str, path: str, timeout_s: float) -> bytes:
         raise DataUnreachable(_reason(exc)) from None
 
 
-def _coalesce(frags: list[Fragment]) -> dict[str, list[list[Fragment]]]:
-    """Per shard, fragments grouped into reads.
-
-    Byte-contiguous fragments share a read up to MAX_SPAN. Gaps are then read through, smallest
-    first, each at most MAX_GAP and a read at most MAX_SPAN, for as long as the bytes read
-    through stay within MAX_WASTE of the bytes needed: the node never downloads more than
-    1 + MAX_WASTE times what it needs, and spends that allowance where it saves the most reads.
-    """
+def _runs(frags: list[Fragment]) -> list[list[Fragment]]:
+    """Distinct fragments in byte-contiguous (or overlapping) runs of at most MAX_SPAN, each
+    within one shard, sorted by offset; a shard's runs are neighbours, in shard order."""
     by_shard: dict[str, list[Fragment]] = {}
     for frag in {f.id: f for f in frags}.values():
         by_shard.setdefault(frag.shard, []).append(frag)
-    runs: list[list[Fragment]] = []  # byte-contiguous (or overlapping) runs, in shard order
+    runs: list[list[Fragment]] = []
     ends: list[int] = []
     for shard_frags in by_shard.values():
         shard_frags.sort(key=_place)
@@ -536,6 +565,23 @@ def _coalesce(frags: list[Fragment]) -> dict[str, list[list[Fragment]]]:
             else:
                 runs.append([frag])
                 ends.append(end)
+    return runs
+
+
+def _end(frags: list[Fragment]) -> int:
+    return max(f.offset + f.length for f in frags)
+
+
+def _coalesce(frags: list[Fragment]) -> dict[str, list[list[Fragment]]]:
+    """Per shard, fragments grouped into single-range reads.
+
+    Byte-contiguous fragments share a read up to MAX_SPAN. Gaps are then read through, smallest
+    first, each at most MAX_GAP and a read at most MAX_SPAN, for as long as the bytes read
+    through stay within MAX_WASTE of the bytes needed: the node never downloads more than
+    1 + MAX_WASTE times what it needs, and spends that allowance where it saves the most reads.
+    """
+    runs = _runs(frags)
+    ends = [_end(run) for run in runs]
     budget = MAX_WASTE * sum(end - run[0].offset for run, end in zip(runs, ends, strict=True))
     gaps = sorted(
         (runs[i + 1][0].offset - ends[i], i)
@@ -561,27 +607,66 @@ def _coalesce(frags: list[Fragment]) -> dict[str, list[list[Fragment]]]:
     return groups
 
 
+def _batches(frags: list[Fragment], max_ranges: int) -> dict[str, list[list[list[Fragment]]]]:
+    """Per shard, multi-range reads: each a list of byte-contiguous runs, one range each, of at
+    most max_ranges ranges and MAX_SPAN bytes in all. No gap is read through."""
+    batches: dict[str, list[list[list[Fragment]]]] = {}
+    size = 0
+    for run in _runs(frags):
+        length = _end(run) - run[0].offset
+        reads = batches.setdefault(run[0].shard, [])
+        if reads and len(reads[-1]) < max_ranges and size + length <= MAX_SPAN:
+            reads[-1].append(run)
+            size += length
+        else:
+            reads.append([run])
+            size = length
+    return batches
+
+
 def _place(frag: Fragment) -> tuple[int, int]:
     return frag.offset, frag.length
 
 
-def _range_task(group: list[Fragment], order: list[int], out: dict[int, bytes]) -> _Task:
-    shard = group[0].shard
-    offset = group[0].offset
-    end = max(f.offset + f.length for f in group)
-
-    def run(session: _Session) -> None:
-        data = session.read(shard, offset, end - offset)
-        got = {}
-        for frag in group:
-            start = frag.offset - offset
+def _read_verified(session: _Session, ranges: list[list[Fragment]], out: dict[int, bytes]) -> None:
+    """One read of a shard's ranges, each spanning its fragments (sorted by offset, gaps read
+    through); every fragment is checked against its hash before any of them is kept."""
+    spans = [(frags[0].offset, _end(frags) - frags[0].offset) for frags in ranges]
+    data = session.read(ranges[0][0].shard, spans)
+    got = {}
+    at = 0
+    for frags, (offset, length) in zip(ranges, spans, strict=True):
+        for frag in frags:
+            start = at + frag.offset - offset
             blob = data[start : start + frag.length]
             if not frag.matches(blob):
                 raise _BadData(f"{frag.hash_name} mismatch for fragment {frag.id}")
             got[frag.id] = blob.tobytes()  # data is the session's buffer: copied before reuse
-        out.update(got)
+        at += length
+    out.update(got)
 
-    return _Task(f"{shard} bytes {offset}-{end}", order, run)
+
+def _shard_task(frags: list[Fragment], order: list[int], out: dict[int, bytes]) -> _Task:
+    """Fragments of one shard (a multi-range read's worth) from one mirror: in one read (or a
+    few, at most its max_ranges ranges each) from a mirror that takes several ranges per RETR,
+    else as coalesced single-range reads. After a fault only the fragments still missing are
+    read again, from the next mirror, whatever it takes."""
+    shard = frags[0].shard
+
+    def run(session: _Session) -> None:
+        missing = [f for f in frags if f.id not in out]
+        if session.max_ranges > 1:
+            reads = [
+                ranges
+                for reads in _batches(missing, session.max_ranges).values()
+                for ranges in reads
+            ]
+        else:
+            reads = [[group] for groups in _coalesce(missing).values() for group in groups]
+        for ranges in reads:
+            _read_verified(session, ranges, out)
+
+    return _Task(f"{shard} bytes {min(f.offset for f in frags)}-{_end(frags)}", order, run)
 
 
 def fetch_fragments(
@@ -601,12 +686,12 @@ def fetch_fragments(
     try:
         parsed = _mirrors(mirrors)
         reads = [
-            (rank, group)
-            for rank, groups in enumerate(_coalesce(frags).values())
-            for group in groups
+            (rank, [frag for run in ranges for frag in run])
+            for rank, batches in enumerate(_batches(frags, MAX_RANGES).values())
+            for ranges in batches
         ]
         tasks = [
-            _range_task(group, _order(first + rank, len(parsed), salt), out)
+            _shard_task(group, _order(first + rank, len(parsed), salt), out)
             for salt, (rank, group) in enumerate(reads)
         ]
         if tasks:

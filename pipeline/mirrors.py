@@ -51,33 +51,62 @@ def free_ports(k: int) -> list[int]:
             sock.close()
 
 
-class _RangeProducer:
-    """A RETR's file producer that ends at the announced range end (the send() path)."""
+MAX_RANGES = 1024  # ranges one client may queue for its next RETR: all it can make a mirror hold
+MAX_OFFSET = 2**63 - 1  # the largest file offset the OS takes; a range past it is refused
+MULTI_RANGE = "MRNG"  # appends a range to the next RETR; announced in FEAT as "MRNG <max ranges>"
+_RANGE = re.compile(r"([0-9]{1,19}) ([0-9]{1,19})")
 
-    def __init__(self, producer: Any, end: int) -> None:
+
+def parse_range(line: str) -> tuple[int, int] | None:
+    """`start end` (inclusive end) as a half-open (start, end + 1), or None when malformed."""
+    match = _RANGE.fullmatch(line.strip())
+    if not match:
+        return None
+    start, end = int(match[1]), int(match[2])
+    return (start, end + 1) if start <= end <= MAX_OFFSET else None
+
+
+class _RangeProducer:
+    """A RETR's file producer that sends the announced ranges in turn (the send() path).
+
+    The file stands at the first range's start; an end of file inside a range ends the transfer.
+    """
+
+    def __init__(self, producer: Any, spans: list[tuple[int, int]]) -> None:
         self._producer = producer
         self.file = producer.file
-        self.end = end
+        self.spans = spans
+        self._k = 0
 
     def more(self) -> bytes:
-        left = self.end - self.file.tell()
-        return self._producer.more()[:left] if left > 0 else b""
+        while self._k < len(self.spans):
+            left = self.spans[self._k][1] - self.file.tell()
+            if left > 0:
+                return self._producer.more()[:left]
+            self._k += 1
+            if self._k < len(self.spans):
+                self.file.seek(self.spans[self._k][0])
+        return b""
 
 
 class RangeDTPHandler(DTPHandler):
-    """Data channel that treats a RETR's range end as the end of the file (the sendfile path)."""
+    """Data channel that sends a RETR's ranges in turn and ends after the last (sendfile path)."""
 
-    _end: int | None = None
+    _spans: list[tuple[int, int]] | None = None
+    _k = 0
 
     def push_with_producer(self, producer: Any) -> None:
-        self._end = getattr(producer, "end", None)
+        self._spans = getattr(producer, "spans", None)
         super().push_with_producer(producer)
 
     def initiate_sendfile(self) -> None:
-        if self._end is not None:  # sendfile of 0 bytes reads as end of file: 226
-            self.ac_out_buffer_size = max(
-                0, min(DTPHandler.ac_out_buffer_size, self._end - self._offset)
-            )
+        spans = self._spans
+        if spans is not None:  # sendfile of 0 bytes reads as end of file: 226
+            while self._offset >= spans[self._k][1] and self._k + 1 < len(spans):
+                self._k += 1
+                self._offset = spans[self._k][0]
+            left = spans[self._k][1] - self._offset
+            self.ac_out_buffer_size = max(0, min(DTPHandler.ac_out_buffer_size, left))
         super().initiate_sendfile()
 
 
@@ -98,43 +127,81 @@ class RangeFTPHandler(FTPHandler):
             "help": "Syntax: RANG <SP> start <SP> end (byte range of the next RETR).",
         },
     }
-    _range_end: int | None = None
+    features: ClassVar[tuple[str, ...]] = ("RANG STREAM",)
+    _spans: list[tuple[int, int]] | None = None  # the next RETR's ranges, half-open
 
     def ftp_FEAT(self, line: str) -> None:
-        if "RANG STREAM" not in self._extra_feats:
-            self._extra_feats.append("RANG STREAM")
+        for feature in self.features:
+            if feature not in self._extra_feats:
+                self._extra_feats.append(feature)
         super().ftp_FEAT(line)
 
-    def ftp_RANG(self, line: str) -> None:
+    def _range(self, command: str, line: str) -> tuple[int, int] | None:
+        """The command's range, or None after answering why it is refused."""
         if self._current_type == "a":
             self.respond("501 Ranges are not allowed in ASCII mode.")
-            return
-        try:
-            start, end = (int(part) for part in line.split())
-            if not 0 <= start <= end:
-                raise ValueError
-        except ValueError:
-            self.respond("501 Expected RANG <start> <end>, 0 <= start <= end.")
-            return
-        self._restart_position, self._range_end = start, end + 1
-        self.respond(f"350 Restarting at {start}. Ending at {end}.")
+            return None
+        span = parse_range(line)
+        if span is None:
+            self.respond(f"501 Expected {command} <start> <end>, 0 <= start <= end < 2^63.")
+        return span
+
+    def ftp_RANG(self, line: str) -> None:
+        span = self._range("RANG", line)
+        if span is not None:
+            self._spans = [span]
+            self.respond(f"350 Restarting at {span[0]}. Ending at {span[1] - 1}.")
 
     def ftp_REST(self, line: str) -> None:
-        self._range_end = None
+        self._spans = None
         super().ftp_REST(line)
 
     def ftp_RETR(self, file: str) -> str | None:
+        if self._spans:
+            self._restart_position = self._spans[0][0]
         try:
             return super().ftp_RETR(file)
         finally:
-            self._range_end = None  # also when the RETR failed
+            self._spans = None  # also when the RETR failed
 
     def push_dtp_data(
         self, data: Any, isproducer: bool = False, file: Any = None, cmd: str | None = None
     ) -> None:
-        if cmd == "RETR" and self._range_end is not None:
-            data = _RangeProducer(data, self._range_end)
+        if cmd == "RETR" and self._spans:
+            data = _RangeProducer(data, self._spans)
         super().push_dtp_data(data, isproducer, file, cmd)
+
+
+class MultiRangeFTPHandler(RangeFTPHandler):
+    """RangeFTPHandler with `MRNG start end`, which appends a range to the next RETR: the RETR
+    sends its ranges concatenated, in the order asked, on one data connection.
+
+    A node reading many small blocks of a shard pays one data connection and one transfer reply
+    for all of them instead of one per range. RANG starts the list afresh (one range), REST and
+    every RETR clear it; a client may queue at most MAX_RANGES ranges (announced in FEAT as
+    `MRNG <max>`), and the ranges are all the mirror holds for it: further ones get a 552.
+    """
+
+    proto_cmds: ClassVar[dict[str, dict[str, Any]]] = {
+        **RangeFTPHandler.proto_cmds,
+        MULTI_RANGE: {
+            "perm": None,
+            "auth": True,
+            "arg": True,
+            "help": f"Syntax: {MULTI_RANGE} <SP> start <SP> end (adds a range to the next RETR).",
+        },
+    }
+    features = (*RangeFTPHandler.features, f"{MULTI_RANGE} {MAX_RANGES}")
+
+    def ftp_MRNG(self, line: str) -> None:
+        queued = len(self._spans or ())
+        if queued >= MAX_RANGES:
+            self.respond(f"552 At most {MAX_RANGES} ranges per RETR.")
+            return
+        span = self._range(MULTI_RANGE, line)
+        if span is not None:
+            self._spans = [*(self._spans or ()), span]
+            self.respond(f"350 Range {queued + 1}: {span[0]} to {span[1] - 1}.")
 
 
 _GLOBAL_MODEL = re.compile(r"(global|delta)_r[0-9]{3,}\.safetensors")
@@ -171,7 +238,7 @@ def run_models_fs(run_id: str, models_dir: Path) -> type[AbstractedFS]:
 
 def read_only_handler(
     root: Path,
-    base: type[FTPHandler] = RangeFTPHandler,
+    base: type[FTPHandler] = MultiRangeFTPHandler,
     fs: type[AbstractedFS] | None = None,
 ) -> type[FTPHandler]:
     """A handler class for anonymous, list-and-retrieve-only access to root (through `fs` when

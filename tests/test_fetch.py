@@ -172,6 +172,7 @@ def test_wrong_bytes_fail_over(dataset, tmp_path) -> None:
 
 def test_stalled_mirror_costs_one_timeout(dataset, monkeypatch) -> None:
     monkeypatch.setattr("node_payload.fetch.MAX_GAP", FRAG)
+    monkeypatch.setattr("node_payload.fetch.MAX_SPAN", FRAG)
     root, frags = dataset
     wanted = [f for f in frags if f.shard == SHARD][::3]  # 34 reads, all starting on the stall
     stalled = MirrorServer(read_only_handler(root, StallingHandler))

@@ -34,7 +34,13 @@ from node_payload.fetch import DataUnreachable, FetchStats, fetch_fragments
 from node_payload.local_data import BlockSource, fetch_raw, planned_manifest
 from pipeline.cli import main
 from pipeline.mirror_check import check_mirrors
-from pipeline.mirrors import MirrorServer, RangeFTPHandler, read_only_handler, serve
+from pipeline.mirrors import (
+    MAX_OFFSET,
+    MirrorServer,
+    RangeFTPHandler,
+    read_only_handler,
+    serve,
+)
 from pipeline.planner import plan_from_file
 
 TB = 10**12
@@ -588,8 +594,9 @@ class ShortRanges(RangeFTPHandler):
 
     def ftp_RANG(self, line: str) -> None:
         super().ftp_RANG(line)
-        if self._range_end is not None:
-            self._range_end -= (self._range_end - self._restart_position) // 2
+        if self._spans:
+            (start, end), *_ = self._spans
+            self._spans = [(start, end - (end - start) // 2)]
 
 
 class WholeFiles(RangeFTPHandler):
@@ -597,7 +604,8 @@ class WholeFiles(RangeFTPHandler):
 
     def ftp_RANG(self, line: str) -> None:
         super().ftp_RANG(line)
-        self._range_end = None
+        if self._spans:
+            self._spans = [(self._spans[0][0], MAX_OFFSET)]
 
 
 def coalesced_blocks(manifest: Manifest) -> list[Block]:
