@@ -16,18 +16,20 @@ is given without and with the node's manifest download (verified and parsed, nev
 node). References and node fetch are timed alternately and each repeat gives one ratio, median
 of the repeats, because this machine is shared. Decoding the blocks is timed and reported apart.
 
-Side by side with the node's fetch (BLAKE3, format dagtrain-dataset/3), each repeat fetches the
-same blocks four times more, each against the same repeat's reference, in an order that rotates:
-under a format-2 twin of the manifest (the same shards, every block's sha256 prefix); with PASV,
-RANG and RETR sent one at a time, each reply awaited (the node sends the three in one write);
-with no gap read through (one read per byte-contiguous run); and with both, as the node read
-before. Hashing alone is timed apart: each hash over the node's blocks, one core. A node without
-SHA extensions (most execute-node Xeons before 2021) is emulated with
-OPENSSL_ia32cap=:~0x20000000 in the environment, which turns them off for hashlib's sha256.
+The node reads each shard's needed ranges of a lane in one transfer (PASV, an MRNG per range and
+RETR in one write; pipeline/mirrors.py). Side by side with it (BLAKE3, format
+dagtrain-dataset/3), each repeat fetches the same blocks in other ways, each against the same
+repeat's reference, in an order that rotates: one range per RETR, as from a mirror without MRNG
+(the mirror's MRNG hidden from the node: PASV, RANG and RETR per read, small gaps read through),
+which is how the node read before; under a format-2 twin of the manifest (the same shards, every
+block's sha256 prefix); and over 1, 2 and 6 connections instead of CONNECTIONS. Hashing alone is
+timed apart: each hash over the node's blocks, one core. A node without SHA extensions (most
+execute-node Xeons before 2021) is emulated with OPENSSL_ia32cap=:~0x20000000 in the
+environment, which turns them off for hashlib's sha256.
 
-By default the link is unshaped loopback, where the node is bound by round trips: every read
-is a PASV + RANG + RETR, a data connection and a transfer reply, each through the mirror's event
-loop, on this machine's 2 shared cores, for some 60 KB. `--link RATE` (a tc rate: 1gbit,
+By default the link is unshaped loopback, where a read's fixed costs weigh most: every read is
+a PASV + ranges + RETR, a data connection and a transfer reply, each through the mirror's event
+loop, on this machine's 2 shared cores. `--link RATE` (a tc rate: 1gbit,
 100mbit) emulates a campus LAN instead: the script re-executes itself in a private network
 namespace (`unshare -n`, needs root), where only its own mirror and client run, and shapes that
 namespace's loopback with a token bucket filter (tc tbf) to RATE. Bandwidth only: no propagation
@@ -44,7 +46,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -52,16 +53,16 @@ import tempfile
 import time
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager, nullcontext
-from ftplib import FTP, error_reply
+from ftplib import FTP
 from itertools import pairwise
 from pathlib import Path
 from typing import NoReturn
 from urllib.parse import urlsplit
 
-from node_payload import fetch
+from node_payload import fetch, local_data
 from node_payload.common.block_hash import BLAKE3, SHA256, hex_digest_function
 from node_payload.common.manifest import FORMAT_SHA256, HASH_HEX, Block, Manifest, encode
-from node_payload.fetch import FetchStats, _coalesce, _RangeFTP
+from node_payload.fetch import FetchStats, _batches, _coalesce, _RangeFTP
 from node_payload.fragments import decode
 from node_payload.local_data import CONNECTIONS, BlockSource, _lanes, fetch_raw, planned_manifest
 from node_payload.sampling import local_sets
@@ -71,10 +72,11 @@ from pipeline.textures import generate
 LARGE = 256 * 2**20  # what the mirror and link deliver: large enough that its login is negligible
 SAME = "same.bin"  # the reference: as many bytes as the node needs, one file, one RETR
 VARIANTS = {  # the node's fetch of the same blocks in other ways, timed in the same repeats
+    "ranges": "one range per RETR (MRNG hidden: the node before, gaps read through)",
     "sha256": "the same blocks under the format-2 manifest (sha256)",
-    "awaited": "PASV, RANG and RETR each awaited",
-    "exact": "no gap read through (one read per contiguous run)",
-    "before": "both: commands awaited, no gap read through (the node before)",
+    "lanes1": "over 1 connection",
+    "lanes2": "over 2 connections",
+    "lanes6": "over 6 connections",
 }
 BLOCK = 2**20  # the reference's recv size: large, so that Python's per-call cost stays out of it
 IN_NETNS = "BENCH_FETCH_IN_NETNS"  # "OUTER_NETNS RATE" once re-executed in a namespace of its own
@@ -217,48 +219,30 @@ def sha256_twin(manifest: Manifest, root: Path) -> Manifest:
 
 
 @contextmanager
-def awaited_commands() -> Iterator[None]:
-    """PASV, RANG and RETR sent one at a time, each reply awaited, as most FTP clients do."""
+def single_ranges() -> Iterator[None]:
+    """The mirror's MRNG hidden from the node: one range per RETR, as from a mirror without it."""
+    learn = _RangeFTP.learn_features
 
-    def one_at_a_time(ftp: _RangeFTP, path: str, offset: int, length: int) -> socket.socket:
-        host, port = ftp.makepasv()
-        conn = socket.create_connection((host, port), ftp.timeout)
-        try:
-            ftp.sendcmd(f"RANG {offset} {offset + length - 1}")
-            resp = ftp.sendcmd(f"RETR {path}")
-            if resp[0] == "2":
-                resp = ftp.getresp()
-            if resp[0] != "1":
-                raise error_reply(resp)
-        except BaseException:
-            conn.close()
-            raise
-        return conn
+    def without_multi_range(ftp: _RangeFTP) -> None:
+        learn(ftp)
+        ftp.max_ranges = 1
 
-    pipelined = _RangeFTP.open_announced_range
-    _RangeFTP.open_announced_range = one_at_a_time
+    _RangeFTP.learn_features = without_multi_range
     try:
         yield
     finally:
-        _RangeFTP.open_announced_range = pipelined
+        _RangeFTP.learn_features = learn
 
 
 @contextmanager
-def exact_reads() -> Iterator[None]:
-    """No gap read through: one read per byte-contiguous run of needed blocks."""
-    allowance = fetch.MAX_WASTE
-    fetch.MAX_WASTE = 0
+def connections(n: int) -> Iterator[None]:
+    """The node's fetch over n connections (lanes) instead of CONNECTIONS."""
+    default = local_data.CONNECTIONS
+    local_data.CONNECTIONS = n
     try:
         yield
     finally:
-        fetch.MAX_WASTE = allowance
-
-
-@contextmanager
-def as_before() -> Iterator[None]:
-    """Commands awaited one at a time and no gap read through: how a node read before."""
-    with awaited_commands(), exact_reads():
-        yield
+        local_data.CONNECTIONS = default
 
 
 def hash_rate(blobs: list[bytes], name: str) -> float:
@@ -282,16 +266,23 @@ def _over(times: list[float], references: list[float]) -> list[float]:
 
 
 def _runs(blocks: list[Block]) -> int:
-    """Byte-contiguous runs of blocks: the reads an exact coalescing needs on one connection."""
+    """Byte-contiguous runs of blocks: the ranges a node asks for when no gap is read through."""
     ordered = sorted(blocks, key=lambda b: (b.shard, b.offset))
     return 1 + sum(
         (a.shard, a.offset + a.length) != (b.shard, b.offset) for a, b in pairwise(ordered)
     )
 
 
-def node_reads(blocks: list[Block]) -> int:
-    """The reads a node makes for blocks: its lanes' coalesced ranges."""
-    return sum(len(reads) for lane in _lanes(blocks) for reads in _coalesce(lane).values())
+def node_reads(blocks: list[Block]) -> tuple[int, int]:
+    """The reads (data connections) a node makes for blocks: from a mirror with MRNG, one per
+    multi-range batch of its lanes; from one without, the batches' coalesced single ranges."""
+    batches = [
+        [frag for run in ranges for frag in run]
+        for lane in _lanes(blocks)
+        for reads in _batches(lane, fetch.MAX_RANGES).values()
+        for ranges in reads
+    ]
+    return len(batches), sum(len(groups) for b in batches for groups in _coalesce(b).values())
 
 
 def main() -> None:
@@ -326,12 +317,13 @@ def main() -> None:
         bytes_ratios, fetch_ratios, node_ratios, rates, plains, decode_s, reads, manifest_s = (
             [] for _ in range(8)
         )
-        sames, link_ratios, coalesced = [], [], []
+        sames, link_ratios, multi_reads, single_reads, single_bytes = [], [], [], [], []
         others: dict[str, tuple[Manifest, Callable[[], AbstractContextManager]]] = {
+            "ranges": (planned, single_ranges),
             "sha256": (twin, nullcontext),
-            "awaited": (planned, awaited_commands),
-            "exact": (planned, exact_reads),
-            "before": (planned, as_before),
+            "lanes1": (planned, lambda: connections(1)),
+            "lanes2": (planned, lambda: connections(2)),
+            "lanes6": (planned, lambda: connections(6)),
         }
         other_ratios: dict[str, list[float]] = {name: [] for name in others}
         other_times: dict[str, list[float]] = {name: [] for name in others}
@@ -343,7 +335,9 @@ def main() -> None:
                 blocks = planned.blocks_under(train + test)
                 needed = sum(b.length for b in blocks)
                 reads.append(_runs(blocks))
-                coalesced.append(node_reads(blocks))
+                multi, single = node_reads(blocks)
+                multi_reads.append(multi)
+                single_reads.append(single)
                 started = time.perf_counter()
                 assert plain_retr(url, "large.bin") == LARGE
                 plains.append(LARGE / (time.perf_counter() - started))
@@ -356,10 +350,13 @@ def main() -> None:
                 for variant in order[turn:] + order[:turn]:
                     if variant in others:
                         manifest, context = others[variant]
+                        other_stats = FetchStats()
                         with context():
                             started = time.perf_counter()
-                            fetch_raw(manifest, train + test, BlockSource([url], 0, FetchStats()))
+                            fetch_raw(manifest, train + test, BlockSource([url], 0, other_stats))
                             ended = time.perf_counter()
+                        if variant == "ranges":
+                            single_bytes.append(other_stats.bytes_downloaded / needed)
                         other_ratios[variant].append(needed / (ended - started) / sames[-1])
                         other_times[variant].append(ended - started)
                         continue
@@ -389,8 +386,10 @@ def main() -> None:
         print(
             f"local set {n_train}+{n_test} fragments of {len(manifest.sources)} images, "
             f"{needed / 1e6:.1f} MB of blocks in {statistics.median(reads):.0f} contiguous runs, "
-            f"read in {statistics.median(coalesced):.0f} ranges over {CONNECTIONS} connections: "
-            f"bytes downloaded / needed {max(bytes_ratios):.3f} (worst of {repeats})\n"
+            f"read over {CONNECTIONS} connections in {statistics.median(multi_reads):.0f} "
+            f"multi-range reads (one range per RETR: {statistics.median(single_reads):.0f} "
+            f"reads); bytes downloaded / needed {max(bytes_ratios):.3f} (one range per RETR "
+            f"{max(single_bytes):.3f}; worst of {repeats})\n"
             f"fetch+verify (BLAKE3) {statistics.median(rates) / 1e6:.0f} MB/s of needed bytes, "
             f"plain RETR of as many bytes {statistics.median(sames) / 1e6:.0f} MB/s (medians of "
             f"{repeats}); ratio {_spread(fetch_ratios)}\n"

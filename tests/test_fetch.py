@@ -19,7 +19,14 @@ from pyftpdlib.handlers import FTPHandler
 from node_payload import fetch
 from node_payload.common.manifest import Block as Fragment
 from node_payload.fetch import DataUnreachable, FetchStats, fetch_file, fetch_fragments
-from pipeline.mirrors import MirrorServer, RangeFTPHandler, free_ports, read_only_handler, serve
+from pipeline.mirrors import (
+    MirrorServer,
+    MultiRangeFTPHandler,
+    RangeFTPHandler,
+    free_ports,
+    read_only_handler,
+    serve,
+)
 from tests.dropping_mirror import DroppingFile
 
 SHARD = "shards/s00000.bin"
@@ -327,3 +334,81 @@ def test_ranged_mirror_sends_only_the_ranges(dataset, monkeypatch) -> None:
     assert commands.count("RANG") == commands.count("RETR") == len(wanted)
     assert "REST" not in commands
     assert sent[0] == len(wanted) * FRAG
+
+
+def multi_range_mirror(
+    root: Path, commands: list[str], sent: list[int], **attrs: object
+) -> MirrorServer:
+    """A multi-range mirror recording its commands and the bytes it sent (attrs: class fields)."""
+    base = type(
+        "Counting", (CountingHandler, MultiRangeFTPHandler), {"commands": commands, **attrs}
+    )
+    return MirrorServer(read_only_handler(root, sending_handler(base, sent)))
+
+
+def test_multi_range_mirror_sends_each_shards_ranges_in_one_transfer(dataset) -> None:
+    root, frags = dataset
+    commands: list[str] = []
+    sent = [0]
+    server = multi_range_mirror(root, commands, sent)
+    wanted = [f for f in frags if f.offset // FRAG % 7 in (1, 2, 5)]  # runs of 2 and of 1
+    stats = FetchStats()
+    try:
+        assert fetch_fragments([server.url], 0, wanted, stats) == expected(root, wanted)
+    finally:
+        server.close()
+    assert commands.count("RETR") == 2  # one per shard
+    runs = {(f.shard, f.offset // FRAG // 7, f.offset // FRAG % 7 == 5) for f in wanted}
+    assert commands.count("MRNG") == len(runs)  # no gap read through
+    assert "REST" not in commands and "RANG" not in commands
+    assert commands.count("USER") == 1
+    assert stats.bytes_downloaded == sent[0] == len(wanted) * FRAG
+
+
+def test_multi_range_reads_are_bounded_in_ranges_and_bytes(dataset, monkeypatch) -> None:
+    root, frags = dataset
+    wanted = [f for f in frags if f.shard == SHARD][::2]  # 50 ranges of one fragment
+    commands: list[str] = []
+    server = multi_range_mirror(root, commands, [0])
+    try:
+        monkeypatch.setattr("node_payload.fetch.MAX_RANGES", 8)
+        assert fetch_fragments([server.url], 0, wanted, FetchStats()) == expected(root, wanted)
+        assert commands.count("RETR") == 7  # 6 reads of 8 ranges, 1 of 2
+        commands.clear()
+        monkeypatch.setattr("node_payload.fetch.MAX_SPAN", 5 * FRAG)
+        assert fetch_fragments([server.url], 0, wanted, FetchStats()) == expected(root, wanted)
+        assert commands.count("RETR") == 10  # 5 ranges each: MAX_SPAN bounds a read's bytes
+    finally:
+        server.close()
+
+
+def test_a_mirror_announcing_fewer_ranges_gets_no_more(dataset) -> None:
+    root, frags = dataset
+    wanted = [f for f in frags if f.shard == SHARD][::2]
+    commands: list[str] = []
+    features = ("RANG STREAM", "MRNG 20")
+    server = multi_range_mirror(root, commands, [0], features=features)
+    try:
+        assert fetch_fragments([server.url], 0, wanted, FetchStats()) == expected(root, wanted)
+    finally:
+        server.close()
+    assert commands.count("RETR") == 3  # 20 + 20 + 10 ranges
+
+
+def test_a_multi_range_read_fails_over_to_a_mirror_without_it(counting, dataset, tmp_path):
+    """Bad bytes from a multi-range mirror: the read moves to a plain server, which gets the
+    same fragments as single-range reads, small gaps read through."""
+    plain, commands = counting
+    root, frags = dataset
+    wanted = [f for f in frags if f.shard == SHARD and f.offset // FRAG % 20 != 19]
+    bad_commands: list[str] = []
+    bad = multi_range_mirror(corrupt_copy(root, tmp_path / "bad"), bad_commands, [0])
+    stats = FetchStats()
+    try:
+        assert fetch_fragments([bad.url, plain], 0, wanted, stats) == expected(root, wanted)
+    finally:
+        bad.close()
+    assert bad_commands.count("RETR") == 1 and bad_commands.count("MRNG") == 5
+    assert commands.count("RETR") == 1  # one coalesced read: the 4 gaps cost 5%
+    assert stats.failovers == 1
+    assert stats.per_mirror_bytes == {bad.url: 95 * FRAG, plain: 99 * FRAG}

@@ -14,7 +14,9 @@ from pyftpdlib.handlers import FTPHandler
 from node_payload.common.errors import UserError
 from pipeline import mirrors as mirrors_module
 from pipeline.mirrors import (
+    MAX_RANGES,
     MirrorServer,
+    MultiRangeFTPHandler,
     RangeFTPHandler,
     free_ports,
     read_only_handler,
@@ -168,3 +170,61 @@ def test_plain_handler_does_not_announce_ranges(dataset: Path) -> None:
     finally:
         ftp.close()
         server.close()
+
+
+@pytest.mark.parametrize("sendfile", [True, False])
+def test_mrng_ranges_come_concatenated_in_the_order_asked(dataset: Path, sendfile: bool) -> None:
+    base = type("MultiRanged", (MultiRangeFTPHandler,), {"use_sendfile": sendfile})
+    server = MirrorServer(read_only_handler(dataset, base))
+    ftp = login(server.url)
+    path = "shards/s00000.bin"
+    try:
+        features = ftp.sendcmd("FEAT").splitlines()
+        assert f" MRNG {MAX_RANGES}" in features and " RANG STREAM" in features
+        ftp.voidcmd("TYPE I")
+        for start, end in ((2000, 2099), (10, 19), (2550, 2559), (15, 15)):
+            assert ftp.sendcmd(f"MRNG {start} {end}").startswith("350")
+        asked = SHARD[2000:2100] + SHARD[10:20] + SHARD[2550:2560] + SHARD[15:16]
+        assert retr(ftp, path) == asked
+        assert retr(ftp, path) == SHARD  # the ranges applied to one RETR only
+        ftp.sendcmd("RANG 100 109")  # RANG starts the list afresh, MRNG adds to it
+        ftp.sendcmd("MRNG 0 4")
+        assert retr(ftp, path) == SHARD[100:110] + SHARD[0:5]
+        ftp.sendcmd("MRNG 0 4")
+        ftp.sendcmd("REST 2500")  # REST forgets the ranges
+        assert retr(ftp, path) == SHARD[2500:]
+        ftp.sendcmd("MRNG 0 4")
+        with pytest.raises(error_perm):
+            retr(ftp, "shards/missing.bin")
+        assert retr(ftp, path) == SHARD  # nor does a failed RETR pass them on
+        ftp.sendcmd("MRNG 0 4")
+        ftp.sendcmd("MRNG 2555 2600")  # past the end of the file: the transfer ends there
+        ftp.sendcmd("MRNG 5 9")
+        assert retr(ftp, path) == SHARD[0:5] + SHARD[2555:]
+        ftp.voidcmd("TYPE A")
+        with pytest.raises(error_perm, match="501"):
+            ftp.sendcmd("MRNG 0 4")
+    finally:
+        ftp.close()
+        server.close()
+
+
+def test_range_handler_without_mrng_does_not_announce_it(dataset: Path) -> None:
+    server = MirrorServer(read_only_handler(dataset, RangeFTPHandler))
+    ftp = login(server.url)
+    try:
+        assert "MRNG" not in ftp.sendcmd("FEAT")
+        with pytest.raises(error_perm):
+            ftp.sendcmd("MRNG 0 9")
+    finally:
+        ftp.close()
+        server.close()
+
+
+def test_embedded_mirrors_take_many_ranges(dataset: Path) -> None:
+    with serve(dataset, k=1) as mirrors:
+        ftp = login(mirrors.urls[0])
+        try:
+            assert f"MRNG {MAX_RANGES}" in ftp.sendcmd("FEAT")
+        finally:
+            ftp.close()

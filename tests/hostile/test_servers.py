@@ -15,6 +15,7 @@ import shutil
 import sys
 import threading
 from collections.abc import Callable, Iterator
+from ftplib import FTP, error_perm
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -36,12 +37,15 @@ from pipeline.cli import main
 from pipeline.mirror_check import check_mirrors
 from pipeline.mirrors import (
     MAX_OFFSET,
+    MAX_RANGES,
     MirrorServer,
+    MultiRangeFTPHandler,
     RangeFTPHandler,
     read_only_handler,
     serve,
 )
 from pipeline.planner import plan_from_file
+from tests.dropping_mirror import DroppingFile
 
 TB = 10**12
 
@@ -677,3 +681,141 @@ def test_a_mirror_stalling_one_of_a_nodes_connections_costs_that_read_a_timeout(
     assert all(b.matches(blobs[b.id]) for b in blocks)
     assert len(retrs) >= 2 and stats.failovers >= 1
     assert any("timed out" in line for line in warnings(caplog))
+
+
+class RefusingMultiRanges(MultiRangeFTPHandler):
+    """Announces MRNG, then refuses every MRNG (and serves the RETR behind them whole)."""
+
+    def ftp_MRNG(self, line: str) -> None:
+        self.respond("504 Multi-ranges are off today.")
+
+
+class OutOfStepMultiRanges(MultiRangeFTPHandler):
+    """Announces MRNG, then answers each MRNG as if it were a finished command (200)."""
+
+    def ftp_MRNG(self, line: str) -> None:
+        self.respond("200 Noted.")
+
+
+class _OtherSpans(MultiRangeFTPHandler):
+    """Announces MRNG, then sends a multi-range RETR other spans than were asked (`spans`)."""
+
+    def spans(self, asked: list[tuple[int, int]]) -> list[tuple[int, int]]:
+        raise NotImplementedError
+
+    def ftp_RETR(self, file: str) -> str | None:
+        if self._spans and len(self._spans) > 1:
+            self._spans = self.spans(self._spans)
+        return super().ftp_RETR(file)
+
+
+class ShortMultiRanges(_OtherSpans):
+    """Ends the last range halfway, with a 226 as if the transfer were whole."""
+
+    def spans(self, asked: list[tuple[int, int]]) -> list[tuple[int, int]]:
+        *head, (start, end) = asked
+        return [*head, (start, start + (end - start) // 2)]
+
+
+class LongMultiRanges(_OtherSpans):
+    """Sends a range more than asked, after the asked ones."""
+
+    def spans(self, asked: list[tuple[int, int]]) -> list[tuple[int, int]]:
+        return [*asked, (0, 65536)]
+
+
+class SwappedMultiRanges(_OtherSpans):
+    """Sends the asked ranges in reverse order: each in the place of another."""
+
+    def spans(self, asked: list[tuple[int, int]]) -> list[tuple[int, int]]:
+        return asked[::-1]
+
+
+class _DroppingFS(AbstractedFS):
+    def open(self, filename: str, mode: str) -> io.FileIO:
+        if "/shards/" in filename:
+            return DroppingFile(filename, self.cmd_channel, first_chunk=1000)
+        return super().open(filename, mode)
+
+
+class DroppingMultiRanges(MultiRangeFTPHandler):
+    """Announces MRNG, then closes both connections after the first 1000 bytes of a transfer."""
+
+    use_sendfile = False  # sendfile would bypass the file object's read()
+    abstracted_fs = _DroppingFS
+
+
+@pytest.mark.parametrize(
+    ("handler", "said"),
+    [
+        (RefusingMultiRanges, "MRNG refused: 504 Multi-ranges are off today."),
+        (OutOfStepMultiRanges, "MRNG answered '200 Noted.'"),
+        (ShortMultiRanges, " bytes from offset "),
+        (SwappedMultiRanges, "blake3 mismatch for fragment"),
+        (DroppingMultiRanges, "connection closed by the mirror"),
+    ],
+)
+def test_a_mirror_mishandling_a_multi_range_read_is_passed_over(
+    tiny_dataset: Path, mirror: Callable[..., str], caplog, handler: type, said: str
+) -> None:
+    """The ranges go out with PASV and RETR in one write: a refused or out-of-step answer drops
+    the session; bytes short, cut off or of other ranges fail the read; each names the mirror
+    once and the read moves to the next mirror."""
+    hostile = mirror(handler)
+    good = mirror(MultiRangeFTPHandler)
+    manifest = Manifest.load(tiny_dataset / "manifest.json")
+    blocks = coalesced_blocks(manifest)
+    stats = FetchStats()
+    got = fetch_fragments([hostile, good], 0, blocks, stats, timeout_s=5)
+    shard = (tiny_dataset / blocks[0].shard).read_bytes()
+    assert got == {b.id: shard[b.offset : b.offset + b.length] for b in blocks}
+    assert stats.failovers == 1
+    (line,) = warnings(caplog)
+    assert hostile in line and said in line
+
+
+def test_a_mirror_sending_a_range_more_is_read_only_to_the_asked_ones(
+    tiny_dataset: Path, mirror: Callable[..., str], caplog
+) -> None:
+    """Bytes past the asked ranges' sum are never read, counted or taken for a block."""
+    long = mirror(LongMultiRanges)
+    manifest = Manifest.load(tiny_dataset / "manifest.json")
+    blocks = coalesced_blocks(manifest)
+    stats = FetchStats()
+    got = fetch_fragments([long], 0, blocks, stats)
+    shard = (tiny_dataset / blocks[0].shard).read_bytes()
+    assert got == {b.id: shard[b.offset : b.offset + b.length] for b in blocks}
+    assert stats.bytes_downloaded == sum(b.length for b in blocks)
+    assert stats.failovers == 0 and warnings(caplog) == []
+
+
+def test_a_client_queueing_too_many_or_absurd_ranges_is_refused_and_others_served(
+    tiny_dataset: Path, mirror: Callable[..., str]
+) -> None:
+    """Our mirror holds at most MAX_RANGES ranges for a client (refused beyond with 552, cleared
+    by the RETR) and refuses ranges it cannot seek to; meanwhile it serves another node."""
+    url = mirror(MultiRangeFTPHandler)
+    host, port = url.removeprefix("ftp://").split(":")
+    greedy = FTP(timeout=5)
+    greedy.connect(host, int(port))
+    try:
+        greedy.login()
+        greedy.voidcmd("TYPE I")
+        for absurd in (f"MRNG 0 {2**63}", "MRNG 0 " + "9" * 40, "MRNG 5 4", "MRNG -1 4"):
+            with pytest.raises(error_perm, match="501"):
+                greedy.sendcmd(absurd)
+        greedy.sock.sendall(b"MRNG 0 0\r\n" * MAX_RANGES)
+        assert all(greedy.getresp().startswith("350") for _ in range(MAX_RANGES))
+        with pytest.raises(error_perm, match="552"):
+            greedy.sendcmd("MRNG 0 0")
+        manifest = Manifest.load(tiny_dataset / "manifest.json")
+        blocks = coalesced_blocks(manifest)
+        other = fetch_fragments([url], 0, blocks, FetchStats())
+        shard = (tiny_dataset / blocks[0].shard).read_bytes()
+        assert other == {b.id: shard[b.offset : b.offset + b.length] for b in blocks}
+        received = io.BytesIO()
+        greedy.retrbinary(f"RETR {blocks[0].shard}", received.write)
+        assert received.getvalue() == shard[:1] * MAX_RANGES
+        assert greedy.sendcmd("MRNG 0 0").startswith("350 Range 1:")  # the RETR cleared them
+    finally:
+        greedy.close()
