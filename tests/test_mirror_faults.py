@@ -115,6 +115,7 @@ def test_reads_of_a_refusing_mirror_spread_over_the_others(tiny_dataset: Path, m
     stats = FetchStats()
     with serve(tiny_dataset, k=3) as good:
         monkeypatch.setattr(fetch, "MAX_GAP", 0)  # many reads, all starting on the dead mirror
+        monkeypatch.setattr(fetch, "MAX_RANGES", 1)  # each its own read, on multi-range mirrors too
         got = fetch_fragments([dead_url(), *good.urls], 0, list(blocks.values()), stats)
     assert set(got) == set(blocks)
     served = [stats.per_mirror_bytes.get(url, 0) for url in good.urls]
