@@ -49,6 +49,22 @@ VARIANTS: dict[str, dict[str, dict[str, Any]]] = {
 }
 
 
+def variant_names(arg: str) -> list[str]:
+    """The variants named in a comma-separated list whose names may hold commas themselves
+    ("dgc 99%, machine cache lost"): at each place, the longest run of parts that is a name."""
+    parts, names, start = arg.split(","), [], 0
+    while start < len(parts):
+        for end in range(len(parts), start, -1):
+            name = ",".join(parts[start:end]).strip()
+            if name in VARIANTS:
+                names.append(name)
+                start = end
+                break
+        else:
+            raise SystemExit(f"--variants: no variant starts at {','.join(parts[start:])!r}")
+    return names
+
+
 def job_figures(report: dict[str, Any]) -> dict[str, Any]:
     """Per node job: network bytes besides data, and its parts, from the run's byte record."""
     moved = JobBytes.from_json(report["bytes"])
@@ -100,7 +116,7 @@ def main() -> None:
     seeds = [int(seed) for seed in args.seeds.split(",")] if args.seeds else [None]
     cache = str(out / "machine-cache")
     results: dict[str, Any] = {}
-    for name in args.variants.split(","):
+    for name in variant_names(args.variants):
         tag = name.replace(",", "").replace(" ", "-").replace("%", "").replace(".", "")
         accuracies = []
         for seed in seeds:
