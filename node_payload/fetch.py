@@ -312,9 +312,15 @@ class _Session:
         """How many ranges one read of this mirror may carry."""
         return self._ftp.max_ranges
 
-    def read(self, path: str, ranges: list[tuple[int, int]]) -> memoryview:
+    def read(
+        self,
+        path: str,
+        ranges: list[tuple[int, int]],
+        arrived: Callable[[memoryview, int], None] = lambda data, n: None,
+    ) -> memoryview:
         """Exactly the bytes of the (offset, length) ranges, one after the other, valid until
-        the next read of this session.
+        the next read of this session; `arrived(data, n)` is told each time the first n bytes
+        are in, so that they can be checked while the mirror sends the rest.
 
         One receive buffer per session, grown as needed: a fresh buffer per read costs a zeroing
         and page faults for every byte, which is much of what receiving the byte costs. Lengths
@@ -334,6 +340,7 @@ class _Session:
                     if n == 0:
                         break
                     got += n
+                    arrived(view, got)
         finally:
             self._count(got)
         self._end_read(path, offset, length, got)
@@ -628,45 +635,68 @@ def _place(frag: Fragment) -> tuple[int, int]:
     return frag.offset, frag.length
 
 
+class _Verifier:
+    """Checks a read's fragments against their hashes as their bytes arrive: hashing overlaps
+    the transfer, which the socket's buffer carries on meanwhile. After a mismatch the read
+    goes on to its end, unchecked, so that the session stays in step with the mirror."""
+
+    def __init__(self, ranges: list[list[Fragment]]) -> None:
+        self.spans = [(frags[0].offset, _end(frags) - frags[0].offset) for frags in ranges]
+        places = []  # (where a fragment starts in the read, the fragment)
+        at = 0
+        for frags, (offset, length) in zip(ranges, self.spans, strict=True):
+            places += [(at + frag.offset - offset, frag) for frag in frags]
+            at += length
+        self._places = sorted(places, key=lambda place: place[0] + place[1].length)
+        self._next = 0
+        self.blobs: dict[int, bytes] = {}
+        self.wrong = ""
+
+    def __call__(self, data: memoryview, arrived: int) -> None:
+        while self._next < len(self._places) and not self.wrong:
+            start, frag = self._places[self._next]
+            if start + frag.length > arrived:
+                return
+            self._next += 1
+            blob = data[start : start + frag.length]
+            if frag.matches(blob):
+                self.blobs[frag.id] = blob.tobytes()  # data is the session's buffer: copied
+            else:
+                self.wrong = f"{frag.hash_name} mismatch for fragment {frag.id}"
+
+
 def _read_verified(session: _Session, ranges: list[list[Fragment]], out: dict[int, bytes]) -> None:
     """One read of a shard's ranges, each spanning its fragments (sorted by offset, gaps read
     through); every fragment is checked against its hash before any of them is kept."""
-    spans = [(frags[0].offset, _end(frags) - frags[0].offset) for frags in ranges]
-    data = session.read(ranges[0][0].shard, spans)
-    got = {}
-    at = 0
-    for frags, (offset, length) in zip(ranges, spans, strict=True):
-        for frag in frags:
-            start = at + frag.offset - offset
-            blob = data[start : start + frag.length]
-            if not frag.matches(blob):
-                raise _BadData(f"{frag.hash_name} mismatch for fragment {frag.id}")
-            got[frag.id] = blob.tobytes()  # data is the session's buffer: copied before reuse
-        at += length
-    out.update(got)
+    verifier = _Verifier(ranges)
+    session.read(ranges[0][0].shard, verifier.spans, verifier)
+    if verifier.wrong:
+        raise _BadData(verifier.wrong)
+    out.update(verifier.blobs)
 
 
-def _shard_task(frags: list[Fragment], order: list[int], out: dict[int, bytes]) -> _Task:
-    """Fragments of one shard (a multi-range read's worth) from one mirror: in one read (or a
-    few, at most its max_ranges ranges each) from a mirror that takes several ranges per RETR,
-    else as coalesced single-range reads. After a fault only the fragments still missing are
-    read again, from the next mirror, whatever it takes."""
-    shard = frags[0].shard
+def _shard_task(ranges: list[list[Fragment]], order: list[int], out: dict[int, bytes]) -> _Task:
+    """A multi-range read's worth of a shard's fragments (byte-contiguous runs) from one mirror:
+    in that one read from a mirror that takes as many ranges per RETR, in reads of as many as it
+    takes from one that takes fewer, else as coalesced single-range reads. After a fault only
+    the fragments still missing are read again, from the next mirror, whatever it takes."""
+    frags = [frag for run in ranges for frag in run]
 
     def run(session: _Session) -> None:
         missing = [f for f in frags if f.id not in out]
-        if session.max_ranges > 1:
+        if len(missing) == len(frags) and len(ranges) <= session.max_ranges:
+            reads = [ranges]
+        elif session.max_ranges > 1:
             reads = [
-                ranges
-                for reads in _batches(missing, session.max_ranges).values()
-                for ranges in reads
+                rs for batches in _batches(missing, session.max_ranges).values() for rs in batches
             ]
         else:
             reads = [[group] for groups in _coalesce(missing).values() for group in groups]
-        for ranges in reads:
-            _read_verified(session, ranges, out)
+        for read in reads:
+            _read_verified(session, read, out)
 
-    return _Task(f"{shard} bytes {min(f.offset for f in frags)}-{_end(frags)}", order, run)
+    shard, start = ranges[0][0].shard, ranges[0][0].offset
+    return _Task(f"{shard} bytes {start}-{_end(ranges[-1])}", order, run)
 
 
 def fetch_fragments(
@@ -686,13 +716,13 @@ def fetch_fragments(
     try:
         parsed = _mirrors(mirrors)
         reads = [
-            (rank, [frag for run in ranges for frag in run])
+            (rank, ranges)
             for rank, batches in enumerate(_batches(frags, MAX_RANGES).values())
             for ranges in batches
         ]
         tasks = [
-            _shard_task(group, _order(first + rank, len(parsed), salt), out)
-            for salt, (rank, group) in enumerate(reads)
+            _shard_task(ranges, _order(first + rank, len(parsed), salt), out)
+            for salt, (rank, ranges) in enumerate(reads)
         ]
         if tasks:
             _with_failover(parsed, tasks, stats, timeout_s)

@@ -90,7 +90,11 @@ class _RangeProducer:
 
 
 class RangeDTPHandler(DTPHandler):
-    """Data channel that sends a RETR's ranges in turn and ends after the last (sendfile path)."""
+    """Data channel that sends a RETR's ranges in turn and ends after the last (sendfile path).
+
+    One writable event sends up to DTPHandler.ac_out_buffer_size bytes, as for a whole file,
+    over as many ranges as that takes: a range of a few KB does not cost a pass of the IO loop.
+    """
 
     _spans: list[tuple[int, int]] | None = None
     _k = 0
@@ -101,13 +105,22 @@ class RangeDTPHandler(DTPHandler):
 
     def initiate_sendfile(self) -> None:
         spans = self._spans
-        if spans is not None:  # sendfile of 0 bytes reads as end of file: 226
+        if spans is None:
+            super().initiate_sendfile()
+            return
+        budget = DTPHandler.ac_out_buffer_size
+        while True:
             while self._offset >= spans[self._k][1] and self._k + 1 < len(spans):
                 self._k += 1
                 self._offset = spans[self._k][0]
-            left = spans[self._k][1] - self._offset
-            self.ac_out_buffer_size = max(0, min(DTPHandler.ac_out_buffer_size, left))
-        super().initiate_sendfile()
+            asked = max(0, min(budget, spans[self._k][1] - self._offset))
+            self.ac_out_buffer_size = asked  # sendfile of 0 bytes reads as end of file: 226
+            before = self._offset
+            super().initiate_sendfile()
+            sent = self._offset - before
+            budget -= sent
+            if sent == 0 or sent < asked or budget <= 0:  # done, socket full or turn used
+                return
 
 
 class RangeFTPHandler(FTPHandler):
