@@ -52,6 +52,7 @@ MAX_GAP = 64 * 1024
 MAX_WASTE = 1 / 10
 MAX_SPAN = 8 * 1024 * 1024  # bounds the memory of one read and the bytes wasted when it fails
 MAX_RANGES = 256  # ranges of one multi-range read: its commands fit in one write of some 8 KB
+RANGES_PER_LINE = 32  # ranges per MRNG command: lines under 1300 bytes, few replies
 PASSES = 3  # every mirror gets more chances, after pauses, before a read is given up
 BACKOFF_S = 0.5  # pause before the second pass, doubled for each later one
 BACKOFF_MAX_S = 8.0  # bounded: DAGMan retries the whole node (on another mirror) for long outages
@@ -113,8 +114,9 @@ class _RangeFTP(FTP):
 
     A server that lists `RANG STREAM` in FEAT (draft-bryan-ftp-range, as the embedded mirrors
     do) is told where a read ends and stops there, with PASV, RANG and RETR sent together; one
-    that lists `MRNG <max>` as well is sent up to `max` ranges (MRNG) for one RETR, and sends
-    them concatenated on one data connection. Any other server gets `REST` and a receive window
+    that lists `MRNG <max>` as well is sent up to `max` ranges (MRNG commands of up to
+    RANGES_PER_LINE ranges each) for one RETR, and sends them concatenated on one data
+    connection. Any other server gets `REST` and a receive window
     the size of the read, which bounds what it sends past the end before the node closes.
     Commands to such a server wait for each reply, as most clients do: not every server reads
     commands ahead.
@@ -197,7 +199,11 @@ class _RangeFTP(FTP):
             return self.open_range(path, *ranges[0])
         if not 1 < len(ranges) <= self.max_ranges:
             raise ValueError(f"{len(ranges)} ranges in one read; this server takes 1")
-        commands = [f"MRNG {offset} {offset + length - 1}" for offset, length in ranges]
+        pairs = [f"{offset} {offset + length - 1}" for offset, length in ranges]
+        commands = [
+            f"MRNG {' '.join(pairs[k : k + RANGES_PER_LINE])}"
+            for k in range(0, len(pairs), RANGES_PER_LINE)
+        ]
         return self.open_announced(path, commands, sum(n for _, n in ranges))
 
     def open_range(self, path: str, offset: int, length: int) -> socket.socket:

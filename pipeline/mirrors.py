@@ -53,17 +53,18 @@ def free_ports(k: int) -> list[int]:
 
 MAX_RANGES = 1024  # ranges one client may queue for its next RETR: all it can make a mirror hold
 MAX_OFFSET = 2**63 - 1  # the largest file offset the OS takes; a range past it is refused
-MULTI_RANGE = "MRNG"  # appends a range to the next RETR; announced in FEAT as "MRNG <max ranges>"
-_RANGE = re.compile(r"([0-9]{1,19}) ([0-9]{1,19})")
+MULTI_RANGE = "MRNG"  # appends ranges to the next RETR; announced in FEAT as "MRNG <max ranges>"
+_OFFSET = re.compile(r"[0-9]{1,19}")
 
 
-def parse_range(line: str) -> tuple[int, int] | None:
-    """`start end` (inclusive end) as a half-open (start, end + 1), or None when malformed."""
-    match = _RANGE.fullmatch(line.strip())
-    if not match:
+def parse_ranges(line: str) -> list[tuple[int, int]] | None:
+    """`start end [start end ...]` (inclusive ends) as half-open (start, end + 1) ranges, or
+    None when any of them is malformed."""
+    parts = line.split()
+    if not parts or len(parts) % 2 or not all(_OFFSET.fullmatch(part) for part in parts):
         return None
-    start, end = int(match[1]), int(match[2])
-    return (start, end + 1) if start <= end <= MAX_OFFSET else None
+    ranges = [(int(a), int(b) + 1) for a, b in zip(parts[::2], parts[1::2], strict=True)]
+    return ranges if all(start < end <= MAX_OFFSET + 1 for start, end in ranges) else None
 
 
 class _RangeProducer:
@@ -149,21 +150,23 @@ class RangeFTPHandler(FTPHandler):
                 self._extra_feats.append(feature)
         super().ftp_FEAT(line)
 
-    def _range(self, command: str, line: str) -> tuple[int, int] | None:
-        """The command's range, or None after answering why it is refused."""
+    def _ranges(self, command: str, line: str, most: int) -> list[tuple[int, int]] | None:
+        """The command's 1 to `most` ranges, or None after answering why they are refused."""
         if self._current_type == "a":
             self.respond("501 Ranges are not allowed in ASCII mode.")
             return None
-        span = parse_range(line)
-        if span is None:
-            self.respond(f"501 Expected {command} <start> <end>, 0 <= start <= end < 2^63.")
-        return span
+        spans = parse_ranges(line)
+        if spans is None or len(spans) > most:
+            pairs = "<start> <end>" if most == 1 else "<start> <end> pairs"
+            self.respond(f"501 Expected {command} {pairs}, 0 <= start <= end < 2^63.")
+            return None
+        return spans
 
     def ftp_RANG(self, line: str) -> None:
-        span = self._range("RANG", line)
-        if span is not None:
-            self._spans = [span]
-            self.respond(f"350 Restarting at {span[0]}. Ending at {span[1] - 1}.")
+        spans = self._ranges("RANG", line, 1)
+        if spans is not None:
+            self._spans = spans
+            self.respond(f"350 Restarting at {spans[0][0]}. Ending at {spans[0][1] - 1}.")
 
     def ftp_REST(self, line: str) -> None:
         self._spans = None
@@ -186,13 +189,15 @@ class RangeFTPHandler(FTPHandler):
 
 
 class MultiRangeFTPHandler(RangeFTPHandler):
-    """RangeFTPHandler with `MRNG start end`, which appends a range to the next RETR: the RETR
-    sends its ranges concatenated, in the order asked, on one data connection.
+    """RangeFTPHandler with `MRNG start end [start end ...]` (inclusive ends), which appends
+    ranges to the next RETR: the RETR sends its ranges concatenated, in the order asked, on one
+    data connection.
 
     A node reading many small blocks of a shard pays one data connection and one transfer reply
-    for all of them instead of one per range. RANG starts the list afresh (one range), REST and
-    every RETR clear it; a client may queue at most MAX_RANGES ranges (announced in FEAT as
-    `MRNG <max>`), and the ranges are all the mirror holds for it: further ones get a 552.
+    for all of them instead of one per range, and one command and reply per line of ranges.
+    RANG starts the list afresh (one range), REST and every RETR clear it. A client may queue at
+    most MAX_RANGES ranges (announced in FEAT as `MRNG <max>`), and the ranges are all the
+    mirror holds for it: a line that would go beyond gets a 552 and adds none of its ranges.
     """
 
     proto_cmds: ClassVar[dict[str, dict[str, Any]]] = {
@@ -201,20 +206,21 @@ class MultiRangeFTPHandler(RangeFTPHandler):
             "perm": None,
             "auth": True,
             "arg": True,
-            "help": f"Syntax: {MULTI_RANGE} <SP> start <SP> end (adds a range to the next RETR).",
+            "help": f"Syntax: {MULTI_RANGE} <SP> start <SP> end [...] (adds ranges to the next RETR).",
         },
     }
     features = (*RangeFTPHandler.features, f"{MULTI_RANGE} {MAX_RANGES}")
 
     def ftp_MRNG(self, line: str) -> None:
         queued = len(self._spans or ())
-        if queued >= MAX_RANGES:
+        spans = self._ranges(MULTI_RANGE, line, MAX_RANGES)
+        if spans is None:
+            return
+        if queued + len(spans) > MAX_RANGES:
             self.respond(f"552 At most {MAX_RANGES} ranges per RETR.")
             return
-        span = self._range(MULTI_RANGE, line)
-        if span is not None:
-            self._spans = [*(self._spans or ()), span]
-            self.respond(f"350 Range {queued + 1}: {span[0]} to {span[1] - 1}.")
+        self._spans = [*(self._spans or ()), *spans]
+        self.respond(f"350 Ranges {queued + 1} to {queued + len(spans)} of the next RETR.")
 
 
 _GLOBAL_MODEL = re.compile(r"(global|delta)_r[0-9]{3,}\.safetensors")

@@ -182,8 +182,9 @@ def test_mrng_ranges_come_concatenated_in_the_order_asked(dataset: Path, sendfil
         features = ftp.sendcmd("FEAT").splitlines()
         assert f" MRNG {MAX_RANGES}" in features and " RANG STREAM" in features
         ftp.voidcmd("TYPE I")
-        for start, end in ((2000, 2099), (10, 19), (2550, 2559), (15, 15)):
-            assert ftp.sendcmd(f"MRNG {start} {end}").startswith("350")
+        assert ftp.sendcmd("MRNG 2000 2099 10 19").startswith("350 Ranges 1 to 2 ")
+        assert ftp.sendcmd("MRNG 2550 2559").startswith("350 Ranges 3 to 3 ")
+        assert ftp.sendcmd("MRNG 15 15").startswith("350 Ranges 4 to 4 ")
         asked = SHARD[2000:2100] + SHARD[10:20] + SHARD[2550:2560] + SHARD[15:16]
         assert retr(ftp, path) == asked
         assert retr(ftp, path) == SHARD  # the ranges applied to one RETR only
@@ -201,6 +202,9 @@ def test_mrng_ranges_come_concatenated_in_the_order_asked(dataset: Path, sendfil
         ftp.sendcmd("MRNG 2555 2600")  # past the end of the file: the transfer ends there
         ftp.sendcmd("MRNG 5 9")
         assert retr(ftp, path) == SHARD[0:5] + SHARD[2555:]
+        for bad in ("MRNG 0 4 5", "MRNG", "MRNG 0 4 9 5", "MRNG 0 4 a b"):
+            with pytest.raises(error_perm, match="501"):
+                ftp.sendcmd(bad)
         ftp.voidcmd("TYPE A")
         with pytest.raises(error_perm, match="501"):
             ftp.sendcmd("MRNG 0 4")

@@ -801,11 +801,14 @@ def test_a_client_queueing_too_many_or_absurd_ranges_is_refused_and_others_serve
     try:
         greedy.login()
         greedy.voidcmd("TYPE I")
-        for absurd in (f"MRNG 0 {2**63}", "MRNG 0 " + "9" * 40, "MRNG 5 4", "MRNG -1 4"):
+        for absurd in (f"MRNG 0 {2**63}", "MRNG 0 " + "9" * 40, "MRNG 5 4", "MRNG -1 4", "MRNG 1"):
             with pytest.raises(error_perm, match="501"):
                 greedy.sendcmd(absurd)
-        greedy.sock.sendall(b"MRNG 0 0\r\n" * MAX_RANGES)
-        assert all(greedy.getresp().startswith("350") for _ in range(MAX_RANGES))
+        greedy.sock.sendall(b"MRNG 0 0\r\n" * (MAX_RANGES - 1))
+        assert all(greedy.getresp().startswith("350") for _ in range(MAX_RANGES - 1))
+        with pytest.raises(error_perm, match="552"):
+            greedy.sendcmd("MRNG 0 0 0 0")  # one line, two ranges: one too many, none added
+        greedy.sendcmd("MRNG 0 0")
         with pytest.raises(error_perm, match="552"):
             greedy.sendcmd("MRNG 0 0")
         manifest = Manifest.load(tiny_dataset / "manifest.json")
@@ -816,6 +819,6 @@ def test_a_client_queueing_too_many_or_absurd_ranges_is_refused_and_others_serve
         received = io.BytesIO()
         greedy.retrbinary(f"RETR {blocks[0].shard}", received.write)
         assert received.getvalue() == shard[:1] * MAX_RANGES
-        assert greedy.sendcmd("MRNG 0 0").startswith("350 Range 1:")  # the RETR cleared them
+        assert greedy.sendcmd("MRNG 0 0").startswith("350 Ranges 1 to 1 ")  # RETR cleared them
     finally:
         greedy.close()
