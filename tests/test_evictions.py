@@ -121,3 +121,23 @@ def test_a_run_whose_node_jobs_checkpoint_and_are_evicted_makes_the_uninterrupte
     resumed, _ = load_tensors(model_path(runs["evicted"], 1))
     assert plain.keys() == resumed.keys()
     assert [name for name in plain if not torch.equal(plain[name], resumed[name])] == []
+
+
+def test_an_evicted_job_keeps_its_maxjobs_place_while_it_waits_for_a_slot(
+    tmp_path: Path,
+) -> None:
+    order, starts = tmp_path / "order", tmp_path / "starts"
+    job(tmp_path, "A", f'echo x >> {starts}; [ "$(wc -l < {starts})" -eq 1 ] && sleep 600; '
+        f"echo A >> {order}")  # fmt: skip
+    job(tmp_path, "B", f"echo B >> {order}")
+    job(tmp_path, "C", "true")
+    text = (
+        "JOB A A.sub\nJOB B B.sub\nJOB C C.sub\nPARENT C CHILD B\n"
+        "CATEGORY A train\nCATEGORY B train\nMAXJOBS train 1\nPRIORITY B 10\n"
+    )
+    # A takes slot 0 and the category's one place; C runs beside it, then B, which ranks
+    # higher, waits for that place. A's eviction frees a slot, not the place.
+    result = run_dag(dag(tmp_path, text), slots=2, evictions=[(0, job_seconds())])
+    assert result.ok
+    assert _events(tmp_path / "A.log") == [0, 1, 4, 1, 5]
+    assert order.read_text().splitlines() == ["A", "B"]

@@ -22,8 +22,8 @@ Deliberate differences from a pool: should_transfer_files IF_NEEDED (or unset) t
 on an execute node without a shared file system (the strictest case); a vanilla job's PATH is
 /usr/local/bin:/usr/bin:/bin unless `environment` sets it; PRE/POST script output is
 discarded (DAGMan without DEBUG); SIGINT/SIGTERM stop the run without running FINAL, so a
-rerun resumes instead of reporting on a half-finished DAG; an evicted job gives its slot back and
-queues for one again by priority, its MAXJOBS place kept only while it holds a slot.
+rerun resumes instead of reporting on a half-finished DAG. An evicted job gives its slot back and
+queues for one again by priority, keeping its MAXJOBS place as DAGMan's idle job does.
 
 Warm interpreters (`run_dag(warm_pythons=...)`, what `dagtrain run` does unless `--cold`): a job
 that runs `PYTHON dagtrain.pyz ...` with one of the run's configured Pythons starts in a fork of

@@ -42,7 +42,7 @@ class NodeContext:
     scratch_root: Path
     cancel: threading.Event
     acquire_slot: Callable[[Node], int | None]
-    release_slot: Callable[[Node, int], None]
+    release_slot: Callable[[Node, int, bool], None]
     next_cluster: Callable[[], int]
     dag_status: Callable[[], tuple[int, int]]  # ($DAG_STATUS, $FAILED_COUNT)
     emit: Callable[[str, str, int, int | None], None]  # node, kind, attempt, exit code
@@ -126,17 +126,18 @@ class NodeRunner:
                 result = job.run(slot, ctx.slot_environment.get(slot, {}))
                 if not result.evicted:
                     return cluster, result
-                # Back in the queue: the slot goes to whoever ranks first, this job included.
+                # Back in the queue, keeping its MAXJOBS place: the slot goes to whoever ranks
+                # first, this job included.
                 ctx.emit(node.name, "evicted", attempt, None)
                 ctx.set_state(node.name, SUBMITTED, "idle (evicted)", attempt)
-                ctx.release_slot(node, slot)
+                ctx.release_slot(node, slot, True)
                 held = ctx.acquire_slot(node)
                 if held is None:  # the DAG is stopping
                     return cluster, JobResult(REMOVED_RETURN, removed=True, reason="stopped")
                 slot = held
         finally:
             if held is not None:
-                ctx.release_slot(node, held)
+                ctx.release_slot(node, held, False)
             job.leave_queue()
 
     def _script(self, script: Script, attempt: int, extra: dict[str, str]) -> int:

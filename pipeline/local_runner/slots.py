@@ -15,20 +15,27 @@ from pipeline.dag.model import Node
 
 
 class SlotPool:
+    """Slots and MAXJOBS places. A place is DAGMan's: a job holds it from its submission to its
+    end, evictions included (an evicted job is still in the queue, idle), while a slot is an
+    execute machine, which an evicted job gives back."""
+
     def __init__(self, slots: int, maxjobs: dict[str, int], cancel: threading.Event) -> None:
         self.slots = slots
         self.maxjobs = maxjobs
         self.cancel = cancel
-        self.running: dict[str | None, int] = {}
+        self.placed: dict[str | None, int] = {}
+        self.holding: set[str] = set()  # nodes whose job keeps its place while it has no slot
         self.free = set(range(slots))
         self.waiting: list[Node] = []
         self.cond = threading.Condition()
 
     def _fits(self, node: Node) -> bool:
-        if sum(self.running.values()) >= self.slots:
+        if not self.free:
             return False
         limit = self.maxjobs.get(node.category or "")
-        return limit is None or self.running.get(node.category, 0) < limit
+        return (
+            node.name in self.holding or limit is None or self.placed.get(node.category, 0) < limit
+        )
 
     def _my_turn(self, node: Node) -> bool:
         """The best-ranked waiting node that fits gets the slot (priority, then DAG order)."""
@@ -42,28 +49,43 @@ class SlotPool:
             self.waiting.append(node)
 
     def acquire(self, node: Node) -> int | None:
-        """Block until this node may start its job: its slot, or None if the DAG is stopping."""
+        """Block until this node may start its job: its slot, or None if the DAG is stopping
+        (the job's place, if it kept one, is given up then)."""
         with self.cond:
             if node not in self.waiting:
                 self.waiting.append(node)
             while not self._my_turn(node):
                 if self.cancel.is_set():
                     self.waiting.remove(node)
+                    self._leave(node)
                     self.cond.notify_all()
                     return None
                 self.cond.wait(0.2)
             self.waiting.remove(node)
-            self.running[node.category] = self.running.get(node.category, 0) + 1
+            if node.name in self.holding:
+                self.holding.remove(node.name)
+            else:
+                self.placed[node.category] = self.placed.get(node.category, 0) + 1
             slot = min(self.free)
             self.free.remove(slot)
             self.cond.notify_all()
             return slot
 
-    def release(self, node: Node, slot: int) -> None:
+    def release(self, node: Node, slot: int, keep_place: bool = False) -> None:
+        """Give the slot back; an evicted job keeps its place (`keep_place`) to acquire a slot
+        again."""
         with self.cond:
-            self.running[node.category] -= 1
             self.free.add(slot)
+            if keep_place:
+                self.holding.add(node.name)
+            else:
+                self.placed[node.category] -= 1
             self.cond.notify_all()
+
+    def _leave(self, node: Node) -> None:
+        if node.name in self.holding:
+            self.holding.remove(node.name)
+            self.placed[node.category] -= 1
 
 
 class Evictions:
