@@ -6,18 +6,25 @@ so that a job gets only the payload's launcher (pipeline/payload_launcher.py). I
 `[data] node_cache`, or, when that is empty, /var/tmp/dagtrain-UID (never $TMPDIR: HTCondor
 points it at the job's scratch folder, deleted with the job). Each kind has a folder there,
 private to this user; one that is not (a link, another user's) is named in one warning line
-and not used, and what it would hold is then fetched or started afresh.
+and not used, and what it would hold is then fetched or started afresh. A volunteer's machine
+serves many runs over months: a run's folder or a payload that no job has used for STALE_DAYS
+is removed by the next job that opens its kind's folder, so that finished runs do not leave
+their models and residuals on the machine for good.
 
 Standard library only, and importing nothing of dagtrain: the payload's launcher carries this
 very file, since it runs before the payload is on the machine.
 """
 
+import contextlib
 import hashlib
 import os
+import shutil
 import sys
+import time
 from pathlib import Path
 
 DEFAULT_PARENT = Path("/var/tmp")
+STALE_DAYS = 30
 
 
 def cache_root(node_cache: str) -> Path:
@@ -49,4 +56,42 @@ def private_folder(node_cache: str, kind: str, without: str) -> Path | None:
             file=sys.stderr,
         )
         return None
+    _drop_stale(root)
     return root
+
+
+def run_folder(node_cache: str, kind: str, run_id: str, without: str) -> Path | None:
+    """A run's folder in a kind's folder, marked as used now; None as private_folder says."""
+    root = private_folder(node_cache, kind, without)
+    if root is None:
+        return None
+    folder = root / run_key(run_id)
+    folder.mkdir(mode=0o700, exist_ok=True)
+    used(folder)
+    return folder
+
+
+def used(path: Path) -> None:
+    """Mark an entry as in use, so that no job removes it as stale."""
+    with contextlib.suppress(OSError):  # removed meanwhile: it is written again or fetched
+        os.utime(path)
+
+
+def _drop_stale(root: Path) -> None:
+    """Remove the entries of a kind's folder that no job has used for STALE_DAYS; one another
+    job removes or writes meanwhile is left to it."""
+    limit = time.time() - STALE_DAYS * 86400
+    try:
+        entries = list(os.scandir(root))
+    except OSError:
+        return
+    for entry in entries:
+        try:
+            if entry.stat(follow_symlinks=False).st_mtime >= limit:
+                continue
+            if entry.is_dir(follow_symlinks=False):
+                shutil.rmtree(entry.path)
+            else:
+                os.unlink(entry.path)
+        except OSError:
+            continue

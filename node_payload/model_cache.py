@@ -12,9 +12,9 @@ import hashlib
 import re
 from pathlib import Path
 
+from node_payload import machine_cache
 from node_payload.common.atomic_file import replacing
 from node_payload.common.run_layout import global_model_name, round_tag
-from node_payload.machine_cache import private_folder, run_key
 
 MODELS = "models"
 _NAME = re.compile(r"global_r(\d{3,})\.safetensors")
@@ -23,12 +23,7 @@ _NAME = re.compile(r"global_r(\d{3,})\.safetensors")
 def run_folder(node_cache: str, run_id: str) -> Path | None:
     """This run's model folder on this machine; None (after one warning line) when there is
     none: every job then fetches its model whole."""
-    root = private_folder(node_cache, MODELS, "every model is fetched whole")
-    if root is None:
-        return None
-    folder = root / run_key(run_id)
-    folder.mkdir(mode=0o700, exist_ok=True)
-    return folder
+    return machine_cache.run_folder(node_cache, MODELS, run_id, "every model is fetched whole")
 
 
 def cached(folder: Path | None, version: int, sha256: str) -> tuple[bytes | None, str]:

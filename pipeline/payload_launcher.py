@@ -149,6 +149,7 @@ def main(argv: list[str]) -> int:
     fetched = 0
     if _cached(folder / name if folder else None, spec["sha256"]):
         path = folder / name  # type: ignore[operator]
+        machine_cache.used(path)
     else:
         node = _option(argv, "--node")
         payload = _fetch(spec, mirrors, int(node) if node and node.isdigit() else 0)
