@@ -133,11 +133,13 @@ def training_coverage(run_dir: Path, config: RunConfig, manifest: Manifest, roun
     Positions rather than (position, angle) fragments: with 72 angles, fragments are 72 times
     more numerous and mostly differ by a rotation the model also learns from its neighbours.
     """
+    # A source's ids are contiguous and its angles adjacent, so are its positions: built from
+    # the ends of each range, not from every id (a set of the demo's 400,000 ids took 0.15 s).
     training = {
-        manifest.position_of(i)
+        position
         for s, ids in manifest.by_source().items()
-        if not manifest.sources[s].holdout
-        for i in ids
+        if ids and not manifest.sources[s].holdout
+        for position in range(manifest.position_of(ids[0]), manifest.position_of(ids[-1]) + 1)
     }
     seen: set[int] = set()
     for r in range(round_ + 1):

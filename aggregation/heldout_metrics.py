@@ -8,20 +8,48 @@ rounds' and the FINAL report's held-out evaluation and `dagtrain evaluate` on ne
 (pipeline.inference.evaluate) both score with it.
 """
 
+import copy
+import itertools
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.utils.fusion import fuse_conv_bn_eval
 
 from aggregation.heldout import HeldOut
 
+# Rows per forward pass: a batch of 64 tiles keeps a small network's activations in the CPU's
+# caches (docs/benchmarks.md, "Warm interpreters on the local runner").
+BATCH_SIZE = 64
+
+
+def inference_copy(model: nn.Module) -> nn.Module:
+    """A copy of the model in eval mode (BatchNorm uses its running statistics) that computes the
+    same function faster: each Conv2d followed by a BatchNorm2d in a Sequential folded into one
+    convolution, and channels-last weights, which torch's CPU convolutions and pooling run about
+    twice as fast. Its outputs differ from the model's by float rounding only; the model itself,
+    its mode and its memory layout are left as they are (a caller may go on training it)."""
+    fast = copy.deepcopy(model).eval()
+    for sequential in [m for m in fast.modules() if isinstance(m, nn.Sequential)]:
+        for i, (first, second) in enumerate(itertools.pairwise(list(sequential))):
+            folds = isinstance(first, nn.Conv2d) and isinstance(second, nn.BatchNorm2d)
+            if folds and second.running_mean is not None:  # not when it normalises by the batch
+                sequential[i] = fuse_conv_bn_eval(first, second)
+                sequential[i + 1] = nn.Identity()
+    return fast.to(memory_format=torch.channels_last)
+
 
 @torch.no_grad()
-def logits(model: nn.Module, x: torch.Tensor, classes: int, batch_size: int = 256) -> torch.Tensor:
-    """The model's outputs in eval mode (BatchNorm uses its running statistics), batch by batch."""
-    model.eval()
-    out = [model(x[start : start + batch_size]) for start in range(0, len(x), batch_size)]
+def logits(
+    fast: nn.Module, x: torch.Tensor, classes: int, batch_size: int = BATCH_SIZE
+) -> torch.Tensor:
+    """The outputs of an inference_copy, batch by batch, each batch channels-last as its
+    weights are."""
+    out = [
+        fast(x[start : start + batch_size].contiguous(memory_format=torch.channels_last))
+        for start in range(0, len(x), batch_size)
+    ]
     return torch.cat(out) if out else torch.empty(0, classes)
 
 
@@ -103,10 +131,11 @@ def heldout_metrics(model: nn.Module, heldout: HeldOut) -> dict[str, Any]:
     """Fragment accuracy and loss, image accuracy, and both levels' per-class metrics and
     confusion matrix (level_metrics)."""
     names, classes = heldout.classes, len(heldout.classes)
-    fragment_logits = logits(model, heldout.x, classes)
+    fast = inference_copy(model)
+    fragment_logits = logits(fast, heldout.x, classes)
     loss = float(F.cross_entropy(fragment_logits, heldout.y)) if len(heldout.y) else 0.0
     fragments = confusion_matrix(heldout.y, fragment_logits.argmax(dim=1), classes)
-    probabilities = logits(model, heldout.image_x, classes).softmax(dim=1)
+    probabilities = logits(fast, heldout.image_x, classes).softmax(dim=1)
     voted = image_votes(probabilities, heldout.image_of, len(heldout.image_y))
     images = confusion_matrix(heldout.image_y, voted, classes)
     return {
