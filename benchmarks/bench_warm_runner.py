@@ -17,6 +17,10 @@ the load than wall time on 2 cores, so their ratio is reported too.
    seconds, node utilization (busy training seconds, the node jobs' metrics.json `seconds`,
    over slots x wall seconds), where the slot time went, and whether all runs wrote the same
    model bytes.
+3. The aggregation's held-out evaluation, on the last demo run's held-out tensors and final
+   model: the model scored as it is (eval mode, batches of 256) against its inference_copy (what
+   the aggregation scores), on 1 and on 2 threads (the aggregation job's request_cpus), pairs in
+   ABBA order: medians of wall and CPU seconds, and whether both give the same predictions.
 """
 
 import argparse
@@ -34,8 +38,21 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+import torch
+from torch import nn
+
 import pipeline.local_run
-from node_payload.common.run_layout import METRICS_FILE, MODELS_DIR, ROUNDS_DIR
+from aggregation.heldout_metrics import inference_copy, logits
+from node_payload.common.model_file import load_model
+from node_payload.common.run_layout import (
+    HELDOUT_CACHE,
+    HELDOUT_IMAGES_CACHE,
+    METRICS_FILE,
+    MODELS_DIR,
+    ROUNDS_DIR,
+    model_path,
+)
+from node_payload.common.tensor_io import load_tensors
 from pipeline import planner
 from pipeline.demo import DEMO_CONFIG, demo_textures
 from pipeline.local_run import run_local
@@ -74,10 +91,10 @@ queue
 """
 
 
-def abba(pairs: int) -> Iterator[tuple[int, str]]:
+def abba(pairs: int, modes: tuple[str, str] = MODES) -> Iterator[tuple[int, str]]:
     """(pair, mode) in ABBA order, so that a trend in the load favours neither mode."""
     for pair in range(pairs):
-        yield from ((pair, mode) for mode in (MODES if pair % 2 == 0 else MODES[::-1]))
+        yield from ((pair, mode) for mode in (modes if pair % 2 == 0 else modes[::-1]))
 
 
 class Measured:
@@ -201,6 +218,52 @@ def demo_run(base: Path, name: str, slots: int, warm: bool) -> dict:
     }  # fmt: skip
 
 
+@torch.no_grad()
+def plain_logits(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The reference: the model itself in eval mode, batches of 256."""
+    model.eval()
+    return torch.cat([model(x[start : start + 256]) for start in range(0, len(x), 256)])
+
+
+def evaluation(run_dir: Path, rounds: int, pairs: int) -> None:
+    """Step 3: the held-out evaluation's forward passes, plain and through inference_copy."""
+    model, metadata = load_model(model_path(run_dir, rounds))
+    inputs = [
+        load_tensors(run_dir / name)[0]["x"] for name in (HELDOUT_CACHE, HELDOUT_IMAGES_CACHE)
+    ]
+    classes = int(metadata["num_classes"])
+    score = {
+        "plain": lambda: [plain_logits(model, x) for x in inputs],
+        "copy": lambda: [logits(inference_copy(model), x, classes) for x in inputs],
+    }
+    print(f"held-out evaluation ({' + '.join(str(len(x)) for x in inputs)} fragments, the "
+          f"final model), {pairs} ABBA pairs, medians:")  # fmt: skip
+    for threads in (1, 2):
+        torch.set_num_threads(threads)
+        seconds: dict[str, list[tuple[float, float]]] = {mode: [] for mode in score}
+        outputs = {}
+        for _, mode in abba(pairs, ("plain", "copy")):
+            wall, cpu = time.perf_counter(), time.process_time()
+            outputs[mode] = score[mode]()
+            seconds[mode].append((time.perf_counter() - wall, time.process_time() - cpu))
+        med = {
+            m: [statistics.median(s[i] for s in runs) for i in (0, 1)]
+            for m, runs in seconds.items()
+        }
+        same = all(
+            torch.equal(a.argmax(dim=1), b.argmax(dim=1))
+            for a, b in zip(outputs["plain"], outputs["copy"], strict=True)
+        )
+        largest = max(
+            float((a - b).abs().max())
+            for a, b in zip(outputs["plain"], outputs["copy"], strict=True)
+        )
+        print(f"  {threads} thread(s), load {os.getloadavg()[0]:.1f}: plain {med['plain'][0]:.2f} s "
+              f"wall, {med['plain'][1]:.2f} CPU s; inference_copy {med['copy'][0]:.2f} s, "
+              f"{med['copy'][1]:.2f} CPU s (wall {med['copy'][0] / med['plain'][0]:.2f}x); "
+              f"same predictions: {same}, logits within {largest:.1e}")  # fmt: skip
+
+
 def paired_ratios(runs: dict[tuple[int, str], dict], key: str) -> list[float]:
     pairs = sorted({pair for pair, _ in runs})
     return [runs[pair, "warm"][key] / runs[pair, "cold"][key] for pair in pairs]
@@ -215,6 +278,7 @@ def main() -> None:
     parser.add_argument("--demo-pairs", type=int, default=2, help="demo runs of each (default 2)")
     parser.add_argument("--rounds", type=int, default=3, help="demo rounds (the demo: 6)")
     parser.add_argument("--skip-demo", action="store_true")
+    parser.add_argument("--eval-pairs", type=int, default=5, help="evaluation pairs (default 5)")
     args = parser.parse_args()
 
     if not args.skip_probe:
@@ -247,6 +311,7 @@ def main() -> None:
                   f"aggregations and report {run['aggregation']:.0f}, idle and between jobs "
                   f"{run['other']:.0f}; accuracy {run['accuracy']:.3f}, {run['status']}",
                   flush=True)  # fmt: skip
+        evaluation(base / f"{mode}{pair}", args.rounds, args.eval_pairs)
     print(
         f"demo ({args.rounds} rounds x 4 nodes, {args.slots} slots), {args.demo_pairs} ABBA pairs:"
     )
