@@ -16,8 +16,8 @@ is given without and with the node's manifest download (verified and parsed, nev
 node). References and node fetch are timed alternately and each repeat gives one ratio, median
 of the repeats, because this machine is shared. Decoding the blocks is timed and reported apart.
 
-The node reads each shard's needed ranges of a lane in one transfer (PASV, an MRNG per range and
-RETR in one write; pipeline/mirrors.py). Side by side with it (BLAKE3, format
+The node reads each shard's needed ranges of a lane in one transfer (PASV, MRNG lines of up to
+32 ranges and RETR in one write; pipeline/mirrors.py). Side by side with it (BLAKE3, format
 dagtrain-dataset/3), each repeat fetches the same blocks in other ways, each against the same
 repeat's reference, in an order that rotates: one range per RETR, as from a mirror without MRNG
 (the mirror's MRNG hidden from the node: PASV, RANG and RETR per read, small gaps read through),
@@ -32,9 +32,11 @@ a PASV + ranges + RETR, a data connection and a transfer reply, each through the
 loop, on this machine's 2 shared cores. `--link RATE` (a tc rate: 1gbit,
 100mbit) emulates a campus LAN instead: the script re-executes itself in a private network
 namespace (`unshare -n`, needs root), where only its own mirror and client run, and shapes that
-namespace's loopback with a token bucket filter (tc tbf) to RATE. Bandwidth only: no propagation
-delay is added (this kernel has no netem), and on loopback both directions share the one bucket,
-so the client's commands and ACKs queue behind data in flight.
+namespace's loopback with token bucket filters (tc tbf) to RATE. A real link is full duplex, but
+loopback has one queue for both directions: packets of 1 KB and more (data) go through one
+bucket, smaller ones (ACKs, commands, replies, either way) through another, so that ACKs and
+commands do not wait behind data in flight (replies to the node skip the data's queue too).
+Bandwidth only: no propagation delay is added (this kernel has no netem).
 
 Run:  python benchmarks/bench_fetch.py [IMAGES_PER_CLASS] [LOCAL_TRAIN] [REPEATS] [--link RATE]
 """
@@ -81,6 +83,8 @@ VARIANTS = {  # the node's fetch of the same blocks in other ways, timed in the 
 BLOCK = 2**20  # the reference's recv size: large, so that Python's per-call cost stays out of it
 IN_NETNS = "BENCH_FETCH_IN_NETNS"  # "OUTER_NETNS RATE" once re-executed in a namespace of its own
 LO_PACKET = 65536 + 14  # the largest frame loopback hands to its qdisc (MTU 65536, GSO included)
+# a tc filter for IPv4 packets of a total length under 1024 bytes: ACKs, commands, replies
+SMALL = ["u32", "match", "u16", "0x0000", "0xfc00", "at", "2", "flowid", "1:10"]
 UNITS = {"bit": 1, "kbit": 10**3, "mbit": 10**6, "gbit": 10**9}
 
 
@@ -106,8 +110,8 @@ def tbf_params(rate_bps: int) -> tuple[int, float]:
     Latency: how long a frame may wait in the queue, which bounds the queue (tc sets its limit to
     rate * latency + burst) as a switch port's buffer does: 10 ms of traffic, and room for at least
     4 of the largest frames (3 data connections plus control traffic) so that slow rates do not
-    drop every other frame. On loopback the client's commands and ACKs wait in the same queue
-    behind data (a real link is full duplex), so a longer queue adds only that delay.
+    drop every other frame. Small packets (ACKs, commands) have a bucket of their own, with the
+    same parameters.
     """
     tick = time.clock_getres(time.CLOCK_MONOTONIC)  # 1 ns with high-resolution timers, else 1/HZ
     burst = max(int(rate_bps / 8 * tick), 2 * LO_PACKET)
@@ -136,24 +140,35 @@ def enter_shaped_namespace(rate: str) -> None:
         argv = ["unshare", "-n", "--", sys.executable, os.path.abspath(__file__), *sys.argv[1:]]
         os.execvpe("unshare", argv, {**os.environ, IN_NETNS: f"{here} {rate}"})
     burst, latency = tbf_params(link_rate(rate))
-    tbf = ["burst", str(burst), "latency", f"{latency * 1e6:.0f}us"]
+    tbf = ["tbf", "rate", rate, "burst", str(burst), "latency", f"{latency * 1e6:.0f}us"]
+    lo = ["tc", "qdisc", "add", "dev", "lo"]
+    through = ["htb", "rate", "100gbit", "quantum", str(LO_PACKET)]  # classifies, never shapes
     for command in (
         ["ip", "link", "set", "lo", "up"],
-        ["tc", "qdisc", "add", "dev", "lo", "root", "tbf", "rate", rate, *tbf],
+        [*lo, "root", "handle", "1:", "htb", "default", "20"],
+        *(
+            ["tc", "class", "add", "dev", "lo", "parent", "1:", "classid", f"1:{band}", *through]
+            for band in (10, 20)
+        ),
+        [*lo, "parent", "1:10", *tbf],
+        [*lo, "parent", "1:20", *tbf],
+        # ACKs, commands and replies, either way, on a bucket of their own
+        ["tc", "filter", "add", "dev", "lo", "parent", "1:", "protocol", "ip", "prio", "1", *SMALL],
     ):
         done = subprocess.run(command, capture_output=True, text=True)
         if done.returncode != 0:
             _fail(f"{' '.join(command)} failed: {done.stderr.strip()}")
     print(
-        f"link: loopback of a private network namespace shaped by tc tbf rate {rate} burst "
-        f"{burst} B latency {latency * 1e3:.0f} ms (bandwidth only, both directions share it)"
+        f"link: loopback of a private network namespace, packets of 1 KB and more (data) "
+        f"shaped by tc tbf rate {rate} burst {burst} B latency {latency * 1e3:.0f} ms, smaller "
+        "ones (ACKs, commands, replies) by a bucket of their own: bandwidth only"
     )
 
 
 def qdisc_counters() -> str:
-    """The loopback qdisc's sent/dropped/overlimits line."""
+    """The data bucket's sent/dropped/overlimits line."""
     shown = subprocess.run(
-        ["tc", "-s", "qdisc", "show", "dev", "lo"], capture_output=True, text=True
+        ["tc", "-s", "qdisc", "show", "dev", "lo", "parent", "1:20"], capture_output=True, text=True
     ).stdout
     return next((line.strip() for line in shown.splitlines() if "Sent" in line), shown.strip())
 
@@ -405,7 +420,8 @@ def main() -> None:
             f"ratio {statistics.median(node_ratios):.2f}\n"
             f"one fetch: {statistics.median(walls) * 1e3:.0f} ms, of which the node's CPU "
             f"{statistics.median(node_cpu) * 1e3:.0f} ms (all its threads) and the mirror's "
-            f"{statistics.median(mirror_cpu) * 1e3:.0f} ms (medians)\n"
+            f"{statistics.mean(mirror_cpu) * 1e3:.0f} ms (medians; the mirror's a mean: /proc "
+            f"counts it in ticks of {1e3 / os.sysconf('SC_CLK_TCK'):.0f} ms)\n"
             f"hashing the {len(blobs)} blocks alone (mean {needed / len(blobs) / 1e3:.1f} KB), "
             f"one core: BLAKE3 {statistics.median(hash_rates[BLAKE3]) / 1e9:.2f} GB/s, sha256 "
             f"{statistics.median(hash_rates[SHA256]) / 1e9:.2f} GB/s (medians); BLAKE3 takes "
