@@ -21,12 +21,16 @@ the load than wall time on 2 cores, so their ratio is reported too.
    model: the model scored as it is (eval mode, batches of 256) against its inference_copy (what
    the aggregation scores), on 1 and on 2 threads (the aggregation job's request_cpus), pairs in
    ABBA order: medians of wall and CPU seconds, and whether both give the same predictions.
+4. With --cpus-pairs N: warm demo runs whose aggregation job requests 1 CPU (one thread) against
+   the planned request_cpus, N ABBA pairs: utilization, wall time and the aggregations' slot
+   seconds, and the median of the paired wall time ratios.
 """
 
 import argparse
 import hashlib
 import json
 import os
+import re
 import resource
 import statistics
 import sys
@@ -45,6 +49,7 @@ import pipeline.local_run
 from aggregation.heldout_metrics import inference_copy, logits
 from node_payload.common.model_file import load_model
 from node_payload.common.run_layout import (
+    AGGREGATE_SUBMIT,
     HELDOUT_CACHE,
     HELDOUT_IMAGES_CACHE,
     METRICS_FILE,
@@ -182,10 +187,17 @@ def recorded_events(events: list[NodeEvent]) -> Iterator[None]:
         pipeline.local_run.run_dag = original
 
 
-def demo_run(base: Path, name: str, slots: int, warm: bool) -> dict:
-    """One planned demo run, measured, with where its slot seconds went."""
+def demo_run(base: Path, name: str, slots: int, warm: bool, aggregate_cpus: int = 0) -> dict:
+    """One planned demo run, measured, with where its slot seconds went; `aggregate_cpus`
+    replaces the aggregation job's planned request_cpus."""
     run_dir = base / name
     planner.plan_from_file(base / "demo.toml", run_dir)
+    if aggregate_cpus:
+        submit = run_dir / AGGREGATE_SUBMIT
+        line = f"request_cpus = {aggregate_cpus}"
+        text, found = re.subn(r"(?m)^request_cpus = \d+$", line, submit.read_text())
+        assert found == 1, f"{submit}: no request_cpus line to replace"
+        submit.write_text(text)
     events: list[NodeEvent] = []
     with recorded_events(events), Measured() as measured:
         report = run_local(run_dir, slots=slots, show_progress=False, warm=warm)
@@ -264,6 +276,20 @@ def evaluation(run_dir: Path, rounds: int, pairs: int) -> None:
               f"same predictions: {same}, logits within {largest:.1e}")  # fmt: skip
 
 
+def aggregation_threads(base: Path, slots: int, rounds: int, pairs: int) -> None:
+    """Step 4: warm demo runs, the aggregation on one thread against the planned request_cpus."""
+    runs = {}
+    for pair, mode in abba(pairs, ("1 CPU", "planned")):
+        cpus = 1 if mode == "1 CPU" else 0
+        run = runs[pair, mode] = demo_run(base, f"cpus{pair}{cpus}", slots, True, cpus)
+        print(f"demo warm, aggregation {mode} (pair {pair}): {run['wall']:.0f} s wall, load "
+              f"{run['load']}; utilization {run['util']:.2f}, aggregations and report "
+              f"{run['aggregation']:.1f} slot s", flush=True)  # fmt: skip
+    ratios = [runs[pair, "planned"]["wall"] / runs[pair, "1 CPU"]["wall"] for pair in range(pairs)]
+    print(f"  planned/1 CPU wall time: median {statistics.median(ratios):.2f} "
+          f"(pairs: {', '.join(f'{r:.2f}' for r in ratios)})")  # fmt: skip
+
+
 def paired_ratios(runs: dict[tuple[int, str], dict], key: str) -> list[float]:
     pairs = sorted({pair for pair, _ in runs})
     return [runs[pair, "warm"][key] / runs[pair, "cold"][key] for pair in pairs]
@@ -279,6 +305,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3, help="demo rounds (the demo: 6)")
     parser.add_argument("--skip-demo", action="store_true")
     parser.add_argument("--eval-pairs", type=int, default=5, help="evaluation pairs (default 5)")
+    parser.add_argument("--cpus-pairs", type=int, default=0, help="step 4's pairs (default 0)")
     args = parser.parse_args()
 
     if not args.skip_probe:
@@ -312,6 +339,8 @@ def main() -> None:
                   f"{run['other']:.0f}; accuracy {run['accuracy']:.3f}, {run['status']}",
                   flush=True)  # fmt: skip
         evaluation(base / f"{mode}{pair}", args.rounds, args.eval_pairs)
+        if args.cpus_pairs:
+            aggregation_threads(base, args.slots, args.rounds, args.cpus_pairs)
     print(
         f"demo ({args.rounds} rounds x 4 nodes, {args.slots} slots), {args.demo_pairs} ABBA pairs:"
     )
