@@ -46,6 +46,7 @@ VARIANTS: dict[str, dict[str, dict[str, Any]]] = {
     "int8": {"compression": {"method": "int8"}},
     "dgc 99%, server momentum 0.9": {"compression": DGC_99, "server": {"momentum": 0.9}},
     "dgc 99%, momentum 0.9": {"compression": DGC_99 | {"momentum": 0.9}},
+    "dgc 99%, warm-up 1": {"compression": DGC_99 | {"warmup": 1}},
 }
 
 
