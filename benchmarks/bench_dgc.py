@@ -31,10 +31,18 @@ from pathlib import Path
 from statistics import fmean
 from typing import Any
 
+import torch
+
+from node_payload import dgc
+from node_payload.common import sparse_update
 from node_payload.common.job_bytes import JobBytes
 from node_payload.common.model_delta import DeltaIdentity, write_delta
-from node_payload.common.run_layout import model_path
+from node_payload.common.model_file import load_model
+from node_payload.common.run_config import read_run_config
+from node_payload.common.run_layout import CONFIG_FILE, HELDOUT_CACHE, model_path
 from node_payload.common.tensor_io import load_tensors
+from node_payload.machine_cache import run_key
+from node_payload.residual_cache import Residual
 from pipeline.demo import run_demo_variant
 
 DGC_99 = {"method": "dgc", "sparsity": 0.99, "warmup": 0}
@@ -104,6 +112,44 @@ def delta_figures(run_dir: Path, rounds: int) -> dict[str, float]:
     return {"delta_density": changed / total, "delta_to_model": delta_bytes / model_bytes}
 
 
+FLUSHED = (0.01, 0.02, 0.05, 1.0)  # shares of each lane's final residual a last job would add
+
+
+def flush_figures(run_dir: Path, machine_cache: Path, rounds: int, jobs: int) -> dict[str, Any]:
+    """What sending more of the lanes' residuals in the last round would give: for each share,
+    the held-out fragment accuracy of the final model moved by the mean of each lane's top values
+    of its final residual (what the last jobs would have added at that lower sparsity; the lanes
+    have equal sample counts), and those files' bytes spread over the run's jobs. Share 0 is
+    the run's own model, as a check on this evaluation."""
+    run_id = read_run_config(run_dir / CONFIG_FILE).run.run_id
+    folder = machine_cache / "residuals" / run_key(run_id)
+    lanes = sorted(folder.glob(f"l*_j{rounds - 1:04d}.safetensors"))
+    if not lanes:
+        raise SystemExit(f"{folder}: no residuals of the run's last round (machine cache cleared?)")
+    model, _ = load_model(model_path(run_dir, rounds))
+    final = {name: t.clone() for name, t in model.state_dict().items()}
+    heldout = load_tensors(run_dir / HELDOUT_CACHE)[0]
+    figures: dict[str, Any] = {}
+    for share in (0.0, *FLUSHED):
+        moved, extra = {name: torch.zeros_like(t) for name, t in final.items()}, 0
+        for lane in lanes if share else []:
+            v = {key[: -len("::v")]: t for key, t in load_tensors(lane)[0].items() if "::v" in key}
+            zero = {name: torch.zeros_like(t) for name, t in v.items()}
+            flush = dgc.compress(zero, set(v), Residual(v=v), dgc.DgcSettings(1 - share, 0), 0)
+            for name, part in flush.sparse.items():
+                moved[name].view(-1)[part.positions] += part.values.float() / len(lanes)
+            with tempfile.TemporaryDirectory() as tmp:
+                path = Path(tmp) / "flush.safetensors"
+                sparse_update.save_sparse_update(path, {}, flush.sparse, {})
+                extra += path.stat().st_size
+        model.load_state_dict({name: t - moved[name] for name, t in final.items()})
+        model.eval()
+        with torch.no_grad():
+            right = (model(heldout["x"]).argmax(1) == heldout["y"]).float().mean().item()
+        figures[str(share)] = {"accuracy": right, "extra_bytes_per_job": extra / jobs}
+    return figures
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("out", nargs="?", type=Path, default=Path("bench-dgc"))
@@ -112,6 +158,9 @@ def main() -> None:
     parser.add_argument("slots", nargs="?", type=int, default=2)
     parser.add_argument("--seeds", default="", help="comma-separated [run] seeds (default: one)")
     parser.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated names")
+    parser.add_argument(
+        "--flush", action="store_true", help="DGC runs: what a last round sending more would give"
+    )
     args = parser.parse_args()
     out, rounds, local_steps = args.out.resolve(), args.rounds, args.local_steps
     seeds = [int(seed) for seed in args.seeds.split(",")] if args.seeds else [None]
@@ -119,7 +168,9 @@ def main() -> None:
     results: dict[str, Any] = {}
     for name in variant_names(args.variants):
         tag = name.replace(",", "").replace(" ", "-").replace("%", "").replace(".", "")
-        accuracies = []
+        accuracies, flushes = [], []
+        keeps_residuals = VARIANTS[name]["compression"]["method"] == "dgc"
+        keeps_residuals &= "data" not in VARIANTS[name]  # the machine cache is kept
         for seed in seeds:
             overrides = {
                 "run": {"rounds": rounds, "quorum": 1.0} | ({} if seed is None else {"seed": seed}),
@@ -133,6 +184,9 @@ def main() -> None:
             run_name = f"{tag}-{rounds}x{local_steps}"
             report = run_demo_variant(where, run_name, overrides, args.slots)
             accuracies.append(report["final_accuracy"])
+            if keeps_residuals and args.flush:
+                jobs = sum(r["jobs_counted"] for r in report["rounds"])
+                flushes.append(flush_figures(where / run_name, Path(cache), rounds, jobs))
             if name not in results:
                 results[name] = {
                     **job_figures(report),
@@ -140,6 +194,15 @@ def main() -> None:
                 }
         results[name]["final_accuracy"] = fmean(accuracies)
         results[name]["seed_accuracies"] = accuracies
+        if flushes:
+            results[name]["last_round_flush"] = {
+                share: {
+                    "accuracy": fmean(f[share]["accuracy"] for f in flushes),
+                    "seed_accuracies": [f[share]["accuracy"] for f in flushes],
+                    "extra_bytes_per_job": flushes[0][share]["extra_bytes_per_job"],
+                }
+                for share in flushes[0]
+            }
     dense = results.get("dense")  # without it (candidates only): no ratios
     print(f"demo task, 4 nodes x {rounds} rounds x {local_steps} local steps; per node job:")
     for name, r in results.items():
@@ -164,6 +227,12 @@ def main() -> None:
             f"accuracy {r['final_accuracy']:.3f} (seeds "
             f"{', '.join(f'{a:.3f}' for a in r['seed_accuracies'])})"
         )
+        for share, f in r.get("last_round_flush", {}).items():
+            print(
+                f"{'':30s} last round adding {float(share):.0%} of the residuals: accuracy "
+                f"{f['accuracy']:.3f} (seeds {', '.join(f'{a:.3f}' for a in f['seed_accuracies'])})"
+                f", +{f['extra_bytes_per_job'] / 1e3:.1f} KB a job"
+            )
     (out / f"results-{rounds}x{local_steps}.json").write_text(json.dumps(results, indent=1) + "\n")
 
 
