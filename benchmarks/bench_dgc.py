@@ -6,9 +6,11 @@ machine cache (`[data] node_cache`: the lanes' residuals, the last global model,
 payload) kept (the local runner's slots share one machine, so every job finds them), and again
 with the machine cache lost (`node_cache` relative: each job's own scratch folder, as if every
 job landed on a machine none of its run's jobs ran on); fp16 and int8 quantised updates with
-error feedback; and DGC 99% with server momentum 0.9, to show what momentum does to the model's
-delta. ROUNDS and LOCAL_STEPS change the demo's 6 x 45 (error feedback needs rounds: see
-docs/benchmarks.md).
+error feedback; DGC 99% with server momentum 0.9, to show what momentum does to the model's
+delta; and DGC 99% with momentum correction at the nodes (`[compression] momentum = 0.9`) and
+with a one-round warm-up (`warmup = 1`), settings that might close its accuracy gap. ROUNDS and
+LOCAL_STEPS change the demo's 6 x 45 (error feedback needs rounds: see docs/benchmarks.md).
+`--variants` picks some (names joined by commas).
 
 Per variant, from report.json (node_payload/common/job_bytes.py): the network bytes per node job
 besides its training data (model or its delta in, payload's launcher and config in, update and
@@ -17,11 +19,13 @@ model whole although a delta was published and those that started without their 
 final held-out accuracy; and from the run's models, how many of the model's values changed from
 one version to the next (the delta's density) and the delta's size. With --seeds, every variant
 runs once per `[run] seed` (its held-out split, data draws and initial model), in OUT/seedN, and
-its accuracy is their mean, with each seed's beside it; the bytes are the first seed's. Writes
-results-ROUNDSxLOCAL_STEPS.json to OUT.
+its accuracy is their mean, with each seed's beside it; the bytes are the first seed's. With
+--flush, each DGC run with its machine cache kept also says what a last round sending more of
+each lane's residual would have given (flush_figures). Without dense among the variants, no
+ratios. Writes results-ROUNDSxLOCAL_STEPS.json to OUT.
 
 Run:  python benchmarks/bench_dgc.py [OUT] [ROUNDS] [LOCAL_STEPS] [SLOTS] [--seeds 1,2]
-          [--variants "dense,dgc 99%"]
+          [--variants "dense,dgc 99%"] [--flush]
 """
 
 import argparse
