@@ -6,6 +6,8 @@ ThreadedFTPServer shares one stop flag among all its instances) and stopping tak
 
 The mirrors know `RANG start end` (draft-bryan-ftp-range): a node announces where a read ends,
 and the mirror stops there instead of streaming on until the node closes the data connection.
+They also take `MRNG start end [start end ...]`, which appends ranges to the next RETR: a node
+reads the scattered blocks of a shard in one transfer instead of one per range.
 
 Mirrors of a run also serve its global models, read-only, at published/RUN_ID/ (the path a
 model's pointer names, node_payload/common/model_pointer.py): that folder maps onto the run's
