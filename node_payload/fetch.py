@@ -116,10 +116,9 @@ class _RangeFTP(FTP):
     do) is told where a read ends and stops there, with PASV, RANG and RETR sent together; one
     that lists `MRNG <max>` as well is sent up to `max` ranges (MRNG commands of up to
     RANGES_PER_LINE ranges each) for one RETR, and sends them concatenated on one data
-    connection. Any other server gets `REST` and a receive window
-    the size of the read, which bounds what it sends past the end before the node closes.
-    Commands to such a server wait for each reply, as most clients do: not every server reads
-    commands ahead.
+    connection. Any other server gets `REST` and a receive window the size of the read, which
+    bounds what it sends past the end before the node closes. Commands to such a server wait for
+    each reply, as most clients do: not every server reads commands ahead.
     """
 
     ranged = False
@@ -156,8 +155,11 @@ class _RangeFTP(FTP):
         features = [line.strip().upper().split() for line in reply.splitlines()[1:-1]]
         self.ranged = ["RANG", "STREAM"] in features
         announced = [f[1] for f in features if len(f) == 2 and f[0] == "MRNG" and f[1].isdigit()]
-        if self.ranged and announced and len(announced[0]) <= 6:  # a number beyond is no limit
-            self.max_ranges = max(1, min(MAX_RANGES, int(announced[0])))
+        if self.ranged and announced:  # int() of thousands of digits would raise: not parsed
+            digits = announced[0]
+            self.max_ranges = (
+                MAX_RANGES if len(digits) > 6 else max(1, min(MAX_RANGES, int(digits)))
+            )
 
     def _send_lines(self, *lines: str) -> None:
         """Commands in one write: the server reads them in order, as if each had been awaited."""
@@ -198,7 +200,9 @@ class _RangeFTP(FTP):
         if len(ranges) == 1:
             return self.open_range(path, *ranges[0])
         if not 1 < len(ranges) <= self.max_ranges:
-            raise ValueError(f"{len(ranges)} ranges in one read; this server takes 1")
+            raise ValueError(
+                f"{len(ranges)} ranges in one read; this server takes {self.max_ranges}"
+            )
         pairs = [f"{offset} {offset + length - 1}" for offset, length in ranges]
         commands = [
             f"MRNG {' '.join(pairs[k : k + RANGES_PER_LINE])}"

@@ -396,6 +396,26 @@ def test_a_mirror_announcing_fewer_ranges_gets_no_more(dataset) -> None:
     assert commands.count("RETR") == 3  # 20 + 20 + 10 ranges
 
 
+@pytest.mark.parametrize(
+    ("features", "retrs"),
+    [
+        (("RANG STREAM", "MRNG " + "9" * 5000), 1),  # no limit to speak of: the node's own
+        (("RANG STREAM", "MRNG 0"), 45),  # one range per RETR, 5 gaps of 50 read through
+        (("MRNG 20",), 45),  # MRNG without RANG STREAM is not believed
+    ],
+)
+def test_what_a_mirror_announces_bounds_its_reads(dataset, features, retrs) -> None:
+    root, frags = dataset
+    wanted = [f for f in frags if f.shard == SHARD][::2]  # 50 ranges of one fragment
+    commands: list[str] = []
+    server = multi_range_mirror(root, commands, [0], features=features)
+    try:
+        assert fetch_fragments([server.url], 0, wanted, FetchStats()) == expected(root, wanted)
+    finally:
+        server.close()
+    assert commands.count("RETR") == retrs
+
+
 def test_a_multi_range_read_fails_over_to_a_mirror_without_it(counting, dataset, tmp_path):
     """Bad bytes from a multi-range mirror: the read moves to a plain server, which gets the
     same fragments as single-range reads, small gaps read through."""
