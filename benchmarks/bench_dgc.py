@@ -124,7 +124,9 @@ def flush_figures(run_dir: Path, machine_cache: Path, rounds: int, jobs: int) ->
     the held-out fragment accuracy of the final model moved by the mean of each lane's top values
     of its final residual (what the last jobs would have added at that lower sparsity; the lanes
     have equal sample counts), and those files' bytes spread over the run's jobs. Share 0 is
-    the run's own model, as a check on this evaluation."""
+    the run's own model, as a check on this evaluation. Also how large the residuals are: the
+    L2 norm of a lane's v (root mean square over the lanes) against that of the run's whole
+    change of the same weights."""
     run_id = read_run_config(run_dir / CONFIG_FILE).run.run_id
     folder = machine_cache / "residuals" / run_key(run_id)
     lanes = sorted(folder.glob(f"l*_j{rounds - 1:04d}.safetensors"))
@@ -133,11 +135,15 @@ def flush_figures(run_dir: Path, machine_cache: Path, rounds: int, jobs: int) ->
     model, _ = load_model(model_path(run_dir, rounds))
     final = {name: t.clone() for name, t in model.state_dict().items()}
     heldout = load_tensors(run_dir / HELDOUT_CACHE)[0]
-    figures: dict[str, Any] = {}
+    first = load_tensors(model_path(run_dir, 0))[0]
+    residuals = [load_tensors(lane)[0] for lane in lanes]
+    change = sum(float((final[n] - first[n]).norm()) ** 2 for n in _error_fed(residuals[0]))
+    held_back = fmean(sum(float(t.norm()) ** 2 for t in _error_fed(r).values()) for r in residuals)
+    figures: dict[str, Any] = {"residual_to_change": (held_back / change) ** 0.5}
     for share in (0.0, *FLUSHED):
         moved, extra = {name: torch.zeros_like(t) for name, t in final.items()}, 0
-        for lane in lanes if share else []:
-            v = {key[: -len("::v")]: t for key, t in load_tensors(lane)[0].items() if "::v" in key}
+        for tensors in residuals if share else []:
+            v = _error_fed(tensors)
             zero = {name: torch.zeros_like(t) for name, t in v.items()}
             flush = dgc.compress(zero, set(v), Residual(v=v), dgc.DgcSettings(1 - share, 0), 0)
             for name, part in flush.sparse.items():
@@ -152,6 +158,11 @@ def flush_figures(run_dir: Path, machine_cache: Path, rounds: int, jobs: int) ->
             right = (model(heldout["x"]).argmax(1) == heldout["y"]).float().mean().item()
         figures[str(share)] = {"accuracy": right, "extra_bytes_per_job": extra / jobs}
     return figures
+
+
+def _error_fed(residual: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A residual file's v tensors by parameter name."""
+    return {key[: -len("::v")]: t for key, t in residual.items() if key.endswith("::v")}
 
 
 def main() -> None:
@@ -199,6 +210,7 @@ def main() -> None:
         results[name]["final_accuracy"] = fmean(accuracies)
         results[name]["seed_accuracies"] = accuracies
         if flushes:
+            results[name]["residual_to_change"] = [f.pop("residual_to_change") for f in flushes]
             results[name]["last_round_flush"] = {
                 share: {
                     "accuracy": fmean(f[share]["accuracy"] for f in flushes),
@@ -231,6 +243,11 @@ def main() -> None:
             f"accuracy {r['final_accuracy']:.3f} (seeds "
             f"{', '.join(f'{a:.3f}' for a in r['seed_accuracies'])})"
         )
+        if "residual_to_change" in r:
+            print(
+                f"{'':30s} a lane's final residual against the run's change of the weights "
+                f"(L2): {', '.join(f'{x:.2f}' for x in r['residual_to_change'])} by seed"
+            )
         for share, f in r.get("last_round_flush", {}).items():
             print(
                 f"{'':30s} last round adding {float(share):.0%} of the residuals: accuracy "
