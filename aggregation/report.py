@@ -7,6 +7,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from aggregation.async_apply import flush
 from aggregation.async_report import async_report
 from aggregation.evictions import node_evictions, run_evictions, with_evictions
@@ -25,6 +27,7 @@ from node_payload.common.run_layout import (
     node_dir,
     round_metrics_path,
 )
+from node_payload.common.threads import job_threads
 
 
 def collect(run_dir: Path, rounds: int) -> list[dict[str, Any]]:
@@ -154,6 +157,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dag-status", type=int, default=0)
     args = parser.parse_args(argv)
     run_dir = args.config.resolve().parent
+    torch.set_num_threads(job_threads())  # its evaluations on the cores the job asked for
     report = write_report(run_dir, read_run_config(args.config), args.dag_status)
     print(
         f"dagtrain report: {report['status']}, {report['summary']}, final accuracy "
