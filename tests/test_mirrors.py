@@ -160,13 +160,16 @@ def test_rang_ends_the_next_retr_at_the_range_end(dataset: Path, sendfile: bool)
         server.close()
 
 
-def test_plain_handler_does_not_announce_ranges(dataset: Path) -> None:
-    server = MirrorServer(read_only_handler(dataset, FTPHandler))
+@pytest.mark.parametrize(("handler", "command"), [(FTPHandler, "RANG"), (RangeFTPHandler, "MRNG")])
+def test_a_handler_neither_announces_nor_takes_what_it_lacks(
+    dataset: Path, handler: type[FTPHandler], command: str
+) -> None:
+    server = MirrorServer(read_only_handler(dataset, handler))
     ftp = login(server.url)
     try:
-        assert "RANG" not in ftp.sendcmd("FEAT")
+        assert command not in ftp.sendcmd("FEAT")
         with pytest.raises(error_perm):
-            ftp.sendcmd("RANG 0 9")
+            ftp.sendcmd(f"{command} 0 9")
     finally:
         ftp.close()
         server.close()
@@ -208,18 +211,6 @@ def test_mrng_ranges_come_concatenated_in_the_order_asked(dataset: Path, sendfil
         ftp.voidcmd("TYPE A")
         with pytest.raises(error_perm, match="501"):
             ftp.sendcmd("MRNG 0 4")
-    finally:
-        ftp.close()
-        server.close()
-
-
-def test_range_handler_without_mrng_does_not_announce_it(dataset: Path) -> None:
-    server = MirrorServer(read_only_handler(dataset, RangeFTPHandler))
-    ftp = login(server.url)
-    try:
-        assert "MRNG" not in ftp.sendcmd("FEAT")
-        with pytest.raises(error_perm):
-            ftp.sendcmd("MRNG 0 9")
     finally:
         ftp.close()
         server.close()
