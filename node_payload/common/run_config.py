@@ -296,8 +296,7 @@ class TrainTable:
 class ServerTable:
     optimizer: str = key(
         "sgd",
-        "the server's step on the combined update (sgd: with momentum and nesterov; adam: "
-        "FedAdam, use a small lr, e.g. 0.01)",
+        "the server's step on the combined update (adam: FedAdam, with a small lr)",
         choices="server_optimizers",
     )
     lr: float = key(
@@ -320,8 +319,7 @@ class ServerTable:
     max_update_norm: float = key(1000.0, "a positive number", _positive)
     rule: str = key(
         "mean",
-        "how updates combine (mean: weighted by samples; median and trimmed_mean: "
-        "coordinate-wise, robust to bad nodes)",
+        "how updates combine (mean: weighted by samples; the others coordinate-wise)",
         choices="combine_rules",
     )
     trim: float = key(
@@ -338,8 +336,7 @@ class ServerTable:
 class CompressionTable:
     method: str = key(
         "none",
-        "dense (none), top-k per tensor (dgc), every value in float16 or int8; the rest is fed "
-        "back from the execute machine",
+        "dense (none), top-k per tensor (dgc), every value in float16 or int8",
         choices="update_compression",
     )
     sparsity: float = key(
@@ -355,8 +352,7 @@ class CompressionTable:
     )
     momentum: float = key(
         0.0,
-        "momentum correction at the nodes, in [0, 1) (0.9 as in DGC, then keep [server] "
-        "momentum 0)",
+        "momentum correction at the nodes, in [0, 1) (keep 0 with local momentum)",
         _between(0, 1, hi_open=True),
     )
     clip_norm: float = key(
