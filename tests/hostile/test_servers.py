@@ -634,18 +634,22 @@ def test_a_mirror_answering_a_coalesced_range_short_is_passed_over(
     assert warnings(caplog) and all(short in line and " of " in line for line in warnings(caplog))
 
 
+def _fetched_whole(dataset: Path, url: str) -> tuple[list[Block], FetchStats]:
+    """A fetch of coalesced blocks from one mirror, checked to give every block's very bytes."""
+    blocks = coalesced_blocks(Manifest.load(dataset / "manifest.json"))
+    stats = FetchStats()
+    got = fetch_fragments([url], 0, blocks, stats)
+    shard = (dataset / blocks[0].shard).read_bytes()
+    assert got == {b.id: shard[b.offset : b.offset + b.length] for b in blocks}
+    return blocks, stats
+
+
 def test_a_mirror_answering_a_coalesced_range_long_is_read_only_to_its_end(
     tiny_dataset: Path, mirror: Callable[..., str], caplog
 ) -> None:
     """The node stops reading at the range end it asked for: bytes past it are never counted,
     never buffered and never taken for a block."""
-    long = mirror(WholeFiles)
-    manifest = Manifest.load(tiny_dataset / "manifest.json")
-    blocks = coalesced_blocks(manifest)
-    stats = FetchStats()
-    got = fetch_fragments([long], 0, blocks, stats)
-    shard = (tiny_dataset / blocks[0].shard).read_bytes()
-    assert got == {b.id: shard[b.offset : b.offset + b.length] for b in blocks}
+    blocks, stats = _fetched_whole(tiny_dataset, mirror(WholeFiles))
     needed = sum(b.length for b in blocks)
     assert needed <= stats.bytes_downloaded <= (1 + fetch.MAX_WASTE) * needed
     assert stats.failovers == 0 and warnings(caplog) == []
@@ -778,13 +782,7 @@ def test_a_mirror_sending_a_range_more_is_read_only_to_the_asked_ones(
     tiny_dataset: Path, mirror: Callable[..., str], caplog
 ) -> None:
     """Bytes past the asked ranges' sum are never read, counted or taken for a block."""
-    long = mirror(LongMultiRanges)
-    manifest = Manifest.load(tiny_dataset / "manifest.json")
-    blocks = coalesced_blocks(manifest)
-    stats = FetchStats()
-    got = fetch_fragments([long], 0, blocks, stats)
-    shard = (tiny_dataset / blocks[0].shard).read_bytes()
-    assert got == {b.id: shard[b.offset : b.offset + b.length] for b in blocks}
+    blocks, stats = _fetched_whole(tiny_dataset, mirror(LongMultiRanges))
     assert stats.bytes_downloaded == sum(b.length for b in blocks)
     assert stats.failovers == 0 and warnings(caplog) == []
 
