@@ -35,6 +35,7 @@ from ftplib import (
     parse229,
 )
 from hashlib import sha256
+from operator import attrgetter
 
 from node_payload.common.errors import UserError
 from node_payload.common.manifest import Block as Fragment  # fetched units are stored blocks
@@ -50,8 +51,12 @@ log = logging.getLogger(__name__)
 # first: a node never downloads more than 1 + MAX_WASTE times what it needs.
 MAX_GAP = 64 * 1024
 MAX_WASTE = 1 / 10
-MAX_SPAN = 8 * 1024 * 1024  # bounds the memory of one read and the bytes wasted when it fails
-MAX_RANGES = 256  # ranges of one multi-range read: its commands fit in one write of some 8 KB
+# A read's buffer is its planned bytes (from the manifest, never from the mirror): MAX_SPAN bounds
+# it and the bytes wasted when a read fails, and is large enough that a lane's part of a shard is
+# one read (a realistic local set, 42 MB over 3 lanes, is 14 MB a lane): every further read costs
+# a data connection starting from TCP's initial window.
+MAX_SPAN = 32 * 1024 * 1024
+MAX_RANGES = 1024  # ranges of one multi-range read: 32 MRNG lines of some 42 KB in one write
 RANGES_PER_LINE = 32  # ranges per MRNG command: lines under 1300 bytes, few replies
 PASSES = 3  # every mirror gets more chances, after pauses, before a read is given up
 BACKOFF_S = 0.5  # pause before the second pass, doubled for each later one
@@ -61,7 +66,9 @@ _EARLY_CLOSE = ("426", "451")  # replies of a server whose transfer the client c
 # Real servers answer in a few lines (FEAT, a banner); a reply that runs on is not buffered.
 MAX_REPLY = 64 * 1024
 CHUNK = 2**20  # receive size of a whole-file read: few calls, and memory follows what arrives
+RECV = 256 * 1024  # receive size of a range read: hashed while the bytes are still in the cache
 _SIZE_REPLY = re.compile(r"213 ([0-9]{1,30})")
+_PLACE = attrgetter("offset", "length")  # fragments in shard order
 
 
 @dataclass
@@ -269,7 +276,6 @@ class _Session:
     def __init__(self, mirror: Mirror, stats: FetchStats, timeout_s: float) -> None:
         self.mirror = mirror
         self._stats = stats
-        self._buf = bytearray()
         self._ftp = _RangeFTP(timeout=mirror.timeout_s or timeout_s)
         try:
             self._ftp.connect(mirror.host, mirror.port)
@@ -328,25 +334,23 @@ class _Session:
         ranges: list[tuple[int, int]],
         arrived: Callable[[memoryview, int], None] = lambda data, n: None,
     ) -> memoryview:
-        """Exactly the bytes of the (offset, length) ranges, one after the other, valid until
-        the next read of this session; `arrived(data, n)` is told each time the first n bytes
-        are in, so that they can be checked while the mirror sends the rest.
+        """Exactly the bytes of the (offset, length) ranges, one after the other, in a buffer of
+        their own; `arrived(data, n)` is told each time the first n bytes are in, so that they
+        can be checked while the mirror sends the rest.
 
-        One receive buffer per session, grown as needed: a fresh buffer per read costs a zeroing
-        and page faults for every byte, which is much of what receiving the byte costs. Lengths
-        come from the validated manifest (at most MAX_SPAN in all, or one block of plausible
-        size), never from the mirror, and no byte past their sum is read.
+        The buffer is the read's alone, so that its verified blocks are handed on as views of it
+        instead of copies (a copy of each block cost as much as receiving it). Lengths come from
+        the validated manifest (at most MAX_SPAN in all, or one block of plausible size), never
+        from the mirror, and no byte past their sum is read.
         """
         length = sum(n for _, n in ranges)
         offset = ranges[0][0]
-        if len(self._buf) < length:
-            self._buf = bytearray(length)
-        view = memoryview(self._buf)[:length]
+        view = memoryview(bytearray(length))
         got = 0
         try:
             with self._ftp.open_ranges(self.mirror.remote(path), ranges) as conn:
                 while got < length:
-                    n = conn.recv_into(view[got:])
+                    n = conn.recv_into(view[got:], min(RECV, length - got))
                     if n == 0:
                         break
                     got += n
@@ -566,22 +570,18 @@ def _runs(frags: list[Fragment]) -> list[list[Fragment]]:
     for frag in {f.id: f for f in frags}.values():
         by_shard.setdefault(frag.shard, []).append(frag)
     runs: list[list[Fragment]] = []
-    ends: list[int] = []
     for shard_frags in by_shard.values():
-        shard_frags.sort(key=_place)
+        shard_frags.sort(key=_PLACE)
+        run: list[Fragment] = []
+        start = end = 0
         for frag in shard_frags:
-            end = frag.offset + frag.length
-            if (
-                runs
-                and runs[-1][0].shard == frag.shard
-                and frag.offset <= ends[-1]
-                and max(ends[-1], end) - runs[-1][0].offset <= MAX_SPAN
-            ):
-                runs[-1].append(frag)
-                ends[-1] = max(ends[-1], end)
+            offset, stop = frag.offset, frag.offset + frag.length
+            if run and offset <= end and max(end, stop) - start <= MAX_SPAN:
+                run.append(frag)
+                end = max(end, stop)
             else:
-                runs.append([frag])
-                ends.append(end)
+                run, start, end = [frag], offset, stop
+                runs.append(run)
     return runs
 
 
@@ -641,10 +641,6 @@ def _batches(frags: list[Fragment], max_ranges: int) -> dict[str, list[list[list
     return batches
 
 
-def _place(frag: Fragment) -> tuple[int, int]:
-    return frag.offset, frag.length
-
-
 class _Verifier:
     """Checks a read's fragments against their hashes as their bytes arrive: hashing overlaps
     the transfer, which the socket's buffer carries on meanwhile. After a mismatch the read
@@ -659,7 +655,7 @@ class _Verifier:
             at += length
         self._places = sorted(places, key=lambda place: place[0] + place[1].length)
         self._next = 0
-        self.blobs: dict[int, bytes] = {}
+        self.blobs: dict[int, memoryview] = {}
         self.wrong = ""
 
     def __call__(self, data: memoryview, arrived: int) -> None:
@@ -670,12 +666,14 @@ class _Verifier:
             self._next += 1
             blob = data[start : start + frag.length]
             if frag.matches(blob):
-                self.blobs[frag.id] = blob.tobytes()  # data is the session's buffer: copied
+                self.blobs[frag.id] = blob.toreadonly()  # a view of the read's own buffer
             else:
                 self.wrong = f"{frag.hash_name} mismatch for fragment {frag.id}"
 
 
-def _read_verified(session: _Session, ranges: list[list[Fragment]], out: dict[int, bytes]) -> None:
+def _read_verified(
+    session: _Session, ranges: list[list[Fragment]], out: dict[int, memoryview]
+) -> None:
     """One read of a shard's ranges, each spanning its fragments (sorted by offset, gaps read
     through); every fragment is checked against its hash before any of them is kept."""
     verifier = _Verifier(ranges)
@@ -685,7 +683,9 @@ def _read_verified(session: _Session, ranges: list[list[Fragment]], out: dict[in
     out.update(verifier.blobs)
 
 
-def _shard_task(ranges: list[list[Fragment]], order: list[int], out: dict[int, bytes]) -> _Task:
+def _shard_task(
+    ranges: list[list[Fragment]], order: list[int], out: dict[int, memoryview]
+) -> _Task:
     """A multi-range read's worth of a shard's fragments (byte-contiguous runs) from one mirror:
     in that one read from a mirror that takes as many ranges per RETR, in reads of as many as it
     takes from one that takes fewer, else as coalesced single-range reads. After a fault only
@@ -715,14 +715,15 @@ def fetch_fragments(
     frags: list[Fragment],
     stats: FetchStats,
     timeout_s: float = 20.0,
-) -> dict[int, bytes]:
-    """Verified bytes of each fragment, by fragment id.
+) -> dict[int, memoryview]:
+    """Verified bytes of each fragment, by fragment id: read-only views of the buffers they
+    were received in, never copied.
 
     Shards start on different mirrors (first, first+1, ...) so that one node spreads its load;
     a caller fetching in parallel lanes gives each lane its own `first`.
     """
     started = time.monotonic()
-    out: dict[int, bytes] = {}
+    out: dict[int, memoryview] = {}
     try:
         parsed = _mirrors(mirrors)
         reads = [
