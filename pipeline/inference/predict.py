@@ -1,6 +1,7 @@
 """`dagtrain predict`: each image's class probabilities, the mean softmax of its fragments.
 
-Images are cut as the run's dataset was (pipeline.inference.tiling) and classified in batches;
+Images are cut as the run's dataset was (pipeline.inference.tiling) and classified in batches
+by the model's inference_copy (BatchNorm folded, channels-last: the same outputs, faster);
 an image's probabilities are summed batch by batch (aggregation.heldout_metrics.ImageVotes, the
 vote the held-out evaluation takes), so memory stays bounded whatever the image's size. An image
 that cannot be used is one failure naming the file, and the other images go on.
@@ -11,6 +12,7 @@ import io
 import json
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -18,9 +20,10 @@ import numpy as np
 import torch
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from torch import nn
 
 from aggregation.heldout import unrotated
-from aggregation.heldout_metrics import ImageVotes
+from aggregation.heldout_metrics import ImageVotes, inference_copy
 from node_payload.batches import to_tensor
 from node_payload.common.atomic_file import write_text
 from node_payload.common.errors import UserError
@@ -125,7 +128,12 @@ def _progress(enabled: bool) -> Progress:
 
 
 def _score_one(
-    run: RunModel, probed: Probed, angles: list[int], batch: int, done: Callable[[int], None]
+    run: RunModel,
+    fast: nn.Module,
+    probed: Probed,
+    angles: list[int],
+    batch: int,
+    done: Callable[[int], None],
 ) -> Scored:
     votes = ImageVotes(1, len(run.classes))
     # one array for every fragment's class: a small tensor kept from each batch would pin the
@@ -134,7 +142,8 @@ def _score_one(
     start = 0
     with torch.inference_mode():
         for chunk in _batches(bands(probed, run.tiling, angles), batch):
-            probabilities = run.model(to_tensor(chunk, run.image_size)).softmax(dim=1)
+            x = to_tensor(chunk, run.image_size).contiguous(memory_format=torch.channels_last)
+            probabilities = fast(x).softmax(dim=1)
             votes.add(probabilities, torch.zeros(len(chunk), dtype=torch.long))
             classes[start : start + len(chunk)] = probabilities.argmax(dim=1)
             start += len(chunk)
@@ -163,13 +172,15 @@ def score(
             checked.append(Failure(str(path), str(exc)))
     total = sum(c.fragments(len(angles)) for c in checked if isinstance(c, Probed))
     results: list[Scored | Failure] = []
+    fast = inference_copy(run.model)
     with torch_threads(workers), _progress(progress) as bar:
         images = bar.add_task("images", total=len(paths))
         fragments = bar.add_task("fragments", total=total)
         for item in checked:
             if isinstance(item, Probed):
                 try:
-                    item = _score_one(run, item, angles, batch, lambda n: bar.advance(fragments, n))
+                    advance = partial(bar.advance, fragments)
+                    item = _score_one(run, fast, item, angles, batch, advance)
                 except BadInput as exc:
                     item = Failure(str(item.path), str(exc))
             results.append(item)
