@@ -25,7 +25,7 @@ import torch
 
 from node_payload.common import tensor_io
 from node_payload.common.run_layout import job_tag, lane_tag
-from node_payload.machine_cache import private_folder, run_key
+from node_payload.machine_cache import run_folder
 
 RESIDUALS = "residuals"
 _NAME = re.compile(r"l(\d{3,})_j(\d{4,})\.safetensors")
@@ -55,12 +55,7 @@ class Found:
 def run_cache(node_cache: str, run_id: str) -> Path | None:
     """This run's residual folder on this machine (node_payload/machine_cache.py); None (after
     one warning line) when the machine gives none: the lane then starts from zero every job."""
-    root = private_folder(node_cache, RESIDUALS, "no residual is kept")
-    if root is None:
-        return None
-    folder = root / run_key(run_id)
-    folder.mkdir(mode=0o700, exist_ok=True)
-    return folder
+    return run_folder(node_cache, RESIDUALS, run_id, "no residual is kept")
 
 
 def _lane_files(folder: Path, lane: int) -> dict[int, Path]:
