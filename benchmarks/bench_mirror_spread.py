@@ -4,27 +4,31 @@ Each of the mirrors (pyftpdlib on loopback) counts the bytes its data connection
 then fetch their manifest and local sets exactly as node jobs do (first mirror = node + attempt).
 Prints bytes per mirror and busiest / least busy (target: at most 1.2), both by the bytes the
 nodes read and by the bytes the mirrors put on the wire. The mirrors are the embedded ones, which
-stop a RETR at the range end the node announces (RANG); `--plain` makes them plain pyftpdlib
-servers, which stream past the end of a range until the node closes the data connection.
+send a shard's ranges of a read in one transfer (MRNG) and stop at the range end the node
+announces; `--plain` makes them plain pyftpdlib servers, read one range per RETR, which stream
+past the end of a range until the node closes the data connection. `--connections N` fetches
+over N connections (lanes) per node instead of local_data.CONNECTIONS.
 
 Run:  python benchmarks/bench_mirror_spread.py [NODES] [MIRRORS] [LOCAL_TRAIN] [--plain]
+          [--connections N]
 """
 
+import argparse
 import fcntl
 import socket
 import struct
-import sys
 import tempfile
 import threading
 from pathlib import Path
 
 from pyftpdlib.handlers import FTPHandler
 
+from node_payload import local_data
 from node_payload.fetch import FetchStats
 from node_payload.local_data import BlockSource, fetch_blocks, planned_manifest
 from node_payload.sampling import local_sets
 from pipeline.dataset_prepare import prepare
-from pipeline.mirrors import MirrorServer, RangeFTPHandler, read_only_handler
+from pipeline.mirrors import MirrorServer, MultiRangeFTPHandler, read_only_handler
 from pipeline.textures import generate
 
 TCPI_BYTES_SENT = 200  # offset of tcpi_bytes_sent in Linux's struct tcp_info (4.19+)
@@ -33,7 +37,7 @@ SIOCOUTQNSD = 0x894B  # ioctl: bytes in the send queue not yet sent
 
 
 def counting_handler(
-    root: Path, sent: list[int], index: int, base: type[FTPHandler] = RangeFTPHandler
+    root: Path, sent: list[int], index: int, base: type[FTPHandler] = MultiRangeFTPHandler
 ) -> type[FTPHandler]:
     """A read-only handler whose data connections add what they sent to sent[index].
 
@@ -65,7 +69,7 @@ def spread(
     the bytes the nodes kept from each (their reads, without what came after a read's end)."""
     sent = [0] * k
     kept = [0] * k
-    base = FTPHandler if plain else RangeFTPHandler
+    base = FTPHandler if plain else MultiRangeFTPHandler
     servers = [MirrorServer(counting_handler(dataset, sent, i, base)) for i in range(k)]
     try:
         urls = [s.url for s in servers]
@@ -91,11 +95,20 @@ def _mb(counts: list[int]) -> str:
 
 
 def main() -> None:
-    plain = "--plain" in sys.argv
-    args = [a for a in sys.argv[1:] if a != "--plain"]
-    nodes = int(args[0]) if len(args) > 0 else 8
-    k = int(args[1]) if len(args) > 1 else 3
-    n_train = int(args[2]) if len(args) > 2 else 384
+    parser = argparse.ArgumentParser(description=__doc__.partition("\n")[0])
+    parser.add_argument("nodes", nargs="?", type=int, default=8)
+    parser.add_argument("k", nargs="?", type=int, default=3, metavar="MIRRORS")
+    parser.add_argument("n_train", nargs="?", type=int, default=384, metavar="LOCAL_TRAIN")
+    parser.add_argument("--plain", action="store_true", help="plain pyftpdlib mirrors")
+    parser.add_argument(
+        "--connections",
+        type=int,
+        default=local_data.CONNECTIONS,
+        help=f"connections per node (default {local_data.CONNECTIONS})",
+    )
+    args = parser.parse_args()
+    nodes, k, n_train, plain = args.nodes, args.k, args.n_train, args.plain
+    local_data.CONNECTIONS = args.connections
     with tempfile.TemporaryDirectory() as tmp:
         src = generate(
             Path(tmp) / "src", classes=3, images_per_class=4, size=1024, height=768, progress=False
@@ -122,7 +135,8 @@ def main() -> None:
                 f"{wire[-1]:.3f}; MB of the nodes' reads [{_mb(kept)}], {reads[-1]:.3f}"
             )
         print(
-            f"{nodes} nodes x {k} mirrors, busiest / least busy (worst of 3): "
+            f"{nodes} nodes x {k} mirrors, {args.connections} connections a node, busiest / "
+            "least busy (worst of 3): "
             f"{max(reads):.3f} by the bytes read, {max(wire):.3f} by the bytes on the wire "
             f"(wire / read {sent_total / kept_total:.2f})"
         )

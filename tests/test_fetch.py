@@ -135,6 +135,17 @@ def test_contiguous_fragments_are_read_in_one_go(counting, dataset) -> None:
     assert commands.count("USER") == 1  # one control connection for every read
 
 
+def test_fetched_blocks_are_read_only(counting, dataset) -> None:
+    """Blocks come as views of the buffer they arrived in, not copies: no user of one can
+    change verified bytes, its own or a neighbour's in the same buffer."""
+    url, _ = counting
+    root, frags = dataset
+    got = fetch_fragments([url], 0, frags[:3], FetchStats())
+    with pytest.raises(TypeError, match="read-only"):
+        got[frags[0].id][0] = 0
+    assert got == expected(root, frags[:3])
+
+
 def test_far_apart_fragments_are_separate_reads(counting, dataset, monkeypatch) -> None:
     monkeypatch.setattr("node_payload.fetch.MAX_GAP", FRAG)
     url, commands = counting
