@@ -78,12 +78,12 @@ def make_run(work: Path, grey: bool) -> Path:
     return run_dir
 
 
-def rate(work: Path, reps: int) -> None:
+def rate(work: Path, reps: int, threads: int) -> None:
     run = pipeline.load_model(make_run(work / "rgb", grey=False))
     image = work / "photo.png"
     rng = np.random.default_rng(0)
     Image.fromarray(rng.integers(0, 256, (1704, 2272, 3), np.uint8)).save(image)
-    torch.set_num_threads(2)
+    torch.set_num_threads(threads)
     pixels = np.concatenate(list(bands(check(image, run.tiling), run.tiling, [0])))
     tensors = [to_tensor(pixels[i : i + 64], run.image_size) for i in range(0, len(pixels), 64)]
     fast = inference_copy(run.model)
@@ -94,7 +94,7 @@ def rate(work: Path, reps: int) -> None:
             "fast": bare_rate(fast, tensors, len(pixels)),
         }
         start = time.perf_counter()
-        pipeline.predict(run, [image], workers=2)
+        pipeline.predict(run, [image], workers=threads)
         full = len(pixels) / (time.perf_counter() - start)
         for kind, value in bare.items():
             ratios[kind].append(full / value)
@@ -170,13 +170,13 @@ def main() -> None:
         default=[],
         help="also the 20,000 px slide in these formats (minutes each)",
     )
-    parser.add_argument("--workers", type=int, default=2, help="threads for the slide's predict")
+    parser.add_argument("--workers", type=int, default=2, help="threads for predict")
     parser.add_argument("--skip-rate", action="store_true", help="only the slide")
     parser.add_argument("--work", type=Path, help="scratch folder (default: a temporary one)")
     args = parser.parse_args()
     work = args.work or Path(tempfile.mkdtemp(prefix="bench_predict."))
     if not args.skip_rate:
-        rate(work, args.reps)
+        rate(work, args.reps, args.workers)
     if args.slide:
         slide(work, args.slide, args.workers)
     print(f"peak of this process: {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024} MB")
