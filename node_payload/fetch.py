@@ -335,8 +335,8 @@ class _Session:
         arrived: Callable[[memoryview, int], None] = lambda data, n: None,
     ) -> memoryview:
         """Exactly the bytes of the (offset, length) ranges, one after the other, in a buffer of
-        their own; `arrived(data, n)` is told each time the first n bytes are in, so that they
-        can be checked while the mirror sends the rest.
+        their own, read-only; `arrived(data, n)` is told each time the first n bytes are in, so
+        that they can be checked while the mirror sends the rest.
 
         The buffer is the read's alone, so that its verified blocks are handed on as views of it
         instead of copies (a copy of each block cost as much as receiving it). Lengths come from
@@ -346,6 +346,7 @@ class _Session:
         length = sum(n for _, n in ranges)
         offset = ranges[0][0]
         view = memoryview(bytearray(length))
+        done = view.toreadonly()  # what callers see: no one changes bytes once verified
         got = 0
         try:
             with self._ftp.open_ranges(self.mirror.remote(path), ranges) as conn:
@@ -354,11 +355,11 @@ class _Session:
                     if n == 0:
                         break
                     got += n
-                    arrived(view, got)
+                    arrived(done, got)
         finally:
             self._count(got)
         self._end_read(path, offset, length, got)
-        return view
+        return done
 
     def _end_read(self, path: str, offset: int, length: int, got: int) -> None:
         """The transfer's reply: an early close is fine once every byte asked for arrived."""
@@ -648,27 +649,34 @@ class _Verifier:
 
     def __init__(self, ranges: list[list[Fragment]]) -> None:
         self.spans = [(frags[0].offset, _end(frags) - frags[0].offset) for frags in ranges]
-        places = []  # (where a fragment starts in the read, the fragment)
+        frags, starts, ends = [], [], []  # where each fragment's bytes are in the read
         at = 0
-        for frags, (offset, length) in zip(ranges, self.spans, strict=True):
-            places += [(at + frag.offset - offset, frag) for frag in frags]
+        for run, (offset, length) in zip(ranges, self.spans, strict=True):
+            for frag in run:
+                frags.append(frag)
+                starts.append(at + frag.offset - offset)
+                ends.append(starts[-1] + frag.length)
             at += length
-        self._places = sorted(places, key=lambda place: place[0] + place[1].length)
+        # Flat lists in the order the fragments' bytes complete, not a tuple per fragment: a
+        # read's objects live through garbage collections, and every one makes a full one nearer.
+        order = sorted(range(len(frags)), key=ends.__getitem__)
+        self._frags = [frags[k] for k in order]
+        self._starts = [starts[k] for k in order]
+        self._ends = [ends[k] for k in order]
         self._next = 0
         self.blobs: dict[int, memoryview] = {}
         self.wrong = ""
 
     def __call__(self, data: memoryview, arrived: int) -> None:
-        while self._next < len(self._places) and not self.wrong:
-            start, frag = self._places[self._next]
-            if start + frag.length > arrived:
-                return
-            self._next += 1
-            blob = data[start : start + frag.length]
+        k, ends = self._next, self._ends
+        while k < len(ends) and ends[k] <= arrived and not self.wrong:
+            frag, blob = self._frags[k], data[self._starts[k] : ends[k]]
             if frag.matches(blob):
-                self.blobs[frag.id] = blob.toreadonly()  # a view of the read's own buffer
+                self.blobs[frag.id] = blob  # a read-only view of the read's own buffer
             else:
                 self.wrong = f"{frag.hash_name} mismatch for fragment {frag.id}"
+            k += 1
+        self._next = k
 
 
 def _read_verified(
