@@ -778,6 +778,34 @@ def test_a_mirror_mishandling_a_multi_range_read_is_passed_over(
     assert hostile in line and said in line
 
 
+class StallingMidRanges(MultiRangeFTPHandler):
+    """Announces MRNG, answers a read's first MRNG line, then no command after it (the other
+    lines and the RETR sent with it included), as if it had hung."""
+
+    def pre_process_command(self, line: str, cmd: str, arg: str) -> None:
+        if not self._spans:
+            super().pre_process_command(line, cmd, arg)
+
+
+def test_a_mirror_stalling_among_a_reads_range_lines_costs_that_read_a_timeout(
+    tiny_dataset: Path, mirror: Callable[..., str], caplog, monkeypatch
+) -> None:
+    """A read's MRNG lines go out in one write: a mirror that stops answering after some of
+    them costs one timeout, its session is dropped and the read moves to the next mirror."""
+    monkeypatch.setattr(fetch, "RANGES_PER_LINE", 2)  # several lines in one read
+    stalling = mirror(StallingMidRanges) + "?timeout=1"
+    good = mirror(MultiRangeFTPHandler)
+    manifest = Manifest.load(tiny_dataset / "manifest.json")
+    blocks = coalesced_blocks(manifest)
+    stats = FetchStats()
+    got = fetch_fragments([stalling, good], 0, blocks, stats, timeout_s=5)
+    shard = (tiny_dataset / blocks[0].shard).read_bytes()
+    assert got == {b.id: shard[b.offset : b.offset + b.length] for b in blocks}
+    assert stats.failovers == 1 and stats.per_mirror_bytes.get(stalling, 0) == 0
+    (line,) = warnings(caplog)
+    assert stalling in line and "timed out" in line
+
+
 def test_a_mirror_sending_a_range_more_is_read_only_to_the_asked_ones(
     tiny_dataset: Path, mirror: Callable[..., str], caplog
 ) -> None:
