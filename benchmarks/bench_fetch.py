@@ -14,7 +14,8 @@ RETR of a 256 MiB file is timed beside it as what the mirror and the link delive
 (it amortises a login and TCP's start over 60 times the bytes, which a node cannot). The ratio
 is given without and with the node's manifest download (verified and parsed, never cached on a
 node). References and node fetch are timed alternately and each repeat gives one ratio, median
-of the repeats, because this machine is shared. Decoding the blocks is timed and reported apart.
+of the repeats, because this machine is shared. Decoding the blocks is timed and reported apart,
+and the full garbage collections that fall in the node's fetches are counted and timed.
 
 The node reads each shard's needed ranges of a lane in one transfer (PASV, MRNG lines of up to
 32 ranges and RETR in one write; pipeline/mirrors.py). Side by side with it (BLAKE3, format
@@ -43,6 +44,7 @@ Run:  python benchmarks/bench_fetch.py [IMAGES_PER_CLASS] [LOCAL_TRAIN] [REPEATS
 """
 
 import argparse
+import gc
 import hashlib
 import json
 import os
@@ -75,7 +77,7 @@ from pipeline.textures import generate
 LARGE = 256 * 2**20  # what the mirror and link deliver: large enough that its login is negligible
 SAME = "same.bin"  # the reference: as many bytes as the node needs, one file, one RETR
 VARIANTS = {  # the node's fetch of the same blocks in other ways, timed in the same repeats
-    "ranges": "one range per RETR (MRNG hidden: the node before, gaps read through)",
+    "ranges": "one range per RETR (MRNG hidden, as from a mirror without it: gaps read through)",
     "caps8": "multi-range reads of at most 256 ranges and 8 MiB",
     "sha256": "the same blocks under the format-2 manifest (sha256)",
     "lanes1": "over 1 connection",
@@ -273,6 +275,26 @@ def connections(n: int) -> Iterator[None]:
         local_data.CONNECTIONS = default
 
 
+class FullCollections:
+    """Full garbage collections (generation 2) while `counting`, and the seconds they took: with
+    torch imported, as in a node job, one walks hundreds of thousands of objects."""
+
+    def __init__(self) -> None:
+        self.counting = False
+        self.count = 0
+        self.seconds = 0.0
+        self._started = 0.0
+
+    def __call__(self, phase: str, info: dict[str, int]) -> None:
+        if not self.counting or info["generation"] != 2:
+            return
+        if phase == "start":
+            self._started = time.perf_counter()
+        else:
+            self.count += 1
+            self.seconds += time.perf_counter() - self._started
+
+
 def hash_rate(blobs: list[bytes], name: str) -> float:
     """Bytes per second that the named block hash verifies over blobs, one core."""
     hex_digest = hex_digest_function(name, "bench_fetch.py")
@@ -358,6 +380,8 @@ def main() -> None:
         other_times: dict[str, list[float]] = {name: [] for name in others}
         hash_rates: dict[str, list[float]] = {BLAKE3: [], SHA256: []}
         walls, node_cpu, mirror_cpu = [], [], []
+        collections = FullCollections()
+        gc.callbacks.append(collections)
         with mirror_process(out) as (url, mirror_pid):
             for seed in range(repeats):
                 train, test = local_sets(planned, seed, n_train, n_test)
@@ -395,7 +419,9 @@ def main() -> None:
                     assert local_sets(manifest, seed, n_train, n_test) == (train, test)
                     cpu, served = time.process_time(), cpu_seconds(mirror_pid)
                     fetching = time.perf_counter()
+                    collections.counting = True
                     blobs = fetch_raw(manifest, train + test, BlockSource([url], 0, stats))
+                    collections.counting = False
                     ended = time.perf_counter()
                     node_cpu.append(time.process_time() - cpu)
                     mirror_cpu.append(cpu_seconds(mirror_pid) - served)
@@ -441,6 +467,9 @@ def main() -> None:
             f"{statistics.median(hash_rates[SHA256]) / 1e9:.2f} GB/s (medians); BLAKE3 takes "
             f"{statistics.median(rates) / statistics.median(hash_rates[BLAKE3]):.0%} of the "
             f"fetch's time\n"
+            f"full garbage collections during the node's fetches: {collections.count} in "
+            f"{repeats}, {collections.seconds / max(1, collections.count) * 1e3:.0f} ms each "
+            f"({len(gc.get_objects())} objects tracked)\n"
             f"decoding {len(blobs)} blocks {statistics.median(decode_s):.2f} s"
         )
         if args.link:
