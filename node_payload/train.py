@@ -102,9 +102,9 @@ def shuffled_batches(n: int, batch_size: int, generator: torch.Generator) -> Ite
 
 @contextmanager
 def channels_last(model: nn.Module) -> Iterator[None]:
-    """Trains in channels-last layout, where oneDNN's CPU convolutions and pooling take a step in
-    0.64x (smallcnn) to 0.8x (resnet18) the time; the weights return to the default layout after,
-    so what is saved, subtracted or compressed is laid out as before."""
+    """Trains in channels-last layout, in which torch's CPU convolutions and pooling take a step
+    in less time (benchmarks/bench_train_step.py); the weights return to the default layout
+    after, so what is saved, subtracted or compressed is laid out as before."""
     model.to(memory_format=torch.channels_last)
     try:
         yield
