@@ -1,66 +1,96 @@
-"""A node's SGD step in channels-last layout (node_payload.train.channels_last) against the
-default layout, side by side in one process.
+"""A node's training steps in channels-last layout (node_payload.train.channels_last) and with
+freed memory kept (node_payload.common.heap), against the defaults, side by side in one run.
 
-For each architecture: a fresh model per run (batch 32 of 64 px RGB tiles, 6 classes, SGD with
-momentum 0.9, one thread), its steps timed after 3 untimed ones, the two layouts alternating
-(ABBA) `--pairs` times; the median of the paired ratios is printed, with the load average.
+Each measurement is a fresh process, as each node job is (a fork of the warm interpreter, or a
+new Python on a pool): it builds the model (batch 32 of 64 px RGB tiles drawn from 480, 6 classes,
+SGD with momentum 0.9, one thread) and times `--steps` steps after 3 untimed ones, in wall time,
+CPU time (user and system) and minor page faults. The four variants (layout x heap) run in a
+rotating order `--rounds` times; medians per variant are printed, and the ratios to the
+defaults, with the load average.
 
-Run:  python benchmarks/bench_train_step.py [--archs smallcnn,resnet18] [--pairs 3] [--steps 20]
+Run:  python benchmarks/bench_train_step.py [--archs smallcnn,resnet18] [--rounds 4] [--steps 20]
 """
 
 import argparse
 import contextlib
+import json
 import os
+import resource
 import statistics
+import subprocess
+import sys
 import time
 
-import torch
-from torch import nn
-
-from node_payload.common.models import build_model
-from node_payload.train import channels_last
-
-BATCH, SIZE, CLASSES = 32, 64, 6
+VARIANTS = ("default", "channels-last", "heap kept", "both")
+BATCH, SIZE, CLASSES, SAMPLES = 32, 64, 6, 480
 
 
-def step_seconds(arch: str, last: bool, steps: int) -> float:
+def child(arch: str, variant: str, steps: int) -> None:
+    """One measurement, printed as JSON."""
+    from node_payload.common.heap import keep_freed_memory
+
+    if variant in ("heap kept", "both"):
+        keep_freed_memory()
+    import torch
+    from torch import nn
+
+    from node_payload.common.models import build_model
+    from node_payload.train import channels_last
+
+    torch.set_num_threads(1)
     torch.manual_seed(0)
     model = build_model(arch, CLASSES, 3, seed=1).train()
-    x, y = torch.randn(BATCH, 3, SIZE, SIZE), torch.randint(0, CLASSES, (BATCH,))
+    x, y = torch.randn(SAMPLES, 3, SIZE, SIZE), torch.randint(0, CLASSES, (SAMPLES,))
     optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
     loss_fn = nn.CrossEntropyLoss()
-    with channels_last(model) if last else contextlib.nullcontext():
+    layout = channels_last(model) if variant in ("channels-last", "both") else None
+    with layout or contextlib.nullcontext():
         for done in range(3 + steps):
             if done == 3:
-                start = time.perf_counter()
-            loss = loss_fn(model(x), y)
+                start, before = time.perf_counter(), resource.getrusage(resource.RUSAGE_SELF)
+            index = torch.randint(0, SAMPLES, (BATCH,))
+            loss = loss_fn(model(x[index]), y[index])
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-    return (time.perf_counter() - start) / steps
+    wall = time.perf_counter() - start
+    after = resource.getrusage(resource.RUSAGE_SELF)
+    cpu = after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime
+    faults = after.ru_minflt - before.ru_minflt
+    print(json.dumps({"wall": wall / steps, "cpu": cpu / steps, "faults": faults / steps}))
+
+
+def measure(arch: str, variant: str, steps: int) -> dict[str, float]:
+    command = [sys.executable, __file__, "--child", arch, variant, str(steps)]
+    out = subprocess.run(command, capture_output=True, text=True, check=True).stdout
+    return json.loads(out.splitlines()[-1])
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--archs", default="smallcnn,resnet18")
-    parser.add_argument("--pairs", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=4)
     parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--child", nargs=3, help=argparse.SUPPRESS)
     args = parser.parse_args()
-    torch.set_num_threads(1)
+    if args.child:
+        child(args.child[0], args.child[1], int(args.child[2]))
+        return
     for arch in args.archs.split(","):
-        ratios = []
-        for pair in range(args.pairs):
-            order = (False, True, True, False) if pair % 2 == 0 else (True, False, False, True)
-            times: dict[bool, list[float]] = {False: [], True: []}
-            for last in order:
-                times[last].append(step_seconds(arch, last, args.steps))
-            default, last = statistics.fmean(times[False]), statistics.fmean(times[True])
-            ratios.append(last / default)
-            load = " ".join(f"{x:.1f}" for x in os.getloadavg())
-            print(f"{arch} pair {pair}: default {default * 1e3:.0f} ms a step, channels-last "
-                  f"{last * 1e3:.0f} ms ({last / default:.2f}x); load average {load}")  # fmt: skip
-        print(f"{arch}: channels-last / default, median of {args.pairs} pairs: "
-              f"{statistics.median(ratios):.2f}")  # fmt: skip
+        runs: dict[str, list[dict[str, float]]] = {v: [] for v in VARIANTS}
+        for turn in range(args.rounds):
+            for variant in VARIANTS[turn % 4 :] + VARIANTS[: turn % 4]:
+                runs[variant].append(measure(arch, variant, args.steps))
+        load = " ".join(f"{x:.1f}" for x in os.getloadavg())
+        base = {k: statistics.median(r[k] for r in runs["default"]) for k in ("wall", "cpu")}
+        print(f"{arch}, medians of {args.rounds} runs of {args.steps} steps (load {load}):")
+        for variant, results in runs.items():
+            wall, cpu, faults = (
+                statistics.median(r[k] for r in results) for k in ("wall", "cpu", "faults")
+            )
+            print(f"  {variant}: {wall * 1e3:.0f} ms a step ({wall / base['wall']:.2f}x), "
+                  f"{cpu * 1e3:.0f} CPU ms ({cpu / base['cpu']:.2f}x), {faults:.0f} page faults "
+                  "a step")  # fmt: skip
 
 
 if __name__ == "__main__":

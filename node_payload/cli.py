@@ -5,6 +5,7 @@ from pathlib import Path
 
 from node_payload.checkpoint import CheckpointTaken
 from node_payload.checkpoint_files import CHECKPOINT_EXIT
+from node_payload.common.heap import keep_freed_memory
 from node_payload.common.job_exit import run_job
 from node_payload.node_job import NodeTask, run_node
 
@@ -30,6 +31,7 @@ def parse_args(argv: list[str] | None) -> NodeTask:
 
 def main(argv: list[str] | None = None) -> int:
     task = parse_args(argv)
+    keep_freed_memory()
 
     def work() -> str:
         metrics = run_node(task)
