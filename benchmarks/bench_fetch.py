@@ -14,8 +14,11 @@ RETR of a 256 MiB file is timed beside it as what the mirror and the link delive
 (it amortises a login and TCP's start over 60 times the bytes, which a node cannot). The ratio
 is given without and with the node's manifest download (verified and parsed, never cached on a
 node). References and node fetch are timed alternately and each repeat gives one ratio, median
-of the repeats, because this machine is shared. Decoding the blocks is timed and reported apart,
-and the full garbage collections that fall in the node's fetches are counted and timed.
+of the repeats, because this machine is shared. Decoding the blocks is timed and reported apart.
+Each timed transfer starts after a full garbage collection (gc.collect): with torch imported, as
+in a node job, one takes some 200 ms, and would otherwise fall in whichever transfer crosses the
+collector's threshold, most often the node's fetch, which parses a manifest first. The full
+collections that still fall in the node's fetches are counted and timed.
 
 The node reads each shard's needed ranges of a lane in one transfer (PASV, MRNG lines of up to
 32 ranges and RETR in one write; pipeline/mirrors.py). Side by side with it (BLAKE3, format
@@ -391,16 +394,19 @@ def main() -> None:
                 multi, single = node_reads(blocks)
                 multi_reads.append(multi)
                 single_reads.append(single)
+                gc.collect()
                 started = time.perf_counter()
                 assert plain_retr(url, "large.bin") == LARGE
                 plains.append(LARGE / (time.perf_counter() - started))
                 (out / SAME).write_bytes(os.urandom(needed))
+                gc.collect()
                 started = time.perf_counter()
                 assert plain_retr(url, SAME) == needed
                 sames.append(needed / (time.perf_counter() - started))
                 order = ["node", *others]
                 turn = seed % len(order)
                 for variant in order[turn:] + order[:turn]:
+                    gc.collect()
                     if variant in others:
                         manifest, context = others[variant]
                         other_stats = FetchStats()
