@@ -52,11 +52,10 @@ log = logging.getLogger(__name__)
 MAX_GAP = 64 * 1024
 MAX_WASTE = 1 / 10
 # A read's buffer is its planned bytes (from the manifest, never from the mirror): MAX_SPAN bounds
-# it and the bytes wasted when a read fails, and is large enough that a lane's part of a shard is
-# one read (a realistic local set, 42 MB over 3 lanes, is 14 MB a lane): every further read costs
-# a data connection starting from TCP's initial window.
-MAX_SPAN = 32 * 1024 * 1024
-MAX_RANGES = 1024  # ranges of one multi-range read: 32 MRNG lines of some 42 KB in one write
+# it and the bytes wasted when a read fails. Reads of up to 1024 ranges and 32 MiB (a lane's part
+# of a shard in one read) are no faster, on loopback or at 1 Gbit/s (benchmarks/bench_fetch.py).
+MAX_SPAN = 8 * 1024 * 1024
+MAX_RANGES = 256  # ranges of one multi-range read: its commands fit in one write of some 8 KB
 RANGES_PER_LINE = 32  # ranges per MRNG command: lines under 1300 bytes, few replies
 PASSES = 3  # every mirror gets more chances, after pauses, before a read is given up
 BACKOFF_S = 0.5  # pause before the second pass, doubled for each later one
