@@ -17,8 +17,9 @@ node). References and node fetch are timed alternately and each repeat gives one
 of the repeats, because this machine is shared. Decoding the blocks is timed and reported apart.
 Each timed transfer starts after a full garbage collection (gc.collect): with torch imported, as
 in a node job, one takes some 200 ms, and would otherwise fall in whichever transfer crosses the
-collector's threshold, most often the node's fetch, which parses a manifest first. The full
-collections that still fall in the node's fetches are counted and timed.
+collector's threshold, most often the node's fetch, which parses a manifest first (`--no-collect`
+leaves the collector to itself). The full collections that fall in the node's fetches are counted
+and timed.
 
 The node reads each shard's needed ranges of a lane in one transfer (PASV, MRNG lines of up to
 32 ranges and RETR in one write; pipeline/mirrors.py). Side by side with it (BLAKE3, format
@@ -44,6 +45,7 @@ commands do not wait behind data in flight (replies to the node skip the data's 
 Bandwidth only: no propagation delay is added (this kernel has no netem).
 
 Run:  python benchmarks/bench_fetch.py [IMAGES_PER_CLASS] [LOCAL_TRAIN] [REPEATS] [--link RATE]
+          [--no-collect]
 """
 
 import argparse
@@ -350,7 +352,13 @@ def main() -> None:
         help="emulate a link of this rate (tc syntax: 1gbit, 100mbit) in a private network "
         "namespace (needs root); default: unshaped loopback",
     )
+    parser.add_argument(
+        "--no-collect",
+        action="store_true",
+        help="no full garbage collection before each timed transfer",
+    )
     args = parser.parse_args()
+    settle = (lambda: None) if args.no_collect else gc.collect
     if args.link:
         try:
             link_rate(args.link)
@@ -395,19 +403,19 @@ def main() -> None:
                 multi, single = node_reads(blocks)
                 multi_reads.append(multi)
                 single_reads.append(single)
-                gc.collect()
+                settle()
                 started = time.perf_counter()
                 assert plain_retr(url, "large.bin") == LARGE
                 plains.append(LARGE / (time.perf_counter() - started))
                 (out / SAME).write_bytes(os.urandom(needed))
-                gc.collect()
+                settle()
                 started = time.perf_counter()
                 assert plain_retr(url, SAME) == needed
                 sames.append(needed / (time.perf_counter() - started))
                 order = ["node", *others]
                 turn = seed % len(order)
                 for variant in order[turn:] + order[:turn]:
-                    gc.collect()
+                    settle()
                     if variant in others:
                         manifest, context = others[variant]
                         other_stats = FetchStats()
