@@ -619,29 +619,26 @@ def coalesced_blocks(manifest: Manifest) -> list[Block]:
     return [b for k, b in enumerate(shard) if k % 5 != 4]
 
 
+def _fetched_whole(
+    dataset: Path, *urls: str, timeout_s: float = 20.0
+) -> tuple[list[Block], FetchStats]:
+    """A fetch of coalesced blocks from the mirrors in order, checked to give every block's very
+    bytes whatever the first ones did."""
+    blocks = coalesced_blocks(Manifest.load(dataset / "manifest.json"))
+    stats = FetchStats()
+    got = fetch_fragments(list(urls), 0, blocks, stats, timeout_s=timeout_s)
+    shard = (dataset / blocks[0].shard).read_bytes()
+    assert got == {b.id: shard[b.offset : b.offset + b.length] for b in blocks}
+    return blocks, stats
+
+
 def test_a_mirror_answering_a_coalesced_range_short_is_passed_over(
     tiny_dataset: Path, mirror: Callable[..., str], caplog
 ) -> None:
     short = mirror(ShortRanges)
-    good = mirror(RangeFTPHandler)
-    manifest = Manifest.load(tiny_dataset / "manifest.json")
-    blocks = coalesced_blocks(manifest)
-    stats = FetchStats()
-    got = fetch_fragments([short, good], 0, blocks, stats)
-    shard = (tiny_dataset / blocks[0].shard).read_bytes()
-    assert got == {b.id: shard[b.offset : b.offset + b.length] for b in blocks}
+    _, stats = _fetched_whole(tiny_dataset, short, mirror(RangeFTPHandler))
     assert stats.failovers >= 1
     assert warnings(caplog) and all(short in line and " of " in line for line in warnings(caplog))
-
-
-def _fetched_whole(dataset: Path, url: str) -> tuple[list[Block], FetchStats]:
-    """A fetch of coalesced blocks from one mirror, checked to give every block's very bytes."""
-    blocks = coalesced_blocks(Manifest.load(dataset / "manifest.json"))
-    stats = FetchStats()
-    got = fetch_fragments([url], 0, blocks, stats)
-    shard = (dataset / blocks[0].shard).read_bytes()
-    assert got == {b.id: shard[b.offset : b.offset + b.length] for b in blocks}
-    return blocks, stats
 
 
 def test_a_mirror_answering_a_coalesced_range_long_is_read_only_to_its_end(
@@ -766,13 +763,7 @@ def test_a_mirror_mishandling_a_multi_range_read_is_passed_over(
     the session; bytes short, cut off or of other ranges fail the read; each names the mirror
     once and the read moves to the next mirror."""
     hostile = mirror(handler)
-    good = mirror(MultiRangeFTPHandler)
-    manifest = Manifest.load(tiny_dataset / "manifest.json")
-    blocks = coalesced_blocks(manifest)
-    stats = FetchStats()
-    got = fetch_fragments([hostile, good], 0, blocks, stats, timeout_s=5)
-    shard = (tiny_dataset / blocks[0].shard).read_bytes()
-    assert got == {b.id: shard[b.offset : b.offset + b.length] for b in blocks}
+    _, stats = _fetched_whole(tiny_dataset, hostile, mirror(MultiRangeFTPHandler), timeout_s=5)
     assert stats.failovers == 1
     (line,) = warnings(caplog)
     assert hostile in line and said in line
@@ -794,13 +785,7 @@ def test_a_mirror_stalling_among_a_reads_range_lines_costs_that_read_a_timeout(
     them costs one timeout, its session is dropped and the read moves to the next mirror."""
     monkeypatch.setattr(fetch, "RANGES_PER_LINE", 2)  # several lines in one read
     stalling = mirror(StallingMidRanges) + "?timeout=1"
-    good = mirror(MultiRangeFTPHandler)
-    manifest = Manifest.load(tiny_dataset / "manifest.json")
-    blocks = coalesced_blocks(manifest)
-    stats = FetchStats()
-    got = fetch_fragments([stalling, good], 0, blocks, stats, timeout_s=5)
-    shard = (tiny_dataset / blocks[0].shard).read_bytes()
-    assert got == {b.id: shard[b.offset : b.offset + b.length] for b in blocks}
+    _, stats = _fetched_whole(tiny_dataset, stalling, mirror(MultiRangeFTPHandler), timeout_s=5)
     assert stats.failovers == 1 and stats.per_mirror_bytes.get(stalling, 0) == 0
     (line,) = warnings(caplog)
     assert stalling in line and "timed out" in line
