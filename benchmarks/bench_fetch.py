@@ -27,8 +27,9 @@ dagtrain-dataset/3), each repeat fetches the same blocks in other ways, each aga
 repeat's reference, in an order that rotates: one range per RETR, as from a mirror without MRNG
 (the mirror's MRNG hidden from the node: PASV, RANG and RETR per read, small gaps read through);
 in multi-range reads of up to 1024 ranges and 32 MiB instead of fetch.MAX_RANGES and MAX_SPAN
-(fewer reads, each a data connection that starts from TCP's initial window); under a format-2 twin of the manifest (the same shards, every
-block's sha256 prefix); and over 1, 2 and 6 connections instead of CONNECTIONS. Hashing alone is
+(fewer reads, each a data connection that starts from TCP's initial window); under a format-2
+twin of the manifest (the same shards, every block's sha256 prefix); and over 1, 2 and 6
+connections instead of CONNECTIONS. Hashing alone is
 timed apart: each hash over the node's blocks, one core. A node without SHA extensions (most
 execute-node Xeons before 2021) is emulated with OPENSSL_ia32cap=:~0x20000000 in the
 environment, which turns them off for hashlib's sha256.

@@ -1,4 +1,4 @@
-"""A node job keeps the memory a training step frees for the next step (node_payload.common.heap)."""
+"""A node job keeps the memory a training step frees for the next (node_payload.common.heap)."""
 
 import subprocess
 import sys
