@@ -35,13 +35,14 @@ def child(arch: str, variant: str, steps: int) -> None:
     from torch import nn
 
     from node_payload.common.models import build_model
+    from node_payload.sgd import Sgd
     from node_payload.train import channels_last
 
     torch.set_num_threads(1)
     torch.manual_seed(0)
     model = build_model(arch, CLASSES, 3, seed=1).train()
     x, y = torch.randn(SAMPLES, 3, SIZE, SIZE), torch.randint(0, CLASSES, (SAMPLES,))
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    optimizer = Sgd(model.parameters(), 0.05, 0.9, False, 0.0)
     loss_fn = nn.CrossEntropyLoss()
     layout = channels_last(model) if variant in ("channels-last", "both") else None
     with layout or contextlib.nullcontext():
@@ -50,7 +51,7 @@ def child(arch: str, variant: str, steps: int) -> None:
                 start, before = time.perf_counter(), resource.getrusage(resource.RUSAGE_SELF)
             index = torch.randint(0, SAMPLES, (BATCH,))
             loss = loss_fn(model(x[index]), y[index])
-            optimizer.zero_grad(set_to_none=True)
+            optimizer.zero_grad()
             loss.backward()
             optimizer.step()
     wall = time.perf_counter() - start

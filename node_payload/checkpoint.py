@@ -30,8 +30,10 @@ from torch import nn
 from node_payload.checkpoint_files import FILES, STATE_FILE, TENSORS_FILE
 from node_payload.common import atomic_file
 from node_payload.common.tensor_io import BadTensorFile, load_tensors, save_tensors
+from node_payload.sgd import Sgd
 
 FORMAT = "dagtrain-checkpoint/1"
+MOMENTUM = "momentum_buffer"  # a parameter's buffer is the tensor optim.INDEX.momentum_buffer
 _MAX_STATE_BYTES = 1 << 20  # the JSON holds scalars, a random state and a short history
 
 
@@ -112,7 +114,7 @@ class Checkpoints:
     def resume(
         self,
         model: nn.Module,
-        optimizer: torch.optim.Optimizer,
+        optimizer: Sgd,
         generator: torch.Generator,
         progress: Progress,
         steps: int,
@@ -127,7 +129,7 @@ class Checkpoints:
             print(f"checkpoint not loaded, starting afresh: {refused}", file=sys.stderr)
             return
         model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
-        optimizer.load_state_dict(_optimizer_state(optimizer, tensors))
+        optimizer.load_momentum_buffers(_momentum_buffers(tensors))
         generator.set_state(tensors["rng.generator"])
         torch.set_rng_state(tensors["rng.torch"])
         random.setstate(_python_random_state(state["python_random"]))
@@ -151,17 +153,15 @@ class Checkpoints:
     def save(
         self,
         model: nn.Module,
-        optimizer: torch.optim.Optimizer,
+        optimizer: Sgd,
         generator: torch.Generator,
         progress: Progress,
     ) -> None:
         """Write the checkpoint (tensors, then the state naming their hash), each atomically."""
         progress.seconds = self.seconds()
         tensors = {f"model.{k}": v.detach() for k, v in model.state_dict().items()}
-        for index, entries in optimizer.state_dict()["state"].items():
-            for name, value in entries.items():
-                if isinstance(value, torch.Tensor):
-                    tensors[f"optim.{index}.{name}"] = value.detach()
+        for index, buffer in optimizer.momentum_buffers().items():
+            tensors[f"optim.{index}.{MOMENTUM}"] = buffer.detach()
         tensors["rng.generator"] = generator.get_state()
         tensors["rng.torch"] = torch.get_rng_state()
         tensors["sampler.order"] = progress.order
@@ -187,7 +187,7 @@ class Checkpoints:
         atomic_file.write_text(self.directory / STATE_FILE, json.dumps(state) + "\n")
 
     def _read(
-        self, model: nn.Module, optimizer: torch.optim.Optimizer, steps: int, samples: int
+        self, model: nn.Module, optimizer: Sgd, steps: int, samples: int
     ) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
         """The checkpoint's state and tensors, once every check has passed."""
         state_path, tensors_path = self.directory / STATE_FILE, self.directory / TENSORS_FILE
@@ -265,17 +265,17 @@ def _python_random_state(value: Any) -> tuple[Any, ...]:
 def _check_tensors(
     tensors: dict[str, torch.Tensor],
     model: nn.Module,
-    optimizer: torch.optim.Optimizer,
+    optimizer: Sgd,
     state: dict[str, Any],
     samples: int,
 ) -> None:
     """Every tensor this job needs, of the shape and type its own, and nothing else."""
     expected = {f"model.{k}": v for k, v in model.state_dict().items()}
-    params = [p for group in optimizer.param_groups for p in group["params"]]
+    params = optimizer.params
     optim_names = {k for k in tensors if k.startswith("optim.")}
     for name in optim_names:
         _, index, kind = name.split(".", 2)
-        if not index.isdigit() or int(index) >= len(params) or kind != "momentum_buffer":
+        if not index.isdigit() or int(index) >= len(params) or kind != MOMENTUM:
             raise _Refused(f"{TENSORS_FILE} holds an unknown tensor {name!r}")
         expected[name] = params[int(index)]
     known = set(expected) | {"rng.generator", "rng.torch", "sampler.order"}
@@ -308,13 +308,10 @@ def _check_tensors(
         raise _Refused(f"cursor {state['cursor']} is past the order's {len(order)} samples")
 
 
-def _optimizer_state(
-    optimizer: torch.optim.Optimizer, tensors: dict[str, torch.Tensor]
-) -> dict[str, Any]:
-    """The optimizer's own state dict, with its per-parameter tensors from the checkpoint."""
-    per_param: dict[int, dict[str, torch.Tensor]] = {}
-    for name, value in tensors.items():
-        if name.startswith("optim."):
-            _, index, kind = name.split(".", 2)
-            per_param.setdefault(int(index), {})[kind] = value
-    return {"state": per_param, "param_groups": optimizer.state_dict()["param_groups"]}
+def _momentum_buffers(tensors: dict[str, torch.Tensor]) -> dict[int, torch.Tensor]:
+    """The optimizer's buffers from the checkpoint (`optim.INDEX.momentum_buffer`, checked)."""
+    return {
+        int(name.split(".")[1]): value
+        for name, value in tensors.items()
+        if name.startswith("optim.")
+    }

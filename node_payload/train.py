@@ -11,6 +11,7 @@ from torch import nn
 from node_payload.batches import augment as augment_batch
 from node_payload.checkpoint import Checkpoints, CheckpointTaken, Progress
 from node_payload.common.run_config import RunConfig, TrainTable
+from node_payload.sgd import Sgd
 
 
 @dataclass(frozen=True)
@@ -54,19 +55,6 @@ def steps_for(local_steps: int, local_epochs: float, samples: int, batch_size: i
     if local_steps:
         return local_steps
     return max(1, math.ceil(local_epochs * samples / batch_size))
-
-
-def sgd(
-    model: nn.Module, lr: float, momentum: float, nesterov: bool, weight_decay: float
-) -> torch.optim.SGD:
-    """The optimizer every trainer of a run uses: node jobs and the centralized baseline."""
-    return torch.optim.SGD(
-        model.parameters(),
-        lr=lr,
-        momentum=momentum,
-        nesterov=nesterov and momentum > 0,
-        weight_decay=weight_decay,
-    )
 
 
 class Sampler:
@@ -133,7 +121,7 @@ def train_local(
     `checkpoints`, it starts from the job's checkpoint if there is one, and writes one and
     raises CheckpointTaken once their interval has passed (between two steps)."""
     generator = torch.Generator().manual_seed(seed)
-    optimizer = sgd(model, schedule.lr(first_step), momentum, nesterov, weight_decay)
+    optimizer = Sgd(model.parameters(), schedule.lr(first_step), momentum, nesterov, weight_decay)
     loss_fn = nn.CrossEntropyLoss()
     model.train()
     at = Progress()
@@ -146,13 +134,12 @@ def train_local(
             if checkpoints is not None and at.step > start and checkpoints.due():
                 checkpoints.save(model, optimizer, generator, at)
                 raise CheckpointTaken(f"checkpoint written at step {at.step} of {steps}")
-            for group in optimizer.param_groups:
-                group["lr"] = schedule.lr(first_step + at.step)
+            optimizer.lr = schedule.lr(first_step + at.step)
             index = sampler.next()
             inputs = augment_batch(x[index], generator) if augment else x[index]
             logits = model(inputs)
             loss = loss_fn(logits, y[index])
-            optimizer.zero_grad(set_to_none=True)
+            optimizer.zero_grad()
             loss.backward()
             optimizer.step()
             at.total_loss += loss.item() * len(index)

@@ -34,7 +34,8 @@ from node_payload.common.run_config import RunConfig
 from node_payload.common.threads import torch_threads
 from node_payload.fragments import cut, decode
 from node_payload.sampling import class_pools, class_quotas
-from node_payload.train import Schedule, channels_last, sgd, shuffled_batches, steps_for
+from node_payload.sgd import Sgd
+from node_payload.train import Schedule, channels_last, shuffled_batches, steps_for
 from pipeline.config import ConfigFile, load
 from pipeline.planner import Plan, make_plan
 
@@ -186,20 +187,21 @@ def train_central(
     train = config.train
     schedule = Schedule.for_run(train, steps, 1)
     generator = torch.Generator().manual_seed(_seed(config.run.seed))
-    optimizer = sgd(model, schedule.lr(0), train.momentum, train.nesterov, train.weight_decay)
+    optimizer = Sgd(
+        model.parameters(), schedule.lr(0), train.momentum, train.nesterov, train.weight_decay
+    )
     loss_fn = nn.CrossEntropyLoss()
     # the pool holds at least one batch (pool_size)
     batches = shuffled_batches(len(pool.labels), train.batch_size, generator)
     model.train()
     with channels_last(model):
         for step, batch in zip(range(steps), batches, strict=False):
-            for group in optimizer.param_groups:
-                group["lr"] = schedule.lr(step)
+            optimizer.lr = schedule.lr(step)
             index = batch.numpy()
             x = to_tensor(pool.images[index], config.model.image_size)
             inputs = augment(x, generator) if train.augment else x
             loss = loss_fn(model(inputs), torch.from_numpy(pool.labels[index]))
-            optimizer.zero_grad(set_to_none=True)
+            optimizer.zero_grad()
             loss.backward()
             optimizer.step()
             on_step(step + 1, model)

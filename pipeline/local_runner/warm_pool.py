@@ -1,11 +1,10 @@
 """Warm interpreters: payload jobs start in a fork of a Python that has already imported torch.
 
 A job whose executable is one of the run's configured Pythons (not transferred) and whose first
-argument is the payload, dagtrain.pyz, runs in a child of a warm server (warm_server.py),
-which imported torch (with torch._dynamo, which optimizers load), numpy and safetensors once.
-The child becomes the job's process: its sandbox as working directory, its arguments,
-environment and standard streams, its own process group, its exit status; it imports the
-payload from the job's own dagtrain.pyz. Any other job
+argument is the payload, dagtrain.pyz, runs in a child of a warm server (warm_server.py), which
+imported torch, numpy and safetensors once. The child becomes the job's process: its sandbox as
+working directory, its arguments, environment and standard streams, its own process group, its
+exit status; it imports the payload from the job's own dagtrain.pyz. Any other job
 (the env_tarball wrapper, a script, a job whose environment sets PYTHON* variables, which a
 Python reads as it starts) runs as a fresh process, as does every job when the server cannot
 start (the Python lacks torch: the fresh process then reports why).

@@ -12,10 +12,8 @@ to signal the child's process group. The runner closing the job's socket kills t
 runner closing FD ends the server.
 
 No tensor operation runs here before a fork: torch starts its thread pools on the first one,
-and a forked child would inherit a pool without its threads. Besides torch, numpy and safetensors
-the server imports torch._dynamo, which torch.optim imports when a job builds its first optimizer
-(about 900 modules: 1 to 2 s of every node job's training time otherwise); importing it starts no
-thread and runs no tensor operation.
+and a forked child would inherit a pool without its threads. The server imports torch, numpy and
+safetensors, no more: a job's trainer (node_payload.sgd) never imports torch._dynamo.
 """
 
 import atexit
@@ -225,7 +223,7 @@ def main() -> None:
     control = socket.socket(fileno=int(sys.argv[1]))
     import numpy  # noqa: F401
     import safetensors.torch  # noqa: F401
-    import torch._dynamo  # noqa: F401  # torch, and what a job's first optimizer imports
+    import torch  # noqa: F401
 
     control.send(b"R")  # ready: jobs start without importing these
     Server(control).serve()
