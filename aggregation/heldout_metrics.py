@@ -19,9 +19,13 @@ from torch.nn.utils.fusion import fuse_conv_bn_eval
 
 from aggregation.heldout import HeldOut
 
-# Rows per forward pass: a batch of 64 tiles keeps a small network's activations in the CPU's
-# caches (docs/benchmarks.md, "Warm interpreters on the local runner").
-BATCH_SIZE = 64
+# Rows per forward pass: as many as keep a batch's largest activation within this many bytes
+# (half the last-level cache of the machine it was measured on), at most MAX_BATCH. Past it, a
+# batch's activations spill to memory: smallcnn on 256 px tiles scores about twice as fast in
+# batches of 2 as of 64, while a network that shrinks its input early keeps 64
+# (docs/benchmarks.md, "Predict").
+ACTIVATION_BUDGET = 16 << 20
+MAX_BATCH = 64
 
 
 def inference_copy(model: nn.Module) -> nn.Module:
@@ -41,16 +45,39 @@ def inference_copy(model: nn.Module) -> nn.Module:
 
 
 @torch.no_grad()
-def logits(
-    fast: nn.Module, x: torch.Tensor, classes: int, batch_size: int = BATCH_SIZE
-) -> torch.Tensor:
-    """The outputs of an inference_copy, batch by batch, each batch channels-last as its
-    weights are."""
+def batch_size_for(fast: nn.Module, shape: tuple[int, ...]) -> int:
+    """Rows per forward pass of an inference_copy for inputs of `shape` (channels, height,
+    width): the largest activation of one row, from a zero input passed through with hooks on
+    every leaf module, measured against ACTIVATION_BUDGET."""
+    largest = 1
+
+    def record(_module: nn.Module, _inputs: Any, output: Any) -> None:
+        nonlocal largest
+        if isinstance(output, torch.Tensor):
+            largest = max(largest, output.numel() * output.element_size())
+
+    leaves = [m for m in fast.modules() if next(m.children(), None) is None]
+    hooks = [m.register_forward_hook(record) for m in leaves]
+    try:
+        fast(torch.zeros(1, *shape).contiguous(memory_format=torch.channels_last))
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return max(1, min(MAX_BATCH, ACTIVATION_BUDGET // largest))
+
+
+@torch.no_grad()
+def logits(fast: nn.Module, x: torch.Tensor, classes: int, batch_size: int = 0) -> torch.Tensor:
+    """The outputs of an inference_copy, batch by batch (`batch_size` rows, 0: batch_size_for),
+    each batch channels-last as its weights are."""
+    if len(x) == 0:
+        return torch.empty(0, classes)
+    batch_size = batch_size or batch_size_for(fast, tuple(x.shape[1:]))
     out = [
         fast(x[start : start + batch_size].contiguous(memory_format=torch.channels_last))
         for start in range(0, len(x), batch_size)
     ]
-    return torch.cat(out) if out else torch.empty(0, classes)
+    return torch.cat(out)
 
 
 def confusion_matrix(truth: torch.Tensor, predicted: torch.Tensor, classes: int) -> torch.Tensor:
@@ -132,10 +159,12 @@ def heldout_metrics(model: nn.Module, heldout: HeldOut) -> dict[str, Any]:
     confusion matrix (level_metrics)."""
     names, classes = heldout.classes, len(heldout.classes)
     fast = inference_copy(model)
-    fragment_logits = logits(fast, heldout.x, classes)
+    # both sets are fragments of the same size: one look at the network serves both passes
+    rows = batch_size_for(fast, tuple(heldout.x.shape[1:])) if len(heldout.x) else 0
+    fragment_logits = logits(fast, heldout.x, classes, rows)
     loss = float(F.cross_entropy(fragment_logits, heldout.y)) if len(heldout.y) else 0.0
     fragments = confusion_matrix(heldout.y, fragment_logits.argmax(dim=1), classes)
-    probabilities = logits(fast, heldout.image_x, classes).softmax(dim=1)
+    probabilities = logits(fast, heldout.image_x, classes, rows).softmax(dim=1)
     voted = image_votes(probabilities, heldout.image_of, len(heldout.image_y))
     images = confusion_matrix(heldout.image_y, voted, classes)
     return {

@@ -276,7 +276,11 @@ def _inference_options(command: argparse.ArgumentParser) -> None:
     """--round, --batch, --workers and --tta, for predict and evaluate."""
     _round_option(command)
     command.add_argument(
-        "--batch", type=int, default=64, help="fragments classified at once (default 64)"
+        "--batch",
+        type=int,
+        default=0,
+        help="fragments classified at once (default 0: as many as keep the network's largest "
+        "activation within 16 MiB, at most 64)",
     )
     command.add_argument(
         "--workers", type=int, default=0, help="threads for the model (default 0: every core)"

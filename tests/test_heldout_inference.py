@@ -4,7 +4,7 @@ is left as training found it."""
 import torch
 from torch import nn
 
-from aggregation.heldout_metrics import inference_copy, logits
+from aggregation.heldout_metrics import MAX_BATCH, batch_size_for, inference_copy, logits
 from node_payload.common.models import SmallCNN
 
 
@@ -55,3 +55,21 @@ def test_batchnorm_without_running_statistics_is_not_folded() -> None:
 
 def test_no_samples_give_no_rows() -> None:
     assert logits(inference_copy(SmallCNN(3, 1)), torch.empty(0, 1, 16, 16), 3).shape == (0, 3)
+
+
+def test_rows_per_pass_shrink_as_the_tiles_grow() -> None:
+    fast = inference_copy(SmallCNN(3, 3))
+    # smallcnn's largest activation is its first convolution's: 24 channels x the tile, float32
+    assert batch_size_for(fast, (3, 32, 32)) == MAX_BATCH
+    assert batch_size_for(fast, (3, 128, 128)) == (16 << 20) // (24 * 128 * 128 * 4)
+    assert batch_size_for(fast, (3, 256, 256)) == 2
+    assert batch_size_for(fast, (3, 2048, 2048)) == 1
+    assert not any(m._forward_hooks for m in fast.modules())  # the hooks are gone
+
+
+def test_any_batch_size_gives_the_same_outputs() -> None:
+    fast = inference_copy(_trained_statistics(SmallCNN(4, 3)))
+    x = torch.rand(9, 3, 48, 48)
+    one_by_one = logits(fast, x, 4, batch_size=1)
+    torch.testing.assert_close(logits(fast, x, 4), one_by_one, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(logits(fast, x, 4, batch_size=4), one_by_one, rtol=1e-5, atol=1e-5)

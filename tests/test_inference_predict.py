@@ -163,6 +163,16 @@ def test_empty_inputs_are_refused(
         pipeline.predict(run_dir, [])
 
 
+def test_a_negative_batch_is_refused_and_0_picks_one(run_dir: Path, tiny_source: Path) -> None:
+    with pytest.raises(UserError, match="--batch must be at least 0"):
+        pipeline.predict(run_dir, [tiny_source / "cells"], batch=-1)
+    picked = pipeline.predict(run_dir, [tiny_source / "cells"], batch=0)
+    one_by_one = pipeline.predict(run_dir, [tiny_source / "cells"], batch=1)
+    for a, b in zip(picked.images, one_by_one.images, strict=True):
+        assert a.predicted == b.predicted
+        assert list(a.probabilities.values()) == pytest.approx(list(b.probabilities.values()))
+
+
 def test_a_run_without_a_trained_model_says_how_to_get_one(
     run_dir: Path, tiny_source: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

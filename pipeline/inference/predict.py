@@ -23,7 +23,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from torch import nn
 
 from aggregation.heldout import unrotated
-from aggregation.heldout_metrics import ImageVotes, inference_copy
+from aggregation.heldout_metrics import ImageVotes, batch_size_for, inference_copy
 from node_payload.batches import to_tensor
 from node_payload.common.atomic_file import write_text
 from node_payload.common.errors import UserError
@@ -32,7 +32,7 @@ from pipeline.dataset_prepare import images_in, parse_angles
 from pipeline.inference.run_model import RunModel, load_model
 from pipeline.inference.tiling import BadInput, Probed, bands, check
 
-DEFAULT_BATCH = 64
+DEFAULT_BATCH = 0  # as many fragments as heldout_metrics.batch_size_for finds room for
 OUTPUT_SUFFIXES = (".csv", ".json")
 
 
@@ -160,9 +160,10 @@ def score(
     progress: bool = False,
 ) -> list[Scored | Failure]:
     """Each image's scores, or why it could not be scored, in the order of `paths`."""
-    if batch < 1 or workers < 0:
+    if batch < 0 or workers < 0:
         raise UserError(
-            f"--batch must be at least 1 (not {batch}) and --workers at least 0 (not {workers})"
+            f"--batch must be at least 0 (not {batch}; 0: as many as fit) and --workers at "
+            f"least 0 (not {workers})"
         )
     checked: list[Probed | Failure] = []
     for path in paths:
@@ -173,6 +174,7 @@ def score(
     total = sum(c.fragments(len(angles)) for c in checked if isinstance(c, Probed))
     results: list[Scored | Failure] = []
     fast = inference_copy(run.model)
+    batch = batch or batch_size_for(fast, (run.channels, run.image_size, run.image_size))
     with torch_threads(workers), _progress(progress) as bar:
         images = bar.add_task("images", total=len(paths))
         fragments = bar.add_task("fragments", total=total)
