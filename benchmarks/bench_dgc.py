@@ -7,8 +7,9 @@ payload) kept (the local runner's slots share one machine, so every job finds th
 with the machine cache lost (`node_cache` relative: each job's own scratch folder, as if every
 job landed on a machine none of its run's jobs ran on); fp16 and int8 quantised updates with
 error feedback; DGC 99% with server momentum 0.9, to show what momentum does to the model's
-delta; and DGC 99% with momentum correction at the nodes (`[compression] momentum = 0.9`) and
-with a one-round warm-up (`warmup = 1`), settings that might close its accuracy gap. ROUNDS and
+delta; and DGC 99% with momentum correction at the nodes (`[compression] momentum = 0.9`),
+with a one-round warm-up (`warmup = 1`) and with a server lr of 1.5 or 2 (a larger step for the
+few values a round applies), settings that might close its accuracy gap. ROUNDS and
 LOCAL_STEPS change the demo's 6 x 45 (error feedback needs rounds: see docs/benchmarks.md).
 `--variants` picks some (names joined by commas).
 
@@ -59,6 +60,8 @@ VARIANTS: dict[str, dict[str, dict[str, Any]]] = {
     "dgc 99%, server momentum 0.9": {"compression": DGC_99, "server": {"momentum": 0.9}},
     "dgc 99%, momentum 0.9": {"compression": DGC_99 | {"momentum": 0.9}},
     "dgc 99%, warm-up 1": {"compression": DGC_99 | {"warmup": 1}},
+    "dgc 99%, server lr 1.5": {"compression": DGC_99, "server": {"lr": 1.5}},
+    "dgc 99%, server lr 2": {"compression": DGC_99, "server": {"lr": 2.0}},
 }
 
 
