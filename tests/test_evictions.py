@@ -6,6 +6,7 @@ back to the queue and starts again in a new sandbox with the spool's checkpoint.
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -106,10 +107,16 @@ def test_a_run_whose_node_jobs_checkpoint_and_are_evicted_makes_the_uninterrupte
     cold = ["--cold"] if start == "cold" else []
     config = tiny_config(**shape)
     assert main(["plan", str(config), "--out", str(runs["plain"])]) == 0
+    started = time.time()
     assert main(["run", str(runs["plain"]), *cold]) == 0
+    # When the plain run's first node job ended, counted from the run's start: by then the
+    # evicted run's slot-0 job has written a checkpoint (it checkpoints every second of its
+    # training) and is still training, since its restarts and its slowdown come on top.
+    ends = [json.loads((node_dir(runs["plain"], 0, n) / METRICS_FILE).read_text()) for n in (0, 1)]
+    evict_at = min(m["started_at"] + m["seconds"] for m in ends) - started
     config = tiny_config(**shape, train__checkpoint_s="1")
     assert main(["plan", str(config), "--out", str(runs["evicted"])]) == 0
-    evict = ["--slow-slot", "0=4", "--evict", f"0@{job_seconds():.1f}"]
+    evict = ["--slow-slot", "0=4", "--evict", f"0@{evict_at:.1f}"]
     assert main(["run", str(runs["evicted"]), *cold, *evict]) == 0
 
     node_dirs = [node_dir(runs["evicted"], 0, node) for node in range(2)]
