@@ -29,7 +29,9 @@ except DagInterrupted as exc:
 def _chain(tmp_path: Path, runs: Path) -> Path:
     """A -> B -> C; B waits for a flag file on its first run so the test can kill mid-node."""
     job(tmp_path, "A", f"echo A >> {runs}")
-    job(tmp_path, "B", f"echo B >> {runs}; echo $$ > {tmp_path}/b.pid\n"
+    # b.pid appears whole (renamed into place): the test reads it as soon as it exists
+    job(tmp_path, "B", f"echo B >> {runs}; echo $$ > {tmp_path}/b.tmp\n"
+        f"mv {tmp_path}/b.tmp {tmp_path}/b.pid\n"
         f"while [ ! -e {tmp_path}/go ]; do sleep 0.05; done")  # fmt: skip
     job(tmp_path, "C", f"echo C >> {runs}")
     return dag(

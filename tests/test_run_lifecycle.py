@@ -33,8 +33,9 @@ REPORT_SH = """n=$(ls rounds/*/round.json 2>/dev/null | wc -l)
 printf '{"status": "%s", "summary": "%s/%s rounds", "rounds_completed": %s, "final_accuracy": 0.6}\\n' "$s" "$n" "$2" "$n" > report.json
 [ "$1" = 0 ]
 """
-# Each node job records its PID, counts its run, and with `hold`, waits for the file `go`.
-NODE_SH = 'echo $$ > job.pid; echo "$2" >> ../../../runs.txt; {extra}'
+# Each node job records its PID (job.pid appears whole: the tests read it once it exists),
+# counts its run, and with `hold`, waits for the file `go`.
+NODE_SH = 'echo $$ > job.tmp; mv job.tmp job.pid; echo "$2" >> ../../../runs.txt; {extra}'
 HOLD = "while [ ! -e ../../../go ]; do sleep 0.05; done"
 HOLDER = """
 import sys
