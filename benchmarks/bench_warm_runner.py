@@ -305,7 +305,9 @@ def main() -> None:
     parser.add_argument("--demo-pairs", type=int, default=2, help="demo runs of each (default 2)")
     parser.add_argument("--rounds", type=int, default=3, help="demo rounds (the demo: 6)")
     parser.add_argument("--skip-demo", action="store_true")
-    parser.add_argument("--eval-pairs", type=int, default=5, help="evaluation pairs (default 5)")
+    parser.add_argument(
+        "--eval-pairs", type=int, default=5, help="evaluation pairs (default 5; 0: none)"
+    )
     parser.add_argument("--cpus-pairs", type=int, default=0, help="step 4's pairs (default 0)")
     args = parser.parse_args()
 
@@ -339,7 +341,8 @@ def main() -> None:
                   f"aggregations and report {run['aggregation']:.0f}, idle and between jobs "
                   f"{run['other']:.0f}; accuracy {run['accuracy']:.3f}, {run['status']}",
                   flush=True)  # fmt: skip
-        evaluation(base / f"{mode}{pair}", args.rounds, args.eval_pairs)
+        if args.eval_pairs:
+            evaluation(base / f"{mode}{pair}", args.rounds, args.eval_pairs)
         if args.cpus_pairs:
             aggregation_threads(base, args.slots, args.rounds, args.cpus_pairs)
     print(
