@@ -24,7 +24,8 @@ import torch
 from node_payload.checkpoint import Checkpoints, JobIdentity, Progress
 from node_payload.checkpoint_files import STATE_FILE, TENSORS_FILE
 from node_payload.common.models import build_model
-from node_payload.train import Sampler, sgd
+from node_payload.sgd import Sgd
+from node_payload.train import Sampler
 
 IMAGE, BATCH, SAMPLES, CLASSES = 64, 32, 1024, 6
 IDENTITY = JobIdentity("bench", 3, 1, "ab" * 32)
@@ -41,7 +42,7 @@ def _median_s(action, repeats: int) -> float:
 
 def measure(arch: str, repeats: int, folder: Path) -> dict[str, float]:
     model = build_model(arch, CLASSES, 3, seed=0)
-    optimizer = sgd(model, 0.05, 0.9, True, 5e-4)
+    optimizer = Sgd(model.parameters(), 0.05, 0.9, True, 5e-4)
     generator = torch.Generator().manual_seed(0)
     x, y = torch.rand(BATCH, 3, IMAGE, IMAGE), torch.arange(BATCH) % CLASSES
 
